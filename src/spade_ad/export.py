@@ -1,0 +1,107 @@
+"""Writing predictions to a folder as they are made: scores.csv row by row, a heat map and an overlay PNG per image,
+and optionally the raw float32 map at the original size as a TIFF (what the official MVTec evaluation reads).
+
+Rows are flushed one at a time, so a crash at image 900 keeps the first 899 results.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+import numpy as np
+import tifffile
+
+from .errors import ImageReadError
+from .model import Prediction
+from .visualize import heatmap, overlay, save_png
+
+
+class PredictionWriter:
+    """Streams predictions into `out_dir`. Use as a context manager; `write` one Prediction at a time.
+
+    Layout: scores.csv (path,score[,is_anomalous]), heatmaps/<name>.png, overlays/<name>.png, maps/<name>.tiff
+    (with `save_maps`), skipped.csv (inputs that could not be read, when any). `<name>` is the input's path relative
+    to the folder it was found in, so the output mirrors the input tree.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        save_maps: bool = False,
+        save_images: bool = True,
+        value_range: tuple[float, float] | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.save_maps = save_maps
+        self.save_images = save_images
+        self.value_range = value_range
+        self.threshold = threshold
+        self.count = 0
+        self.skipped: list[tuple[str, str]] = []
+        self._csv_file: IO[str] | None = None
+        self._skip_file: IO[str] | None = None
+
+    def __enter__(self) -> PredictionWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._csv_file = open(self.out_dir / "scores.csv", "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._csv_file)
+        self._csv.writerow(["path", "score"] + (["is_anomalous"] if self.threshold is not None else []))
+        self._csv_file.flush()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in (self._csv_file, self._skip_file):
+            if handle is not None:
+                handle.close()
+
+    def write(self, prediction: Prediction) -> None:
+        """Append one result: its CSV row first (flushed), then its images."""
+        assert self._csv_file is not None, "use PredictionWriter as a context manager"
+        row: list[object] = [prediction.name, f"{prediction.score:.6g}"]
+        if self.threshold is not None:
+            row.append(int(prediction.score >= self.threshold))
+        self._csv.writerow(row)
+        self._csv_file.flush()
+        self.count += 1
+        full_map = prediction.original_map
+        if full_map is None:
+            return
+        relative = _safe_relative(prediction.name)
+        if self.save_maps:
+            target = self.out_dir / "maps" / relative.with_suffix(".tiff")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(target, full_map.astype(np.float32))
+        if self.save_images:
+            vmin, vmax = self.value_range if self.value_range else (None, None)
+            save_png(heatmap(full_map, vmin, vmax), self.out_dir / "heatmaps" / relative.with_suffix(".png"))
+            if prediction.image is not None:
+                save_png(
+                    overlay(prediction.image, full_map, vmin, vmax),
+                    self.out_dir / "overlays" / relative.with_suffix(".png"),
+                )
+
+    def skip(self, name: str, error: ImageReadError) -> None:
+        """Record an input that could not be read (skipped.csv in the output folder)."""
+        if self._skip_file is None:
+            self._skip_file = open(self.out_dir / "skipped.csv", "w", newline="", encoding="utf-8")
+            self._skip_writer = csv.writer(self._skip_file)
+            self._skip_writer.writerow(["path", "reason"])
+        self._skip_writer.writerow([name, error.reason])
+        self._skip_file.flush()
+        self.skipped.append((name, error.reason))
+
+    def write_all(self, predictions: Iterable[Prediction]) -> int:
+        for prediction in predictions:
+            self.write(prediction)
+        return self.count
+
+
+def _safe_relative(name: str) -> Path:
+    """A relative output path for an input name, never escaping the output folder."""
+    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
+    return Path(*parts) if parts else Path("image")

@@ -1,0 +1,344 @@
+"""The SPADE estimator (scikit-learn contract): `fit` on good images, `predict` scores and anomaly maps.
+
+Image stage: the k_image nearest training images by global feature (mean squared distance: the paper's score).
+Pixel stage: the gallery is every spatial feature of the k_gallery nearest training images; each test position
+scores the mean distance to its kappa nearest gallery vectors, per pyramid level ("mean" fusion: per-level maps
+upsampled to the input size and averaged) or over the channel-concatenated pyramid ("concat" fusion, the paper's
+text). The map is smoothed with a Gaussian (sigma in input pixels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.functional import gaussian_blur
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_LAYERS, Backbone, build_backbone
+from .data import ImageItem, collect_images, iter_loaded
+from .errors import ImageReadError, NoImagesError, NotFittedError
+from .features import RESIZE_MODES, Geometry, ResizeMode, image_to_tensor, map_to_original, plan_geometry
+from .search import DEFAULT_MEMORY_BUDGET, FeatureStore, FeatureStoreBuilder, topk_squared_distances
+
+Fusion = Literal["mean", "concat"]
+Distance = Literal["euclidean", "squared"]
+ImageScore = Literal["map_max", "knn"]
+SkipCallback = Callable[[ImageItem, ImageReadError], None]
+
+
+@dataclass
+class Prediction:
+    """One image's result. `anomaly_map` is at the network input resolution; `original_map` (on request) covers
+    the whole original image, NaN where a pixel was not scored (outside the paper-crop box); `image` (on request)
+    is the decoded input, so writers need not read it again."""
+
+    name: str
+    path: Path | None
+    score: float
+    anomaly_map: np.ndarray
+    geometry: Geometry
+    original_map: np.ndarray | None = None
+    image: Image.Image | None = None
+
+
+class Spade:
+    """SPADE anomaly detector, fitted on good images only.
+
+    Settings (stored as given; see the README for the defaults' rationale):
+        backbone, weights: backbone name and optional local weights file.
+        layers: pyramid levels as backbone stage indices (1, 2, 3 = strides 4, 8, 16).
+        k_image: neighbours of the paper's image score (mean squared distance of global features).
+        k_gallery: number of nearest training images whose feature maps form the pixel gallery (paper: K=50).
+        kappa: gallery neighbours averaged per test position (paper: 1).
+        fusion: "mean" (per-level distance maps averaged) or "concat" (one search over concatenated features).
+        distance: "euclidean" or "squared" (the paper's) distances in the pixel stage, before fusing levels.
+        image_score: "map_max" (maximum of the smoothed anomaly map) or "knn" (the paper's global kNN score).
+        sigma: Gaussian smoothing of the map, in input pixels (0 disables).
+        image_size: short side (keep_aspect) or side (squash, paper_crop) of the network input.
+        resize: "keep_aspect", "squash" or "paper_crop" (see `spade_ad.features`).
+        device: "auto", "cpu" or "cuda[:N]".
+        batch_size: images per backbone forward pass.
+        memory_budget: bytes of working memory for one tile of distances.
+        seed: seed for anything random (kept explicit so results are reproducible).
+        progress: progress bars; None shows them only when stderr is a terminal.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        *,
+        weights: str | Path | None = None,
+        layers: tuple[int, ...] = DEFAULT_LAYERS,
+        k_image: int = 3,
+        k_gallery: int = 50,
+        kappa: int = 1,
+        fusion: Fusion = "mean",
+        distance: Distance = "euclidean",
+        image_score: ImageScore = "map_max",
+        sigma: float = 4.0,
+        image_size: int = 224,
+        resize: ResizeMode = "keep_aspect",
+        device: str = "auto",
+        batch_size: int = 8,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        seed: int = 0,
+        progress: bool | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.k_image = k_image
+        self.k_gallery = k_gallery
+        self.kappa = kappa
+        self.fusion = fusion
+        self.distance = distance
+        self.image_score = image_score
+        self.sigma = sigma
+        self.image_size = image_size
+        self.resize = resize
+        self.device = device
+        self.batch_size = batch_size
+        self.memory_budget = memory_budget
+        self.seed = seed
+        self.progress = progress
+
+    # -- settings -------------------------------------------------------------------------------------------------
+    SETTING_NAMES = (
+        "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "fusion", "distance", "image_score",
+        "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "seed", "progress",
+    )
+
+    def get_params(self) -> dict[str, Any]:
+        """Settings as passed to `__init__` (scikit-learn style)."""
+        return {name: getattr(self, name) for name in self.SETTING_NAMES}
+
+    def set_params(self, **params: Any) -> Spade:
+        for name, value in params.items():
+            if name not in self.SETTING_NAMES:
+                raise ValueError(f"unknown setting {name!r}; settings are {', '.join(self.SETTING_NAMES)}")
+            setattr(self, name, value)
+        return self
+
+    def _validate(self) -> None:
+        checks = {
+            "fusion": (self.fusion, ("mean", "concat")),
+            "distance": (self.distance, ("euclidean", "squared")),
+            "image_score": (self.image_score, ("map_max", "knn")),
+            "resize": (self.resize, RESIZE_MODES),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        for name in ("k_image", "k_gallery", "kappa", "image_size", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if not self.layers:
+            raise ValueError("layers must name at least one pyramid level")
+
+    # -- fitting --------------------------------------------------------------------------------------------------
+    def fit(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> Spade:
+        """Extract and store the features of good images. `images`: folder, paths, PIL images, array or tensor.
+
+        Sets `backbone_`, `store_`, `train_names_`, `skipped_`, `device_`. Returns self.
+        """
+        self._validate()
+        torch.manual_seed(self.seed)
+        self.device_ = _resolve_device(self.device)
+        self.backbone_ = self._build_backbone()
+        items = collect_images(images)
+        builder = FeatureStoreBuilder()
+        self.train_names_: list[str] = []
+        self.skipped_: list[tuple[str, str]] = []
+        for batch_items, batch, _, _ in self._batches(items, skip_bad, on_skip, "fit"):
+            pyramid, global_features = self.backbone_(batch)
+            builder.add(pyramid, global_features)
+            self.train_names_.extend(item.name for item in batch_items)
+        if not self.train_names_:
+            raise NoImagesError("no training image could be read: every input was skipped")
+        self.store_ = builder.build()
+        return self
+
+    def _build_backbone(self) -> Backbone:
+        return build_backbone(self.backbone, self.weights, tuple(self.layers)).to(self.device_)
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    def predict(
+        self, images: Any, *, original_size: bool = False, skip_bad: bool = False,
+        on_skip: SkipCallback | None = None,
+    ) -> list[Prediction]:
+        """Score images and compute their anomaly maps (also at the original image size if `original_size`)."""
+        return list(self.iter_predict(images, original_size=original_size, skip_bad=skip_bad, on_skip=on_skip))
+
+    def iter_predict(
+        self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
+        on_skip: SkipCallback | None = None,
+    ) -> Iterator[Prediction]:
+        """Like `predict`, yielding results one by one as they are ready (for streaming to files).
+
+        `keep_images` attaches each decoded input image to its Prediction (for overlays)."""
+        self._check_fitted()
+        batches = self._batches(collect_images(images), skip_bad, on_skip, "predict", keep_images)
+        for batch_items, batch, geometries, originals in batches:
+            pyramid, global_features = self.backbone_(batch)
+            for i, (item, geometry) in enumerate(zip(batch_items, geometries)):
+                maps = [level[i] for level in pyramid]
+                anomaly_map = self._anomaly_map(maps, global_features[i], geometry.input_size)
+                score = (
+                    self._knn_scores(global_features[i:i + 1])[0]
+                    if self.image_score == "knn" else float(anomaly_map.max())
+                )
+                array = anomaly_map.cpu().numpy()
+                yield Prediction(
+                    name=item.name, path=item.path, score=float(score), anomaly_map=array, geometry=geometry,
+                    original_map=map_to_original(array, geometry) if original_size else None,
+                    image=originals[i] if keep_images else None,
+                )
+
+    def score(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> np.ndarray:
+        """Image scores only. With image_score="knn" the pixel stage is skipped entirely (the fast path)."""
+        self._check_fitted()
+        if self.image_score != "knn":
+            return np.array([p.score for p in self.iter_predict(images, skip_bad=skip_bad, on_skip=on_skip)])
+        scores: list[float] = []
+        for _, batch, _, _ in self._batches(collect_images(images), skip_bad, on_skip, "score"):
+            _, global_features = self.backbone_(batch)
+            scores.extend(self._knn_scores(global_features))
+        return np.asarray(scores, dtype=np.float64)
+
+    def _knn_scores(self, global_features: torch.Tensor) -> list[float]:
+        distances, _ = self.store_.nearest_images(global_features, self.k_image)
+        return distances.mean(1).tolist()
+
+    def _anomaly_map(
+        self, maps: list[torch.Tensor], global_feature: torch.Tensor, input_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Smoothed anomaly map (h, w) at the input resolution for one image."""
+        _, neighbours = self.store_.nearest_images(global_feature[None], self.k_gallery)
+        raw = pixel_anomaly_map(
+            maps, self.store_, neighbours[0].cpu(), input_size, kappa=self.kappa, fusion=self.fusion,
+            distance=self.distance, memory_budget=self.memory_budget,
+        )
+        return smooth_map(raw, self.sigma)
+
+    def _batches(
+        self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None, desc: str,
+        keep_images: bool = False,
+    ) -> Iterator[tuple[list[ImageItem], torch.Tensor, list[Geometry], list[Image.Image | None]]]:
+        """Decode (in worker threads), resize and batch images; a batch only holds images of one input size.
+
+        Yields (items, input batch, geometries, decoded images if `keep_images` else Nones)."""
+        def skipped(item: ImageItem, error: ImageReadError) -> None:
+            if desc == "fit":
+                self.skipped_.append((item.name, error.reason))
+            if on_skip is not None:
+                on_skip(item, error)
+
+        pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
+        quiet = None if self.progress is None else not self.progress  # None: bars only on a terminal
+        bar = tqdm(total=len(items), desc=desc, unit="img", disable=quiet)
+        try:
+            for item, image in iter_loaded(items, skip_bad=skip_bad, on_skip=skipped):
+                geometry = plan_geometry((image.height, image.width), self.image_size, self.resize)
+                if pending and (len(pending) == self.batch_size or pending[0][2].input_size != geometry.input_size):
+                    yield _stack(pending, self.device_)
+                    bar.update(len(pending))
+                    pending = []
+                pending.append((item, image_to_tensor(image, geometry), geometry, image if keep_images else None))
+            if pending:
+                yield _stack(pending, self.device_)
+                bar.update(len(pending))
+        finally:
+            bar.close()
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "store_"):
+            raise NotFittedError("this Spade model is not fitted yet: call fit(good_images) or spade_ad.load(path)")
+
+    def __repr__(self) -> str:
+        defaults = Spade().get_params() if type(self) is Spade else {}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if defaults.get(k, object()) != v]
+        return f"Spade({', '.join(changed)})"
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to one safetensors file (no pickle). See `spade_ad.load`."""
+        from .persistence import save_model
+
+        self._check_fitted()
+        return save_model(self, Path(path))
+
+
+def _stack(pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]], device: torch.device):
+    items, tensors, geometries, images = zip(*pending)
+    return list(items), torch.stack(tensors).to(device), list(geometries), list(images)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here: use device='cpu'")
+    return resolved
+
+
+def pixel_anomaly_map(
+    maps: list[torch.Tensor],
+    store: FeatureStore,
+    neighbours: torch.Tensor,
+    input_size: tuple[int, int],
+    *,
+    kappa: int = 1,
+    fusion: Fusion = "mean",
+    distance: Distance = "euclidean",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """Unsmoothed pixel anomaly map (H, W) of one test image against the gallery of training images `neighbours`.
+
+    `maps`: the test image's pyramid [(C_l, h_l, w_l)]. Each test position's score is the mean distance to its kappa
+    nearest gallery vectors; "mean" fusion averages the per-level maps after bilinear upsampling to `input_size`.
+    """
+    def nearest(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        squared, _ = topk_squared_distances(queries, gallery, kappa, memory_budget)
+        return (squared.clamp_min(0).sqrt() if distance == "euclidean" else squared).mean(1)
+
+    def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    device = maps[0].device
+    if fusion == "mean":
+        levels = []
+        for level, fmap in enumerate(maps):
+            gallery = store.gallery(level, neighbours).to(device)
+            scores = nearest(fmap.flatten(1).T, gallery).reshape(1, *fmap.shape[1:])
+            levels.append(upsample(scores, input_size)[0])
+        return torch.stack(levels).mean(0)
+    size = tuple(maps[0].shape[1:])
+    query = torch.cat([upsample(m.float(), size) for m in maps], 0)
+    gallery = torch.cat([
+        torch.cat([upsample(store.image_map(level, int(n)).to(device).float(), size) for level in range(len(maps))], 0)
+        .flatten(1).T
+        for n in neighbours
+    ], 0)
+    scores = nearest(query.flatten(1).T, gallery).reshape(1, *size)
+    return upsample(scores, input_size)[0]
+
+
+def smooth_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing (kernel radius 4 sigma, reflected borders); sigma <= 0 returns the map unchanged."""
+    if sigma <= 0:
+        return anomaly_map
+    radius = int(4 * sigma + 0.5)
+    kernel = 2 * radius + 1
+    if min(anomaly_map.shape) <= radius:  # reflection padding needs the map to be larger than the radius
+        kernel = 2 * (min(anomaly_map.shape) - 1) + 1
+    return gaussian_blur(anomaly_map[None, None], [kernel, kernel], [sigma, sigma])[0, 0]

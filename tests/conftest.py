@@ -1,0 +1,37 @@
+"""Shared fixtures: a small generated dataset and a model fitted on it (built once per test session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from spade_ad import Spade
+from spade_ad.synthetic import make_synthetic_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic product dataset in the MVTec layout (non-square, to exercise the geometry)."""
+    root = tmp_path_factory.mktemp("synthetic") / "widget"
+    return make_synthetic_dataset(root, n_train=12, n_test_good=4, n_test_defect=4, size=(160, 224), seed=3)
+
+
+@pytest.fixture(scope="session")
+def fitted_model(synthetic_root: Path) -> Spade:
+    """A default-settings model (but a small gallery) fitted on the synthetic training images."""
+    return Spade(k_gallery=5, device="cpu", progress=False).fit(synthetic_root / "train" / "good")
+
+
+@pytest.fixture(scope="session")
+def bottle_root() -> Path:
+    """The real MVTec AD bottle category from ../shared; its absence fails in CI and skips elsewhere."""
+    root = SHARED_DATA / "bottle"
+    if not root.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real data missing in CI: {root}")
+        pytest.skip(f"real MVTec AD bottle data not found at {root}")
+    return root

@@ -1,0 +1,130 @@
+"""Exact search and the pixel stage against brute-force numpy references on small random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spade_ad.model import pixel_anomaly_map
+from spade_ad.search import FeatureStore, FeatureStoreBuilder, topk_squared_distances
+
+RTOL = 1e-5
+
+
+def _brute_force_sq(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    return ((queries[:, None, :].astype(np.float64) - bank[None, :, :].astype(np.float64)) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("budget", [64, 4096, 2**24])  # tiny budgets force many tiles and a remainder tile
+def test_topk_matches_brute_force(k: int, budget: int) -> None:
+    rng = np.random.default_rng(k)
+    queries = rng.normal(size=(37, 11)).astype(np.float32) * 3 + 5
+    bank = rng.normal(size=(203, 11)).astype(np.float32) * 3 + 5
+    distances, indices = topk_squared_distances(torch.from_numpy(queries), torch.from_numpy(bank), k, budget)
+    reference = _brute_force_sq(queries, bank)
+    expected = np.sort(reference, axis=1)[:, :k]
+    np.testing.assert_allclose(distances.numpy(), expected, rtol=RTOL)
+    chosen = np.take_along_axis(reference, indices.numpy(), axis=1)
+    np.testing.assert_allclose(chosen, expected, rtol=RTOL)
+    assert np.all(np.diff(distances.numpy(), axis=1) >= 0)
+
+
+def test_topk_handles_k_larger_than_bank_and_exact_duplicates() -> None:
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    distances, indices = topk_squared_distances(torch.tensor([[0.0, 0.0]]), bank, k=5)
+    assert distances.tolist() == [[0.0, 1.0]] and indices.tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="empty"):
+        topk_squared_distances(torch.zeros(1, 2), torch.zeros(0, 2), 1)
+
+
+def test_distances_do_not_suffer_from_cancellation() -> None:
+    # Far from the origin, |q|^2 - 2 q.b + |b|^2 loses all precision in float32; the recomputed value does not.
+    base = np.full((1, 8), 1000.0, dtype=np.float32)
+    bank = base + np.array([[0.01] * 8, [0.5] * 8], dtype=np.float32)
+    distances, indices = topk_squared_distances(torch.from_numpy(base), torch.from_numpy(bank), 1)
+    assert indices.item() == 0
+    np.testing.assert_allclose(distances.item(), _brute_force_sq(base, bank)[0, 0], rtol=1e-3)
+
+
+def _random_store(rng: np.random.Generator, channels: tuple[int, ...], sizes: list[tuple[int, int]]):
+    builder = FeatureStoreBuilder()
+    maps_per_image = []
+    for h, w in sizes:
+        pyramid = [torch.from_numpy(rng.normal(size=(1, c, h // 2**i, w // 2**i)).astype(np.float32))
+                   for i, c in enumerate(channels)]
+        builder.add(pyramid, torch.from_numpy(rng.normal(size=(1, 6)).astype(np.float32)))
+        maps_per_image.append([m[0].numpy() for m in pyramid])
+    return builder.build(), maps_per_image
+
+
+def test_store_keeps_images_of_different_sizes_apart() -> None:
+    rng = np.random.default_rng(0)
+    store, maps = _random_store(rng, (3, 5), [(8, 8), (8, 16), (16, 8)])
+    assert store.n_images == 3
+    for index in range(3):
+        for level in range(2):
+            np.testing.assert_array_equal(store.image_map(level, index).numpy(), maps[index][level])
+    gallery = store.gallery(1, torch.tensor([2, 0]))
+    expected = np.concatenate([maps[2][1].reshape(5, -1).T, maps[0][1].reshape(5, -1).T])
+    np.testing.assert_array_equal(gallery.numpy(), expected)
+    round_trip = FeatureStore.from_tensors(store.tensors())
+    np.testing.assert_array_equal(round_trip.gallery(0, torch.tensor([1])).numpy(), store.gallery(0, torch.tensor([1])))
+
+
+def _numpy_upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (align_corners=False), written out in numpy."""
+    h, w = grid.shape
+    out_h, out_w = size
+
+    def coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(x).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, x - lo
+
+    y0, y1, fy = coords(out_h, h)
+    x0, x1, fx = coords(out_w, w)
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
+    bottom = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+def _reference_map(test_maps, train_maps, neighbours, input_size, kappa, fusion, distance) -> np.ndarray:
+    def nearest(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        squared = np.sort(_brute_force_sq(queries, gallery), axis=1)[:, :kappa]
+        return (np.sqrt(squared) if distance == "euclidean" else squared).mean(1)
+
+    if fusion == "mean":
+        levels = []
+        for level, fmap in enumerate(test_maps):
+            gallery = np.concatenate([train_maps[n][level].reshape(fmap.shape[0], -1).T for n in neighbours])
+            scores = nearest(fmap.reshape(fmap.shape[0], -1).T, gallery).reshape(fmap.shape[1:])
+            levels.append(_numpy_upsample(scores, input_size))
+        return np.mean(levels, axis=0)
+    size = test_maps[0].shape[1:]
+
+    def stacked(maps):
+        return np.concatenate([np.stack([_numpy_upsample(c, size) for c in m]) for m in maps])
+
+    query = stacked(test_maps)
+    gallery = np.concatenate([stacked(train_maps[n]).reshape(query.shape[0], -1).T for n in neighbours])
+    return _numpy_upsample(nearest(query.reshape(query.shape[0], -1).T, gallery).reshape(size), input_size)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "concat"])
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("distance", ["squared", "euclidean"])
+def test_pixel_map_matches_numpy_reference(fusion: str, kappa: int, distance: str) -> None:
+    rng = np.random.default_rng(7)
+    store, train_maps = _random_store(rng, (4, 6, 8), [(16, 24)] * 5 + [(24, 16)])
+    test_maps = [rng.normal(size=(c, 16 // 2**i, 24 // 2**i)).astype(np.float32) for i, c in enumerate((4, 6, 8))]
+    neighbours = torch.tensor([4, 1, 5])
+    got = pixel_anomaly_map(
+        [torch.from_numpy(m) for m in test_maps], store, neighbours, (32, 48),
+        kappa=kappa, fusion=fusion, distance=distance, memory_budget=512,
+    ).numpy()
+    expected = _reference_map(test_maps, train_maps, neighbours.tolist(), (32, 48), kappa, fusion, distance)
+    assert got.shape == (32, 48)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=1e-6 * np.abs(expected).max())

@@ -1,0 +1,137 @@
+"""Heat maps, overlays and contours: sizes, colour scaling, NaN handling and outline placement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from spade_ad.visualize import contour, heatmap, overlay, save_png
+
+JET = matplotlib.colormaps["jet"]
+BOTTOM = tuple(int(c) for c in JET(0.0, bytes=True)[:3])
+TOP = tuple(int(c) for c in JET(1.0, bytes=True)[:3])
+GREY = (128, 128, 128)
+
+
+def _photo(width: int = 40, height: int = 30) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def _px(img: Image.Image, row: int, col: int) -> tuple[int, ...]:
+    return tuple(int(c) for c in np.asarray(img)[row, col])
+
+
+def test_heatmap_shape_mode_and_default_bounds() -> None:
+    scores = np.linspace(0.0, 5.0, 30 * 40).reshape(30, 40)
+    img = heatmap(scores)
+    assert (img.mode, img.size) == ("RGB", (40, 30))
+    assert _px(img, 0, 0) == BOTTOM
+    assert _px(img, 29, 39) == TOP
+
+
+def test_heatmap_nan_is_grey() -> None:
+    scores = np.arange(12.0).reshape(3, 4)
+    scores[1, 2] = np.nan
+    img = heatmap(scores)
+    assert _px(img, 1, 2) == GREY
+    assert _px(img, 0, 0) == BOTTOM and _px(img, 2, 3) == TOP  # NaN ignored for the bounds
+    assert np.all(np.asarray(heatmap(np.full((3, 3), np.nan))) == 128)
+
+
+def test_heatmap_constant_map_is_lowest_colour() -> None:
+    with np.errstate(all="raise"):
+        img = heatmap(np.full((5, 6), 3.0))
+    assert np.all(np.asarray(img) == BOTTOM)
+
+
+def test_heatmap_respects_vmin_vmax() -> None:
+    scores = np.array([[0.0, 1.0, 2.0, 3.0, 10.0]])
+    img = heatmap(scores, vmin=1.0, vmax=3.0)
+    assert _px(img, 0, 0) == BOTTOM and _px(img, 0, 1) == BOTTOM  # at and below vmin
+    assert _px(img, 0, 2) == tuple(int(c) for c in JET(0.5, bytes=True)[:3])
+    assert _px(img, 0, 3) == TOP and _px(img, 0, 4) == TOP  # at and above vmax
+
+
+def test_heatmap_other_cmap_and_bad_input() -> None:
+    img = heatmap(np.array([[0.0, 1.0]]), cmap="inferno")
+    assert _px(img, 0, 1) == tuple(int(c) for c in matplotlib.colormaps["inferno"](1.0, bytes=True)[:3])
+    with pytest.raises(ValueError):
+        heatmap(np.zeros((2, 3, 3)))
+
+
+def test_overlay_shape_and_alpha_extremes() -> None:
+    image = _photo()
+    scores = np.random.default_rng(1).random((30, 40))
+    blended = overlay(image, scores)
+    assert (blended.mode, blended.size) == ("RGB", image.size)
+    assert np.array_equal(np.asarray(overlay(image, scores, alpha=0.0)), np.asarray(image))
+    assert np.array_equal(np.asarray(overlay(image, scores, alpha=1.0)), np.asarray(heatmap(scores)))
+    with pytest.raises(ValueError):
+        overlay(image, scores, alpha=1.5)
+
+
+def test_overlay_leaves_nan_region_untouched() -> None:
+    image = _photo()
+    scores = np.random.default_rng(1).random((30, 40))
+    scores[5:15, 10:30] = np.nan
+    result = np.asarray(overlay(image, scores, alpha=0.7))
+    original = np.asarray(image)
+    assert np.array_equal(result[5:15, 10:30], original[5:15, 10:30])
+    assert not np.array_equal(result[20:, :], original[20:, :])
+
+
+def test_overlay_resizes_a_smaller_map() -> None:
+    image = _photo(width=64, height=48)
+    scores = np.random.default_rng(2).random((12, 16))
+    scores[:6, :8] = np.nan  # the top-left quarter
+    result = overlay(image, scores, alpha=0.5)
+    assert result.size == (64, 48)
+    assert np.array_equal(np.asarray(result)[:24, :32], np.asarray(image)[:24, :32])
+
+
+def test_overlay_draws_mask_outline_in_white() -> None:
+    image = Image.new("RGB", (20, 20), (10, 10, 10))
+    mask = np.zeros((20, 20), dtype=np.uint8)
+    mask[5:10, 5:10] = 255
+    result = np.asarray(overlay(image, np.zeros((20, 20)), mask=mask))
+    white = np.all(result == 255, axis=-1)
+    assert white[5, 5:10].all() and white[5:10, 5].all()
+    assert not white[7, 7] and not white[0, 0]
+
+
+def test_contour_is_exactly_the_mask_boundary() -> None:
+    image = Image.new("RGB", (30, 25), (0, 0, 0))
+    mask = np.zeros((25, 30), dtype=bool)
+    mask[10:20, 5:15] = True
+    result = contour(image, mask, color=(255, 0, 255))
+    expected = np.zeros_like(mask)
+    expected[[10, 19], 5:15] = True
+    expected[10:20, [5, 14]] = True
+    drawn = np.any(np.asarray(result) != 0, axis=-1)
+    assert np.array_equal(drawn, expected)
+    assert _px(result, 10, 5) == (255, 0, 255)
+    assert np.asarray(image).max() == 0  # the input is not modified
+
+
+def test_contour_accepts_0_255_and_skips_the_image_border() -> None:
+    image = Image.new("RGB", (10, 10), (0, 0, 0))
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[:, :4] = 255  # runs off the left, top and bottom edges
+    drawn = np.any(np.asarray(contour(image, mask)) != 0, axis=-1)
+    expected = np.zeros((10, 10), dtype=bool)
+    expected[:, 3] = True
+    assert np.array_equal(drawn, expected)
+
+
+def test_save_png_creates_parents(tmp_path: Path) -> None:
+    img = heatmap(np.arange(6.0).reshape(2, 3))
+    path = save_png(img, tmp_path / "a" / "b" / "map.png")
+    assert path.is_file()
+    with Image.open(path) as loaded:
+        assert loaded.format == "PNG"
+        assert np.array_equal(np.asarray(loaded), np.asarray(img))
