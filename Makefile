@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/spade-ad demo -o demo_out
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -347,8 +347,8 @@ def test_collect_mixed_list(image_tree: Path, tmp_path: Path) -> None:
     assert [it.name for it in items] == [
         file.as_posix(),
         "image_0001",
-        (image_tree / "sub").as_posix() + "/c.tif",
-        (image_tree / "sub").as_posix() + "/deeper/e.bmp",
+        "sub/c.tif",
+        "sub/deeper/e.bmp",
     ]
     assert items[1].image is pil
     loaded = items[1].load()

@@ -112,8 +112,9 @@ def predict(
             writer.skip(getattr(item, "name", str(item)), error)
             _report_skip(item, error)
 
+        source = inputs[0] if len(inputs) == 1 else list(inputs)  # one folder: names relative to it
         writer.write_all(
-            model.iter_predict(list(inputs), original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip)
+            model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip)
         )
     typer.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
 
@@ -130,7 +131,7 @@ def demo(
     result = run_demo(output, seed=seed, device=device, log=typer.echo)
     typer.echo(
         f"image AUROC {result['image_auroc']:.3f}  pixel AUROC {result['pixel_auroc']:.3f}  "
-        f"({result['n_test']} test images; overlays in {output / 'predictions' / 'overlays'})"
+        f"({result['n_test']:.0f} test images; overlays in {output / 'predictions' / 'overlays'})"
     )
 
 

@@ -334,7 +334,7 @@ def _one_input(x: object, index: int, in_list: bool) -> list[ImageItem]:
     """Items for one input (a path, PIL image, array or tensor); `index` numbers in-memory images."""
     if isinstance(x, (str, os.PathLike)):
         path = Path(x)
-        return _path_items(path, path.as_posix() if in_list else None)
+        return _path_items(path, (path.resolve().name or "root") if in_list else None)
     if isinstance(x, Image.Image):
         return [ImageItem(f"image_{index:04d}", image=x)]
     if isinstance(x, np.ndarray):
@@ -352,7 +352,7 @@ def collect_images(images: ImageLike | Sequence[ImageLike]) -> list[ImageItem]:
     (H,W,3) or (H,W) (so an (N,H,3) gray batch reads as one RGB image), a torch tensor (N,3,H,W) or
     (3,H,W), or a list/tuple mixing paths, PIL images and single arrays/tensors. Folders are searched
     recursively (see `list_images`); their items are named by path relative to the folder
-    (prefixed by the folder as given when it sits in a list). Files are named by the path as given,
+    (prefixed by the folder's own name when it sits in a list). Files are named by the path as given,
     in-memory images "image_0000", "image_0001", ... by position in the batch or list.
     Arrays and tensors are converted now: uint8 as is, uint16 scaled by 65535 -> 255, floats taken
     to be in [0, 1]. Paths are only checked for existence here; files are decoded by `ImageItem.load`.

@@ -102,6 +102,10 @@ class PredictionWriter:
 
 
 def _safe_relative(name: str) -> Path:
-    """A relative output path for an input name, never escaping the output folder."""
-    parts = [p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
+    """A relative output path for an input name, never escaping the output folder: names relative to an input
+    folder are mirrored; absolute paths or paths that climb out (..) keep only the file name."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts:
+        return Path(path.name or "image")
+    parts = [p for p in path.parts if p not in ("", ".")]
     return Path(*parts) if parts else Path("image")

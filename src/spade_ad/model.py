@@ -245,8 +245,17 @@ class Spade:
         pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
         quiet = None if self.progress is None else not self.progress  # None: bars only on a terminal
         bar = tqdm(total=len(items), desc=desc, unit="img", disable=quiet)
+        loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=skipped)
         try:
-            for item, image in iter_loaded(items, skip_bad=skip_bad, on_skip=skipped):
+            while True:
+                try:
+                    item, image = next(loaded)
+                except StopIteration:
+                    break
+                except ImageReadError:
+                    if pending:  # finish what was already read before reporting the bad file
+                        yield _stack(pending, self.device_)
+                    raise
                 geometry = plan_geometry((image.height, image.width), self.image_size, self.resize)
                 if pending and (len(pending) == self.batch_size or pending[0][2].input_size != geometry.input_size):
                     yield _stack(pending, self.device_)
@@ -257,6 +266,7 @@ class Spade:
                 yield _stack(pending, self.device_)
                 bar.update(len(pending))
         finally:
+            loaded.close()
             bar.close()
 
     def _check_fitted(self) -> None:

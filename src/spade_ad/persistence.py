@@ -1,6 +1,6 @@
 """Model files: one safetensors file holding the stored features, with settings, versions and the backbone's
-identity as JSON in its header. No pickle. A checksum over the header and every tensor catches truncated or tampered files; the
-backbone's weights checksum catches a model loaded against different weights.
+identity as JSON in its header. No pickle. A checksum over the header and every tensor catches truncated or
+tampered files; the backbone's weights checksum catches a model loaded against different weights.
 """
 
 from __future__ import annotations

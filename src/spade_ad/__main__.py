@@ -1,0 +1,5 @@
+"""`python -m spade_ad` runs the command line."""
+
+from .cli import main
+
+main()

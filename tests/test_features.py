@@ -1,0 +1,59 @@
+"""Geometry: inputs of any size and aspect ratio, and maps that cover the whole original image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spade_ad.features import image_to_tensor, map_to_original, plan_geometry
+
+
+@pytest.mark.parametrize("size", [(900, 300), (300, 900), (256, 256), (1000, 1333), (50, 40)])
+def test_keep_aspect_scales_short_side_and_keeps_ratio(size: tuple[int, int]) -> None:
+    geometry = plan_geometry(size, 224, "keep_aspect")
+    height, width = geometry.input_size
+    assert height % 32 == 0 and width % 32 == 0
+    short = min(height, width)
+    assert abs(short - 224) <= 16
+    assert abs((height / width) / (size[0] / size[1]) - 1) < 0.1
+    assert geometry.crop_box == (0.0, 0.0, float(size[1]), float(size[0]))
+
+
+def test_squash_and_paper_crop_are_square() -> None:
+    assert plan_geometry((900, 300), 224, "squash").input_size == (224, 224)
+    crop = plan_geometry((900, 900), 224, "paper_crop")
+    assert crop.input_size == (224, 224)
+    left, top, right, bottom = crop.crop_box
+    # 256 -> 224: 16 of 256 pixels cut on each side, i.e. 1/16 of the side.
+    assert left == pytest.approx(900 / 16) and right == pytest.approx(900 - 900 / 16)
+    assert top == pytest.approx(900 / 16) and bottom == pytest.approx(900 - 900 / 16)
+    with pytest.raises(ValueError, match="resize mode"):
+        plan_geometry((10, 10), 224, "stretch")  # type: ignore[arg-type]
+
+
+def test_map_covers_whole_image_without_crop() -> None:
+    geometry = plan_geometry((300, 900), 224, "keep_aspect")
+    anomaly_map = np.random.default_rng(0).random(geometry.input_size).astype(np.float32)
+    full = map_to_original(anomaly_map, geometry)
+    assert full.shape == (300, 900)
+    assert not np.isnan(full).any()
+    assert full.min() >= anomaly_map.min() - 1e-6 and full.max() <= anomaly_map.max() + 1e-6
+
+
+def test_paper_crop_marks_unscored_border_as_nan() -> None:
+    geometry = plan_geometry((320, 480), 224, "paper_crop")
+    full = map_to_original(np.ones(geometry.input_size, dtype=np.float32), geometry)
+    assert full.shape == (320, 480)
+    assert np.isnan(full[0, 0]) and np.isnan(full[-1, -1])
+    assert full[160, 240] == pytest.approx(1.0)
+    scored = ~np.isnan(full)
+    assert scored.mean() == pytest.approx((14 / 16) ** 2, abs=0.02)
+
+
+def test_image_to_tensor_range_and_size() -> None:
+    image = Image.fromarray(np.full((90, 30, 3), 255, dtype=np.uint8))
+    geometry = plan_geometry((90, 30), 64, "keep_aspect")
+    tensor = image_to_tensor(image, geometry)
+    assert tuple(tensor.shape) == (3, *geometry.input_size)
+    assert float(tensor.min()) == pytest.approx(1.0) and float(tensor.max()) == pytest.approx(1.0)

@@ -1,0 +1,128 @@
+"""The estimator: scikit-learn contract, shapes, ranges, determinism and a quality floor on generated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spade_ad import NotFittedError, Spade
+from spade_ad.data import list_images
+from spade_ad.metrics import image_auroc, pixel_auroc
+
+
+def _test_set(root: Path) -> tuple[list[Path], np.ndarray, list[np.ndarray]]:
+    paths = list_images(root / "test")
+    labels = np.array([p.parent.name != "good" for p in paths])
+    masks = []
+    for path in paths:
+        mask_path = root / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        masks.append(np.asarray(Image.open(mask_path)) > 0 if mask_path.exists() else None)
+    return paths, labels, masks
+
+
+def test_unfitted_model_raises_clear_error() -> None:
+    model = Spade()
+    for call in (model.predict, model.score):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            call(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(NotFittedError):
+        model.save("x.safetensors")
+
+
+def test_init_only_stores_settings_and_params_round_trip() -> None:
+    model = Spade("efficientnet_lite1", k_gallery=7, fusion="concat")
+    params = model.get_params()
+    assert params["backbone"] == "efficientnet_lite1" and params["k_gallery"] == 7
+    assert not [name for name in vars(model) if name.endswith("_")]
+    assert Spade(**params).get_params() == params
+    assert "k_gallery=7" in repr(model)
+    with pytest.raises(ValueError, match="unknown setting"):
+        model.set_params(k=3)
+
+
+@pytest.mark.parametrize("bad", [{"fusion": "max"}, {"kappa": 0}, {"sigma": -1}, {"resize": "crop"}, {"layers": ()}])
+def test_invalid_settings_fail_at_fit(bad: dict, synthetic_root: Path) -> None:
+    with pytest.raises(ValueError):
+        Spade(**bad).fit(synthetic_root / "train" / "good")
+
+
+def test_fit_sets_fitted_attributes(fitted_model: Spade) -> None:
+    assert fitted_model.store_.n_images == 12
+    assert len(fitted_model.train_names_) == 12 and fitted_model.skipped_ == []
+    assert fitted_model.backbone_.name == "efficientnet_lite0"
+
+
+def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: Path) -> None:
+    paths, labels, masks = _test_set(synthetic_root)
+    predictions = fitted_model.predict(paths, original_size=True)
+    assert [p.name for p in predictions] == [str(p) for p in paths]
+    for prediction in predictions:
+        assert prediction.anomaly_map.dtype == np.float32
+        assert prediction.anomaly_map.shape == prediction.geometry.input_size
+        assert prediction.original_map.shape == (160, 224)
+        assert np.isfinite(prediction.original_map).all() and prediction.original_map.min() >= 0
+        assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()))
+    scores = [p.score for p in predictions]
+    maps = [p.original_map for p in predictions]
+    full_masks = [m if m is not None else np.zeros((160, 224), bool) for m in masks]
+    assert image_auroc(scores, labels) >= 0.9
+    assert pixel_auroc(maps, full_masks) >= 0.9
+
+
+def test_same_data_and_settings_give_same_scores(fitted_model: Spade, synthetic_root: Path) -> None:
+    paths = list_images(synthetic_root / "test")[:3]
+    again = Spade(**fitted_model.get_params()).fit(synthetic_root / "train" / "good")
+    first = fitted_model.predict(paths)
+    second = again.predict(paths)
+    for a, b in zip(first, second):
+        assert a.score == b.score
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_score_fast_path_matches_predict_with_knn(synthetic_root: Path) -> None:
+    model = Spade(image_score="knn", k_image=2, k_gallery=3, progress=False).fit(synthetic_root / "train" / "good")
+    paths = list_images(synthetic_root / "test")
+    fast = model.score(paths)
+    slow = np.array([p.score for p in model.predict(paths)])
+    np.testing.assert_allclose(fast, slow, rtol=1e-6)
+    assert fast.shape == (len(paths),) and (fast >= 0).all()
+
+
+def test_accepts_arrays_tensors_and_pil_images(fitted_model: Spade, synthetic_root: Path) -> None:
+    paths = list_images(synthetic_root / "test")[:2]
+    pil = [Image.open(p).convert("RGB") for p in paths]
+    array = np.stack([np.asarray(im) for im in pil])
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
+    from_paths = fitted_model.score(paths)
+    np.testing.assert_allclose(fitted_model.score(pil), from_paths, rtol=1e-5)
+    np.testing.assert_allclose(fitted_model.score(array), from_paths, rtol=1e-5)
+    np.testing.assert_allclose(fitted_model.score(tensor), from_paths, rtol=1e-3)
+
+
+def test_mixed_sizes_and_grayscale_in_one_call(fitted_model: Spade) -> None:
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (100, 300), dtype=np.uint8)),  # grayscale, wide
+        Image.fromarray(rng.integers(0, 255, (300, 100, 3), dtype=np.uint8)),  # tall
+        Image.fromarray(rng.integers(0, 255, (64, 64, 4), dtype=np.uint8), "RGBA"),
+    ]
+    predictions = fitted_model.predict(images, original_size=True)
+    assert [p.original_map.shape for p in predictions] == [(100, 300), (300, 100), (64, 64)]
+
+
+@pytest.mark.parametrize("settings", [
+    {"fusion": "concat"}, {"kappa": 3, "distance": "squared"}, {"resize": "paper_crop"}, {"sigma": 0},
+    {"layers": (2, 3)},
+])
+def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -> None:
+    model = Spade(k_gallery=3, progress=False, **settings).fit(synthetic_root / "train" / "good")
+    prediction = model.predict(list_images(synthetic_root / "test")[:1], original_size=True)[0]
+    assert prediction.original_map.shape == (160, 224)
+    if settings.get("resize") == "paper_crop":
+        assert np.isnan(prediction.original_map[0, 0]) and np.isfinite(prediction.original_map[80, 112])
+    else:
+        assert np.isfinite(prediction.original_map).all()
