@@ -51,9 +51,39 @@ def test_invalid_settings_fail_at_fit(bad: dict, synthetic_root: Path) -> None:
 
 
 def test_fit_sets_fitted_attributes(fitted_model: Spade) -> None:
-    assert fitted_model.store_.n_images == 12
-    assert len(fitted_model.train_names_) == 12 and fitted_model.skipped_ == []
+    # 12 good images: 10% (one, chosen by the seed) is held out to calibrate the thresholds.
+    assert fitted_model.store_.n_images == 11
+    assert len(fitted_model.train_names_) == 11 and fitted_model.skipped_ == []
+    assert len(fitted_model.calibration_scores_) == 1
     assert fitted_model.backbone_.name == "efficientnet_lite0"
+
+
+def test_thresholds_come_from_normal_images_and_give_verdicts(fitted_model: Spade, synthetic_root: Path) -> None:
+    assert fitted_model.image_threshold_ >= max(fitted_model.calibration_scores_)
+    assert fitted_model.pixel_threshold_ > 0
+    paths, labels, _ = _test_set(synthetic_root)
+    predictions = fitted_model.predict(paths, original_size=True)
+    verdicts = np.array([p.is_anomalous for p in predictions])
+    assert verdicts.dtype == bool
+    assert verdicts[labels].mean() >= 0.5  # most defects flagged from normal data alone
+    mask = predictions[int(np.argmax(labels))].defect_mask
+    assert mask.shape == (160, 224) and mask.dtype == bool
+
+
+def test_calibration_can_be_disabled_or_use_a_validation_folder(synthetic_root: Path) -> None:
+    train = synthetic_root / "train" / "good"
+    plain = Spade(k_gallery=3, calibration_fraction=0, progress=False).fit(train)
+    assert plain.image_threshold_ is None and plain.store_.n_images == 12
+    assert plain.predict(list_images(synthetic_root / "test" / "good")[:1])[0].is_anomalous is None
+    with_validation = Spade(k_gallery=3, progress=False).fit(train, validation=synthetic_root / "test" / "good")
+    assert with_validation.store_.n_images == 12 and len(with_validation.calibration_scores_) == 4
+
+
+def test_calibrate_threshold_rule() -> None:
+    from spade_ad.model import calibrate_threshold
+
+    assert calibrate_threshold([1.0, 2.0, 3.0], 0.1) == pytest.approx(3.0 + 0.1 * (3.0 - 2.0))
+    assert calibrate_threshold([5.0], 0.5) == 5.0
 
 
 def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: Path) -> None:

@@ -18,23 +18,28 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Model settings shared by `fit`, `demo` and `evaluate` (defaults are the library's).
+# Model settings shared by `fit` and `evaluate`. Unset options keep the library's defaults (or the preset's).
 BackboneOpt = Annotated[
-    str, typer.Option(help=f"Backbone: {', '.join(available_backbones())}, or any timm name with --weights.")
+    str | None,
+    typer.Option(help=f"Backbone [default: efficientnet_lite0]: {', '.join(available_backbones())}, "
+                 "or any timm name with --weights."),
 ]
 WeightsOpt = Annotated[
     Path | None, typer.Option(help="Local backbone weights file (.pth/.safetensors state_dict); needed offline.")
 ]
-LayersOpt = Annotated[str, typer.Option(help="Pyramid levels as stage indices, e.g. 1,2,3 (strides 4/8/16).")]
-KImageOpt = Annotated[int, typer.Option(help="Neighbours of the global kNN image score.")]
-KGalleryOpt = Annotated[int, typer.Option(help="Nearest training images whose features form the pixel gallery (K).")]
-KappaOpt = Annotated[int, typer.Option(help="Gallery neighbours averaged per pixel.")]
-FusionOpt = Annotated[str, typer.Option(help="Pyramid fusion: mean (per-level maps averaged) or concat.")]
-DistanceOpt = Annotated[str, typer.Option(help="Pixel distance: euclidean or squared (the paper's).")]
-ImageScoreOpt = Annotated[str, typer.Option(help="Image score: map_max (max of the map) or knn (the paper's).")]
-SigmaOpt = Annotated[float, typer.Option(help="Gaussian smoothing of the map, input pixels (0 = none).")]
-ImageSizeOpt = Annotated[int, typer.Option(help="Network input: short side (keep_aspect) or side.")]
-ResizeOpt = Annotated[str, typer.Option(help="keep_aspect (whole image), squash, or paper_crop (256->224 crop).")]
+LayersOpt = Annotated[str | None, typer.Option(help="Pyramid levels, stage indices [default: 1,2,3: strides 4/8/16].")]
+KImageOpt = Annotated[int | None, typer.Option(help="Neighbours of the global kNN image score [default: 3].")]
+KGalleryOpt = Annotated[int | None, typer.Option(help="Nearest training images in the pixel gallery [default: 50].")]
+KappaOpt = Annotated[int | None, typer.Option(help="Gallery neighbours averaged per pixel [default: 1].")]
+FusionOpt = Annotated[str | None, typer.Option(help="Pyramid fusion: mean or concat [default: mean].")]
+DistanceOpt = Annotated[str | None, typer.Option(help="Pixel distance: euclidean or squared [default: euclidean].")]
+ImageScoreOpt = Annotated[str | None, typer.Option(help="Image score: map_max or knn (paper) [default: map_max].")]
+SigmaOpt = Annotated[float | None, typer.Option(help="Gaussian smoothing of the map, input pixels [default: 4].")]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="Network input short side (or side) [default: 224].")]
+ResizeOpt = Annotated[str | None, typer.Option(help="keep_aspect, squash or paper_crop [default: keep_aspect].")]
+CalibrationOpt = Annotated[
+    float | None, typer.Option(help="Share of good images held out to calibrate thresholds [default: 0.1].")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per backbone pass.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for anything random.")]
@@ -44,12 +49,14 @@ SkipBadOpt = Annotated[
 
 
 def _settings(**values: object) -> dict[str, object]:
-    layers = values.pop("layers")
-    try:
-        values["layers"] = tuple(int(x) for x in str(layers).split(",") if x.strip())
-    except ValueError as exc:
-        raise typer.BadParameter(f"--layers must be comma-separated integers, got {layers!r}") from exc
-    return values
+    """Model settings from the options that were given (None = not given)."""
+    given = {name: value for name, value in values.items() if value is not None}
+    if "layers" in given:
+        try:
+            given["layers"] = tuple(int(x) for x in str(given["layers"]).split(",") if x.strip())
+        except ValueError as exc:
+            raise typer.BadParameter(f"--layers must be comma-separated integers, got {given['layers']!r}") from exc
+    return given
 
 
 def _report_skip(item: object, error: ImageReadError) -> None:
@@ -60,18 +67,22 @@ def _report_skip(item: object, error: ImageReadError) -> None:
 def fit(
     train_dir: Annotated[Path, typer.Argument(help="Folder of good images (searched recursively).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Model file to write (.safetensors).")],
-    backbone: BackboneOpt = "efficientnet_lite0",
+    backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
-    layers: LayersOpt = "1,2,3",
-    k_image: KImageOpt = 3,
-    k_gallery: KGalleryOpt = 50,
-    kappa: KappaOpt = 1,
-    fusion: FusionOpt = "mean",
-    distance: DistanceOpt = "euclidean",
-    image_score: ImageScoreOpt = "map_max",
-    sigma: SigmaOpt = 4.0,
-    image_size: ImageSizeOpt = 224,
-    resize: ResizeOpt = "keep_aspect",
+    layers: LayersOpt = None,
+    k_image: KImageOpt = None,
+    k_gallery: KGalleryOpt = None,
+    kappa: KappaOpt = None,
+    fusion: FusionOpt = None,
+    distance: DistanceOpt = None,
+    image_score: ImageScoreOpt = None,
+    sigma: SigmaOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize: ResizeOpt = None,
+    calibration_fraction: CalibrationOpt = None,
+    validation: Annotated[
+        Path | None, typer.Option(help="Folder of other good images to calibrate thresholds on (none held out).")
+    ] = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
@@ -83,11 +94,16 @@ def fit(
     settings = _settings(
         backbone=backbone, weights=weights, layers=layers, k_image=k_image, k_gallery=k_gallery, kappa=kappa,
         fusion=fusion, distance=distance, image_score=image_score, sigma=sigma, image_size=image_size,
-        resize=resize, device=device, batch_size=batch_size, seed=seed,
+        resize=resize, calibration_fraction=calibration_fraction, device=device, batch_size=batch_size, seed=seed,
     )
-    model = Spade(**settings).fit(train_dir, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None)
+    model = Spade(**settings).fit(
+        train_dir, validation=validation, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None
+    )
     model.save(output)
     typer.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
+    if model.image_threshold_ is not None:
+        typer.echo(f"thresholds from {len(model.calibration_scores_)} held-out good images: "
+                   f"image {model.image_threshold_:.4g}, pixel {model.pixel_threshold_:.4g}")
 
 
 @app.command()
@@ -120,6 +136,57 @@ def predict(
 
 
 @app.command()
+def evaluate(
+    root: Annotated[Path, typer.Argument(help="MVTec AD root (or one category folder, or the generic layout).")],
+    category: Annotated[
+        list[str] | None, typer.Option("--category", "-c", help="Category to evaluate (repeatable; default all).")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="default, or paper (WRN50, 256->224 crop, metrics at 256).")] = "default",
+    eval_size: Annotated[
+        int | None, typer.Option(help="Compute metrics at NxN (paper: 256) instead of the original size.")
+    ] = None,
+    pro_limit: Annotated[float, typer.Option(help="AU-PRO integration limit (FPR).")] = 0.3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("eval_out"),
+    save_models: Annotated[bool, typer.Option("--save-models", help="Also save each category's model.")] = False,
+    plots: Annotated[bool, typer.Option(help="Write the plots.")] = True,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    k_image: KImageOpt = None,
+    k_gallery: KGalleryOpt = None,
+    kappa: KappaOpt = None,
+    fusion: FusionOpt = None,
+    distance: DistanceOpt = None,
+    image_score: ImageScoreOpt = None,
+    sigma: SigmaOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize: ResizeOpt = None,
+    calibration_fraction: CalibrationOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+) -> None:
+    """Fit and score each category; print a table against the paper; write metrics.json/csv, report.md, plots."""
+    from .evaluate import PRESET_EVAL_SIZE, PRESETS, format_table
+    from .evaluate import evaluate as run_evaluation
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}")
+    settings = {**PRESETS[preset], **_settings(
+        backbone=backbone, weights=weights, layers=layers, k_image=k_image, k_gallery=k_gallery, kappa=kappa,
+        fusion=fusion, distance=distance, image_score=image_score, sigma=sigma, image_size=image_size,
+        resize=resize, calibration_fraction=calibration_fraction, device=device, batch_size=batch_size, seed=seed,
+    )}
+    report = run_evaluation(
+        root, categories=category, settings=settings,
+        eval_size=eval_size if eval_size is not None else PRESET_EVAL_SIZE[preset],
+        pro_limit=pro_limit, out_dir=out, save_models=save_models, plots=plots, log=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(format_table(report))
+    typer.echo(f"metrics at {report['resolution']}; report: {out / 'report.md'}")
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("demo_out"),
     seed: SeedOpt = 0,
@@ -132,6 +199,34 @@ def demo(
     typer.echo(
         f"image AUROC {result['image_auroc']:.3f}  pixel AUROC {result['pixel_auroc']:.3f}  "
         f"({result['n_test']:.0f} test images; overlays in {output / 'predictions' / 'overlays'})"
+    )
+
+
+@app.command()
+def serve(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `spade-ad fit`.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default: not reachable from elsewhere).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Inference threads sharing the one loaded model.")] = 1,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a worker; beyond that: 503.")] = 8,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload per request, in MB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest accepted image, in pixels (decompression-bomb guard).")]
+    = 40_000_000,
+    weights: WeightsOpt = None,
+    device: Annotated[str | None, typer.Option(help="Override the device stored in the model.")] = None,
+) -> None:
+    """Serve a model over HTTP: JSON API at /v1, a web page at /, OpenAPI docs at /docs."""
+    from .service import ServiceSettings, run_server
+
+    run_server(
+        model_path,
+        ServiceSettings(
+            host=host, port=port, workers=workers, max_queue=max_queue,
+            max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+        ),
+        weights=weights,
+        device=device,
     )
 
 

@@ -331,7 +331,10 @@ def _path_items(path: Path, name_prefix: str | None) -> list[ImageItem]:
 
 
 def _one_input(x: object, index: int, in_list: bool) -> list[ImageItem]:
-    """Items for one input (a path, PIL image, array or tensor); `index` numbers in-memory images."""
+    """Items for one input (a path, PIL image, array, tensor or an ImageItem already); `index` numbers in-memory
+    images."""
+    if isinstance(x, ImageItem):
+        return [x]
     if isinstance(x, (str, os.PathLike)):
         path = Path(x)
         return _path_items(path, (path.resolve().name or "root") if in_list else None)

@@ -37,7 +37,8 @@ SkipCallback = Callable[[ImageItem, ImageReadError], None]
 class Prediction:
     """One image's result. `anomaly_map` is at the network input resolution; `original_map` (on request) covers
     the whole original image, NaN where a pixel was not scored (outside the paper-crop box); `image` (on request)
-    is the decoded input, so writers need not read it again."""
+    is the decoded input, so writers need not read it again. `is_anomalous` compares the score with the calibrated
+    image threshold (None when the model has none)."""
 
     name: str
     path: Path | None
@@ -46,6 +47,16 @@ class Prediction:
     geometry: Geometry
     original_map: np.ndarray | None = None
     image: Image.Image | None = None
+    is_anomalous: bool | None = None
+    pixel_threshold: float | None = None
+
+    @property
+    def defect_mask(self) -> np.ndarray | None:
+        """Pixels at or above the calibrated pixel threshold (original size when available); None if uncalibrated."""
+        if self.pixel_threshold is None:
+            return None
+        values = self.original_map if self.original_map is not None else self.anomaly_map
+        return np.nan_to_num(values, nan=-np.inf) >= self.pixel_threshold
 
 
 class Spade:
@@ -66,6 +77,10 @@ class Spade:
         device: "auto", "cpu" or "cuda[:N]".
         batch_size: images per backbone forward pass.
         memory_budget: bytes of working memory for one tile of distances.
+        calibration_fraction: share of the good images set aside (chosen with `seed`) to calibrate the image and
+            pixel thresholds when `fit` gets no `validation` images; 0 disables thresholds. Needs >= 10 images.
+        threshold_margin: threshold = max + margin * (max - median) of the normal calibration values (see
+            `calibrate_threshold`).
         seed: seed for anything random (kept explicit so results are reproducible).
         progress: progress bars; None shows them only when stderr is a terminal.
     """
@@ -88,6 +103,8 @@ class Spade:
         device: str = "auto",
         batch_size: int = 8,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        calibration_fraction: float = 0.1,
+        threshold_margin: float = 0.1,
         seed: int = 0,
         progress: bool | None = None,
     ) -> None:
@@ -106,13 +123,16 @@ class Spade:
         self.device = device
         self.batch_size = batch_size
         self.memory_budget = memory_budget
+        self.calibration_fraction = calibration_fraction
+        self.threshold_margin = threshold_margin
         self.seed = seed
         self.progress = progress
 
     # -- settings -------------------------------------------------------------------------------------------------
     SETTING_NAMES = (
         "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "fusion", "distance", "image_score",
-        "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "seed", "progress",
+        "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "calibration_fraction",
+        "threshold_margin", "seed", "progress",
     )
 
     def get_params(self) -> dict[str, Any]:
@@ -139,25 +159,37 @@ class Spade:
         for name in ("k_image", "k_gallery", "kappa", "image_size", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.calibration_fraction < 1:
+            raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if not self.layers:
             raise ValueError("layers must name at least one pyramid level")
 
     # -- fitting --------------------------------------------------------------------------------------------------
-    def fit(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> Spade:
-        """Extract and store the features of good images. `images`: folder, paths, PIL images, array or tensor.
+    def fit(
+        self, images: Any, *, validation: Any = None, skip_bad: bool = False, on_skip: SkipCallback | None = None
+    ) -> Spade:
+        """Store the features of good images and calibrate thresholds on normal data.
 
-        Sets `backbone_`, `store_`, `train_names_`, `skipped_`, `device_`. Returns self.
+        `images` (and `validation`): a folder, paths, PIL images, an array or a tensor batch. Without `validation`,
+        `calibration_fraction` of `images` is set aside for calibration. Sets `backbone_`, `store_`,
+        `train_names_`, `skipped_`, `device_`, `image_threshold_` and `pixel_threshold_` (None when not
+        calibrated), `calibration_scores_` and `metrics_`. Returns self.
         """
         self._validate()
         torch.manual_seed(self.seed)
         self.device_ = _resolve_device(self.device)
         self.backbone_ = self._build_backbone()
         items = collect_images(images)
+        if validation is not None:
+            held_out = collect_images(validation)
+        else:
+            items, held_out = self._split_calibration(items)
         builder = FeatureStoreBuilder()
         self.train_names_: list[str] = []
         self.skipped_: list[tuple[str, str]] = []
+        self.metrics_: dict[str, Any] = {}
         for batch_items, batch, _, _ in self._batches(items, skip_bad, on_skip, "fit"):
             pyramid, global_features = self.backbone_(batch)
             builder.add(pyramid, global_features)
@@ -165,7 +197,31 @@ class Spade:
         if not self.train_names_:
             raise NoImagesError("no training image could be read: every input was skipped")
         self.store_ = builder.build()
+        self._calibrate(held_out, skip_bad, on_skip)
         return self
+
+    def _split_calibration(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
+        """Set aside `calibration_fraction` of the items (at least 1, and only with >= 10 items), by `seed`."""
+        n_held = round(self.calibration_fraction * len(items))
+        if self.calibration_fraction == 0 or len(items) < 10:
+            return items, []
+        held = set(np.random.default_rng(self.seed).choice(len(items), size=max(1, n_held), replace=False).tolist())
+        return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+    def _calibrate(self, held_out: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None) -> None:
+        """Thresholds from normal images only: the image score and the map maximum of each calibration image."""
+        self.calibration_scores_: list[float] = []
+        self.image_threshold_: float | None = None
+        self.pixel_threshold_: float | None = None
+        if not held_out:
+            return
+        map_maxima = []
+        for prediction in self.iter_predict(held_out, skip_bad=skip_bad, on_skip=on_skip):
+            self.calibration_scores_.append(prediction.score)
+            map_maxima.append(float(prediction.anomaly_map.max()))
+        if map_maxima:
+            self.image_threshold_ = calibrate_threshold(self.calibration_scores_, self.threshold_margin)
+            self.pixel_threshold_ = calibrate_threshold(map_maxima, self.threshold_margin)
 
     def _build_backbone(self) -> Backbone:
         return build_backbone(self.backbone, self.weights, tuple(self.layers)).to(self.device_)
@@ -201,6 +257,8 @@ class Spade:
                     name=item.name, path=item.path, score=float(score), anomaly_map=array, geometry=geometry,
                     original_map=map_to_original(array, geometry) if original_size else None,
                     image=originals[i] if keep_images else None,
+                    is_anomalous=None if self.image_threshold_ is None else bool(score >= self.image_threshold_),
+                    pixel_threshold=self.pixel_threshold_,
                 )
 
     def score(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> np.ndarray:
@@ -285,6 +343,17 @@ class Spade:
 
         self._check_fitted()
         return save_model(self, Path(path))
+
+
+def calibrate_threshold(normal_values: list[float], margin: float) -> float:
+    """A threshold from normal values alone: their maximum plus `margin` times their spread above the median.
+
+    Scale-free (works for any score unit) and never below anything seen on normal data; the margin absorbs the
+    underestimate of the true normal maximum from a few calibration images.
+    """
+    values = np.asarray(normal_values, dtype=np.float64)
+    top = float(values.max())
+    return top + margin * (top - float(np.median(values)))
 
 
 def _stack(pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]], device: torch.device):

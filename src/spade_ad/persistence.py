@@ -51,6 +51,12 @@ def save_model(model: Spade, path: Path) -> Path:
             "strides": list(model.backbone_.strides),
         },
         "train_names": model.train_names_,
+        "calibration": {
+            "image_threshold": model.image_threshold_,
+            "pixel_threshold": model.pixel_threshold_,
+            "scores": model.calibration_scores_,
+        },
+        "metrics": model.metrics_,
         "versions": {
             "spade_ad": __version__, "torch": torch.__version__, "python": platform.python_version(),
         },
@@ -128,4 +134,9 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
     model.store_ = FeatureStore.from_tensors(tensors)
     model.train_names_ = list(header["train_names"])
     model.skipped_ = []
+    calibration = header.get("calibration", {})
+    model.image_threshold_ = calibration.get("image_threshold")
+    model.pixel_threshold_ = calibration.get("pixel_threshold")
+    model.calibration_scores_ = list(calibration.get("scores", []))
+    model.metrics_ = dict(header.get("metrics", {}))
     return model

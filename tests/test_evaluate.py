@@ -1,0 +1,70 @@
+"""The evaluator on generated data: report files, metrics.json shape, presets, resolution, thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spade_ad import WeightsError
+from spade_ad.evaluate import PRESETS, evaluate
+from spade_ad.synthetic import make_synthetic_dataset
+
+FAST = {"k_gallery": 4, "device": "cpu", "progress": False}
+
+
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    make_synthetic_dataset(root / "disc", n_train=10, n_test_good=3, n_test_defect=3, size=(96, 128), seed=1)
+    make_synthetic_dataset(root / "plate", n_train=10, n_test_good=3, n_test_defect=3, size=(128, 96), seed=2)
+    return root
+
+
+def test_evaluate_writes_report_with_stable_shape(two_categories: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    report = evaluate(two_categories, settings=FAST, out_dir=out, save_models=True)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved) == {"settings", "resolution", "categories", "mean"}
+    assert saved["resolution"] == "original image size"
+    assert set(saved["categories"]) == {"disc", "plate"}
+    for metrics in saved["categories"].values():
+        for key in ("image_auroc", "pixel_auroc", "au_pro"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert metrics["n_train"] == 9 and metrics["n_calibration"] == 1 and metrics["n_test"] == 9
+        assert metrics["fit_seconds"] > 0 and metrics["predict_ms_per_image"] > 0
+        assert metrics["image_threshold"] is not None
+        assert set(metrics["at_threshold"]) == {"precision", "recall", "f1"}
+        assert metrics["best_f1"]["f1"] >= metrics["at_threshold"]["f1"] - 1e-12
+    assert saved["mean"]["pixel_auroc"] == pytest.approx(
+        sum(m["pixel_auroc"] for m in saved["categories"].values()) / 2
+    )
+    assert (out / "metrics.csv").read_text().splitlines()[-1].startswith("mean")
+    report_md = (out / "report.md").read_text()
+    assert "original image size" in report_md and "disc" in report_md
+    for plot in ("image_roc", "pixel_roc", "pro_curve", "score_histogram", "cases"):
+        assert (out / "disc" / f"{plot}.png").stat().st_size > 0
+    from spade_ad import load
+
+    assert load(out / "disc" / "model.safetensors").metrics_["au_pro"] == saved["categories"]["disc"]["au_pro"]
+
+
+def test_category_selection_and_eval_size(two_categories: Path) -> None:
+    report = evaluate(two_categories, categories=["plate"], settings=FAST, eval_size=64)
+    assert list(report["categories"]) == ["plate"]
+    assert report["resolution"].startswith("64x64")
+    assert 0.0 <= report["categories"]["plate"]["au_pro"] <= 1.0
+
+
+def test_paper_preset_needs_wrn50_weights_offline(two_categories: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.models as tvm
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(type(tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    assert PRESETS["paper"]["backbone"] == "wide_resnet50_2"
+    with pytest.raises(WeightsError, match="--weights"):
+        evaluate(two_categories, categories=["disc"], settings={**PRESETS["paper"], "device": "cpu"})
