@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spade_ad.model import pixel_anomaly_map
-from spade_ad.search import FeatureStore, FeatureStoreBuilder, topk_squared_distances
+from spade_ad.search import FeatureStoreWriter, topk_squared_distances
 
 RTOL = 1e-5
 
@@ -48,8 +48,9 @@ def test_distances_do_not_suffer_from_cancellation() -> None:
     np.testing.assert_allclose(distances.item(), _brute_force_sq(base, bank)[0, 0], rtol=1e-3)
 
 
-def _random_store(rng: np.random.Generator, channels: tuple[int, ...], sizes: list[tuple[int, int]]):
-    builder = FeatureStoreBuilder()
+def _random_store(rng: np.random.Generator, channels: tuple[int, ...], sizes: list[tuple[int, int]],
+                  directory, dtype: str = "float32"):
+    builder = FeatureStoreWriter(directory, dtype)
     maps_per_image = []
     for h, w in sizes:
         pyramid = [torch.from_numpy(rng.normal(size=(1, c, h // 2**i, w // 2**i)).astype(np.float32))
@@ -59,9 +60,9 @@ def _random_store(rng: np.random.Generator, channels: tuple[int, ...], sizes: li
     return builder.build(), maps_per_image
 
 
-def test_store_keeps_images_of_different_sizes_apart() -> None:
+def test_store_keeps_images_of_different_sizes_apart(tmp_path) -> None:
     rng = np.random.default_rng(0)
-    store, maps = _random_store(rng, (3, 5), [(8, 8), (8, 16), (16, 8)])
+    store, maps = _random_store(rng, (3, 5), [(8, 8), (8, 16), (16, 8)], tmp_path)
     assert store.n_images == 3
     for index in range(3):
         for level in range(2):
@@ -69,8 +70,15 @@ def test_store_keeps_images_of_different_sizes_apart() -> None:
     gallery = store.gallery(1, torch.tensor([2, 0]))
     expected = np.concatenate([maps[2][1].reshape(5, -1).T, maps[0][1].reshape(5, -1).T])
     np.testing.assert_array_equal(gallery.numpy(), expected)
-    round_trip = FeatureStore.from_tensors(store.tensors())
-    np.testing.assert_array_equal(round_trip.gallery(0, torch.tensor([1])).numpy(), store.gallery(0, torch.tensor([1])))
+    assert isinstance(store.levels[0], np.memmap)  # on disk, not in memory
+
+
+def test_float16_store_halves_the_bytes_and_stays_close(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    half, maps = _random_store(rng, (4,), [(8, 8)] * 3, tmp_path / "half", "float16")
+    assert half.dtype == np.float16
+    assert (tmp_path / "half" / "level_0.bin").stat().st_size == 3 * 64 * 4 * 2
+    np.testing.assert_allclose(half.image_map(0, 2).numpy(), maps[2][0], rtol=1e-3, atol=1e-3)
 
 
 def _numpy_upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -116,9 +124,9 @@ def _reference_map(test_maps, train_maps, neighbours, input_size, kappa, fusion,
 @pytest.mark.parametrize("fusion", ["mean", "concat"])
 @pytest.mark.parametrize("kappa", [1, 3])
 @pytest.mark.parametrize("distance", ["squared", "euclidean"])
-def test_pixel_map_matches_numpy_reference(fusion: str, kappa: int, distance: str) -> None:
+def test_pixel_map_matches_numpy_reference(fusion: str, kappa: int, distance: str, tmp_path) -> None:
     rng = np.random.default_rng(7)
-    store, train_maps = _random_store(rng, (4, 6, 8), [(16, 24)] * 5 + [(24, 16)])
+    store, train_maps = _random_store(rng, (4, 6, 8), [(16, 24)] * 5 + [(24, 16)], tmp_path)
     test_maps = [rng.normal(size=(c, 16 // 2**i, 24 // 2**i)).astype(np.float32) for i, c in enumerate((4, 6, 8))]
     neighbours = torch.tensor([4, 1, 5])
     got = pixel_anomaly_map(

@@ -9,6 +9,7 @@ text). The map is smoothed with a Gaussian (sigma in input pixels).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from .backbones import DEFAULT_LAYERS, Backbone, build_backbone
 from .data import ImageItem, collect_images, iter_loaded
 from .errors import ImageReadError, NoImagesError, NotFittedError
 from .features import RESIZE_MODES, Geometry, ResizeMode, image_to_tensor, map_to_original, plan_geometry
-from .search import DEFAULT_MEMORY_BUDGET, FeatureStore, FeatureStoreBuilder, topk_squared_distances
+from .search import DEFAULT_MEMORY_BUDGET, FeatureStore, FeatureStoreWriter, topk_squared_distances
 
 Fusion = Literal["mean", "concat"]
 Distance = Literal["euclidean", "squared"]
@@ -77,6 +78,10 @@ class Spade:
         device: "auto", "cpu" or "cuda[:N]".
         batch_size: images per backbone forward pass.
         memory_budget: bytes of working memory for one tile of distances.
+        feature_dtype: "float16" (half the disk and memory traffic) or "float32" for stored pyramid features;
+            distances are always accumulated in float32.
+        feature_dir: folder for the pyramid features written during `fit` (a temporary folder by default, removed
+            with the model); a saved model keeps them in its file.
         calibration_fraction: share of the good images set aside (chosen with `seed`) to calibrate the image and
             pixel thresholds when `fit` gets no `validation` images; 0 disables thresholds. Needs >= 10 images.
         threshold_margin: threshold = max + margin * (max - median) of the normal calibration values (see
@@ -103,6 +108,8 @@ class Spade:
         device: str = "auto",
         batch_size: int = 8,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        feature_dtype: str = "float16",
+        feature_dir: str | Path | None = None,
         calibration_fraction: float = 0.1,
         threshold_margin: float = 0.1,
         seed: int = 0,
@@ -123,6 +130,8 @@ class Spade:
         self.device = device
         self.batch_size = batch_size
         self.memory_budget = memory_budget
+        self.feature_dtype = feature_dtype
+        self.feature_dir = feature_dir
         self.calibration_fraction = calibration_fraction
         self.threshold_margin = threshold_margin
         self.seed = seed
@@ -131,7 +140,8 @@ class Spade:
     # -- settings -------------------------------------------------------------------------------------------------
     SETTING_NAMES = (
         "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "fusion", "distance", "image_score",
-        "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "calibration_fraction",
+        "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "feature_dtype", "feature_dir",
+        "calibration_fraction",
         "threshold_margin", "seed", "progress",
     )
 
@@ -152,6 +162,7 @@ class Spade:
             "distance": (self.distance, ("euclidean", "squared")),
             "image_score": (self.image_score, ("map_max", "knn")),
             "resize": (self.resize, RESIZE_MODES),
+            "feature_dtype": (self.feature_dtype, ("float16", "float32")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -186,17 +197,21 @@ class Spade:
             held_out = collect_images(validation)
         else:
             items, held_out = self._split_calibration(items)
-        builder = FeatureStoreBuilder()
+        self._feature_tmp = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
+        writer = FeatureStoreWriter(self._feature_tmp.name, self.feature_dtype)
         self.train_names_: list[str] = []
         self.skipped_: list[tuple[str, str]] = []
         self.metrics_: dict[str, Any] = {}
-        for batch_items, batch, _, _ in self._batches(items, skip_bad, on_skip, "fit"):
-            pyramid, global_features = self.backbone_(batch)
-            builder.add(pyramid, global_features)
-            self.train_names_.extend(item.name for item in batch_items)
+        try:
+            for batch_items, batch, _, _ in self._batches(items, skip_bad, on_skip, "fit"):
+                pyramid, global_features = self.backbone_(batch)
+                writer.add(pyramid, global_features)
+                self.train_names_.extend(item.name for item in batch_items)
+        finally:
+            writer.close()
         if not self.train_names_:
             raise NoImagesError("no training image could be read: every input was skipped")
-        self.store_ = builder.build()
+        self.store_ = writer.build()
         self._calibrate(held_out, skip_bad, on_skip)
         return self
 
@@ -397,7 +412,7 @@ def pixel_anomaly_map(
     if fusion == "mean":
         levels = []
         for level, fmap in enumerate(maps):
-            gallery = store.gallery(level, neighbours).to(device)
+            gallery = store.gallery(level, neighbours, device)
             scores = nearest(fmap.flatten(1).T, gallery).reshape(1, *fmap.shape[1:])
             levels.append(upsample(scores, input_size)[0])
         return torch.stack(levels).mean(0)

@@ -1,8 +1,9 @@
 """Stored training features and exact nearest-neighbour search: the one module that owns both.
 
-The store keeps, for every training image, its global feature and its pyramid maps. Pyramid levels are kept as one
-flat (n_vectors, channels) matrix per level plus each image's map shape, so images of different sizes and aspect
-ratios live side by side and the gallery of any K images is a cheap gather.
+The store keeps, for every training image, its global feature (in memory) and its pyramid maps (on disk, memory-
+mapped, float16 by default). Pyramid levels are kept as one flat (n_vectors, channels) matrix per level plus each
+image's map shape, so images of different sizes and aspect ratios live side by side and the gallery of any K images
+is a cheap gather that reads only those K images.
 
 Search is exact: squared Euclidean distances by matrix product in tiles sized to a memory budget, a running top-k
 per tile, and the chosen neighbours' distances recomputed directly (no cancellation error from the expansion
@@ -12,6 +13,8 @@ per tile, and the chosen neighbours' distances recomputed directly (no cancellat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -88,75 +91,87 @@ def _topk_indices(queries, bank, bank_sq, k, tile) -> torch.Tensor:
 
 @dataclass
 class FeatureStore:
-    """Training features: global vectors (N, D) and, per pyramid level, all spatial vectors of all images.
+    """Training features: global vectors (N, D) in memory and, per pyramid level, every spatial vector of every
+    image as one (n_vectors, C_l) matrix that may live on disk (a read-only memory map), in float16 or float32.
 
-    `levels[l]` is (sum over images of h*w, C_l); `shapes[i, l]` is image i's (h, w) at level l.
+    `shapes[i, l]` is image i's (h, w) at level l. Only the K images a test image needs are ever read, so predict
+    cost and memory do not grow with the number of training images.
     """
 
     global_features: torch.Tensor
-    levels: list[torch.Tensor]
-    shapes: torch.Tensor  # (N, L, 2) int64
-    _offsets: torch.Tensor = field(init=False, repr=False)
+    levels: list[np.ndarray]
+    shapes: np.ndarray  # (N, L, 2) int64
+    _offsets: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
-        self._offsets = torch.cat([torch.zeros(1, sizes.shape[1], dtype=torch.int64), sizes.cumsum(0)], 0)
+        self._offsets = np.concatenate([np.zeros((1, sizes.shape[1]), dtype=np.int64), sizes.cumsum(0)], 0)
 
     @property
     def n_images(self) -> int:
         return int(self.global_features.shape[0])
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.levels[0].dtype
+
     def nearest_images(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest training images by global feature: (squared distances (Q, k), indices (Q, k))."""
-        return topk_squared_distances(queries, self.global_features, k)
+        return topk_squared_distances(queries, self.global_features.to(queries.device), k)
 
-    def gallery(self, level: int, image_indices: torch.Tensor) -> torch.Tensor:
-        """All spatial vectors at `level` of the given training images, stacked: (sum h*w, C_l)."""
-        starts = self._offsets[image_indices, level]
-        stops = self._offsets[image_indices + 1, level]
-        return torch.cat([self.levels[level][a:b] for a, b in zip(starts.tolist(), stops.tolist())], 0)
+    def gallery(self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
+        indices = image_indices.cpu().numpy()
+        starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
+        rows = np.concatenate([self.levels[level][a:b] for a, b in zip(starts, stops)], 0)
+        return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
 
     def image_map(self, level: int, index: int) -> torch.Tensor:
-        """Training image `index`'s feature map at `level` as (C_l, h, w)."""
-        h, w = self.shapes[index, level].tolist()
+        """Training image `index`'s feature map at `level` as float32 (C_l, h, w)."""
+        h, w = (int(v) for v in self.shapes[index, level])
         start = int(self._offsets[index, level])
-        return self.levels[level][start:start + h * w].T.reshape(-1, h, w)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors for a model file."""
-        named = {"global_features": self.global_features, "shapes": self.shapes}
-        named.update({f"level_{i}": level for i, level in enumerate(self.levels)})
-        return named
-
-    @classmethod
-    def from_tensors(cls, named: dict[str, torch.Tensor]) -> FeatureStore:
-        n_levels = sum(1 for key in named if key.startswith("level_"))
-        return cls(named["global_features"], [named[f"level_{i}"] for i in range(n_levels)], named["shapes"])
+        rows = torch.from_numpy(np.array(self.levels[level][start:start + h * w], dtype=np.float32))
+        return rows.T.reshape(-1, h, w)
 
 
-class FeatureStoreBuilder:
-    """Collects features batch by batch during `fit`, then freezes them into a FeatureStore."""
+class FeatureStoreWriter:
+    """Streams training features to disk during `fit`: pyramid vectors are appended to one raw file per level as
+    each batch arrives (never all in memory); `build` memory-maps them. Global features stay in memory (small)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | Path, dtype: str = "float16") -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
         self._globals: list[torch.Tensor] = []
-        self._levels: list[list[torch.Tensor]] = []
         self._shapes: list[list[tuple[int, int]]] = []
+        self._files: list[BinaryIO] = []
+        self._rows: list[int] = []
+        self._channels: list[int] = []
 
     def add(self, pyramid: list[torch.Tensor], global_features: torch.Tensor) -> None:
         """Add a batch: pyramid maps [(B, C_l, h_l, w_l)] and global features (B, D)."""
-        if not self._levels:
-            self._levels = [[] for _ in pyramid]
+        if not self._files:
+            self._files = [open(self.directory / f"level_{i}.bin", "wb") for i in range(len(pyramid))]
+            self._rows = [0] * len(pyramid)
+            self._channels = [int(m.shape[1]) for m in pyramid]
         self._globals.append(global_features.detach().float().cpu())
-        for b in range(global_features.shape[0]):
-            self._shapes.append([(int(m.shape[2]), int(m.shape[3])) for m in pyramid])
-            for store, maps in zip(self._levels, pyramid):
-                store.append(maps[b].detach().float().flatten(1).T.contiguous().cpu())
+        shapes = [(int(m.shape[2]), int(m.shape[3])) for m in pyramid]
+        self._shapes.extend([shapes] * int(global_features.shape[0]))
+        for level, maps in enumerate(pyramid):
+            rows = maps.detach().flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])  # (B*h*w, C) image-major
+            self._files[level].write(rows.cpu().numpy().astype(self.dtype, copy=False).tobytes())
+            self._rows[level] += rows.shape[0]
 
     def build(self) -> FeatureStore:
         if not self._globals:
             raise ValueError("no training features were added")
-        return FeatureStore(
-            torch.cat(self._globals, 0),
-            [torch.cat(level, 0) for level in self._levels],
-            torch.tensor(np.asarray(self._shapes, dtype=np.int64)),
-        )
+        levels = []
+        for level, handle in enumerate(self._files):
+            handle.close()
+            levels.append(np.memmap(handle.name, dtype=self.dtype, mode="r",
+                                    shape=(self._rows[level], self._channels[level])))
+        return FeatureStore(torch.cat(self._globals, 0), levels, np.asarray(self._shapes, dtype=np.int64))
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
