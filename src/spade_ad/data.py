@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -379,8 +379,12 @@ def iter_loaded(
     on_skip: Callable[[ImageItem, ImageReadError], None] | None = None,
     workers: int = 2,
     prefetch: int = 8,
-) -> Iterator[tuple[ImageItem, Image.Image]]:
+    prepare: Callable[[Image.Image], Any] | None = None,
+) -> Iterator[tuple[ImageItem, Any]]:
     """Yield (item, RGB image) in input order, decoding in a thread pool ahead of the consumer.
+
+    With `prepare`, the workers also apply it to each decoded image (e.g. resizing to a tensor) and the value
+    yielded is `prepare(image)` instead of the image.
 
     Decoding overlaps the caller's compute; at most `prefetch` images are in flight or waiting
     beyond the one the caller holds, so memory stays bounded however many items there are (`items`
@@ -391,11 +395,16 @@ def iter_loaded(
     if workers < 1 or prefetch < 1:
         raise ValueError(f"workers and prefetch must be at least 1, got {workers} and {prefetch}")
     source = iter(items)
-    pending: deque[tuple[ImageItem, Future[Image.Image]]] = deque()
+    pending: deque[tuple[ImageItem, Future[Any]]] = deque()
+
+    def work(item: ImageItem) -> Any:
+        image = item.load()
+        return prepare(image) if prepare is not None else image
+
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spade-ad-load")
     try:
         while True:
-            pending.extend((item, pool.submit(item.load)) for item in islice(source, prefetch - len(pending)))
+            pending.extend((item, pool.submit(work, item)) for item in islice(source, prefetch - len(pending)))
             if not pending:
                 return
             item, future = pending.popleft()

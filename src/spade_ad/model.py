@@ -318,23 +318,27 @@ class Spade:
         pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
         quiet = None if self.progress is None else not self.progress  # None: bars only on a terminal
         bar = tqdm(total=len(items), desc=desc, unit="img", disable=quiet)
-        loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=skipped)
+        def prepare(image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry]:
+            """Runs in the loader threads: resizing overlaps the backbone's compute."""
+            geometry = plan_geometry((image.height, image.width), self.image_size, self.resize)
+            return (image if keep_images else None), image_to_tensor(image, geometry), geometry
+
+        loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=skipped, prepare=prepare)
         try:
             while True:
                 try:
-                    item, image = next(loaded)
+                    item, (image, tensor, geometry) = next(loaded)
                 except StopIteration:
                     break
                 except ImageReadError:
                     if pending:  # finish what was already read before reporting the bad file
                         yield _stack(pending, self.device_)
                     raise
-                geometry = plan_geometry((image.height, image.width), self.image_size, self.resize)
                 if pending and (len(pending) == self.batch_size or pending[0][2].input_size != geometry.input_size):
                     yield _stack(pending, self.device_)
                     bar.update(len(pending))
                     pending = []
-                pending.append((item, image_to_tensor(image, geometry), geometry, image if keep_images else None))
+                pending.append((item, tensor, geometry, image))
             if pending:
                 yield _stack(pending, self.device_)
                 bar.update(len(pending))
