@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/spade-ad demo -o demo_out
 
 test: $(STAMP)
+	bash scripts/install-browser-deps.sh
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
@@ -24,6 +25,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_service.py --seconds 30
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,0 +1,69 @@
+"""How fit time, peak memory and predict latency scale with the number of training images.
+
+For each N (default 200, 1,000 and 10,000) a fresh process generates N synthetic good images on disk, fits the
+default model on them and scores a fixed set of test images. Each N runs in its own process so that its peak RSS is
+its own. Prints one row per N and the latency ratio against the smallest N.
+
+    .venv/bin/python benchmarks/bench_scale.py [--sizes 200 1000 10000] [--n-test 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(n_train: int, n_test: int, workdir: Path) -> dict[str, float]:
+    """Runs inside the child process: generate data, fit, predict; report timings and peak RSS."""
+    from spade_ad import Spade
+    from spade_ad.data import list_images
+    from spade_ad.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(workdir / f"n{n_train}", n_train=n_train, n_test_good=n_test // 2,
+                                  n_test_defect=max(1, n_test // 4), size=(224, 224), seed=0)
+    start = time.perf_counter()
+    model = Spade(progress=False, device="cpu", calibration_fraction=0.0,
+                  feature_dir=str(workdir)).fit(root / "train" / "good")
+    fit_seconds = time.perf_counter() - start
+    test = list_images(root / "test")[:n_test]
+    model.predict(test[:1])  # warm-up
+    start = time.perf_counter()
+    model.predict(test)
+    predict_ms = 1000 * (time.perf_counter() - start) / len(test)
+    return {"n_train": n_train, "fit_seconds": fit_seconds, "predict_ms": predict_ms,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 10000])
+    parser.add_argument("--n-test", type=int, default=10)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(measure(args.child, args.n_test, args.workdir)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spade-bench-scale-") as workdir:
+        for n in args.sizes:
+            output = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), "--n-test", str(args.n_test), "--workdir", workdir],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            rows.append(json.loads(output.strip().splitlines()[-1]))
+            row = rows[-1]
+            print(f"N={n:6d}  fit {row['fit_seconds']:8.1f} s  peak RSS {row['peak_rss_mb']:7.0f} MB  "
+                  f"predict {row['predict_ms']:6.0f} ms/image  "
+                  f"(latency x{row['predict_ms'] / rows[0]['predict_ms']:.2f} of N={rows[0]['n_train']})",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

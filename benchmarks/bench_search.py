@@ -1,0 +1,129 @@
+"""Speed and memory of spade-ad's pixel stage against the naive way public SPADE code works, in one process.
+
+(a) naive: every training feature map held in memory (float32), one `torch.cdist` over the whole gallery per level.
+(b) ours: features on disk (memory-mapped), tiled exact search (`spade_ad.search`).
+
+Both use the same backbone features of the same images, so the ratio isolates the search and storage. Prints
+per-image latency split into backbone / search / post-processing, fit time, peak RSS and the ratios, and checks that
+the maps agree (max abs difference <= 1e-4 of the map's range) at the paper's settings.
+
+    .venv/bin/python benchmarks/bench_search.py [--data ../shared/data/mvtec_ad/bottle] [--n-test 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spade_ad import Spade
+from spade_ad.data import list_images, read_image
+from spade_ad.features import image_to_tensor, map_to_original, plan_geometry
+from spade_ad.model import pixel_anomaly_map, smooth_map
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+PAPER = {"layers": (1, 2, 3), "fusion": "mean", "distance": "squared", "kappa": 1, "k_gallery": 50, "sigma": 4.0,
+         "calibration_fraction": 0.0, "progress": False}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def naive_map(model: Spade, naive_levels: list[torch.Tensor], maps: list[torch.Tensor], neighbours: torch.Tensor,
+              input_size: tuple[int, int]) -> torch.Tensor:
+    """The usual public implementation: gather K full maps, cdist against the whole gallery, min, upsample, mean."""
+    levels = []
+    for level, fmap in enumerate(maps):
+        gallery = naive_levels[level][neighbours].permute(0, 2, 3, 1).reshape(-1, fmap.shape[0])
+        distances = torch.cdist(fmap.flatten(1).T[None], gallery[None])[0] ** 2
+        scores = distances.min(1).values.reshape(1, 1, *fmap.shape[1:])
+        levels.append(F.interpolate(scores, size=input_size, mode="bilinear", align_corners=False)[0, 0])
+    return torch.stack(levels).mean(0)
+
+
+def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
+    train = list_images(data / "train" / "good")
+    test = list_images(data / "test")[::max(1, len(list_images(data / "test")) // n_test)][:n_test]
+
+    start = time.perf_counter()
+    model = Spade(**settings).fit(train)
+    fit_ours = time.perf_counter() - start
+    rss_ours = peak_rss_mb()
+
+    # Naive fit: the same features, all held in memory as (N, C, h, w) float32 tensors.
+    start = time.perf_counter()
+    naive_levels: list[list[torch.Tensor]] = [[] for _ in model.backbone_.channels]
+    for path in train:
+        image = read_image(path)
+        geometry = plan_geometry((image.height, image.width), model.image_size, model.resize)
+        pyramid, _ = model.backbone_(image_to_tensor(image, geometry)[None])
+        for store, fmap in zip(naive_levels, pyramid):
+            store.append(fmap[0].float())
+    naive = [torch.stack(level) for level in naive_levels]
+    fit_naive = time.perf_counter() - start + 0.0
+    rss_naive = peak_rss_mb()
+
+    timings = {key: 0.0 for key in ("backbone", "ours_search", "naive_search", "post")}
+    worst_diff = 0.0
+    for path in test:
+        image = read_image(path)
+        geometry = plan_geometry((image.height, image.width), model.image_size, model.resize)
+        start = time.perf_counter()
+        pyramid, global_features = model.backbone_(image_to_tensor(image, geometry)[None])
+        timings["backbone"] += time.perf_counter() - start
+        maps = [level[0] for level in pyramid]
+        _, neighbours = model.store_.nearest_images(global_features, model.k_gallery)
+        start = time.perf_counter()
+        ours = pixel_anomaly_map(maps, model.store_, neighbours[0], geometry.input_size, kappa=model.kappa,
+                                 fusion=model.fusion, distance=model.distance, memory_budget=model.memory_budget)
+        timings["ours_search"] += time.perf_counter() - start
+        start = time.perf_counter()
+        reference = naive_map(model, naive, maps, neighbours[0], geometry.input_size)
+        timings["naive_search"] += time.perf_counter() - start
+        start = time.perf_counter()
+        map_to_original(smooth_map(ours, model.sigma).numpy(), geometry)
+        timings["post"] += time.perf_counter() - start
+        span = float(reference.max() - reference.min()) or 1.0
+        worst_diff = max(worst_diff, float((ours - reference).abs().max()) / span)
+
+    n = len(test)
+    ms = {key: 1000 * value / n for key, value in timings.items()}
+    print(f"settings: {settings}")
+    print(f"train {len(train)} images, test {n} images, input {geometry.input_size}")
+    print(f"fit            ours {fit_ours:7.1f} s   naive {fit_naive:7.1f} s")
+    print(f"peak RSS       ours {rss_ours:7.0f} MB  naive {rss_naive:7.0f} MB (naive measured after ours)")
+    print(f"per image      backbone {ms['backbone']:.0f} ms | search: ours {ms['ours_search']:.0f} ms, "
+          f"naive {ms['naive_search']:.0f} ms | post {ms['post']:.0f} ms")
+    speedup = ms["naive_search"] / ms["ours_search"]
+    end_to_end = (ms["backbone"] + ms["naive_search"] + ms["post"]) / (ms["backbone"] + ms["ours_search"] + ms["post"])
+    print(f"ratios         search {speedup:.1f}x faster, end to end {end_to_end:.1f}x, "
+          f"predict / backbone = {(ms['backbone'] + ms['ours_search'] + ms['post']) / ms['backbone']:.2f}")
+    print(f"max |ours - naive| / range = {worst_diff:.2e}")
+    return {"search_speedup": speedup, "max_rel_diff": worst_diff, **ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--n-test", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    print("== paper settings (3 levels, mean fusion, exact), float32 store: maps must agree ==")
+    result = run(args.data, args.n_test, {**PAPER, "feature_dtype": "float32", "device": args.device})
+    ok = result["max_rel_diff"] <= 1e-4
+    print("== same, float16 store (the default) ==")
+    run(args.data, args.n_test, {**PAPER, "device": args.device})
+    print(f"maps agree at paper settings: {'yes' if ok else 'NO'}")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

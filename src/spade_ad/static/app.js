@@ -1,0 +1,213 @@
+// spade-ad web page: upload images to /v1/predict one at a time, show each overlay, score and verdict; the
+// threshold slider re-draws the verdicts in the page (no new request). No dependencies, no build step.
+"use strict";
+
+const MAX_RETRIES = 5;
+
+const state = {
+  modelThreshold: null, // the model's calibrated image threshold, or null
+  limits: null, // the service limits from /v1/model
+  results: [], // {score, verdict (element)} per scored image
+  queue: Promise.resolve(), // uploads run one after another
+};
+
+const byId = (id) => document.getElementById(id);
+const fmt = (x) => Number(x).toPrecision(4);
+const megabytes = (n) => `${(n / 2 ** 20).toFixed(1)} MB`;
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function showError(message) {
+  const box = byId("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function readJson(response) {
+  try {
+    return await response.json();
+  } catch {
+    return {};
+  }
+}
+
+async function loadModel() {
+  let response;
+  try {
+    response = await fetch("/v1/model");
+  } catch {
+    showError("Cannot reach the spade-ad server. Is it still running?");
+    return;
+  }
+  const info = await readJson(response);
+  if (!response.ok) {
+    showError(`The server could not describe its model: ${info.error || response.statusText}.`);
+    return;
+  }
+  state.modelThreshold = info.image_threshold;
+  state.limits = info.limits;
+  const threshold = info.image_threshold === null
+    ? "it has no calibrated threshold: set one with the slider."
+    : `its threshold is ${fmt(info.image_threshold)}.`;
+  byId("model-info").textContent =
+    `Model: ${info.backbone} fitted on ${info.n_train_images} good images; ${threshold}`;
+  byId("limits").textContent = `PNG, JPEG, BMP, TIFF or WebP; at most ${megabytes(info.limits.max_upload_bytes)} ` +
+    `and ${(info.limits.max_pixels / 1e6).toFixed(0)} megapixels per image.`;
+  updateSlider();
+}
+
+function makeCard(name) {
+  const card = document.createElement("article");
+  card.className = "result";
+  const title = document.createElement("p");
+  title.className = "name";
+  title.textContent = name;
+  const status = document.createElement("p");
+  status.className = "status";
+  status.textContent = "Waiting…";
+  card.append(title, status);
+  byId("results").append(card);
+  return card;
+}
+
+function setStatus(card, text) {
+  card.querySelector(".status").textContent = text;
+}
+
+function showCardError(card, message) {
+  const status = card.querySelector(".status");
+  status.className = "error";
+  status.textContent = message;
+}
+
+function fillCard(card, result) {
+  card.querySelector(".status").remove();
+  const image = document.createElement("img");
+  image.className = "overlay";
+  image.src = result.overlay;
+  image.alt = `Heat map overlay of ${result.file}`;
+  image.title = "Click to switch between the overlay and the heat map";
+  image.addEventListener("click", () => {
+    const showHeatmap = image.classList.toggle("heatmap");
+    image.classList.toggle("overlay", !showHeatmap);
+    image.src = showHeatmap ? result.heatmap : result.overlay;
+  });
+  const score = document.createElement("p");
+  score.className = "score";
+  score.textContent = `Score ${fmt(result.score)}`;
+  const verdict = document.createElement("p");
+  verdict.className = "verdict";
+  card.append(image, score, verdict);
+  state.results.push({ score: result.score, verdict });
+  updateSlider();
+}
+
+async function scoreFile(file, card) {
+  const limits = state.limits;
+  if (limits && file.size > limits.max_upload_bytes) {
+    showCardError(card, `This file is ${megabytes(file.size)}; the server accepts at most ` +
+      `${megabytes(limits.max_upload_bytes)}.`);
+    return;
+  }
+  for (let attempt = 0; ; attempt += 1) {
+    setStatus(card, "Scoring…");
+    const form = new FormData();
+    form.append("files", file, file.name);
+    let response;
+    try {
+      response = await fetch("/v1/predict", { method: "POST", body: form });
+    } catch {
+      showCardError(card, "Cannot reach the spade-ad server. Is it still running?");
+      return;
+    }
+    const body = await readJson(response);
+    if (response.status === 503 && attempt < MAX_RETRIES) {
+      const wait = Number(response.headers.get("Retry-After")) || 1;
+      setStatus(card, `The server is busy; trying again in ${wait} s…`);
+      await sleep(wait * 1000);
+      continue;
+    }
+    if (!response.ok) {
+      showCardError(card, body.error ? `Not scored: ${body.error.replace(/\.$/, "")}.` :
+        `Not scored: the server answered ${response.status} ${response.statusText}.`);
+      return;
+    }
+    fillCard(card, body.results[0]);
+    return;
+  }
+}
+
+function handleFiles(fileList) {
+  showError("");
+  for (const file of fileList) {
+    const card = makeCard(file.name);
+    state.queue = state.queue.then(() => scoreFile(file, card));
+  }
+}
+
+function updateSlider() {
+  const slider = byId("threshold");
+  const values = state.results.map((r) => r.score);
+  if (state.modelThreshold !== null) values.push(state.modelThreshold);
+  if (values.length === 0) return;
+  const low = Math.min(...values);
+  const high = Math.max(...values);
+  const pad = high > low ? 0.1 * (high - low) : 0.1 * Math.abs(high) || 1;
+  const current = slider.disabled ? (state.modelThreshold ?? (low + high) / 2) : Number(slider.value);
+  slider.min = low - pad;
+  slider.max = high + pad;
+  slider.value = current;
+  slider.disabled = false;
+  byId("reset-threshold").disabled = state.modelThreshold === null;
+  redraw();
+}
+
+function redraw() {
+  const threshold = Number(byId("threshold").value);
+  byId("threshold-value").textContent = fmt(threshold);
+  let anomalous = 0;
+  for (const { score, verdict } of state.results) {
+    const isAnomalous = score >= threshold;
+    anomalous += isAnomalous;
+    verdict.textContent = isAnomalous ? "Anomalous" : "Normal";
+    verdict.className = `verdict ${isAnomalous ? "anomalous" : "normal"}`;
+  }
+  byId("summary").textContent = state.results.length
+    ? `${anomalous} of ${state.results.length} anomalous` : "";
+}
+
+function setUp() {
+  const input = byId("file-input");
+  const zone = byId("drop-zone");
+  input.addEventListener("change", () => {
+    handleFiles(Array.from(input.files));
+    input.value = ""; // choosing the same file again fires "change" again
+  });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+  }
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    handleFiles(Array.from(event.dataTransfer.files));
+  });
+  // A file dropped beside the zone must not make the browser navigate away from the page.
+  for (const name of ["dragover", "drop"]) window.addEventListener(name, (event) => event.preventDefault());
+  byId("threshold").addEventListener("input", redraw);
+  byId("reset-threshold").addEventListener("click", () => {
+    byId("threshold").value = state.modelThreshold;
+    redraw();
+  });
+  loadModel();
+}
+
+document.addEventListener("DOMContentLoaded", setUp);

@@ -1,0 +1,294 @@
+"""The HTTP service: API tests against a real `spade-ad serve` on loopback (a child process, real HTTP requests),
+and the capacity logic (503 + Retry-After) in-process with a model that blocks until released."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+from spade_ad import Spade, load
+from spade_ad.service import ServiceSettings, create_app, free_port, serve_in_subprocess
+from spade_ad.synthetic import make_synthetic_dataset
+
+SIZE = (128, 128)
+UPLOAD_LIMIT = 2**20  # the test server's --max-upload-mb 1
+PIXEL_LIMIT = 1_000_000  # the test server's --max-pixels
+
+
+@pytest.fixture(scope="session")
+def service_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset and a calibrated model fitted on it (model.safetensors in the dataset folder)."""
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("service") / "disc", n_train=12, n_test_good=2, n_test_defect=2, size=SIZE, seed=0
+    )
+    Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good").save(root / "model.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(service_data: Path) -> Iterator[str]:
+    """Base URL of a server with small limits, so that oversized uploads are cheap to make."""
+    with serve_in_subprocess(
+        service_data / "model.safetensors", "--max-upload-mb", "1", "--max-pixels", str(PIXEL_LIMIT)
+    ) as child:
+        yield child.url
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_data_url(url: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small, valid-looking PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b""
+    )
+
+
+def predict(server: str, *files: tuple[str, bytes], field: str = "files") -> requests.Response:
+    return requests.post(f"{server}/v1/predict", files=[(field, (name, data)) for name, data in files], timeout=60)
+
+
+def test_default_settings_bind_to_loopback() -> None:
+    settings = ServiceSettings()
+    assert settings.host == "127.0.0.1" and settings.port == 8000
+    assert (settings.workers, settings.max_queue, settings.max_upload_bytes) == (1, 8, 20 * 2**20)
+    assert settings.max_pixels == 40_000_000
+    with pytest.raises(ValueError, match="workers"):
+        ServiceSettings(workers=0)
+
+
+def test_health(server: str) -> None:
+    response = requests.get(f"{server}/healthz", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "in_flight": 0, "capacity": 9}
+
+
+def test_model_info(server: str) -> None:
+    info = requests.get(f"{server}/v1/model", timeout=10).json()
+    assert info["backbone"] == "efficientnet_lite0"
+    assert info["settings"]["k_gallery"] == 4 and info["settings"]["layers"] == [1, 2, 3]
+    assert info["image_threshold"] > 0 and info["pixel_threshold"] > 0
+    assert info["color_scale"] == {"vmin": 0.0, "vmax": 1.5 * info["pixel_threshold"], "fixed": True}
+    assert isinstance(info["metrics"], dict)
+    assert 0 < info["n_train_images"] < 12  # one image held out for calibration
+    assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_pixels"] == PIXEL_LIMIT
+
+
+def test_predict_one_image(server: str, service_data: Path) -> None:
+    threshold = requests.get(f"{server}/v1/model", timeout=10).json()["image_threshold"]
+    response = predict(server, ("spot.png", (service_data / "test" / "spot" / "000.png").read_bytes()))
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert result["file"] == "spot.png"
+    assert (result["width"], result["height"]) == SIZE
+    assert result["threshold"] == threshold
+    assert result["is_anomalous"] == (result["score"] >= threshold)
+    for key in ("heatmap", "overlay"):
+        image = decode_data_url(result[key])
+        assert image.format == "PNG" and image.size == SIZE and image.mode == "RGB"
+
+
+def test_predict_several_images_in_order(server: str, service_data: Path) -> None:
+    names = ["good/000.png", "spot/000.png", "scratch/001.png"]
+    response = predict(server, *[(name, (service_data / "test" / name).read_bytes()) for name in names])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["file"] for r in body["results"]] == names
+    assert body["seconds"] > 0
+    scores = {r["file"]: r["score"] for r in body["results"]}
+    assert scores["spot/000.png"] > scores["good/000.png"]
+
+
+def test_non_square_image_keeps_its_size(server: str) -> None:
+    image = Image.new("RGB", (200, 90), (90, 90, 90))
+    [result] = predict(server, ("wide.png", png_bytes(image))).json()["results"]
+    assert decode_data_url(result["overlay"]).size == (200, 90)
+    assert decode_data_url(result["heatmap"]).size == (200, 90)
+
+
+def test_docs_and_openapi(server: str) -> None:
+    assert "swagger" in requests.get(f"{server}/docs", timeout=10).text.lower()
+    schema = requests.get(f"{server}/openapi.json", timeout=10).json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["files"]
+    assert {"/v1/model", "/healthz"} <= set(schema["paths"])
+
+
+def test_page_is_served_without_external_resources(server: str) -> None:
+    response = requests.get(f"{server}/", timeout=10)
+    assert response.status_code == 200
+    assert 'id="file-input"' in response.text and 'id="threshold"' in response.text
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    for asset in ("app.js", "app.css"):
+        text = requests.get(f"{server}/static/{asset}", timeout=10).text
+        assert "http://" not in text and "https://" not in text
+
+
+def _truncated_png(service_data: Path) -> bytes:
+    data = (service_data / "test" / "good" / "000.png").read_bytes()
+    return data[: len(data) // 2]
+
+
+def _noise_png(width: int, height: int) -> bytes:
+    """A PNG that does not compress (random pixels)."""
+    rng = np.random.default_rng(0)
+    return png_bytes(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)))
+
+
+BAD_FILES = {
+    # name: (file bytes (a function of the dataset folder), status, words the error must contain)
+    "empty": (lambda d: b"", 400, "empty"),
+    "not-an-image": (lambda d: b"just some text, not pixels\n" * 10, 415, "not an image"),
+    "truncated": (_truncated_png, 400, "truncated"),
+    "bomb-30000x30000": (lambda d: png_claiming(30_000, 30_000), 413, "too large"),
+    "over-pixel-limit": (lambda d: png_bytes(Image.new("RGB", (1100, 1000))), 413, "1,000,000"),
+    "over-size-limit": (lambda d: _noise_png(800, 600), 413, "larger than the limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_is_refused_and_server_keeps_serving(server: str, service_data: Path, case: str) -> None:
+    make, status, words = BAD_FILES[case]
+    response = predict(server, (f"{case}.png", make(service_data)))
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert words in body["error"]
+    assert body["file"] == (None if case == "over-size-limit" else f"{case}.png")  # that one is the whole body
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+
+
+def test_bad_file_among_good_ones_names_it(server: str, service_data: Path) -> None:
+    good = (service_data / "test" / "good" / "000.png").read_bytes()
+    response = predict(server, ("a.png", good), ("b.png", _truncated_png(service_data)), ("c.png", good))
+    assert response.status_code == 400
+    assert response.json()["file"] == "b.png"
+
+
+def test_upload_over_limit_without_content_length(server: str) -> None:
+    """A chunked body declares no size: the limit is enforced while counting the bytes that arrive."""
+    boundary = "spadeboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(24):
+            yield b"\0" * 65536  # 1.5 MB in all
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = requests.post(
+        f"{server}/v1/predict", data=body(), timeout=60,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 413
+    assert "larger than the limit" in response.json()["error"]
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "words"),
+    [
+        ({"files": [("image", ("a.png", b"\x89PNG"))]}, 422, "field 'files'"),
+        ({"files": [("other", (None, "text only"))]}, 422, "no images"),
+        ({"files": [("files", (None, "text, no filename"))]}, 422, "not a file"),
+        ({"json": {"files": []}}, 415, "multipart/form-data"),
+        ({"data": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}}, 400, "multipart"),
+    ],
+    ids=["wrong-field-name", "no-file", "text-in-files", "json-body", "malformed-multipart"],
+)
+def test_bad_request_shape(server: str, kwargs: dict, status: int, words: str) -> None:
+    response = requests.post(f"{server}/v1/predict", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+
+
+def test_unknown_path_is_json_404(server: str) -> None:
+    response = requests.get(f"{server}/v2/nothing", timeout=10)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+# -- capacity, in-process (uvicorn in a thread) ------------------------------------------------------------------
+class _Gate:
+    """Makes a model's `iter_predict` wait until `open()`; `entered` counts the calls that reached it."""
+
+    def __init__(self, model: Spade) -> None:
+        self.model, self.release, self.entered = model, threading.Event(), 0
+        self._predict = model.iter_predict
+
+    def __call__(self, *args: object, **kwargs: object) -> Iterator:
+        self.entered += 1
+        assert self.release.wait(30), "the test never released the model"
+        return self._predict(*args, **kwargs)
+
+
+def _wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@contextmanager
+def _in_process(app: FastAPI) -> Iterator[str]:
+    """Serve `app` with uvicorn in a thread of this process (so the test can reach into the model); yield its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_capacity_queue_then_503_with_retry_after(service_data: Path) -> None:
+    """workers=1, max_queue=1: one request runs, one waits, the third is refused at once; then both finish."""
+    model = load(service_data / "model.safetensors", device="cpu")
+    gate = _Gate(model)
+    model.iter_predict = gate  # type: ignore[method-assign]
+    image = (service_data / "test" / "good" / "000.png").read_bytes()
+    with _in_process(create_app(model, ServiceSettings(workers=1, max_queue=1))) as url:
+        answers: list[requests.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(predict(url, ("a.png", image)))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        _wait_until(lambda: requests.get(f"{url}/healthz", timeout=10).json()["in_flight"] == 2 and gate.entered == 1)
+        busy = predict(url, ("a.png", image))
+        assert busy.status_code == 503
+        assert int(busy.headers["Retry-After"]) >= 1
+        assert "busy" in busy.json()["error"]
+        gate.release.set()
+        for thread in threads:
+            thread.join(60)
+        assert [a.status_code for a in answers] == [200, 200]
+        assert requests.get(f"{url}/healthz", timeout=10).json()["in_flight"] == 0
+        assert predict(url, ("a.png", image)).status_code == 200
