@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from spade_ad.cli import main
 
@@ -47,11 +48,15 @@ def test_predict_writes_scores_images_and_mirrored_maps(
                    monkeypatch)
     assert code == 0
     rows = _rows(out / "scores.csv")
-    assert len(rows) == 12 and {"path", "score"} <= set(rows[0])
-    assert all(float(r["score"]) >= 0 for r in rows)
+    assert len(rows) == 12 and list(rows[0]) == ["path", "score", "is_anomalous"]
+    assert all(float(r["score"]) >= 0 and r["is_anomalous"] in ("0", "1") for r in rows)
+    defect_verdicts = [r["is_anomalous"] == "1" for r in rows if not r["path"].startswith("good/")]
+    assert sum(defect_verdicts) >= len(defect_verdicts) / 2
     first = rows[0]["path"]  # relative to the INPUT folder, e.g. "good/000.png"
     assert (out / "overlays" / first).with_suffix(".png").is_file()
     assert (out / "heatmaps" / first).with_suffix(".png").is_file()
+    mask = np.asarray(Image.open((out / "masks" / first).with_suffix(".png")))
+    assert mask.shape == (160, 224) and set(np.unique(mask)) <= {0, 255}
     raw = tifffile.imread((out / "maps" / first).with_suffix(".tiff"))
     assert raw.dtype == np.float32 and raw.shape == (160, 224)
 

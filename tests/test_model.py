@@ -146,7 +146,7 @@ def test_mixed_sizes_and_grayscale_in_one_call(fitted_model: Spade) -> None:
 
 @pytest.mark.parametrize("settings", [
     {"fusion": "concat"}, {"kappa": 3, "distance": "squared"}, {"resize": "paper_crop"}, {"sigma": 0},
-    {"layers": (2, 3)},
+    {"layers": (1, 2, 3)},
 ])
 def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -> None:
     model = Spade(k_gallery=3, progress=False, **settings).fit(synthetic_root / "train" / "good")

@@ -93,7 +93,7 @@ def test_health(server: str) -> None:
 def test_model_info(server: str) -> None:
     info = requests.get(f"{server}/v1/model", timeout=10).json()
     assert info["backbone"] == "efficientnet_lite0"
-    assert info["settings"]["k_gallery"] == 4 and info["settings"]["layers"] == [1, 2, 3]
+    assert info["settings"]["k_gallery"] == 4 and info["settings"]["layers"] == [2, 3]
     assert info["image_threshold"] > 0 and info["pixel_threshold"] > 0
     assert info["color_scale"] == {"vmin": 0.0, "vmax": 1.5 * info["pixel_threshold"], "fixed": True}
     assert isinstance(info["metrics"], dict)

@@ -27,7 +27,9 @@ BackboneOpt = Annotated[
 WeightsOpt = Annotated[
     Path | None, typer.Option(help="Local backbone weights file (.pth/.safetensors state_dict); needed offline.")
 ]
-LayersOpt = Annotated[str | None, typer.Option(help="Pyramid levels, stage indices [default: 1,2,3: strides 4/8/16].")]
+LayersOpt = Annotated[
+    str | None, typer.Option(help="Pyramid levels, stage indices (1=stride 4, 2=8, 3=16) [default: 2,3].")
+]
 KImageOpt = Annotated[int | None, typer.Option(help="Neighbours of the global kNN image score [default: 3].")]
 KGalleryOpt = Annotated[int | None, typer.Option(help="Nearest training images in the pixel gallery [default: 50].")]
 KappaOpt = Annotated[int | None, typer.Option(help="Gallery neighbours averaged per pixel [default: 1].")]
@@ -118,12 +120,16 @@ def predict(
     device: Annotated[str | None, typer.Option(help="Override the device stored in the model.")] = None,
     skip_bad: SkipBadOpt = False,
 ) -> None:
-    """Score images: OUT/scores.csv (row by row), heat maps and overlays per image."""
+    """Score images: OUT/scores.csv (row by row, with is_anomalous when the model has a threshold), heat maps,
+    overlays and predicted defect masks per image."""
     from .export import PredictionWriter
     from .persistence import load
+    from .visualize import threshold_color_range
 
     model = load(model_path, weights=weights, device=device)
-    with PredictionWriter(output, save_maps=save_maps) as writer:
+    verdicts = model.image_threshold_ is not None
+    value_range = threshold_color_range(model.pixel_threshold_)
+    with PredictionWriter(output, save_maps=save_maps, value_range=value_range, verdicts=verdicts) as writer:
         def on_skip(item: object, error: ImageReadError) -> None:
             writer.skip(getattr(item, "name", str(item)), error)
             _report_skip(item, error)

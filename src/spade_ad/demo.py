@@ -8,14 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from .data import list_images
+from .datasets import load_mvtec_category
 from .export import PredictionWriter
 from .metrics import image_auroc, pixel_auroc
 from .model import Spade
 from .synthetic import make_synthetic_dataset
+from .visualize import threshold_color_range
 
 
 def run_demo(
@@ -29,30 +27,25 @@ def run_demo(
     output = Path(output)
     root = make_synthetic_dataset(output / "data", seed=seed)
     log(f"synthetic dataset written to {root}")
-    model = Spade(device=device, seed=seed).fit(root / "train" / "good")
-    log(f"fitted on {len(model.train_names_)} good images")
+    data = load_mvtec_category(root)
+    model = Spade(device=device, seed=seed).fit(data.train)
+    log(f"fitted on {len(model.train_names_)} good images, thresholds from {len(model.calibration_scores_)} more")
     model.save(output / "model.safetensors")
-    test_paths = list_images(root / "test")
-    labels, scores, maps, masks = [], [], [], []
-    with PredictionWriter(output / "predictions") as writer:
-        for prediction in model.iter_predict(test_paths, original_size=True, keep_images=True):
+    scores, maps, masks = [], [], []
+    writer = PredictionWriter(
+        output / "predictions", value_range=threshold_color_range(model.pixel_threshold_),
+        verdicts=model.image_threshold_ is not None,
+    )
+    with writer:
+        predictions = model.iter_predict([s.path for s in data.test], original_size=True, keep_images=True)
+        for sample, prediction in zip(data.test, predictions):
             writer.write(prediction)
-            path = Path(prediction.path)
-            defect = path.parent.name
-            labels.append(defect != "good")
             scores.append(prediction.score)
             maps.append(prediction.original_map)
-            masks.append(_mask_for(root, path, prediction.original_map.shape))
+            masks.append(sample.load_mask(prediction.original_map.shape))
     return {
-        "image_auroc": image_auroc(scores, labels),
+        "image_auroc": image_auroc(scores, data.labels),
         "pixel_auroc": pixel_auroc(maps, masks),
         "n_train": float(len(model.train_names_)),
-        "n_test": float(len(test_paths)),
+        "n_test": float(len(data.test)),
     }
-
-
-def _mask_for(root: Path, image_path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    defect = image_path.parent.name
-    if defect == "good":
-        return np.zeros(shape, dtype=bool)
-    return np.asarray(Image.open(root / "ground_truth" / defect / f"{image_path.stem}_mask.png")) > 0

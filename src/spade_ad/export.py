@@ -13,6 +13,7 @@ from typing import IO
 
 import numpy as np
 import tifffile
+from PIL import Image
 
 from .errors import ImageReadError
 from .model import Prediction
@@ -22,9 +23,10 @@ from .visualize import heatmap, overlay, save_png
 class PredictionWriter:
     """Streams predictions into `out_dir`. Use as a context manager; `write` one Prediction at a time.
 
-    Layout: scores.csv (path,score[,is_anomalous]), heatmaps/<name>.png, overlays/<name>.png, maps/<name>.tiff
-    (with `save_maps`), skipped.csv (inputs that could not be read, when any). `<name>` is the input's path relative
-    to the folder it was found in, so the output mirrors the input tree.
+    Layout: scores.csv (path,score[,is_anomalous]), heatmaps/<name>.png, overlays/<name>.png, masks/<name>.png
+    (predicted defect pixels, with `verdicts`), maps/<name>.tiff (with `save_maps`), skipped.csv (inputs that could
+    not be read, when any). `<name>` is the input's path relative to the folder it was found in, so the output
+    mirrors the input tree. `value_range` fixes the heat maps' colour scale (see `threshold_color_range`).
     """
 
     def __init__(
@@ -34,13 +36,13 @@ class PredictionWriter:
         save_maps: bool = False,
         save_images: bool = True,
         value_range: tuple[float, float] | None = None,
-        threshold: float | None = None,
+        verdicts: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.save_maps = save_maps
         self.save_images = save_images
         self.value_range = value_range
-        self.threshold = threshold
+        self.verdicts = verdicts
         self.count = 0
         self.skipped: list[tuple[str, str]] = []
         self._csv_file: IO[str] | None = None
@@ -50,7 +52,7 @@ class PredictionWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._csv_file = open(self.out_dir / "scores.csv", "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(["path", "score"] + (["is_anomalous"] if self.threshold is not None else []))
+        self._csv.writerow(["path", "score"] + (["is_anomalous"] if self.verdicts else []))
         self._csv_file.flush()
         return self
 
@@ -63,8 +65,8 @@ class PredictionWriter:
         """Append one result: its CSV row first (flushed), then its images."""
         assert self._csv_file is not None, "use PredictionWriter as a context manager"
         row: list[object] = [prediction.name, f"{prediction.score:.6g}"]
-        if self.threshold is not None:
-            row.append(int(prediction.score >= self.threshold))
+        if self.verdicts:
+            row.append(int(bool(prediction.is_anomalous)))
         self._csv.writerow(row)
         self._csv_file.flush()
         self.count += 1
@@ -79,9 +81,13 @@ class PredictionWriter:
         if self.save_images:
             vmin, vmax = self.value_range if self.value_range else (None, None)
             save_png(heatmap(full_map, vmin, vmax), self.out_dir / "heatmaps" / relative.with_suffix(".png"))
+            mask = prediction.defect_mask if self.verdicts else None
+            if mask is not None:
+                mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
+                save_png(mask_png, self.out_dir / "masks" / relative.with_suffix(".png"))
             if prediction.image is not None:
                 save_png(
-                    overlay(prediction.image, full_map, vmin, vmax),
+                    overlay(prediction.image, full_map, vmin, vmax, mask=mask),
                     self.out_dir / "overlays" / relative.with_suffix(".png"),
                 )
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_LAYERS, Backbone, build_backbone
+from .backbones import Backbone, build_backbone
 from .data import ImageItem, collect_images, iter_loaded
 from .errors import ImageReadError, NoImagesError, NotFittedError
 from .features import RESIZE_MODES, Geometry, ResizeMode, image_to_tensor, map_to_original, plan_geometry
@@ -32,6 +32,12 @@ Fusion = Literal["mean", "concat"]
 Distance = Literal["euclidean", "squared"]
 ImageScore = Literal["map_max", "knn"]
 SkipCallback = Callable[[ImageItem, ImageReadError], None]
+
+#: Pyramid levels of the default model: strides 8 and 16 (the paper uses 4/8/16). Measured on MVTec AD bottle at the
+#: original resolution: the same pixel AUROC (98.4) and image AUROC (100) as with the stride-4 level, AU-PRO 95.5 vs
+#: 95.8, at a quarter of the predict time (the stride-4 search is 16x larger than the stride-8 one). PatchCore, the
+#: strongest method of this family on MVTec AD, also uses only these two levels. `layers=(1, 2, 3)` is the paper's.
+DEFAULT_MODEL_LAYERS = (2, 3)
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Spade:
 
     Settings (stored as given; see the README for the defaults' rationale):
         backbone, weights: backbone name and optional local weights file.
-        layers: pyramid levels as backbone stage indices (1, 2, 3 = strides 4, 8, 16).
+        layers: pyramid levels as backbone stage indices (1, 2, 3 = strides 4, 8, 16; default 2, 3).
         k_image: neighbours of the paper's image score (mean squared distance of global features).
         k_gallery: number of nearest training images whose feature maps form the pixel gallery (paper: K=50).
         kappa: gallery neighbours averaged per test position (paper: 1).
@@ -95,7 +101,7 @@ class Spade:
         backbone: str = "efficientnet_lite0",
         *,
         weights: str | Path | None = None,
-        layers: tuple[int, ...] = DEFAULT_LAYERS,
+        layers: tuple[int, ...] = DEFAULT_MODEL_LAYERS,
         k_image: int = 3,
         k_gallery: int = 50,
         kappa: int = 1,

@@ -51,7 +51,7 @@ from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .errors import ImageReadError
-from .visualize import heatmap, overlay
+from .visualize import heatmap, overlay, threshold_color_range
 
 if TYPE_CHECKING:
     from .model import Prediction, Spade
@@ -66,8 +66,6 @@ STATIC_DIR = Path(__file__).with_name("static")
 DRAIN_FACTOR = 4
 """An oversized body is read and dropped up to this many times the limit before answering 413, so that the client
 sees the answer instead of a reset connection; beyond that the connection is simply closed."""
-SCALE_TOP = 1.5
-"""Fixed colour scale: 0 .. SCALE_TOP x the pixel threshold."""
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
@@ -312,9 +310,8 @@ class _Predictor:
         self.capacity = _Capacity(settings.workers + settings.max_queue, settings.workers)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="spade-infer")
         self._model_lock = threading.Lock()
-        pixel_threshold = model.pixel_threshold_
-        calibrated = pixel_threshold is not None and pixel_threshold > 0
-        self.color_scale = ColorScale(vmin=0.0, vmax=SCALE_TOP * pixel_threshold, fixed=True) if calibrated else None
+        shared_range = threshold_color_range(model.pixel_threshold_)
+        self.color_scale = ColorScale(vmin=shared_range[0], vmax=shared_range[1], fixed=True) if shared_range else None
 
     async def __call__(self, request: Request) -> PredictResponse:
         _check_multipart(request)

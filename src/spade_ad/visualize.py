@@ -123,3 +123,13 @@ def _colour(scores: np.ndarray, low: float, high: float, cmap: str) -> np.ndarra
     rgb = matplotlib.colormaps[cmap](unit, bytes=True)[..., :3]
     rgb[missing] = NAN_GREY
     return rgb
+
+
+#: Heat maps of a calibrated model share one colour scale, 0 .. THRESHOLD_SCALE x the pixel threshold, so that maps
+#: compare between images and the threshold always has the same colour (two thirds up: yellow in "jet").
+THRESHOLD_SCALE = 1.5
+
+
+def threshold_color_range(pixel_threshold: float | None) -> tuple[float, float] | None:
+    """The shared (vmin, vmax) for a model's heat maps, or None (per-image range) when it has no threshold."""
+    return (0.0, THRESHOLD_SCALE * pixel_threshold) if pixel_threshold is not None else None
