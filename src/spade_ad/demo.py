@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .data import ImageItem
 from .datasets import load_mvtec_category
 from .export import PredictionWriter
 from .metrics import image_auroc, pixel_auroc
@@ -37,7 +38,8 @@ def run_demo(
         verdicts=model.image_threshold_ is not None,
     )
     with writer:
-        predictions = model.iter_predict([s.path for s in data.test], original_size=True, keep_images=True)
+        items = [ImageItem(s.path.relative_to(root / "test").as_posix(), path=s.path) for s in data.test]
+        predictions = model.iter_predict(items, original_size=True, keep_images=True)
         for sample, prediction in zip(data.test, predictions):
             writer.write(prediction)
             scores.append(prediction.score)

@@ -29,8 +29,11 @@ def topk_squared_distances(
     bank: torch.Tensor,
     k: int,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    bank_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest squared Euclidean distances from each query (Q, D) to the bank (M, D), ascending.
+
+    `bank_sq`, the bank's squared norms (M,), may be passed when the same bank is searched many times.
 
     Returns (distances (Q, k), indices (Q, k)). The bank is visited in tiles of at most `memory_budget` bytes of
     distances; ranking uses |b|^2 - 2 q.b (one fused matmul per tile), and the distances returned are recomputed
@@ -42,7 +45,8 @@ def topk_squared_distances(
     queries = queries.float()
     bank = bank.to(device=queries.device)
     tile = max(k, min(bank.shape[0], memory_budget // (4 * max(1, queries.shape[0]))))
-    bank_sq = bank.float().square().sum(1)
+    if bank_sq is None:
+        bank_sq = bank.float().square().sum(1)
     find = _nearest_indices if k == 1 else _topk_indices
     indices = find(queries, bank, bank_sq, k, tile)
     exact = (queries[:, None, :] - bank[indices].float()).square().sum(-1)
@@ -102,10 +106,12 @@ class FeatureStore:
     levels: list[np.ndarray]
     shapes: np.ndarray  # (N, L, 2) int64
     _offsets: np.ndarray = field(init=False, repr=False)
+    _global_sq: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
         self._offsets = np.concatenate([np.zeros((1, sizes.shape[1]), dtype=np.int64), sizes.cumsum(0)], 0)
+        self._global_sq = self.global_features.square().sum(1)  # every prediction searches these: computed once
 
     @property
     def n_images(self) -> int:
@@ -117,7 +123,10 @@ class FeatureStore:
 
     def nearest_images(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest training images by global feature: (squared distances (Q, k), indices (Q, k))."""
-        return topk_squared_distances(queries, self.global_features.to(queries.device), k)
+        device = queries.device
+        return topk_squared_distances(
+            queries, self.global_features.to(device), k, bank_sq=self._global_sq.to(device)
+        )
 
     def gallery(self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
