@@ -156,3 +156,12 @@ def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -
         assert np.isnan(prediction.original_map[0, 0]) and np.isfinite(prediction.original_map[80, 112])
     else:
         assert np.isfinite(prediction.original_map).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_gives_the_cpu_maps(fitted_model: Spade, synthetic_root: Path) -> None:
+    paths = list_images(synthetic_root / "test")[:3]
+    gpu = Spade(**{**fitted_model.get_params(), "device": "cuda"}).fit(synthetic_root / "train" / "good")
+    for cpu_prediction, gpu_prediction in zip(fitted_model.predict(paths), gpu.predict(paths)):
+        span = float(np.ptp(cpu_prediction.anomaly_map)) or 1.0
+        assert np.abs(cpu_prediction.anomaly_map - gpu_prediction.anomaly_map).max() <= 1e-3 * span

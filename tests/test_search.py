@@ -136,3 +136,14 @@ def test_pixel_map_matches_numpy_reference(fusion: str, kappa: int, distance: st
     expected = _reference_map(test_maps, train_maps, neighbours.tolist(), (32, 48), kappa, fusion, distance)
     assert got.shape == (32, 48)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_on_cuda_matches_brute_force(k: int) -> None:
+    rng = np.random.default_rng(k)
+    queries = rng.normal(size=(50, 16)).astype(np.float32)
+    bank = rng.normal(size=(400, 16)).astype(np.float32)
+    distances, _ = topk_squared_distances(torch.from_numpy(queries).cuda(), torch.from_numpy(bank).cuda(), k, 4096)
+    expected = np.sort(_brute_force_sq(queries, bank), axis=1)[:, :k]
+    np.testing.assert_allclose(distances.cpu().numpy(), expected, rtol=RTOL)
