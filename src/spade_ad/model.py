@@ -266,11 +266,13 @@ class Spade:
         batches = self._batches(collect_images(images), skip_bad, on_skip, "predict", keep_images)
         for batch_items, batch, geometries, originals in batches:
             pyramid, global_features = self.backbone_(batch)
+            # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
+            distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
             for i, (item, geometry) in enumerate(zip(batch_items, geometries)):
                 maps = [level[i] for level in pyramid]
-                anomaly_map = self._anomaly_map(maps, global_features[i], geometry.input_size)
+                anomaly_map = self._anomaly_map(maps, neighbours[i, :self.k_gallery], geometry.input_size)
                 score = (
-                    self._knn_scores(global_features[i:i + 1])[0]
+                    float(distances[i, :self.k_image].mean())
                     if self.image_score == "knn" else float(anomaly_map.max())
                 )
                 array = anomaly_map.cpu().numpy()
@@ -298,12 +300,11 @@ class Spade:
         return distances.mean(1).tolist()
 
     def _anomaly_map(
-        self, maps: list[torch.Tensor], global_feature: torch.Tensor, input_size: tuple[int, int]
+        self, maps: list[torch.Tensor], neighbours: torch.Tensor, input_size: tuple[int, int]
     ) -> torch.Tensor:
-        """Smoothed anomaly map (h, w) at the input resolution for one image."""
-        _, neighbours = self.store_.nearest_images(global_feature[None], self.k_gallery)
+        """Smoothed anomaly map (h, w) at the input resolution for one image, against its gallery `neighbours`."""
         raw = pixel_anomaly_map(
-            maps, self.store_, neighbours[0].cpu(), input_size, kappa=self.kappa, fusion=self.fusion,
+            maps, self.store_, neighbours.cpu(), input_size, kappa=self.kappa, fusion=self.fusion,
             distance=self.distance, memory_budget=self.memory_budget,
         )
         return smooth_map(raw, self.sigma)
