@@ -17,7 +17,8 @@ if [ "$(id -u)" -eq 0 ] && have apt-get; then
     apt-get install -y -qq --no-install-recommends chromium chromium-driver
     echo "installed: $(command -v chromium), $(command -v chromedriver)"
 else
-    echo "the browser test needs chromium and chromedriver; install them with:" >&2
+    echo "the browser test needs chromium and chromedriver (it is skipped without them, outside CI); install:" >&2
     echo "    sudo apt-get update && sudo apt-get install -y chromium chromium-driver" >&2
-    exit 1
+    # In CI the browser test must run: fail here rather than later.
+    [ -z "${CI:-}" ] || exit 1
 fi
