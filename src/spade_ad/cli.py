@@ -124,12 +124,9 @@ def predict(
     overlays and predicted defect masks per image."""
     from .export import PredictionWriter
     from .persistence import load
-    from .visualize import threshold_color_range
 
     model = load(model_path, weights=weights, device=device)
-    verdicts = model.image_threshold_ is not None
-    value_range = threshold_color_range(model.pixel_threshold_)
-    with PredictionWriter(output, save_maps=save_maps, value_range=value_range, verdicts=verdicts) as writer:
+    with PredictionWriter.for_model(model, output, save_maps=save_maps) as writer:
         def on_skip(item: object, error: ImageReadError) -> None:
             writer.skip(getattr(item, "name", str(item)), error)
             _report_skip(item, error)

@@ -14,7 +14,6 @@ from .export import PredictionWriter
 from .metrics import image_auroc, pixel_auroc
 from .model import Spade
 from .synthetic import make_synthetic_dataset
-from .visualize import threshold_color_range
 
 
 def run_demo(
@@ -33,11 +32,7 @@ def run_demo(
     log(f"fitted on {len(model.train_names_)} good images, thresholds from {len(model.calibration_scores_)} more")
     model.save(output / "model.safetensors")
     scores, maps, masks = [], [], []
-    writer = PredictionWriter(
-        output / "predictions", value_range=threshold_color_range(model.pixel_threshold_),
-        verdicts=model.image_threshold_ is not None,
-    )
-    with writer:
+    with PredictionWriter.for_model(model, output / "predictions") as writer:
         items = [ImageItem(s.path.relative_to(root / "test").as_posix(), path=s.path) for s in data.test]
         predictions = model.iter_predict(items, original_size=True, keep_images=True)
         for sample, prediction in zip(data.test, predictions):

@@ -16,8 +16,8 @@ import tifffile
 from PIL import Image
 
 from .errors import ImageReadError
-from .model import Prediction
-from .visualize import heatmap, overlay, save_png
+from .model import Prediction, Spade
+from .visualize import heatmap, overlay, save_png, threshold_color_range
 
 
 class PredictionWriter:
@@ -47,6 +47,14 @@ class PredictionWriter:
         self.skipped: list[tuple[str, str]] = []
         self._csv_file: IO[str] | None = None
         self._skip_file: IO[str] | None = None
+
+    @classmethod
+    def for_model(cls, model: Spade, out_dir: str | Path, *, save_maps: bool = False) -> PredictionWriter:
+        """A writer set up for `model`: its verdict column when it has thresholds, its shared heat-map scale."""
+        return cls(
+            out_dir, save_maps=save_maps, value_range=threshold_color_range(model.pixel_threshold_),
+            verdicts=model.image_threshold_ is not None,
+        )
 
     def __enter__(self) -> PredictionWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
