@@ -44,7 +44,9 @@ def test_init_only_stores_settings_and_params_round_trip() -> None:
         model.set_params(k=3)
 
 
-@pytest.mark.parametrize("bad", [{"fusion": "max"}, {"kappa": 0}, {"sigma": -1}, {"resize": "crop"}, {"layers": ()}])
+@pytest.mark.parametrize("bad", [
+    {"fusion": "max"}, {"kappa": 0}, {"sigma": -1}, {"resize": "crop"}, {"layers": ()}, {"patch_size": 2},
+])
 def test_invalid_settings_fail_at_fit(bad: dict, synthetic_root: Path) -> None:
     with pytest.raises(ValueError):
         Spade(**bad).fit(synthetic_root / "train" / "good")
@@ -146,7 +148,7 @@ def test_mixed_sizes_and_grayscale_in_one_call(fitted_model: Spade) -> None:
 
 @pytest.mark.parametrize("settings", [
     {"fusion": "concat"}, {"kappa": 3, "distance": "squared"}, {"resize": "paper_crop"}, {"sigma": 0},
-    {"layers": (1, 2, 3)},
+    {"layers": (1, 2, 3)}, {"patch_size": 3},
 ])
 def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -> None:
     model = Spade(k_gallery=3, progress=False, **settings).fit(synthetic_root / "train" / "good")

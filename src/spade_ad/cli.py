@@ -33,6 +33,7 @@ LayersOpt = Annotated[
 KImageOpt = Annotated[int | None, typer.Option(help="Neighbours of the global kNN image score [default: 3].")]
 KGalleryOpt = Annotated[int | None, typer.Option(help="Nearest training images in the pixel gallery [default: 50].")]
 KappaOpt = Annotated[int | None, typer.Option(help="Gallery neighbours averaged per pixel [default: 1].")]
+PatchOpt = Annotated[int | None, typer.Option(help="Average features over NxN neighbourhoods first [default: 1].")]
 FusionOpt = Annotated[str | None, typer.Option(help="Pyramid fusion: mean or concat [default: mean].")]
 DistanceOpt = Annotated[str | None, typer.Option(help="Pixel distance: euclidean or squared [default: euclidean].")]
 ImageScoreOpt = Annotated[str | None, typer.Option(help="Image score: map_max or knn (paper) [default: map_max].")]
@@ -75,6 +76,7 @@ def fit(
     k_image: KImageOpt = None,
     k_gallery: KGalleryOpt = None,
     kappa: KappaOpt = None,
+    patch_size: PatchOpt = None,
     fusion: FusionOpt = None,
     distance: DistanceOpt = None,
     image_score: ImageScoreOpt = None,
@@ -95,8 +97,9 @@ def fit(
 
     settings = _settings(
         backbone=backbone, weights=weights, layers=layers, k_image=k_image, k_gallery=k_gallery, kappa=kappa,
-        fusion=fusion, distance=distance, image_score=image_score, sigma=sigma, image_size=image_size,
-        resize=resize, calibration_fraction=calibration_fraction, device=device, batch_size=batch_size, seed=seed,
+        patch_size=patch_size, fusion=fusion, distance=distance, image_score=image_score, sigma=sigma,
+        image_size=image_size, resize=resize, calibration_fraction=calibration_fraction, device=device,
+        batch_size=batch_size, seed=seed,
     )
     model = Spade(**settings).fit(
         train_dir, validation=validation, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None
@@ -158,6 +161,7 @@ def evaluate(
     k_image: KImageOpt = None,
     k_gallery: KGalleryOpt = None,
     kappa: KappaOpt = None,
+    patch_size: PatchOpt = None,
     fusion: FusionOpt = None,
     distance: DistanceOpt = None,
     image_score: ImageScoreOpt = None,
@@ -177,8 +181,9 @@ def evaluate(
         raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}")
     settings = {**PRESETS[preset], **_settings(
         backbone=backbone, weights=weights, layers=layers, k_image=k_image, k_gallery=k_gallery, kappa=kappa,
-        fusion=fusion, distance=distance, image_score=image_score, sigma=sigma, image_size=image_size,
-        resize=resize, calibration_fraction=calibration_fraction, device=device, batch_size=batch_size, seed=seed,
+        patch_size=patch_size, fusion=fusion, distance=distance, image_score=image_score, sigma=sigma,
+        image_size=image_size, resize=resize, calibration_fraction=calibration_fraction, device=device,
+        batch_size=batch_size, seed=seed,
     )}
     report = run_evaluation(
         root, categories=category, settings=settings,

@@ -75,6 +75,8 @@ class Spade:
         k_image: neighbours of the paper's image score (mean squared distance of global features).
         k_gallery: number of nearest training images whose feature maps form the pixel gallery (paper: K=50).
         kappa: gallery neighbours averaged per test position (paper: 1).
+        patch_size: odd size of the neighbourhood each feature is averaged over before the search (PatchCore's
+            "locally aware" features); 1 = plain SPADE features.
         fusion: "mean" (per-level distance maps averaged) or "concat" (one search over concatenated features).
         distance: "euclidean" or "squared" (the paper's) distances in the pixel stage, before fusing levels.
         image_score: "map_max" (maximum of the smoothed anomaly map) or "knn" (the paper's global kNN score).
@@ -105,6 +107,7 @@ class Spade:
         k_image: int = 3,
         k_gallery: int = 50,
         kappa: int = 1,
+        patch_size: int = 1,
         fusion: Fusion = "mean",
         distance: Distance = "euclidean",
         image_score: ImageScore = "map_max",
@@ -127,6 +130,7 @@ class Spade:
         self.k_image = k_image
         self.k_gallery = k_gallery
         self.kappa = kappa
+        self.patch_size = patch_size
         self.fusion = fusion
         self.distance = distance
         self.image_score = image_score
@@ -145,10 +149,9 @@ class Spade:
 
     # -- settings -------------------------------------------------------------------------------------------------
     SETTING_NAMES = (
-        "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "fusion", "distance", "image_score",
-        "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "feature_dtype", "feature_dir",
-        "calibration_fraction",
-        "threshold_margin", "seed", "progress",
+        "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "patch_size", "fusion", "distance",
+        "image_score", "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "feature_dtype",
+        "feature_dir", "calibration_fraction", "threshold_margin", "seed", "progress",
     )
 
     def get_params(self) -> dict[str, Any]:
@@ -173,6 +176,8 @@ class Spade:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be an odd number >= 1, got {self.patch_size}")
         for name in ("k_image", "k_gallery", "kappa", "image_size", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -210,7 +215,7 @@ class Spade:
         self.metrics_: dict[str, Any] = {}
         try:
             for batch_items, batch, _, _ in self._batches(items, skip_bad, on_skip, "fit"):
-                pyramid, global_features = self.backbone_(batch)
+                pyramid, global_features = self._features(batch)
                 writer.add(pyramid, global_features)
                 self.train_names_.extend(item.name for item in batch_items)
         finally:
@@ -244,6 +249,16 @@ class Spade:
             self.image_threshold_ = calibrate_threshold(self.calibration_scores_, self.threshold_margin)
             self.pixel_threshold_ = calibrate_threshold(map_maxima, self.threshold_margin)
 
+    def _features(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Backbone pyramid (optionally averaged over `patch_size` x `patch_size` neighbourhoods) and globals."""
+        pyramid, global_features = self.backbone_(batch)
+        if self.patch_size > 1:
+            pyramid = [
+                F.avg_pool2d(m, self.patch_size, stride=1, padding=self.patch_size // 2, count_include_pad=False)
+                for m in pyramid
+            ]
+        return pyramid, global_features
+
     def _build_backbone(self) -> Backbone:
         return build_backbone(self.backbone, self.weights, tuple(self.layers)).to(self.device_)
 
@@ -265,7 +280,7 @@ class Spade:
         self._check_fitted()
         batches = self._batches(collect_images(images), skip_bad, on_skip, "predict", keep_images)
         for batch_items, batch, geometries, originals in batches:
-            pyramid, global_features = self.backbone_(batch)
+            pyramid, global_features = self._features(batch)
             # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
             distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
             for i, (item, geometry) in enumerate(zip(batch_items, geometries)):
