@@ -34,13 +34,11 @@ class PredictionWriter:
         out_dir: str | Path,
         *,
         save_maps: bool = False,
-        save_images: bool = True,
         value_range: tuple[float, float] | None = None,
         verdicts: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.save_maps = save_maps
-        self.save_images = save_images
         self.value_range = value_range
         self.verdicts = verdicts
         self.count = 0
@@ -86,18 +84,17 @@ class PredictionWriter:
             target = self.out_dir / "maps" / relative.with_suffix(".tiff")
             target.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(target, full_map.astype(np.float32))
-        if self.save_images:
-            vmin, vmax = self.value_range if self.value_range else (None, None)
-            save_png(heatmap(full_map, vmin, vmax), self.out_dir / "heatmaps" / relative.with_suffix(".png"))
-            mask = prediction.defect_mask if self.verdicts else None
-            if mask is not None:
-                mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
-                save_png(mask_png, self.out_dir / "masks" / relative.with_suffix(".png"))
-            if prediction.image is not None:
-                save_png(
-                    overlay(prediction.image, full_map, vmin, vmax, mask=mask),
-                    self.out_dir / "overlays" / relative.with_suffix(".png"),
-                )
+        vmin, vmax = self.value_range if self.value_range else (None, None)
+        save_png(heatmap(full_map, vmin, vmax), self.out_dir / "heatmaps" / relative.with_suffix(".png"))
+        mask = prediction.defect_mask if self.verdicts else None
+        if mask is not None:
+            mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
+            save_png(mask_png, self.out_dir / "masks" / relative.with_suffix(".png"))
+        if prediction.image is not None:
+            save_png(
+                overlay(prediction.image, full_map, vmin, vmax, mask=mask),
+                self.out_dir / "overlays" / relative.with_suffix(".png"),
+            )
 
     def skip(self, name: str, error: ImageReadError) -> None:
         """Record an input that could not be read (skipped.csv in the output folder)."""
