@@ -167,3 +167,14 @@ def test_cuda_gives_the_cpu_maps(fitted_model: Spade, synthetic_root: Path) -> N
     for cpu_prediction, gpu_prediction in zip(fitted_model.predict(paths), gpu.predict(paths)):
         span = float(np.ptp(cpu_prediction.anomaly_map)) or 1.0
         assert np.abs(cpu_prediction.anomaly_map - gpu_prediction.anomaly_map).max() <= 1e-3 * span
+
+
+def test_fit_on_images_of_different_sizes_and_fewer_than_k(synthetic_root: Path) -> None:
+    paths = list_images(synthetic_root / "train" / "good")[:4]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    images[1] = images[1].resize((300, 120))  # another aspect ratio in the training set
+    images[2] = images[2].convert("L")
+    model = Spade(progress=False).fit(images)  # K=50 > 4 images: the gallery is every training image
+    assert model.store_.n_images == 4 and model.image_threshold_ is None
+    prediction = model.predict(list_images(synthetic_root / "test")[:1], original_size=True)[0]
+    assert prediction.original_map.shape == (160, 224) and np.isfinite(prediction.score)
