@@ -32,6 +32,10 @@ def model_file(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         code = run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(out), "--k-gallery", "4",
                         "--device", "cpu"], monkeypatch)
     assert code == 0 and out.is_file()
+    from spade_ad import load
+
+    settings = load(out).get_params()
+    assert settings["k_gallery"] == 4 and settings["device"] == "cpu" and settings["layers"] == (2, 3)
     return out
 
 

@@ -68,3 +68,22 @@ def test_paper_preset_needs_wrn50_weights_offline(two_categories: Path, monkeypa
     assert PRESETS["paper"]["backbone"] == "wide_resnet50_2"
     with pytest.raises(WeightsError, match="--weights"):
         evaluate(two_categories, categories=["disc"], settings={**PRESETS["paper"], "device": "cpu"})
+
+
+def test_evaluate_command_applies_options_over_the_preset(
+    two_categories: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from spade_ad.cli import main
+
+    out = tmp_path / "cli_report"
+    monkeypatch.setattr(sys, "argv", ["spade-ad", "evaluate", str(two_categories), "--category", "disc",
+                                      "--k-gallery", "3", "--device", "cpu", "--no-plots", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["k_gallery"] == 3 and list(saved["categories"]) == ["disc"]
+    printed = capsys.readouterr().out
+    assert "disc" in printed and "mean" in printed and "original image size" in printed

@@ -51,9 +51,11 @@ SkipBadOpt = Annotated[
 ]
 
 
-def _settings(**values: object) -> dict[str, object]:
-    """Model settings from the options that were given (None = not given)."""
-    given = {name: value for name, value in values.items() if value is not None}
+def _settings(options: dict[str, object]) -> dict[str, object]:
+    """Model settings from a command's options: those that name a `Spade` setting and were given (not None)."""
+    from .model import Spade
+
+    given = {name: options[name] for name in Spade.SETTING_NAMES if options.get(name) is not None}
     if "layers" in given:
         try:
             given["layers"] = tuple(int(x) for x in str(given["layers"]).split(",") if x.strip())
@@ -95,12 +97,7 @@ def fit(
     """Fit a model on a folder of good images and save it."""
     from .model import Spade
 
-    settings = _settings(
-        backbone=backbone, weights=weights, layers=layers, k_image=k_image, k_gallery=k_gallery, kappa=kappa,
-        patch_size=patch_size, fusion=fusion, distance=distance, image_score=image_score, sigma=sigma,
-        image_size=image_size, resize=resize, calibration_fraction=calibration_fraction, device=device,
-        batch_size=batch_size, seed=seed,
-    )
+    settings = _settings(locals())
     model = Spade(**settings).fit(
         train_dir, validation=validation, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None
     )
@@ -179,12 +176,7 @@ def evaluate(
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}")
-    settings = {**PRESETS[preset], **_settings(
-        backbone=backbone, weights=weights, layers=layers, k_image=k_image, k_gallery=k_gallery, kappa=kappa,
-        patch_size=patch_size, fusion=fusion, distance=distance, image_score=image_score, sigma=sigma,
-        image_size=image_size, resize=resize, calibration_fraction=calibration_fraction, device=device,
-        batch_size=batch_size, seed=seed,
-    )}
+    settings = {**PRESETS[preset], **_settings(locals())}
     report = run_evaluation(
         root, categories=category, settings=settings,
         eval_size=eval_size if eval_size is not None else PRESET_EVAL_SIZE[preset],
