@@ -134,7 +134,11 @@ def test_non_square_image_keeps_its_size(server: str) -> None:
 
 
 def test_docs_and_openapi(server: str) -> None:
-    assert "swagger" in requests.get(f"{server}/docs", timeout=10).text.lower()
+    docs = requests.get(f"{server}/docs", timeout=10).text
+    assert "swagger" in docs.lower()
+    assert "cdn" not in docs and "https://" not in docs  # works offline: Swagger UI comes from this server
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert requests.get(f"{server}/docs-assets/{asset}", timeout=10).status_code == 200
     schema = requests.get(f"{server}/openapi.json", timeout=10).json()
     body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["files"]

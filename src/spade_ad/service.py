@@ -1,7 +1,8 @@
 """HTTP service: a fitted model behind a JSON API and a small web page (`spade-ad serve MODEL`).
 
 Endpoints: `POST /v1/predict` (multipart field `files`, one or several images), `GET /v1/model`, `GET /healthz`,
-the web page at `/` (plain files from `spade_ad/static`, no CDN) and OpenAPI docs at `/docs`.
+the web page at `/` (plain files from `spade_ad/static`, no CDN) and OpenAPI docs at `/docs` (Swagger UI from the
+`fastapi-offline` package, also without a CDN).
 
 Resources are bounded. The model is loaded once and shared. Inference runs in a pool of `workers` threads; at most
 `workers + max_queue` predict requests are admitted at a time (running or waiting), and any further one gets 503 with
@@ -38,9 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fastapi_offline
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
@@ -63,6 +66,8 @@ FIELD = "files"
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 """Image formats accepted (Pillow names); nothing else is even parsed."""
 STATIC_DIR = Path(__file__).with_name("static")
+DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")
+"""Swagger UI 5 (OpenAPI 3.1, as FastAPI writes it) shipped by the fastapi-offline package: /docs needs no CDN."""
 DRAIN_FACTOR = 4
 """An oversized body is read and dropped up to this many times the limit before answering 413, so that the client
 sees the answer instead of a reset connection; beyond that the connection is simply closed."""
@@ -430,6 +435,7 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
         version=__version__,
         description="SPADE anomaly detection: score images and localise defects with a model fitted on good images.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: FastAPI's default page loads Swagger UI from a CDN
     )
 
     @app.exception_handler(ApiError)
@@ -480,7 +486,16 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title="spade-ad API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     return app
 
 
