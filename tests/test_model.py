@@ -178,3 +178,18 @@ def test_fit_on_images_of_different_sizes_and_fewer_than_k(synthetic_root: Path)
     assert model.store_.n_images == 4 and model.image_threshold_ is None
     prediction = model.predict(list_images(synthetic_root / "test")[:1], original_size=True)[0]
     assert prediction.original_map.shape == (160, 224) and np.isfinite(prediction.score)
+
+
+def test_fit_records_every_skipped_image_training_or_calibration(synthetic_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "good"
+    shutil.copytree(synthetic_root / "train" / "good", folder)
+    for name in ("000.png", "005.png"):
+        (folder / name).write_text("not an image")
+    seen: list[str] = []
+    model = Spade(k_gallery=3, progress=False).fit(
+        folder, skip_bad=True, on_skip=lambda item, error: seen.append(item.name)
+    )
+    assert sorted(name for name, _ in model.skipped_) == ["000.png", "005.png"] == sorted(seen)
+    assert model.store_.n_images + len(model.calibration_scores_) == 10

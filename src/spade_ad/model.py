@@ -213,8 +213,14 @@ class Spade:
         self.train_names_: list[str] = []
         self.skipped_: list[tuple[str, str]] = []
         self.metrics_: dict[str, Any] = {}
+
+        def record_skip(item: ImageItem, error: ImageReadError) -> None:
+            self.skipped_.append((item.name, error.reason))
+            if on_skip is not None:
+                on_skip(item, error)
+
         try:
-            for batch_items, batch, _, _ in self._batches(items, skip_bad, on_skip, "fit"):
+            for batch_items, batch, _, _ in self._batches(items, skip_bad, record_skip, "fit"):
                 pyramid, global_features = self._features(batch)
                 writer.add(pyramid, global_features)
                 self.train_names_.extend(item.name for item in batch_items)
@@ -223,7 +229,7 @@ class Spade:
         if not self.train_names_:
             raise NoImagesError("no training image could be read: every input was skipped")
         self.store_ = writer.build()
-        self._calibrate(held_out, skip_bad, on_skip)
+        self._calibrate(held_out, skip_bad, record_skip)
         return self
 
     def _split_calibration(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -331,21 +337,16 @@ class Spade:
         """Decode (in worker threads), resize and batch images; a batch only holds images of one input size.
 
         Yields (items, input batch, geometries, decoded images if `keep_images` else Nones)."""
-        def skipped(item: ImageItem, error: ImageReadError) -> None:
-            if desc == "fit":
-                self.skipped_.append((item.name, error.reason))
-            if on_skip is not None:
-                on_skip(item, error)
-
         pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
         quiet = None if self.progress is None else not self.progress  # None: bars only on a terminal
         bar = tqdm(total=len(items), desc=desc, unit="img", disable=quiet)
+
         def prepare(image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry]:
             """Runs in the loader threads: resizing overlaps the backbone's compute."""
             geometry = plan_geometry((image.height, image.width), self.image_size, self.resize)
             return (image if keep_images else None), image_to_tensor(image, geometry), geometry
 
-        loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=skipped, prepare=prepare)
+        loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=on_skip, prepare=prepare)
         try:
             while True:
                 try:

@@ -44,14 +44,22 @@ def _chunks(array: np.ndarray) -> Iterator[bytes]:
         yield np.ascontiguousarray(flat[start:start + step]).tobytes()
 
 
-def content_sha256(header_json: str, arrays: dict[str, np.ndarray]) -> str:
-    """Checksum of the JSON header and the named arrays (names, shapes, dtypes, bytes), in name order."""
-    digest = hashlib.sha256(header_json.encode())
+def _hashed_data(arrays: dict[str, np.ndarray], digest: Any) -> Iterator[bytes]:
+    """The arrays' bytes in name order (the file's data layout), feeding `digest` with each array's name, shape,
+    dtype and bytes on the way: one definition of the checksum for writing and for verifying."""
     for name in sorted(arrays):
         array = arrays[name]
         digest.update(f"{name}:{tuple(array.shape)}:{_DTYPE_NAMES[array.dtype]}".encode())
         for chunk in _chunks(array):
             digest.update(chunk)
+            yield chunk
+
+
+def content_sha256(header_json: str, arrays: dict[str, np.ndarray]) -> str:
+    """Checksum of the JSON header and the named arrays (names, shapes, dtypes, bytes), in name order."""
+    digest = hashlib.sha256(header_json.encode())
+    for _ in _hashed_data(arrays, digest):
+        pass
     return digest.hexdigest()
 
 
@@ -115,11 +123,8 @@ def write_safetensors(path: Path, arrays: dict[str, np.ndarray], header_json: st
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
-        for name in sorted(arrays):
-            digest.update(f"{name}:{tuple(arrays[name].shape)}:{entries[name]['dtype']}".encode())
-            for chunk in _chunks(arrays[name]):
-                digest.update(chunk)
-                handle.write(chunk)
+        for chunk in _hashed_data(arrays, digest):
+            handle.write(chunk)
         checksum = digest.hexdigest()
         handle.seek(8 + encoded.index(_PLACEHOLDER.encode()))
         handle.write(checksum.encode())
