@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from .data import read_image
 from .datasets import CategoryData, load_dataset
 from .metrics import au_pro, best_f1, f1_at_threshold, image_auroc, pixel_auroc, pro_curve
 from .model import Spade
@@ -217,7 +217,7 @@ def _write_plots(result: CategoryResult, folder: Path, model: Spade, pro_limit: 
     finite = np.concatenate([m[np.isfinite(m)].ravel() for m in result.maps])
     vmin, vmax = float(np.percentile(finite, 1)), float(np.percentile(finite, 99.9))
     plot_cases(
-        [Image.open(result.paths[i]).convert("RGB") for i in chosen],
+        [read_image(result.paths[i]) for i in chosen],
         [result.maps[i] for i in chosen],
         [result.masks[i] if result.masks is not None else None for i in chosen],
         [f"{'best' if n < len(best) else 'worst'}: {result.paths[i].parent.name}/{result.paths[i].name} "
