@@ -32,6 +32,12 @@ PAPER = {"layers": (1, 2, 3), "fusion": "mean", "distance": "squared", "kappa": 
          "calibration_fraction": 0.0, "progress": False}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -63,7 +69,7 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
     for path in train:
         image = read_image(path)
         geometry = plan_geometry((image.height, image.width), model.image_size, model.resize)
-        pyramid, _ = model.backbone_(image_to_tensor(image, geometry)[None])
+        pyramid, _ = model.backbone_(image_to_tensor(image, geometry)[None].to(model.device_))
         for store, fmap in zip(naive_levels, pyramid):
             store.append(fmap[0].float())
     naive = [torch.stack(level) for level in naive_levels]
@@ -75,20 +81,25 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
     for path in test:
         image = read_image(path)
         geometry = plan_geometry((image.height, image.width), model.image_size, model.resize)
+        batch = image_to_tensor(image, geometry)[None].to(model.device_)
+        sync(model.device_)
         start = time.perf_counter()
-        pyramid, global_features = model.backbone_(image_to_tensor(image, geometry)[None])
+        pyramid, global_features = model.backbone_(batch)
+        sync(model.device_)
         timings["backbone"] += time.perf_counter() - start
         maps = [level[0] for level in pyramid]
         _, neighbours = model.store_.nearest_images(global_features, model.k_gallery)
         start = time.perf_counter()
         ours = pixel_anomaly_map(maps, model.store_, neighbours[0], geometry.input_size, kappa=model.kappa,
                                  fusion=model.fusion, distance=model.distance, memory_budget=model.memory_budget)
+        sync(model.device_)
         timings["ours_search"] += time.perf_counter() - start
         start = time.perf_counter()
         reference = naive_map(model, naive, maps, neighbours[0], geometry.input_size)
+        sync(model.device_)
         timings["naive_search"] += time.perf_counter() - start
         start = time.perf_counter()
-        map_to_original(smooth_map(ours, model.sigma).numpy(), geometry)
+        map_to_original(smooth_map(ours, model.sigma).cpu().numpy(), geometry)
         timings["post"] += time.perf_counter() - start
         span = float(reference.max() - reference.min()) or 1.0
         worst_diff = max(worst_diff, float((ours - reference).abs().max()) / span)
@@ -121,9 +132,13 @@ def end_to_end(data: Path, n_test: int, settings: dict) -> float:
     images = [read_image(p) for p in test]
     tensors = [image_to_tensor(im, plan_geometry((im.height, im.width), model.image_size, model.resize))
                for im in images]
+    batches = [torch.stack(tensors[first:first + model.batch_size]).to(model.device_)
+               for first in range(0, len(tensors), model.batch_size)]
+    sync(model.device_)
     start = time.perf_counter()
-    for first in range(0, len(tensors), model.batch_size):
-        model.backbone_(torch.stack(tensors[first:first + model.batch_size]))
+    for batch in batches:
+        model.backbone_(batch)
+    sync(model.device_)
     backbone_ms = 1000 * (time.perf_counter() - start) / len(test)
     ratio = predict_ms / backbone_ms
     print(f"default preset {settings}: predict {predict_ms:.0f} ms/image, backbone alone {backbone_ms:.0f} ms/image, "

@@ -12,6 +12,7 @@ from PIL import Image
 from spade_ad import NotFittedError, Spade
 from spade_ad.data import list_images
 from spade_ad.metrics import image_auroc, pixel_auroc
+from spade_ad.model import smooth_map
 
 
 def _test_set(root: Path) -> tuple[list[Path], np.ndarray, list[np.ndarray]]:
@@ -193,3 +194,17 @@ def test_fit_records_every_skipped_image_training_or_calibration(synthetic_root:
     )
     assert sorted(name for name, _ in model.skipped_) == ["000.png", "005.png"] == sorted(seen)
     assert model.store_.n_images + len(model.calibration_scores_) == 10
+
+
+@pytest.mark.parametrize("shape", [(224, 224), (120, 300), (10, 40), (3, 3), (1, 8)])
+def test_smooth_map_equals_the_2d_gaussian_blur(shape: tuple[int, int]) -> None:
+    """The separable blur gives torchvision's 2-D Gaussian blur (same radius rule, reflected borders)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    anomaly_map = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    radius = min(int(4 * 4.0 + 0.5), min(shape) - 1)
+    expected = gaussian_blur(anomaly_map[None, None], [2 * radius + 1] * 2, [4.0, 4.0])[0, 0]
+    smoothed = smooth_map(anomaly_map, 4.0)
+    assert smoothed.shape == anomaly_map.shape
+    torch.testing.assert_close(smoothed, expected, rtol=0, atol=1e-5)
+    assert torch.equal(smooth_map(anomaly_map, 0.0), anomaly_map)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, build_backbone
@@ -455,11 +454,21 @@ def pixel_anomaly_map(
 
 
 def smooth_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing (kernel radius 4 sigma, reflected borders); sigma <= 0 returns the map unchanged."""
+    """Gaussian smoothing (kernel radius 4 sigma, reflected borders); sigma <= 0 returns the map unchanged.
+
+    Two 1-D passes (the Gaussian is separable): the same result as the 2-D kernel of torchvision's `gaussian_blur`
+    at 2 x 33 instead of 33 x 33 multiply-adds per pixel for sigma 4.
+    """
     if sigma <= 0:
         return anomaly_map
     radius = int(4 * sigma + 0.5)
-    kernel = 2 * radius + 1
-    if min(anomaly_map.shape) <= radius:  # reflection padding needs the map to be larger than the radius
-        kernel = 2 * (min(anomaly_map.shape) - 1) + 1
-    return gaussian_blur(anomaly_map[None, None], [kernel, kernel], [sigma, sigma])[0, 0]
+    radius = min(radius, min(anomaly_map.shape) - 1)  # reflection padding needs the map to be larger than the radius
+    if radius < 1:
+        return anomaly_map
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=anomaly_map.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    smoothed = anomaly_map.float()[None, None]
+    smoothed = F.conv2d(F.pad(smoothed, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    smoothed = F.conv2d(F.pad(smoothed, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return smoothed[0, 0]

@@ -20,8 +20,13 @@ import numpy as np
 import torch
 
 #: Default working memory for one tile of distances (bytes): small enough to stay in cache, which matters more
-#: than tile count here (measured: 16 MiB tiles run about 3x faster than 256 MiB ones on a 2-core CPU).
-DEFAULT_MEMORY_BUDGET = 16 * 2**20
+#: than tile count here (measured on a 2-core CPU: 16 MiB tiles run about 3x faster than 256 MiB ones, 4 MiB tiles
+#: about 15% faster than 16 MiB ones).
+DEFAULT_MEMORY_BUDGET = 4 * 2**20
+
+#: Fewest bank vectors per tile (queries are split into blocks to keep this within the budget): thinner tiles make
+#: many small, inefficient matrix products (measured: 334-column tiles run 3x slower than 1,337-column ones).
+MIN_TILE_COLUMNS = 1024
 
 
 def topk_squared_distances(
@@ -44,11 +49,20 @@ def topk_squared_distances(
     k = min(k, bank.shape[0])
     queries = queries.float()
     bank = bank.to(device=queries.device)
-    tile = max(k, min(bank.shape[0], memory_budget // (4 * max(1, queries.shape[0]))))
     if bank_sq is None:
         bank_sq = bank.float().square().sum(1)
-    find = _nearest_indices if k == 1 else _topk_indices
-    indices = find(queries, bank, bank_sq, k, tile)
+    # On CPU, `amin` plus a second pass beats `min` with indices; on a GPU, a plain running top-k avoids the second
+    # pass's host synchronisation.
+    find = _nearest_indices if k == 1 and queries.device.type == "cpu" else _topk_indices
+    # Tiles of at least MIN_TILE_COLUMNS bank vectors keep each matrix product efficient; many queries are taken in
+    # blocks so that a block's tile of distances still fits the memory budget.
+    block = max(1, memory_budget // (4 * MIN_TILE_COLUMNS))
+    indices = []
+    for first in range(0, queries.shape[0], block):
+        rows = queries[first:first + block]
+        tile = max(k, min(bank.shape[0], memory_budget // (4 * rows.shape[0])))
+        indices.append(find(rows, bank, bank_sq, k, tile))
+    indices = torch.cat(indices, 0)
     exact = (queries[:, None, :] - bank[indices].float()).square().sum(-1)
     exact, order = exact.sort(dim=1)
     return exact, indices.gather(1, order)
@@ -60,21 +74,21 @@ def _ranking_tile(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tens
 
 
 def _nearest_indices(queries, bank, bank_sq, k, tile) -> torch.Tensor:
-    """Index of the nearest bank vector per query (Q, 1). A value-only pass (fast `amin`) finds each query's best
-    tile; a second pass takes the argmin inside that tile only."""
-    best = torch.full((queries.shape[0],), float("inf"), device=queries.device)
-    best_tile = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
+    """Index of the nearest bank vector per query (Q, 1). A value-only pass (`amin`, much faster than `min` with
+    indices on CPU) finds each query's best tile; a second pass takes the argmin inside that tile only, for the
+    queries grouped by tile."""
     starts = range(0, bank.shape[0], tile)
-    for t, start in enumerate(starts):
-        values = _ranking_tile(queries, bank, bank_sq, start, start + tile).amin(1)
-        better = values < best
-        best = torch.where(better, values, best)
-        best_tile[better] = t
+    tile_minima = torch.stack([_ranking_tile(queries, bank, bank_sq, s, s + tile).amin(1) for s in starts], 1)
+    best_tile = tile_minima.argmin(1)
+    by_tile = best_tile.argsort()
     indices = torch.empty(queries.shape[0], dtype=torch.int64, device=queries.device)
-    for t in best_tile.unique().tolist():
-        rows = (best_tile == t).nonzero().squeeze(1)
-        start = t * tile
-        indices[rows] = _ranking_tile(queries[rows], bank, bank_sq, start, start + tile).argmin(1) + start
+    first = 0
+    for t, count in enumerate(torch.bincount(best_tile, minlength=len(starts)).tolist()):
+        if count:
+            rows = by_tile[first:first + count]
+            start = t * tile
+            indices[rows] = _ranking_tile(queries[rows], bank, bank_sq, start, start + tile).argmin(1) + start
+            first += count
     return indices[:, None]
 
 
@@ -106,12 +120,14 @@ class FeatureStore:
     levels: list[np.ndarray]
     shapes: np.ndarray  # (N, L, 2) int64
     _offsets: np.ndarray = field(init=False, repr=False)
-    _global_sq: torch.Tensor = field(init=False, repr=False)
+    _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
         self._offsets = np.concatenate([np.zeros((1, sizes.shape[1]), dtype=np.int64), sizes.cumsum(0)], 0)
-        self._global_sq = self.global_features.square().sum(1)  # every prediction searches these: computed once
+        # Every prediction searches the global features: their squared norms, and their copy on an accelerator,
+        # are made once per device rather than once per batch.
+        self._on_device = {}
 
     @property
     def n_images(self) -> int:
@@ -124,16 +140,18 @@ class FeatureStore:
     def nearest_images(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest training images by global feature: (squared distances (Q, k), indices (Q, k))."""
         device = queries.device
-        return topk_squared_distances(
-            queries, self.global_features.to(device), k, bank_sq=self._global_sq.to(device)
-        )
+        if device not in self._on_device:
+            bank = self.global_features.to(device)
+            self._on_device[device] = bank, bank.square().sum(1)
+        bank, bank_sq = self._on_device[device]
+        return topk_squared_distances(queries, bank, k, bank_sq=bank_sq)
 
     def gallery(self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
         indices = image_indices.cpu().numpy()
         starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
         rows = np.concatenate([self.levels[level][a:b] for a, b in zip(starts, stops)], 0)
-        return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
+        return torch.from_numpy(rows).to(device).float()  # moved as stored (float16: half the bytes), then widened
 
     def image_map(self, level: int, index: int) -> torch.Tensor:
         """Training image `index`'s feature map at `level` as float32 (C_l, h, w)."""
