@@ -28,6 +28,7 @@ from spade_ad.features import image_to_tensor, map_to_original, plan_geometry
 from spade_ad.model import pixel_anomaly_map, smooth_map
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+N_EXACT = 5  # test images also compared with a float64 map (slow on CPU)
 PAPER = {"layers": (1, 2, 3), "fusion": "mean", "distance": "squared", "kappa": 1, "k_gallery": 50, "sigma": 4.0,
          "calibration_fraction": 0.0, "progress": False}
 
@@ -43,12 +44,13 @@ def peak_rss_mb() -> float:
 
 
 def naive_map(model: Spade, naive_levels: list[torch.Tensor], maps: list[torch.Tensor], neighbours: torch.Tensor,
-              input_size: tuple[int, int]) -> torch.Tensor:
-    """The usual public implementation: gather K full maps, cdist against the whole gallery, min, upsample, mean."""
+              input_size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The usual public implementation: gather K full maps, cdist against the whole gallery, min, upsample, mean.
+    With dtype=float64 it is the exact reference both float32 ways are compared with."""
     levels = []
     for level, fmap in enumerate(maps):
-        gallery = naive_levels[level][neighbours].permute(0, 2, 3, 1).reshape(-1, fmap.shape[0])
-        distances = torch.cdist(fmap.flatten(1).T[None], gallery[None])[0] ** 2
+        gallery = naive_levels[level][neighbours].permute(0, 2, 3, 1).reshape(-1, fmap.shape[0]).to(dtype)
+        distances = torch.cdist(fmap.flatten(1).T[None].to(dtype), gallery[None])[0] ** 2
         scores = distances.min(1).values.reshape(1, 1, *fmap.shape[1:])
         levels.append(F.interpolate(scores, size=input_size, mode="bilinear", align_corners=False)[0, 0])
     return torch.stack(levels).mean(0)
@@ -77,8 +79,8 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
     rss_naive = peak_rss_mb()
 
     timings = {key: 0.0 for key in ("backbone", "ours_search", "naive_search", "post")}
-    worst_diff = 0.0
-    for path in test:
+    worst_diff = worst_ours_exact = worst_naive_exact = 0.0
+    for index, path in enumerate(test):
         image = read_image(path)
         geometry = plan_geometry((image.height, image.width), model.image_size, model.resize)
         batch = image_to_tensor(image, geometry)[None].to(model.device_)
@@ -103,26 +105,33 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
         timings["post"] += time.perf_counter() - start
         span = float(reference.max() - reference.min()) or 1.0
         worst_diff = max(worst_diff, float((ours - reference).abs().max()) / span)
+        if index < N_EXACT:
+            exact = naive_map(model, naive, maps, neighbours[0], geometry.input_size, torch.float64)
+            worst_ours_exact = max(worst_ours_exact, float((ours - exact).abs().max()) / span)
+            worst_naive_exact = max(worst_naive_exact, float((reference - exact).abs().max()) / span)
 
     n = len(test)
     ms = {key: 1000 * value / n for key, value in timings.items()}
     print(f"settings: {settings}")
     print(f"train {len(train)} images, test {n} images, input {geometry.input_size}")
     print(f"fit            ours {fit_ours:7.1f} s   naive {fit_naive:7.1f} s")
-    print(f"peak RSS       ours {rss_ours:7.0f} MB  naive {rss_naive:7.0f} MB (naive measured after ours)")
+    print(f"peak RSS       ours {rss_ours:7.0f} MB  naive {rss_naive:7.0f} MB (process peak so far: naive after ours)")
     print(f"per image      backbone {ms['backbone']:.0f} ms | search: ours {ms['ours_search']:.0f} ms, "
           f"naive {ms['naive_search']:.0f} ms | post {ms['post']:.0f} ms")
     speedup = ms["naive_search"] / ms["ours_search"]
     end_to_end = (ms["backbone"] + ms["naive_search"] + ms["post"]) / (ms["backbone"] + ms["ours_search"] + ms["post"])
     print(f"ratios         search {speedup:.1f}x faster, end to end {end_to_end:.1f}x, "
           f"predict / backbone = {(ms['backbone'] + ms['ours_search'] + ms['post']) / ms['backbone']:.2f}")
-    print(f"max |ours - naive| / range = {worst_diff:.2e}")
-    return {"search_speedup": speedup, "max_rel_diff": worst_diff, **ms}
+    print(f"max |ours - naive| / range = {worst_diff:.2e}; against float64 on the first {N_EXACT} images: "
+          f"ours {worst_ours_exact:.2e}, naive {worst_naive_exact:.2e}")
+    return {"search_speedup": speedup, "max_rel_diff": worst_diff, "ours_exact": worst_ours_exact,
+            "naive_exact": worst_naive_exact, **ms}
 
 
 def end_to_end(data: Path, n_test: int, settings: dict) -> float:
-    """Default preset: full predict time per image (decode, backbone, search, maps at the original size) against the
-    backbone's forward pass alone on the same, already decoded and resized, batches."""
+    """Default preset: full predict time per image (decode, backbone, search, maps at the original size), and the
+    same from already decoded images, against the backbone's forward pass alone on the same, already decoded and
+    resized, batches."""
     model = Spade(**settings).fit(list_images(data / "train" / "good"))
     test = list_images(data / "test")[:n_test]
     model.predict(test[:2])  # warm-up
@@ -130,6 +139,9 @@ def end_to_end(data: Path, n_test: int, settings: dict) -> float:
     model.predict(test, original_size=True)
     predict_ms = 1000 * (time.perf_counter() - start) / len(test)
     images = [read_image(p) for p in test]
+    start = time.perf_counter()
+    model.predict(images, original_size=True)
+    decoded_ms = 1000 * (time.perf_counter() - start) / len(test)
     tensors = [image_to_tensor(im, plan_geometry((im.height, im.width), model.image_size, model.resize))
                for im in images]
     batches = [torch.stack(tensors[first:first + model.batch_size]).to(model.device_)
@@ -141,8 +153,9 @@ def end_to_end(data: Path, n_test: int, settings: dict) -> float:
     sync(model.device_)
     backbone_ms = 1000 * (time.perf_counter() - start) / len(test)
     ratio = predict_ms / backbone_ms
-    print(f"default preset {settings}: predict {predict_ms:.0f} ms/image, backbone alone {backbone_ms:.0f} ms/image, "
-          f"ratio {ratio:.2f}")
+    print(f"default preset {settings}: backbone alone {backbone_ms:.1f} ms/image; predict from files "
+          f"{predict_ms:.1f} ms/image (ratio {ratio:.2f}), from decoded images {decoded_ms:.1f} ms/image "
+          f"(ratio {decoded_ms / backbone_ms:.2f})")
     return ratio
 
 
@@ -155,7 +168,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print("== paper settings (3 levels, mean fusion, exact), float32 store: maps must agree ==")
     result = run(args.data, args.n_test, {**PAPER, "feature_dtype": "float32", "device": args.device})
-    ok = result["max_rel_diff"] <= 1e-4
+    # Agreement: ours and naive within 1e-4 of the range, or, where naive's float32 cdist (a matmul expansion on GPUs)
+    # rounds more than that, ours within 1e-4 of the float64 map and closer to it than naive.
+    ok = result["max_rel_diff"] <= 1e-4 or result["naive_exact"] >= result["ours_exact"] <= 1e-4
     print("== same, float16 store (the default) ==")
     run(args.data, args.n_test, {**PAPER, "device": args.device})
     print("== default preset, end to end ==")

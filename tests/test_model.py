@@ -163,11 +163,18 @@ def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_gives_the_cpu_maps(fitted_model: Spade, synthetic_root: Path) -> None:
+    """Same maps on CUDA as on CPU: to float rounding with full-precision convolutions, and within 1% of the map's
+    range with cuDNN's TF32 convolutions (PyTorch's default on Ampere and later GPUs, kept for speed)."""
     paths = list_images(synthetic_root / "test")[:3]
-    gpu = Spade(**{**fitted_model.get_params(), "device": "cuda"}).fit(synthetic_root / "train" / "good")
-    for cpu_prediction, gpu_prediction in zip(fitted_model.predict(paths), gpu.predict(paths)):
-        span = float(np.ptp(cpu_prediction.anomaly_map)) or 1.0
-        assert np.abs(cpu_prediction.anomaly_map - gpu_prediction.anomaly_map).max() <= 1e-3 * span
+    cpu_maps = [p.anomaly_map for p in fitted_model.predict(paths)]
+    settings = {**fitted_model.get_params(), "device": "cuda"}
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        exact_maps = [p.anomaly_map for p in Spade(**settings).fit(synthetic_root / "train" / "good").predict(paths)]
+    default_maps = [p.anomaly_map for p in Spade(**settings).fit(synthetic_root / "train" / "good").predict(paths)]
+    for cpu_map, exact_map, default_map in zip(cpu_maps, exact_maps, default_maps):
+        span = float(np.ptp(cpu_map)) or 1.0
+        assert np.abs(cpu_map - exact_map).max() <= 1e-4 * span
+        assert np.abs(cpu_map - default_map).max() <= 1e-2 * span
 
 
 def test_fit_on_images_of_different_sizes_and_fewer_than_k(synthetic_root: Path) -> None:

@@ -377,8 +377,8 @@ def iter_loaded(
     items: Iterable[ImageItem],
     skip_bad: bool = False,
     on_skip: Callable[[ImageItem, ImageReadError], None] | None = None,
-    workers: int = 2,
-    prefetch: int = 8,
+    workers: int | None = None,
+    prefetch: int | None = None,
     prepare: Callable[[Image.Image], Any] | None = None,
 ) -> Iterator[tuple[ImageItem, Any]]:
     """Yield (item, RGB image) in input order, decoding in a thread pool ahead of the consumer.
@@ -386,12 +386,16 @@ def iter_loaded(
     With `prepare`, the workers also apply it to each decoded image (e.g. resizing to a tensor) and the value
     yielded is `prepare(image)` instead of the image.
 
-    Decoding overlaps the caller's compute; at most `prefetch` images are in flight or waiting
+    Decoding overlaps the caller's compute, in `workers` threads (default: one per CPU core, at most 8: decoding a
+    large PNG takes about as long as the default backbone's forward pass, so a GPU needs several decoders to stay
+    busy); at most `prefetch` (default 2 x workers) images are in flight or waiting
     beyond the one the caller holds, so memory stays bounded however many items there are (`items`
     may be a lazy iterable). A failed image raises its ImageReadError, or with `skip_bad` is reported
     to `on_skip(item, error)` (a warning if None) and skipped. The pool is shut down when the
     iteration ends, fails, or is abandoned (break / close), so no threads are left behind.
     """
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    prefetch = 2 * workers if prefetch is None else prefetch
     if workers < 1 or prefetch < 1:
         raise ValueError(f"workers and prefetch must be at least 1, got {workers} and {prefetch}")
     source = iter(items)

@@ -25,7 +25,7 @@ from .backbones import Backbone, build_backbone
 from .data import ImageItem, collect_images, iter_loaded
 from .errors import ImageReadError, NoImagesError, NotFittedError
 from .features import RESIZE_MODES, Geometry, ResizeMode, image_to_tensor, map_to_original, plan_geometry
-from .search import DEFAULT_MEMORY_BUDGET, FeatureStore, FeatureStoreWriter, topk_squared_distances
+from .search import FeatureStore, FeatureStoreWriter, topk_squared_distances
 
 Fusion = Literal["mean", "concat"]
 Distance = Literal["euclidean", "squared"]
@@ -84,7 +84,8 @@ class Spade:
         resize: "keep_aspect", "squash" or "paper_crop" (see `spade_ad.features`).
         device: "auto", "cpu" or "cuda[:N]".
         batch_size: images per backbone forward pass.
-        memory_budget: bytes of working memory for one tile of distances.
+        memory_budget: bytes of working memory for one tile of distances; None picks per device (4 MiB on CPU,
+            to stay in cache; 1 GiB on a GPU, where few large tiles are fastest).
         feature_dtype: "float16" (half the disk and memory traffic) or "float32" for stored pyramid features;
             distances are always accumulated in float32.
         feature_dir: folder for the pyramid features written during `fit` (a temporary folder by default, removed
@@ -115,7 +116,7 @@ class Spade:
         resize: ResizeMode = "keep_aspect",
         device: str = "auto",
         batch_size: int = 8,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
         feature_dtype: str = "float16",
         feature_dir: str | Path | None = None,
         calibration_fraction: float = 0.1,
@@ -420,7 +421,7 @@ def pixel_anomaly_map(
     kappa: int = 1,
     fusion: Fusion = "mean",
     distance: Distance = "euclidean",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """Unsmoothed pixel anomaly map (H, W) of one test image against the gallery of training images `neighbours`.
 
