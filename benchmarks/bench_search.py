@@ -68,12 +68,15 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
     # Naive fit: the same features, all held in memory as (N, C, h, w) float32 tensors.
     start = time.perf_counter()
     naive_levels: list[list[torch.Tensor]] = [[] for _ in model.backbone_.channels]
-    for path in train:
-        image = read_image(path)
-        geometry = plan_geometry((image.height, image.width), model.image_size, model.resize)
-        pyramid, _ = model.backbone_(image_to_tensor(image, geometry)[None].to(model.device_))
-        for store, fmap in zip(naive_levels, pyramid):
-            store.append(fmap[0].float())
+    for first in range(0, len(train), model.batch_size):  # batched like ours: GPU convolutions depend on batch size
+        images = [read_image(path) for path in train[first:first + model.batch_size]]
+        batch = torch.stack([
+            image_to_tensor(image, plan_geometry((image.height, image.width), model.image_size, model.resize))
+            for image in images
+        ]).to(model.device_)
+        pyramid, _ = model.backbone_(batch)
+        for store, fmaps in zip(naive_levels, pyramid):
+            store.extend(fmaps.float())
     naive = [torch.stack(level) for level in naive_levels]
     fit_naive = time.perf_counter() - start + 0.0
     rss_naive = peak_rss_mb()

@@ -73,6 +73,22 @@ def test_store_keeps_images_of_different_sizes_apart(tmp_path) -> None:
     assert isinstance(store.levels[0], np.memmap)  # on disk, not in memory
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("cache_fraction", [0.25, 0.0])  # kept on the GPU, and too large to be kept there
+def test_gallery_on_cuda_matches_the_memory_map(tmp_path, monkeypatch, cache_fraction: float) -> None:
+    from spade_ad import search
+
+    monkeypatch.setattr(search, "DEVICE_CACHE_FRACTION", cache_fraction)
+    rng = np.random.default_rng(2)
+    store, _ = _random_store(rng, (3, 5), [(8, 8), (8, 16), (16, 8), (4, 4)], tmp_path, "float16")
+    for neighbours in (torch.tensor([2, 0]), torch.tensor([3, 1, 2, 0]), torch.tensor([1])):
+        for level in range(2):
+            on_gpu = store.gallery(level, neighbours, "cuda")
+            assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+            torch.testing.assert_close(on_gpu.cpu(), store.gallery(level, neighbours), rtol=0, atol=0)
+    assert (store._levels_on_device[torch.device("cuda", 0)] is None) == (cache_fraction == 0.0)
+
+
 def test_float16_store_halves_the_bytes_and_stays_close(tmp_path) -> None:
     rng = np.random.default_rng(1)
     half, maps = _random_store(rng, (4,), [(8, 8)] * 3, tmp_path / "half", "float16")

@@ -12,6 +12,7 @@ per tile, and the chosen neighbours' distances recomputed directly (no cancellat
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,9 @@ DEFAULT_MEMORY_BUDGET = 4 * 2**20
 #: The same on a GPU, where the opposite holds: each tile costs kernel launches, so few large tiles are fastest
 #: (measured on an H200: 4 MiB tiles made the paper-settings search 17x slower than one cdist over the gallery).
 DEFAULT_CUDA_MEMORY_BUDGET = 2**30
+
+#: Largest share of a GPU's free memory the stored pyramid features may take to be kept there (see FeatureStore).
+DEVICE_CACHE_FRACTION = 0.25
 
 #: Fewest bank vectors per tile (queries are split into blocks to keep this within the budget): thinner tiles make
 #: many small, inefficient matrix products (measured: 334-column tiles run 3x slower than 1,337-column ones).
@@ -125,7 +129,9 @@ class FeatureStore:
     image as one (n_vectors, C_l) matrix that may live on disk (a read-only memory map), in float16 or float32.
 
     `shapes[i, l]` is image i's (h, w) at level l. Only the K images a test image needs are ever read, so predict
-    cost and memory do not grow with the number of training images.
+    cost and memory do not grow with the number of training images. On a GPU, the levels are copied to the device
+    once when they take at most `DEVICE_CACHE_FRACTION` of its free memory (galleries are then gathered there, with
+    no disk read or host-to-device copy per image); otherwise they are read from the memory map as on CPU.
     """
 
     global_features: torch.Tensor
@@ -133,6 +139,8 @@ class FeatureStore:
     shapes: np.ndarray  # (N, L, 2) int64
     _offsets: np.ndarray = field(init=False, repr=False)
     _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+    _levels_on_device: dict[torch.device, list[torch.Tensor] | None] = field(init=False, repr=False)
+    _lock: threading.Lock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
@@ -140,6 +148,8 @@ class FeatureStore:
         # Every prediction searches the global features: their squared norms, and their copy on an accelerator,
         # are made once per device rather than once per batch.
         self._on_device = {}
+        self._levels_on_device = {}
+        self._lock = threading.Lock()
 
     @property
     def n_images(self) -> int:
@@ -162,8 +172,25 @@ class FeatureStore:
         """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
         indices = image_indices.cpu().numpy()
         starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
+        resident = self._device_levels(torch.device(device))
+        if resident is not None:
+            lengths = stops - starts
+            firsts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)  # row index minus output position
+            rows = torch.from_numpy(firsts).to(device) + torch.arange(int(lengths.sum()), device=device)
+            return resident[level][rows].float()
         rows = np.concatenate([self.levels[level][a:b] for a, b in zip(starts, stops)], 0)
         return torch.from_numpy(rows).to(device).float()  # moved as stored (float16: half the bytes), then widened
+
+    def _device_levels(self, device: torch.device) -> list[torch.Tensor] | None:
+        """The levels as tensors on a GPU, copied on first use if they fit; None on CPU or if they do not fit."""
+        if device.type != "cuda":
+            return None
+        with self._lock:
+            if device not in self._levels_on_device:
+                free, _ = torch.cuda.mem_get_info(device)
+                fits = sum(level.nbytes for level in self.levels) <= DEVICE_CACHE_FRACTION * free
+                self._levels_on_device[device] = [_to_device(level, device) for level in self.levels] if fits else None
+            return self._levels_on_device[device]
 
     def image_map(self, level: int, index: int) -> torch.Tensor:
         """Training image `index`'s feature map at `level` as float32 (C_l, h, w)."""
@@ -171,6 +198,15 @@ class FeatureStore:
         start = int(self._offsets[index, level])
         rows = torch.from_numpy(np.array(self.levels[level][start:start + h * w], dtype=np.float32))
         return rows.T.reshape(-1, h, w)
+
+
+def _to_device(rows: np.ndarray, device: torch.device, chunk_bytes: int = 2**26) -> torch.Tensor:
+    """Copy a (possibly memory-mapped) matrix to `device` in chunks, never holding all of it in host memory."""
+    out = torch.empty(rows.shape, dtype=torch.from_numpy(rows[:0].copy()).dtype, device=device)
+    step = max(1, chunk_bytes // max(1, rows.shape[1] * rows.itemsize))
+    for first in range(0, rows.shape[0], step):
+        out[first:first + step] = torch.from_numpy(np.array(rows[first:first + step]))
+    return out
 
 
 class FeatureStoreWriter:
