@@ -172,7 +172,7 @@ class FeatureStore:
         """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
         indices = image_indices.cpu().numpy()
         starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
-        resident = self._device_levels(torch.device(device))
+        resident = self._device_levels(_with_index(torch.device(device)))
         if resident is not None:
             lengths = stops - starts
             firsts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)  # row index minus output position
@@ -198,6 +198,13 @@ class FeatureStore:
         start = int(self._offsets[index, level])
         rows = torch.from_numpy(np.array(self.levels[level][start:start + h * w], dtype=np.float32))
         return rows.T.reshape(-1, h, w)
+
+
+def _with_index(device: torch.device) -> torch.device:
+    """"cuda" as "cuda:N" (the current device), so one GPU gets one cache however it is named."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _to_device(rows: np.ndarray, device: torch.device, chunk_bytes: int = 2**26) -> torch.Tensor:
