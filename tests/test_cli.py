@@ -30,12 +30,13 @@ def model_file(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("cli") / "model.safetensors"
     with pytest.MonkeyPatch.context() as monkeypatch:
         code = run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(out), "--k-gallery", "4",
-                        "--device", "cpu"], monkeypatch)
+                        "--search-radius", "100", "--device", "cpu"], monkeypatch)
     assert code == 0 and out.is_file()
     from spade_ad import load
 
     settings = load(out).get_params()
     assert settings["k_gallery"] == 4 and settings["device"] == "cpu" and settings["layers"] == (2, 3)
+    assert settings["search_radius"] == 100  # covers the map: the same answers as the whole search
     return out
 
 

@@ -47,6 +47,7 @@ def test_init_only_stores_settings_and_params_round_trip() -> None:
 
 @pytest.mark.parametrize("bad", [
     {"fusion": "max"}, {"kappa": 0}, {"sigma": -1}, {"resize": "crop"}, {"layers": ()}, {"patch_size": 2},
+    {"search_radius": -1},
 ])
 def test_invalid_settings_fail_at_fit(bad: dict, synthetic_root: Path) -> None:
     with pytest.raises(ValueError):
@@ -149,7 +150,7 @@ def test_mixed_sizes_and_grayscale_in_one_call(fitted_model: Spade) -> None:
 
 @pytest.mark.parametrize("settings", [
     {"fusion": "concat"}, {"kappa": 3, "distance": "squared"}, {"resize": "paper_crop"}, {"sigma": 0},
-    {"layers": (1, 2, 3)}, {"patch_size": 3},
+    {"layers": (1, 2, 3)}, {"patch_size": 3}, {"search_radius": 2}, {"search_radius": 1, "fusion": "concat"},
 ])
 def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -> None:
     model = Spade(k_gallery=3, progress=False, **settings).fit(synthetic_root / "train" / "good")
@@ -159,6 +160,22 @@ def test_setting_variants_run_end_to_end(settings: dict, synthetic_root: Path) -
         assert np.isnan(prediction.original_map[0, 0]) and np.isfinite(prediction.original_map[80, 112])
     else:
         assert np.isfinite(prediction.original_map).all()
+
+
+def test_search_radius_covering_the_map_gives_the_whole_search(fitted_model: Spade, synthetic_root: Path) -> None:
+    paths = list_images(synthetic_root / "test")[:2]
+    windowed = Spade(**{**fitted_model.get_params(), "search_radius": 100}).fit(synthetic_root / "train" / "good")
+    for whole, window in zip(fitted_model.predict(paths), windowed.predict(paths)):
+        np.testing.assert_allclose(window.anomaly_map, whole.anomaly_map, rtol=1e-5, atol=1e-5)
+
+
+def test_search_radius_refuses_images_of_several_sizes() -> None:
+    rng = np.random.default_rng(0)
+    model = Spade(k_gallery=2, search_radius=1, progress=False, calibration_fraction=0).fit(
+        [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    )
+    with pytest.raises(ValueError, match=r"one size: the test feature map is 28x\d+, training maps are 28x28"):
+        model.predict(Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spade_ad.model import pixel_anomaly_map
-from spade_ad.search import FeatureStoreWriter, topk_squared_distances
+from spade_ad.search import FeatureStoreWriter, topk_squared_distances, window_topk_squared_distances
 
 RTOL = 1e-5
 
@@ -46,6 +46,46 @@ def test_distances_do_not_suffer_from_cancellation() -> None:
     distances, indices = topk_squared_distances(torch.from_numpy(base), torch.from_numpy(bank), 1)
     assert indices.item() == 0
     np.testing.assert_allclose(distances.item(), _brute_force_sq(base, bank)[0, 0], rtol=1e-3)
+
+
+def _window_reference(query: np.ndarray, gallery: np.ndarray, k: int, radius: int) -> np.ndarray:
+    """Brute force: each position against the gallery vectors within `radius` cells (Chebyshev) of it."""
+    channels, height, width = query.shape
+    out = np.full((height * width, k), np.nan)
+    for i in range(height):
+        for j in range(width):
+            window = gallery[:, :, max(0, i - radius):i + radius + 1, max(0, j - radius):j + radius + 1]
+            candidates = window.transpose(0, 2, 3, 1).reshape(-1, channels)
+            squared = np.sort(_brute_force_sq(query[:, i, j][None], candidates)[0])[:k]
+            out[i * width + j, :len(squared)] = squared
+    return out
+
+
+@pytest.mark.parametrize(("size", "radius", "k", "n_maps"), [
+    ((7, 9), 1, 1, 3), ((8, 8), 2, 3, 2), ((5, 13), 0, 1, 4), ((9, 7), 3, 2, 1), ((1, 6), 1, 1, 2),
+])
+def test_window_search_matches_brute_force(size: tuple[int, int], radius: int, k: int, n_maps: int) -> None:
+    rng = np.random.default_rng(radius + k)
+    query = rng.normal(size=(5, *size)).astype(np.float32) + 3
+    gallery = rng.normal(size=(n_maps, 5, *size)).astype(np.float32) + 3
+    got = window_topk_squared_distances(torch.from_numpy(query), torch.from_numpy(gallery), k, radius).numpy()
+    expected = _window_reference(query, gallery, k, radius)[:, :got.shape[1]]
+    assert got.shape[0] == size[0] * size[1] and not np.isnan(expected).any()
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=1e-6)
+
+
+def test_window_covering_the_image_is_the_whole_search() -> None:
+    rng = np.random.default_rng(5)
+    query = torch.from_numpy(rng.normal(size=(6, 6, 10)).astype(np.float32))
+    gallery = torch.from_numpy(rng.normal(size=(3, 6, 6, 10)).astype(np.float32))
+    windowed = window_topk_squared_distances(query, gallery, 2, radius=10)
+    whole, _ = topk_squared_distances(query.flatten(1).T, gallery.permute(0, 2, 3, 1).reshape(-1, 6), 2)
+    torch.testing.assert_close(windowed, whole)
+
+
+def test_window_search_refuses_maps_of_another_size() -> None:
+    with pytest.raises(ValueError, match="one size"):
+        window_topk_squared_distances(torch.zeros(4, 6, 6), torch.zeros(2, 4, 6, 8), 1, 1)
 
 
 def _random_store(rng: np.random.Generator, channels: tuple[int, ...], sizes: list[tuple[int, int]],

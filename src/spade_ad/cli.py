@@ -34,6 +34,9 @@ KImageOpt = Annotated[int | None, typer.Option(help="Neighbours of the global kN
 KGalleryOpt = Annotated[int | None, typer.Option(help="Nearest training images in the pixel gallery [default: 50].")]
 KappaOpt = Annotated[int | None, typer.Option(help="Gallery neighbours averaged per pixel [default: 1].")]
 PatchOpt = Annotated[int | None, typer.Option(help="Average features over NxN neighbourhoods first [default: 1].")]
+SearchRadiusOpt = Annotated[
+    int | None, typer.Option(help="Search only gallery features within N cells of each position (aligned products).")
+]
 FusionOpt = Annotated[str | None, typer.Option(help="Pyramid fusion: mean or concat [default: mean].")]
 DistanceOpt = Annotated[str | None, typer.Option(help="Pixel distance: euclidean or squared [default: euclidean].")]
 ImageScoreOpt = Annotated[str | None, typer.Option(help="Image score: map_max or knn (paper) [default: map_max].")]
@@ -80,6 +83,7 @@ def fit(
     kappa: KappaOpt = None,
     patch_size: PatchOpt = None,
     fusion: FusionOpt = None,
+    search_radius: SearchRadiusOpt = None,
     distance: DistanceOpt = None,
     image_score: ImageScoreOpt = None,
     sigma: SigmaOpt = None,
@@ -160,6 +164,7 @@ def evaluate(
     kappa: KappaOpt = None,
     patch_size: PatchOpt = None,
     fusion: FusionOpt = None,
+    search_radius: SearchRadiusOpt = None,
     distance: DistanceOpt = None,
     image_score: ImageScoreOpt = None,
     sigma: SigmaOpt = None,

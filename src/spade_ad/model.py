@@ -25,7 +25,7 @@ from .backbones import Backbone, build_backbone
 from .data import ImageItem, collect_images, iter_loaded
 from .errors import ImageReadError, NoImagesError, NotFittedError
 from .features import RESIZE_MODES, Geometry, ResizeMode, image_to_tensor, map_to_original, plan_geometry
-from .search import FeatureStore, FeatureStoreWriter, topk_squared_distances
+from .search import FeatureStore, FeatureStoreWriter, topk_squared_distances, window_topk_squared_distances
 
 Fusion = Literal["mean", "concat"]
 Distance = Literal["euclidean", "squared"]
@@ -77,6 +77,9 @@ class Spade:
         patch_size: odd size of the neighbourhood each feature is averaged over before the search (PatchCore's
             "locally aware" features); 1 = plain SPADE features.
         fusion: "mean" (per-level distance maps averaged) or "concat" (one search over concatenated features).
+        search_radius: None (SPADE: each position searches every gallery vector) or r: only gallery vectors within
+            r feature cells of the same position (for aligned products; much less work, answers change where the
+            nearest normal feature lies further away). Needs training and test images of one size.
         distance: "euclidean" or "squared" (the paper's) distances in the pixel stage, before fusing levels.
         image_score: "map_max" (maximum of the smoothed anomaly map) or "knn" (the paper's global kNN score).
         sigma: Gaussian smoothing of the map, in input pixels (0 disables).
@@ -109,6 +112,7 @@ class Spade:
         kappa: int = 1,
         patch_size: int = 1,
         fusion: Fusion = "mean",
+        search_radius: int | None = None,
         distance: Distance = "euclidean",
         image_score: ImageScore = "map_max",
         sigma: float = 4.0,
@@ -132,6 +136,7 @@ class Spade:
         self.kappa = kappa
         self.patch_size = patch_size
         self.fusion = fusion
+        self.search_radius = search_radius
         self.distance = distance
         self.image_score = image_score
         self.sigma = sigma
@@ -149,9 +154,9 @@ class Spade:
 
     # -- settings -------------------------------------------------------------------------------------------------
     SETTING_NAMES = (
-        "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "patch_size", "fusion", "distance",
-        "image_score", "sigma", "image_size", "resize", "device", "batch_size", "memory_budget", "feature_dtype",
-        "feature_dir", "calibration_fraction", "threshold_margin", "seed", "progress",
+        "backbone", "weights", "layers", "k_image", "k_gallery", "kappa", "patch_size", "fusion", "search_radius",
+        "distance", "image_score", "sigma", "image_size", "resize", "device", "batch_size", "memory_budget",
+        "feature_dtype", "feature_dir", "calibration_fraction", "threshold_margin", "seed", "progress",
     )
 
     def get_params(self) -> dict[str, Any]:
@@ -183,6 +188,8 @@ class Spade:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.calibration_fraction < 1:
             raise ValueError(f"calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
+        if self.search_radius is not None and int(self.search_radius) < 0:
+            raise ValueError(f"search_radius must be None or >= 0, got {self.search_radius}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if not self.layers:
@@ -326,7 +333,7 @@ class Spade:
         """Smoothed anomaly map (h, w) at the input resolution for one image, against its gallery `neighbours`."""
         raw = pixel_anomaly_map(
             maps, self.store_, neighbours.cpu(), input_size, kappa=self.kappa, fusion=self.fusion,
-            distance=self.distance, memory_budget=self.memory_budget,
+            distance=self.distance, memory_budget=self.memory_budget, search_radius=self.search_radius,
         )
         return smooth_map(raw, self.sigma)
 
@@ -422,15 +429,22 @@ def pixel_anomaly_map(
     fusion: Fusion = "mean",
     distance: Distance = "euclidean",
     memory_budget: int | None = None,
+    search_radius: int | None = None,
 ) -> torch.Tensor:
     """Unsmoothed pixel anomaly map (H, W) of one test image against the gallery of training images `neighbours`.
 
     `maps`: the test image's pyramid [(C_l, h_l, w_l)]. Each test position's score is the mean distance to its kappa
-    nearest gallery vectors; "mean" fusion averages the per-level maps after bilinear upsampling to `input_size`.
+    nearest gallery vectors (only those within `search_radius` cells of the same position, if given); "mean" fusion
+    averages the per-level maps after bilinear upsampling to `input_size`.
     """
-    def nearest(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        squared, _ = topk_squared_distances(queries, gallery, kappa, memory_budget)
-        return (squared.clamp_min(0).sqrt() if distance == "euclidean" else squared).mean(1)
+    def score(query_map: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        """(h, w) scores of a query map (C, h, w) against gallery maps (K, C, h, w), or rows (M, C) if unwindowed."""
+        if search_radius is None:
+            squared, _ = topk_squared_distances(query_map.flatten(1).T, gallery, kappa, memory_budget)
+        else:
+            squared = window_topk_squared_distances(query_map, gallery, kappa, search_radius)
+        per_position = (squared.clamp_min(0).sqrt() if distance == "euclidean" else squared).mean(1)
+        return per_position.reshape(1, *query_map.shape[1:])
 
     def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -440,18 +454,31 @@ def pixel_anomaly_map(
         levels = []
         for level, fmap in enumerate(maps):
             gallery = store.gallery(level, neighbours, device)
-            scores = nearest(fmap.flatten(1).T, gallery).reshape(1, *fmap.shape[1:])
-            levels.append(upsample(scores, input_size)[0])
+            if search_radius is not None:
+                gallery = _rows_to_maps(gallery, store.shapes[neighbours.cpu().numpy(), level], tuple(fmap.shape))
+            levels.append(upsample(score(fmap, gallery), input_size)[0])
         return torch.stack(levels).mean(0)
     size = tuple(maps[0].shape[1:])
     query = torch.cat([upsample(m.float(), size) for m in maps], 0)
-    gallery = torch.cat([
+    gallery = torch.stack([
         torch.cat([upsample(store.image_map(level, int(n)).to(device).float(), size) for level in range(len(maps))], 0)
-        .flatten(1).T
         for n in neighbours
-    ], 0)
-    scores = nearest(query.flatten(1).T, gallery).reshape(1, *size)
-    return upsample(scores, input_size)[0]
+    ])  # (K, C, h, w): every training map resampled onto the test image's grid
+    if search_radius is None:
+        gallery = gallery.permute(0, 2, 3, 1).reshape(-1, query.shape[0])
+    return upsample(score(query, gallery), input_size)[0]
+
+
+def _rows_to_maps(rows: torch.Tensor, shapes: np.ndarray, query_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Gallery rows (K * h * w, C) back to maps (K, C, h, w); a windowed search needs every map at the query's size."""
+    channels, height, width = query_shape
+    if not (shapes == (height, width)).all():
+        sizes = sorted({tuple(int(v) for v in shape) for shape in shapes})
+        raise ValueError(
+            f"search_radius needs training and test images of one size: the test feature map is {height}x{width}, "
+            f"training maps are {', '.join(f'{h}x{w}' for h, w in sizes)}; resize the images or use search_radius=None"
+        )
+    return rows.view(len(shapes), height, width, channels).permute(0, 3, 1, 2)
 
 
 def smooth_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 #: Default working memory for one tile of distances (bytes): small enough to stay in cache, which matters more
 #: than tile count here (measured on a 2-core CPU: 16 MiB tiles run about 3x faster than 256 MiB ones, 4 MiB tiles
@@ -82,6 +83,69 @@ def topk_squared_distances(
 def default_memory_budget(device: torch.device) -> int:
     """Bytes of distances per tile when none is given: cache-sized on CPU, large on a GPU."""
     return DEFAULT_CUDA_MEMORY_BUDGET if device.type == "cuda" else DEFAULT_MEMORY_BUDGET
+
+
+def window_topk_squared_distances(
+    query_map: torch.Tensor, gallery_maps: torch.Tensor, k: int, radius: int, block: int = 4
+) -> torch.Tensor:
+    """The k smallest squared distances from each position of `query_map` (C, h, w) to the gallery vectors of
+    `gallery_maps` (K, C, h, w) within `radius` cells of the same position (Chebyshev), ascending: (h * w, k).
+
+    A spatially restricted search (the setting `search_radius`): far less work than the whole gallery, and it
+    changes answers wherever the nearest normal feature lies further away (misaligned or rotated objects).
+    Positions are taken in `block` x `block` blocks, each against the union of its queries' windows in one batched
+    matrix product; vectors outside a query's own window are masked. Distances are recomputed directly for the
+    chosen neighbours, as in `topk_squared_distances`.
+    """
+    channels, height, width = query_map.shape
+    n_gallery = gallery_maps.shape[0]
+    if gallery_maps.shape[1:] != query_map.shape:
+        raise ValueError(
+            f"search_radius needs training and test feature maps of one size, got {tuple(gallery_maps.shape[2:])} "
+            f"and {(height, width)}: give all images one size, or use search_radius=None"
+        )
+    radius = min(radius, max(height, width) - 1)  # a larger window holds nothing more
+    size = block + 2 * radius  # side of a block's window
+    rows, cols = -(-height // block), -(-width // block)
+    pad_h, pad_w = rows * block - height, cols * block - width
+    queries = F.pad(query_map.float()[None], (0, pad_w, 0, pad_h))
+    queries = F.unfold(queries, block, stride=block)[0].T.reshape(rows, cols, channels, block * block)
+    # Channel-last and padded once; each block's window is then a strided view, copied once into the product.
+    gallery = F.pad(gallery_maps.float().permute(0, 2, 3, 1), (0, 0, radius, radius + pad_w, radius, radius + pad_h))
+    allowed = _window_mask(height, width, block, radius, query_map.device)  # (rows, cols, block^2, size^2)
+    k = min(k, n_gallery * (min(radius, height - 1) + 1) * (min(radius, width - 1) + 1))  # corner windows are smallest
+    strips = []
+    for row in range(rows):  # one row of blocks at a time: memory stays bounded by a strip of windows
+        windows = gallery[:, row * block:row * block + size].unfold(2, size, block)  # (K, size, cols, C, size)
+        strip = windows.permute(2, 0, 1, 4, 3).reshape(cols, n_gallery * size * size, channels)  # (cols, K*size^2, C)
+        row_queries = queries[row].transpose(1, 2)  # (cols, block^2, C)
+        ranking = torch.baddbmm(strip.square().sum(-1)[:, None, :], row_queries, strip.transpose(1, 2), alpha=-2.0)
+        ranking = ranking.view(cols, block * block, n_gallery, size * size)
+        ranking = ranking.masked_fill(~allowed[row][:, :, None, :], float("inf")).flatten(2)
+        chosen = ranking.topk(k, dim=2, largest=False).indices  # (cols, block^2, k)
+        neighbours = torch.gather(strip, 1, chosen.flatten(1)[..., None].expand(-1, -1, channels))
+        exact = row_queries[:, :, None, :] - neighbours.view(cols, block * block, k, channels)
+        strips.append(exact.square().sum(-1).sort(dim=2).values)  # (cols, block^2, k)
+    # Back from blocks to the (h, w) grid, dropping the padding positions.
+    grid = torch.stack(strips).view(rows, cols, block, block, k).permute(0, 2, 1, 3, 4)
+    return grid.reshape(rows * block, cols * block, k)[:height, :width].reshape(height * width, k)
+
+
+def _window_mask(height: int, width: int, block: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Which cells of each block's window (in padded gallery coordinates) lie within `radius` of each query cell of
+    the block and inside the image: (block rows, block columns, block^2, size^2) booleans."""
+    size = block + 2 * radius
+    rows, cols = -(-height // block), -(-width // block)
+    offset = torch.arange(size, device=device)[None, :] - radius - torch.arange(block, device=device)[:, None]
+    near = offset.abs() <= radius  # (block, size): window cell near query cell, along one axis
+    origin_y = (torch.arange(rows, device=device) * block)[:, None] - radius + torch.arange(size, device=device)
+    origin_x = (torch.arange(cols, device=device) * block)[:, None] - radius + torch.arange(size, device=device)
+    inside_y = (origin_y >= 0) & (origin_y < height)  # (rows, size)
+    inside_x = (origin_x >= 0) & (origin_x < width)  # (cols, size)
+    along_y = near[None] & inside_y[:, None, :]  # (rows, block, size)
+    along_x = near[None] & inside_x[:, None, :]  # (cols, block, size)
+    mask = along_y[:, None, :, None, :, None] & along_x[None, :, None, :, None, :]  # (rows, cols, b, b, size, size)
+    return mask.reshape(rows, cols, block * block, size * size)
 
 
 def _ranking_tile(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, start: int, stop: int):
