@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_service.py --seconds 30
