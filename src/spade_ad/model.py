@@ -78,8 +78,8 @@ class Spade:
             "locally aware" features); 1 = plain SPADE features.
         fusion: "mean" (per-level distance maps averaged) or "concat" (one search over concatenated features).
         search_radius: None (SPADE: each position searches every gallery vector) or r: only gallery vectors within
-            r feature cells of the same position (for aligned products; much less work, answers change where the
-            nearest normal feature lies further away). Needs training and test images of one size.
+            r feature cells of the same position (for aligned products; faster with r = 1 or 2, and answers change
+            where the nearest normal feature lies further away). Needs training and test images of one size.
         distance: "euclidean" or "squared" (the paper's) distances in the pixel stage, before fusing levels.
         image_score: "map_max" (maximum of the smoothed anomaly map) or "knn" (the paper's global kNN score).
         sigma: Gaussian smoothing of the map, in input pixels (0 disables).

@@ -7,7 +7,8 @@ is a cheap gather that reads only those K images.
 
 Search is exact: squared Euclidean distances by matrix product in tiles sized to a memory budget, a running top-k
 per tile, and the chosen neighbours' distances recomputed directly (no cancellation error from the expansion
-|q|^2 - 2 q.b + |b|^2). No `pairwise_distance` on 4-D tensors anywhere.
+|q|^2 - 2 q.b + |b|^2). No `pairwise_distance` on 4-D tensors anywhere. The optional windowed search
+(`window_topk_squared_distances`) changes answers on purpose: each position only sees nearby gallery positions.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def window_topk_squared_distances(
     """The k smallest squared distances from each position of `query_map` (C, h, w) to the gallery vectors of
     `gallery_maps` (K, C, h, w) within `radius` cells of the same position (Chebyshev), ascending: (h * w, k).
 
-    A spatially restricted search (the setting `search_radius`): far less work than the whole gallery, and it
-    changes answers wherever the nearest normal feature lies further away (misaligned or rotated objects).
+    A spatially restricted search (the setting `search_radius`): less work than the whole gallery on fine levels
+    with small radii (measured at stride 8, 28 x 28, K = 50: radius 1 about 3x faster, radius 3 about the same), and
+    it changes answers wherever the nearest normal feature lies further away (misaligned or rotated objects).
     Positions are taken in `block` x `block` blocks, each against the union of its queries' windows in one batched
     matrix product; vectors outside a query's own window are masked. Distances are recomputed directly for the
     chosen neighbours, as in `topk_squared_distances`.
