@@ -77,13 +77,19 @@ def test_predict_accepts_files_and_several_inputs(
     assert len(_rows(out / "scores.csv")) == 2 + 4
 
 
+def _good_images_with_one_bad(synthetic_root: Path, folder: Path, name: str, content: bytes) -> Path:
+    """A copy of the synthetic good test images in which file `name` is replaced by `content`."""
+    shutil.copytree(synthetic_root / "test" / "good", folder)
+    (folder / name).write_bytes(content)
+    return folder
+
+
 def test_bad_image_stops_with_one_clear_line(
     model_file: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    folder = tmp_path / "in"
-    shutil.copytree(synthetic_root / "test" / "good", folder)
-    (folder / "001.png").write_bytes((folder / "001.png").read_bytes()[:100])  # truncated
+    truncated = (synthetic_root / "test" / "good" / "001.png").read_bytes()[:100]
+    folder = _good_images_with_one_bad(synthetic_root, tmp_path / "in", "001.png", truncated)
     out = tmp_path / "out"
     code = run_cli(["predict", str(model_file), str(folder), "-o", str(out)], monkeypatch)
     err = capsys.readouterr().err
@@ -96,9 +102,7 @@ def test_skip_bad_goes_on_and_lists_what_it_skipped(
     model_file: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    folder = tmp_path / "in"
-    shutil.copytree(synthetic_root / "test" / "good", folder)
-    (folder / "000.png").write_text("not an image")
+    folder = _good_images_with_one_bad(synthetic_root, tmp_path / "in", "000.png", b"not an image")
     out = tmp_path / "out"
     code = run_cli(["predict", str(model_file), str(folder), "-o", str(out), "--skip-bad"], monkeypatch)
     assert code == 0
