@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 
 from spade_ad import WeightsError, build_backbone
-from spade_ad.backbones import build_classifier, state_dict_sha256
+from spade_ad.backbones import build_classifier, fold_batch_norms, state_dict_sha256
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -41,6 +41,58 @@ def test_lite_backbones_give_pyramid_and_global_feature(name: str) -> None:
     assert len(backbone.weights_sha256) == 64
 
 
+def test_lite0_features_equal_the_unfolded_network() -> None:
+    """The backbone folds batch norms into convolutions and runs channels-last: same features as timm's own network."""
+    backbone = build_backbone("efficientnet_lite0", layers=(1, 2, 3))
+    reference = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    reference.load_state_dict(build_classifier("efficientnet_lite0").state_dict(), strict=False)
+    images = torch.rand(2, 3, 128, 96, generator=torch.Generator().manual_seed(0))
+    pyramid, global_features = backbone(images)
+    with torch.no_grad():
+        expected = reference((images - 0.5) / 0.5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    for got, want in zip([*pyramid, global_features], [*expected[:3], expected[3].mean(dim=(2, 3))]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert all(m.is_contiguous(memory_format=torch.channels_last) for m in pyramid)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_100"])
+def test_batch_norm_folding_keeps_outputs(name: str) -> None:
+    body = timm.create_model(name, features_only=True, out_indices=(1, 2, 3))
+    generator = torch.Generator().manual_seed(0)
+    for module in body.modules():  # statistics far from the identity, so that folding matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.rand(module.num_features, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    images = torch.rand(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        expected = body.eval()(images)
+        folded = fold_batch_norms(body)
+        actual = folded(images)
+    assert folded is not body
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for got, want in zip(actual, expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_batch_norm_folding_refuses_a_misleading_child_order() -> None:
+    """A convolution listed before a batch norm that in fact runs before it: folding would change the output."""
+
+    class NormThenConv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.norm = torch.nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.norm(x))
+
+    body = NormThenConv()
+    assert fold_batch_norms(body) is body
+    assert isinstance(body.norm, torch.nn.BatchNorm2d)
+
+
 def test_layers_are_configurable() -> None:
     backbone = build_backbone("efficientnet_lite0", layers=(2, 3, 4))
     assert backbone.strides == (8, 16, 32)
@@ -56,11 +108,13 @@ def test_wide_resnet50_loads_a_state_dict_file(tmp_path) -> None:
     assert backbone.channels == (256, 512, 1024)
     assert backbone.global_dim == 2048
     assert backbone.weights_sha256 == state_dict_sha256(reference.state_dict())
-    pyramid, global_features = backbone(torch.rand(1, 3, 64, 64))
+    images = torch.rand(1, 3, 64, 64)
+    pyramid, global_features = backbone(images)
     assert pyramid[0].shape == (1, 256, 16, 16)
-    # The stored weights are the ones in the file, not a fresh random init.
-    first = next(iter(reference.state_dict()))
-    assert torch.equal(backbone.body.state_dict()[first], reference.state_dict()[first])
+    # The weights used are the ones in the file, not a fresh random init (batch norms are folded, so compare outputs).
+    with torch.no_grad():
+        expected = reference.eval().forward_features((images - backbone.mean) / backbone.std).mean(dim=(2, 3))
+    assert torch.allclose(global_features, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_safetensors_weights_file_and_any_timm_name(tmp_path) -> None:

@@ -11,6 +11,7 @@ Every backbone is a timm network. Weights come from:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import WeightsError
 
@@ -74,7 +76,7 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        self.body = body.eval().requires_grad_(False)
+        self.body = body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.layers = tuple(layers)
         self.weights_sha256 = weights_sha256
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -88,7 +90,7 @@ class Backbone(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`images`: (N, 3, H, W) RGB in [0, 1]. Returns the pyramid [(N, C_l, H_l, W_l)] and globals (N, D)."""
-        outputs = self.body((images - self.mean) / self.std)
+        outputs = self.body(((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
         pyramid = [outputs[p] for p in self._positions]
         return pyramid, outputs[-1].mean(dim=(2, 3))
 
@@ -113,12 +115,66 @@ def build_backbone(
     missing, _unused_head = body.load_state_dict(full.state_dict(), strict=False)
     if missing:
         raise WeightsError(f"internal error: feature extractor for {name!r} lacks weights for {missing[:3]}")
+    body = fold_batch_norms(body)
     if spec is not None:
         mean, std = spec.mean, spec.std
     else:
         cfg = full.pretrained_cfg
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     return Backbone(name, body, tuple(layers), mean, std, state_dict_sha256(full.state_dict()))
+
+
+def fold_batch_norms(body: nn.Module, probe_size: int = 64) -> nn.Module:
+    """`body` in eval mode with every BatchNorm folded into the convolution just before it (frozen inference only).
+
+    A folded convolution computes the same features in one pass instead of two (with channels-last, the Lite0 pyramid
+    about 2x faster on CPU). Conv -> BatchNorm pairs are read from the order of each module's children, which is the
+    order of the forward pass in timm's CNNs but is not guaranteed for every network; so the folded copy is kept only
+    if it gives the same outputs as `body` on a probe batch, and `body` is returned unchanged otherwise.
+    """
+    body = body.eval()
+    folded = copy.deepcopy(body)
+    if not _fold_children(folded):
+        return body
+    probe = torch.rand(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, actual = _tensors(body(probe)), _tensors(folded(probe))
+    same = len(actual) == len(expected) and all(
+        a.shape == e.shape and torch.allclose(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+        for a, e in zip(actual, expected)
+    )
+    return folded if same else body
+
+
+def _tensors(output: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return [output] if isinstance(output, torch.Tensor) else list(output)
+
+
+def _fold_children(module: nn.Module) -> bool:
+    """Fold, in place and recursively, each BatchNorm2d that directly follows a Conv2d among a module's children.
+    timm's BatchNormAct2d (batch norm, then dropout and activation) keeps its dropout and activation. True if any."""
+    changed = False
+    previous: tuple[str, nn.Module] | None = None
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d) and previous is not None and _foldable(previous[1], child):
+            conv_name, conv = previous
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, child))
+            tail = [child.drop, child.act] if type(child) is not nn.BatchNorm2d else []
+            setattr(module, name, nn.Sequential(*tail))  # an empty Sequential is the identity
+            changed = True
+        else:
+            changed = _fold_children(child) or changed
+        previous = (name, getattr(module, name))
+    return changed
+
+
+def _foldable(conv: nn.Module, norm: nn.BatchNorm2d) -> bool:
+    """A plain convolution into a BatchNorm with running statistics (plain, or timm's BatchNormAct2d)."""
+    known_norm = type(norm) is nn.BatchNorm2d or (hasattr(norm, "act") and hasattr(norm, "drop"))
+    return (
+        isinstance(conv, nn.Conv2d) and conv.out_channels == norm.num_features and known_norm
+        and norm.running_mean is not None and norm.running_var is not None
+    )
 
 
 def build_classifier(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> nn.Module:
