@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spade_ad.model import pixel_anomaly_map
-from spade_ad.search import FeatureStoreWriter, topk_squared_distances, window_topk_squared_distances
+from spade_ad.search import FeatureStoreWriter, ranking_bank, topk_squared_distances, window_topk_squared_distances
 
 RTOL = 1e-5
 
@@ -29,6 +29,19 @@ def test_topk_matches_brute_force(k: int, budget: int) -> None:
     chosen = np.take_along_axis(reference, indices.numpy(), axis=1)
     np.testing.assert_allclose(chosen, expected, rtol=RTOL)
     assert np.all(np.diff(distances.numpy(), axis=1) >= 0)
+
+
+def test_ranking_bank_ranks_by_squared_distance_and_can_be_reused() -> None:
+    rng = np.random.default_rng(3)
+    queries, bank = (torch.from_numpy(rng.normal(size=(n, 9)).astype(np.float32)) for n in (13, 57))
+    ranking = ranking_bank(bank)
+    extended = torch.cat([-2 * queries, torch.ones(13, 1)], 1)
+    shifted = (extended @ ranking.T + queries.square().sum(1, keepdim=True)).numpy()
+    np.testing.assert_allclose(shifted, _brute_force_sq(queries.numpy(), bank.numpy()), rtol=1e-4, atol=1e-4)
+    for k in (1, 4):  # a ranking bank made once (as the store caches it) gives the same answer as one made per call
+        reused = topk_squared_distances(queries, bank, k, ranking=ranking)
+        fresh = topk_squared_distances(queries, bank, k)
+        assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
 
 
 def test_topk_handles_k_larger_than_bank_and_exact_duplicates() -> None:

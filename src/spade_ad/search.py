@@ -7,8 +7,10 @@ is a cheap gather that reads only those K images.
 
 Search is exact: squared Euclidean distances by matrix product in tiles sized to a memory budget, a running top-k
 per tile, and the chosen neighbours' distances recomputed directly (no cancellation error from the expansion
-|q|^2 - 2 q.b + |b|^2). No `pairwise_distance` on 4-D tensors anywhere. The optional windowed search
-(`window_topk_squared_distances`) changes answers on purpose: each position only sees nearby gallery positions.
+|q|^2 - 2 q.b + |b|^2). Neighbours are ranked by |b|^2 - 2 q.b, one plain matrix product of the extended queries
+[-2 q, 1] by the bank's rows [b, |b|^2] (`ranking_bank`): no separate pass to add the norms. No `pairwise_distance`
+on 4-D tensors anywhere. The optional windowed search (`window_topk_squared_distances`) changes answers on purpose:
+each position only sees nearby gallery positions.
 """
 
 from __future__ import annotations
@@ -44,14 +46,14 @@ def topk_squared_distances(
     bank: torch.Tensor,
     k: int,
     memory_budget: int | None = None,
-    bank_sq: torch.Tensor | None = None,
+    ranking: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest squared Euclidean distances from each query (Q, D) to the bank (M, D), ascending.
 
-    `bank_sq`, the bank's squared norms (M,), may be passed when the same bank is searched many times.
+    `ranking`, the bank's `ranking_bank`, may be passed when the same bank is searched many times.
 
     Returns (distances (Q, k), indices (Q, k)). The bank is visited in tiles of at most `memory_budget` bytes of
-    distances (None: `default_memory_budget` of the queries' device); ranking uses |b|^2 - 2 q.b (one fused matmul
+    distances (None: `default_memory_budget` of the queries' device); ranking uses |b|^2 - 2 q.b (one matrix product
     per tile), and the distances returned are recomputed directly for the chosen neighbours, so they carry no
     cancellation error.
     """
@@ -62,8 +64,9 @@ def topk_squared_distances(
         memory_budget = default_memory_budget(queries.device)
     queries = queries.float()
     bank = bank.to(device=queries.device)
-    if bank_sq is None:
-        bank_sq = bank.float().square().sum(1)
+    if ranking is None:
+        ranking = ranking_bank(bank)
+    extended = torch.cat([-2.0 * queries, queries.new_ones(queries.shape[0], 1)], 1)  # [-2 q, 1].[b, |b|^2]
     # On CPU, `amin` plus a second pass beats `min` with indices; on a GPU, a plain running top-k avoids the second
     # pass's host synchronisation.
     find = _nearest_indices if k == 1 and queries.device.type == "cpu" else _topk_indices
@@ -72,13 +75,25 @@ def topk_squared_distances(
     block = max(1, memory_budget // (4 * MIN_TILE_COLUMNS))
     indices = []
     for first in range(0, queries.shape[0], block):
-        rows = queries[first:first + block]
+        rows = extended[first:first + block]
         tile = max(k, min(bank.shape[0], memory_budget // (4 * rows.shape[0])))
-        indices.append(find(rows, bank, bank_sq, k, tile))
+        indices.append(find(rows, ranking, k, tile))
     indices = torch.cat(indices, 0)
     exact = (queries[:, None, :] - bank[indices].float()).square().sum(-1)
     exact, order = exact.sort(dim=1)
     return exact, indices.gather(1, order)
+
+
+def ranking_bank(bank: torch.Tensor) -> torch.Tensor:
+    """The bank's rows as [b, |b|^2] (M, D + 1), float32: with queries extended to [-2 q, 1], one matrix product ranks
+    neighbours by |b|^2 - 2 q.b (the squared distance minus |q|^2). Folding the norms into the product saves the pass
+    that adds them to every tile of distances (measured: about 1.3x faster search at strides 4 and 8)."""
+    bank = bank.float()
+    ranking = bank.new_empty(bank.shape[0], bank.shape[1] + 1)
+    ranking[:, :-1] = bank
+    torch.linalg.vector_norm(bank, dim=1, out=ranking[:, -1])
+    ranking[:, -1].square_()
+    return ranking
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -150,36 +165,31 @@ def _window_mask(height: int, width: int, block: int, radius: int, device: torch
     return mask.reshape(rows, cols, block * block, size * size)
 
 
-def _ranking_tile(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, start: int, stop: int):
-    """|b|^2 - 2 q.b for a tile of the bank: the squared distance minus |q|^2, which ranks neighbours the same."""
-    return torch.addmm(bank_sq[start:stop][None], queries, bank[start:stop].float().T, alpha=-2.0)
-
-
-def _nearest_indices(queries, bank, bank_sq, k, tile) -> torch.Tensor:
-    """Index of the nearest bank vector per query (Q, 1). A value-only pass (`amin`, much faster than `min` with
-    indices on CPU) finds each query's best tile; a second pass takes the argmin inside that tile only, for the
-    queries grouped by tile."""
-    starts = range(0, bank.shape[0], tile)
-    tile_minima = torch.stack([_ranking_tile(queries, bank, bank_sq, s, s + tile).amin(1) for s in starts], 1)
+def _nearest_indices(extended: torch.Tensor, ranking: torch.Tensor, k: int, tile: int) -> torch.Tensor:
+    """Index of the nearest bank vector per query (Q, 1), from the extended queries [-2 q, 1] and the `ranking_bank`.
+    A value-only pass (`amin`, much faster than `min` with indices on CPU) finds each query's best tile; a second
+    pass takes the argmin inside that tile only, for the queries grouped by tile."""
+    starts = range(0, ranking.shape[0], tile)
+    tile_minima = torch.stack([(extended @ ranking[s:s + tile].T).amin(1) for s in starts], 1)
     best_tile = tile_minima.argmin(1)
     by_tile = best_tile.argsort()
-    indices = torch.empty(queries.shape[0], dtype=torch.int64, device=queries.device)
+    indices = torch.empty(extended.shape[0], dtype=torch.int64, device=extended.device)
     first = 0
     for t, count in enumerate(torch.bincount(best_tile, minlength=len(starts)).tolist()):
         if count:
             rows = by_tile[first:first + count]
             start = t * tile
-            indices[rows] = _ranking_tile(queries[rows], bank, bank_sq, start, start + tile).argmin(1) + start
+            indices[rows] = (extended[rows] @ ranking[start:start + tile].T).argmin(1) + start
             first += count
     return indices[:, None]
 
 
-def _topk_indices(queries, bank, bank_sq, k, tile) -> torch.Tensor:
+def _topk_indices(extended: torch.Tensor, ranking: torch.Tensor, k: int, tile: int) -> torch.Tensor:
     """Indices of the k nearest bank vectors per query (Q, k), by a running top-k over tiles."""
     best_d = best_i = None
-    for start in range(0, bank.shape[0], tile):
-        d, i = _ranking_tile(queries, bank, bank_sq, start, start + tile).topk(
-            min(k, tile, bank.shape[0] - start), dim=1, largest=False
+    for start in range(0, ranking.shape[0], tile):
+        d, i = (extended @ ranking[start:start + tile].T).topk(
+            min(k, tile, ranking.shape[0] - start), dim=1, largest=False
         )
         i += start
         if best_d is not None:
@@ -211,7 +221,7 @@ class FeatureStore:
     def __post_init__(self) -> None:
         sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
         self._offsets = np.concatenate([np.zeros((1, sizes.shape[1]), dtype=np.int64), sizes.cumsum(0)], 0)
-        # Every prediction searches the global features: their squared norms, and their copy on an accelerator,
+        # Every prediction searches the global features: their ranking bank, and their copy on an accelerator,
         # are made once per device rather than once per batch.
         self._on_device = {}
         self._levels_on_device = {}
@@ -230,9 +240,9 @@ class FeatureStore:
         device = queries.device
         if device not in self._on_device:
             bank = self.global_features.to(device)
-            self._on_device[device] = bank, bank.square().sum(1)
-        bank, bank_sq = self._on_device[device]
-        return topk_squared_distances(queries, bank, k, bank_sq=bank_sq)
+            self._on_device[device] = bank, ranking_bank(bank)
+        bank, ranking = self._on_device[device]
+        return topk_squared_distances(queries, bank, k, ranking=ranking)
 
     def gallery(self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
