@@ -46,12 +46,17 @@ def peak_rss_mb() -> float:
 def naive_map(model: Spade, naive_levels: list[torch.Tensor], maps: list[torch.Tensor], neighbours: torch.Tensor,
               input_size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The usual public implementation: gather K full maps, cdist against the whole gallery, min, upsample, mean.
-    With dtype=float64 it is the exact reference both float32 ways are compared with."""
+    With dtype=float64 it is the exact reference both float32 ways are compared with (queries in chunks there, so
+    that its 8-byte distances do not set the process's peak memory)."""
     levels = []
     for level, fmap in enumerate(maps):
         gallery = naive_levels[level][neighbours].permute(0, 2, 3, 1).reshape(-1, fmap.shape[0]).to(dtype)
-        distances = torch.cdist(fmap.flatten(1).T[None].to(dtype), gallery[None])[0] ** 2
-        scores = distances.min(1).values.reshape(1, 1, *fmap.shape[1:])
+        queries = fmap.flatten(1).T.to(dtype)
+        chunk = queries.shape[0] if dtype == torch.float32 else 256
+        scores = torch.cat([
+            torch.cdist(queries[first:first + chunk][None], gallery[None])[0].min(1).values ** 2
+            for first in range(0, queries.shape[0], chunk)
+        ]).reshape(1, 1, *fmap.shape[1:])
         levels.append(F.interpolate(scores, size=input_size, mode="bilinear", align_corners=False)[0, 0])
     return torch.stack(levels).mean(0)
 
@@ -131,34 +136,37 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
             "naive_exact": worst_naive_exact, **ms}
 
 
-def end_to_end(data: Path, n_test: int, settings: dict) -> float:
+def end_to_end(data: Path, n_test: int, settings: dict, rounds: int = 3) -> float:
     """Default preset: full predict time per image (decode, backbone, search, maps at the original size), and the
     same from already decoded images, against the backbone's forward pass alone on the same, already decoded and
-    resized, batches."""
+    resized, batches. The three are measured in turn `rounds` times and each one's median is reported: this
+    machine's speed drifts between seconds, and interleaving keeps the ratios honest."""
     model = Spade(**settings).fit(list_images(data / "train" / "good"))
     test = list_images(data / "test")[:n_test]
     model.predict(test[:2])  # warm-up
-    start = time.perf_counter()
-    model.predict(test, original_size=True)
-    predict_ms = 1000 * (time.perf_counter() - start) / len(test)
     images = [read_image(p) for p in test]
-    start = time.perf_counter()
-    model.predict(images, original_size=True)
-    decoded_ms = 1000 * (time.perf_counter() - start) / len(test)
     tensors = [image_to_tensor(im, plan_geometry((im.height, im.width), model.image_size, model.resize))
                for im in images]
     batches = [torch.stack(tensors[first:first + model.batch_size]).to(model.device_)
                for first in range(0, len(tensors), model.batch_size)]
-    sync(model.device_)
-    start = time.perf_counter()
-    for batch in batches:
-        model.backbone_(batch)
-    sync(model.device_)
-    backbone_ms = 1000 * (time.perf_counter() - start) / len(test)
+
+    def per_image_ms(work) -> float:
+        sync(model.device_)
+        start = time.perf_counter()
+        work()
+        sync(model.device_)
+        return 1000 * (time.perf_counter() - start) / len(test)
+
+    times: dict[str, list[float]] = {"files": [], "decoded": [], "backbone": []}
+    for _ in range(rounds):
+        times["files"].append(per_image_ms(lambda: model.predict(test, original_size=True)))
+        times["decoded"].append(per_image_ms(lambda: model.predict(images, original_size=True)))
+        times["backbone"].append(per_image_ms(lambda: [model.backbone_(batch) for batch in batches]))
+    predict_ms, decoded_ms, backbone_ms = (float(np.median(times[key])) for key in ("files", "decoded", "backbone"))
     ratio = predict_ms / backbone_ms
-    print(f"default preset {settings}: backbone alone {backbone_ms:.1f} ms/image; predict from files "
-          f"{predict_ms:.1f} ms/image (ratio {ratio:.2f}), from decoded images {decoded_ms:.1f} ms/image "
-          f"(ratio {decoded_ms / backbone_ms:.2f})")
+    print(f"default preset {settings} (medians of {rounds} interleaved rounds): backbone alone {backbone_ms:.1f} "
+          f"ms/image; predict from files {predict_ms:.1f} ms/image (ratio {ratio:.2f}), from decoded images "
+          f"{decoded_ms:.1f} ms/image (ratio {decoded_ms / backbone_ms:.2f})")
     return ratio
 
 
