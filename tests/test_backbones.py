@@ -76,7 +76,7 @@ def test_batch_norm_folding_keeps_outputs(name: str) -> None:
 
 
 def test_batch_norm_folding_refuses_a_misleading_child_order() -> None:
-    """A convolution listed before a batch norm that in fact runs before it: folding would change the output."""
+    """A convolution listed before a batch norm that in fact runs after it: folding would change the output."""
 
     class NormThenConv(torch.nn.Module):
         def __init__(self) -> None:
