@@ -93,6 +93,13 @@ def test_batch_norm_folding_refuses_a_misleading_child_order() -> None:
     assert isinstance(body.norm, torch.nn.BatchNorm2d)
 
 
+def test_batch_norm_folding_keeps_a_network_that_cannot_take_the_probe() -> None:
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 126 * 126, 2))  # needs 128 x 128 inputs, the probe is 64 x 64
+    assert fold_batch_norms(body) is body
+    assert isinstance(body[1], torch.nn.BatchNorm2d)
+
+
 def test_layers_are_configurable() -> None:
     backbone = build_backbone("efficientnet_lite0", layers=(2, 3, 4))
     assert backbone.strides == (8, 16, 32)

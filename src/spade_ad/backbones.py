@@ -137,8 +137,11 @@ def fold_batch_norms(body: nn.Module, probe_size: int = 64) -> nn.Module:
     if not _fold_children(folded):
         return body
     probe = torch.rand(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected, actual = _tensors(body(probe)), _tensors(folded(probe))
+    try:
+        with torch.inference_mode():
+            expected, actual = _tensors(body(probe)), _tensors(folded(probe))
+    except RuntimeError:  # a network that cannot take the probe batch is kept as it is
+        return body
     same = len(actual) == len(expected) and all(
         a.shape == e.shape and torch.allclose(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
         for a, e in zip(actual, expected)
