@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from spade_ad.service import serve_in_subprocess
+from spade_ad.child_server import serve_in_subprocess
 
 BOTTLE_IMAGE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle/test/broken_large/000.png"
 

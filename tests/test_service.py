@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from PIL import Image
 
 from spade_ad import Spade, load
-from spade_ad.service import ServiceSettings, create_app, free_port, serve_in_subprocess
+from spade_ad.child_server import free_port, serve_in_subprocess
+from spade_ad.service import ServiceSettings, create_app
 from spade_ad.synthetic import make_synthetic_dataset
 
 SIZE = (128, 128)
