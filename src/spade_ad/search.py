@@ -214,16 +214,16 @@ class FeatureStore:
     levels: list[np.ndarray]
     shapes: np.ndarray  # (N, L, 2) int64
     _offsets: np.ndarray = field(init=False, repr=False)
-    _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+    _ranking_on_device: dict[torch.device, torch.Tensor] = field(init=False, repr=False)
     _levels_on_device: dict[torch.device, list[torch.Tensor] | None] = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
         self._offsets = np.concatenate([np.zeros((1, sizes.shape[1]), dtype=np.int64), sizes.cumsum(0)], 0)
-        # Every prediction searches the global features: their ranking bank, and their copy on an accelerator,
-        # are made once per device rather than once per batch.
-        self._on_device = {}
+        # Every prediction searches the global features: their ranking bank (which holds them), on the queries'
+        # device, is made once per device rather than once per batch.
+        self._ranking_on_device = {}
         self._levels_on_device = {}
         self._lock = threading.Lock()
 
@@ -238,11 +238,10 @@ class FeatureStore:
     def nearest_images(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest training images by global feature: (squared distances (Q, k), indices (Q, k))."""
         device = queries.device
-        if device not in self._on_device:
-            bank = self.global_features.to(device)
-            self._on_device[device] = bank, ranking_bank(bank)
-        bank, ranking = self._on_device[device]
-        return topk_squared_distances(queries, bank, k, ranking=ranking)
+        if device not in self._ranking_on_device:
+            self._ranking_on_device[device] = ranking_bank(self.global_features).to(device)
+        ranking = self._ranking_on_device[device]
+        return topk_squared_distances(queries, ranking[:, :-1], k, ranking=ranking)
 
     def gallery(self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
