@@ -18,10 +18,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/install-browser-deps.sh
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

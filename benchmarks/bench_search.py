@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from spade_ad import Spade
-from spade_ad.data import list_images, read_image
-from spade_ad.features import image_to_tensor, map_to_original, plan_geometry
-from spade_ad.model import pixel_anomaly_map, smooth_map
+from spade_ad.geometry import image_to_tensor, map_to_original, plan_geometry
+from spade_ad.images import list_images, read_image
+from spade_ad.scoring import pixel_anomaly_map, smooth_map
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 N_EXACT = 5  # test images also compared with a float64 map (slow on CPU)

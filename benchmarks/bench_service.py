@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from spade_ad.child_server import serve_in_subprocess
+# The child-process server helper is a test helper (tests/child_server.py), not part of the library: import it from
+# the repository's tests folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from child_server import serve_in_subprocess  # noqa: E402
 
 BOTTLE_IMAGE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle/test/broken_large/000.png"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from child_server import serve_in_subprocess
 from spade_ad import Spade
-from spade_ad.child_server import serve_in_subprocess
 from spade_ad.synthetic import make_synthetic_dataset
 
 pytestmark = pytest.mark.browser

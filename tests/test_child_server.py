@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from spade_ad.child_server import free_port, serve_in_subprocess
+from child_server import free_port, serve_in_subprocess
 
 
 def test_free_port_can_be_bound() -> None:

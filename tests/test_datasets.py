@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from spade_ad import datasets as ds
-from spade_ad.data import read_image
 from spade_ad.errors import DatasetLayoutError, ImageReadError
+from spade_ad.images import read_image
 from spade_ad.synthetic import make_synthetic_dataset
 
 SIZE = (64, 96)  # height, width

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from spade_ad import NotFittedError, Spade
-from spade_ad.data import list_images
-from spade_ad.metrics import image_auroc, pixel_auroc
-from spade_ad.model import smooth_map
+from spade_ad.evaluation.metrics import image_auroc, pixel_auroc
+from spade_ad.images import list_images
+from spade_ad.scoring import smooth_map
 
 
 def _test_set(root: Path) -> tuple[list[Path], np.ndarray, list[np.ndarray]]:
@@ -84,7 +84,7 @@ def test_calibration_can_be_disabled_or_use_a_validation_folder(synthetic_root: 
 
 
 def test_calibrate_threshold_rule() -> None:
-    from spade_ad.model import calibrate_threshold
+    from spade_ad.calibration import calibrate_threshold
 
     assert calibrate_threshold([1.0, 2.0, 3.0], 0.1) == pytest.approx(3.0 + 0.1 * (3.0 - 2.0))
     assert calibrate_threshold([5.0], 0.5) == 5.0

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ad.model import pixel_anomaly_map
-from spade_ad.search import FeatureStoreWriter, ranking_bank, topk_squared_distances, window_topk_squared_distances
+from spade_ad.scoring import pixel_anomaly_map
+from spade_ad.search import ranking_bank, topk_squared_distances, window_topk_squared_distances
+from spade_ad.store import FeatureStoreWriter
 
 RTOL = 1e-5
 

@@ -20,9 +20,11 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
+from child_server import free_port, serve_in_subprocess
 from spade_ad import Spade, load
-from spade_ad.child_server import free_port, serve_in_subprocess
 from spade_ad.service import ServiceSettings, create_app
+from spade_ad.service.app import model_settings
+from spade_ad.settings import SETTINGS
 from spade_ad.synthetic import make_synthetic_dataset
 
 SIZE = (128, 128)
@@ -95,11 +97,20 @@ def test_model_info(server: str) -> None:
     info = requests.get(f"{server}/v1/model", timeout=10).json()
     assert info["backbone"] == "efficientnet_lite0"
     assert info["settings"]["k_gallery"] == 4 and info["settings"]["layers"] == [2, 3]
+    assert set(info["settings"]) == {s.name for s in SETTINGS if s.stored}  # from the settings table
     assert info["image_threshold"] > 0 and info["pixel_threshold"] > 0
     assert info["color_scale"] == {"vmin": 0.0, "vmax": 1.5 * info["pixel_threshold"], "fixed": True}
     assert isinstance(info["metrics"], dict)
     assert 0 < info["n_train_images"] < 12  # one image held out for calibration
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_pixels"] == PIXEL_LIMIT
+
+
+def test_model_settings_show_weights_as_a_file_name_only(tmp_path: Path) -> None:
+    weights = tmp_path / "secret-folder" / "backbone.pth"
+    shown = model_settings(Spade(weights=weights, k_gallery=7, progress=False))
+    assert shown["weights"] == "backbone.pth"
+    assert shown["k_gallery"] == 7 and "progress" not in shown and "feature_dir" not in shown
+    assert model_settings(Spade())["weights"] is None
 
 
 def test_predict_one_image(server: str, service_data: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.visualize import contour, heatmap, overlay, save_png
+from spade_ad.visualize import color_range, contour, heatmap, overlay, save_png, threshold_color_range
 
 JET = matplotlib.colormaps["jet"]
 BOTTOM = tuple(int(c) for c in JET(0.0, bytes=True)[:3])
@@ -135,3 +135,21 @@ def test_save_png_creates_parents(tmp_path: Path) -> None:
     with Image.open(path) as loaded:
         assert loaded.format == "PNG"
         assert np.array_equal(np.asarray(loaded), np.asarray(img))
+
+
+def test_color_range_calibrated_is_fixed_and_shared() -> None:
+    assert threshold_color_range(2.0) == (0.0, 3.0)
+    assert threshold_color_range(None) is None
+    for anomaly_map in (np.zeros((3, 4)), np.arange(12.0).reshape(3, 4)):
+        assert color_range(anomaly_map, 2.0) == (0.0, 3.0, True)  # 1.5 x the threshold, whatever the map
+
+
+def test_color_range_uncalibrated_is_the_maps_own_min_max() -> None:
+    anomaly_map = np.array([[np.nan, 2.0], [5.0, np.inf]])
+    assert color_range(anomaly_map, None) == (2.0, 5.0, False)  # finite values only
+    assert color_range(np.full((2, 2), np.nan), None) == (0.0, 0.0, False)
+    vmin, vmax, _ = color_range(np.arange(6.0).reshape(2, 3), None)
+    assert np.array_equal(np.asarray(heatmap(np.arange(6.0).reshape(2, 3), vmin, vmax)),
+                          np.asarray(heatmap(np.arange(6.0).reshape(2, 3))))  # what heatmap uses by default
+    with pytest.raises(ValueError, match="2-D"):
+        color_range(np.zeros(3), None)

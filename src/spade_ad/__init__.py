@@ -3,35 +3,56 @@
     from spade_ad import Spade, load
     model = Spade().fit("train/good")
     results = model.predict("test/", original_size=True)
+
+Names are imported on first use (PEP 562), so `import spade_ad` and `spade-ad --help` load neither torch nor timm.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .backbones import available_backbones, build_backbone
-from .errors import (
-    DatasetLayoutError,
-    ImageReadError,
-    ModelFileError,
-    NoImagesError,
-    NotFittedError,
-    SpadeError,
-    WeightsError,
-)
-from .model import Prediction, Spade
-from .persistence import load
+_EXPORTS = {
+    "Spade": "model", "Prediction": "model", "load": "model",
+    "available_backbones": "backbones", "build_backbone": "backbones",
+    "SETTINGS": "settings",
+    **{name: "errors" for name in (
+        "DatasetLayoutError", "ImageReadError", "ModelFileError", "NoImagesError", "NotFittedError", "SettingError",
+        "SpadeError", "WeightsError",
+    )},
+}
 
 __all__ = [
-    "DatasetLayoutError",
-    "ImageReadError",
-    "ModelFileError",
-    "NoImagesError",
-    "NotFittedError",
-    "Prediction",
-    "Spade",
-    "SpadeError",
-    "WeightsError",
-    "__version__",
-    "available_backbones",
-    "build_backbone",
-    "load",
+    "SETTINGS", "DatasetLayoutError", "ImageReadError", "ModelFileError", "NoImagesError", "NotFittedError",
+    "Prediction", "SettingError", "Spade", "SpadeError", "WeightsError", "__version__", "available_backbones",
+    "build_backbone", "load",
 ]
+
+if TYPE_CHECKING:
+    from .backbones import available_backbones, build_backbone
+    from .errors import (
+        DatasetLayoutError,
+        ImageReadError,
+        ModelFileError,
+        NoImagesError,
+        NotFittedError,
+        SettingError,
+        SpadeError,
+        WeightsError,
+    )
+    from .model import Prediction, Spade, load
+    from .settings import SETTINGS
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'spade_ad' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

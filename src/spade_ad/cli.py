@@ -1,137 +1,112 @@
-"""Command-line interface: a thin layer over the library (`spade_ad.Spade`, `spade_ad.load`, the writers)."""
+"""Command-line interface: a thin layer over the library (`spade_ad.model`, `spade_ad.writers`, `spade_ad.evaluation`,
+`spade_ad.service`). It holds no policy: settings, validation, image checks, scores and outputs all come from the
+library.
+
+The model options of `fit` and `evaluate` are generated from the settings table (`spade_ad.settings`), so a new
+setting appears here, with its help and its checks, by being declared there. Heavy modules (torch, timm, FastAPI)
+are imported inside the commands only: `spade-ad --help` loads none of them.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
-import typer
+import click
 
-from .backbones import available_backbones
-from .errors import ImageReadError, SpadeError
-
-app = typer.Typer(
-    help="SPADE anomaly detection: fit on good images, then score and localise defects in new ones.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-# Model settings shared by `fit` and `evaluate`. Unset options keep the library's defaults (or the preset's).
-BackboneOpt = Annotated[
-    str | None,
-    typer.Option(help=f"Backbone [default: efficientnet_lite0]: {', '.join(available_backbones())}, "
-                 "or any timm name with --weights."),
-]
-WeightsOpt = Annotated[
-    Path | None, typer.Option(help="Local backbone weights file (.pth/.safetensors state_dict); needed offline.")
-]
-LayersOpt = Annotated[
-    str | None, typer.Option(help="Pyramid levels, stage indices (1=stride 4, 2=8, 3=16) [default: 2,3].")
-]
-KImageOpt = Annotated[int | None, typer.Option(help="Neighbours of the global kNN image score [default: 3].")]
-KGalleryOpt = Annotated[int | None, typer.Option(help="Nearest training images in the pixel gallery [default: 50].")]
-KappaOpt = Annotated[int | None, typer.Option(help="Gallery neighbours averaged per pixel [default: 1].")]
-PatchOpt = Annotated[int | None, typer.Option(help="Average features over NxN neighbourhoods first [default: 1].")]
-SearchRadiusOpt = Annotated[
-    int | None, typer.Option(help="Search only gallery features within N cells of each position (aligned products).")
-]
-FusionOpt = Annotated[str | None, typer.Option(help="Pyramid fusion: mean or concat [default: mean].")]
-DistanceOpt = Annotated[str | None, typer.Option(help="Pixel distance: euclidean or squared [default: euclidean].")]
-ImageScoreOpt = Annotated[str | None, typer.Option(help="Image score: map_max or knn (paper) [default: map_max].")]
-SigmaOpt = Annotated[float | None, typer.Option(help="Gaussian smoothing of the map, input pixels [default: 4].")]
-ImageSizeOpt = Annotated[int | None, typer.Option(help="Network input short side (or side) [default: 224].")]
-ResizeOpt = Annotated[str | None, typer.Option(help="keep_aspect, squash or paper_crop [default: keep_aspect].")]
-CalibrationOpt = Annotated[
-    float | None, typer.Option(help="Share of good images held out to calibrate thresholds [default: 0.1].")
-]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-BatchOpt = Annotated[int, typer.Option(help="Images per backbone pass.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for anything random.")]
-SkipBadOpt = Annotated[
-    bool, typer.Option("--skip-bad", help="Skip unreadable images (listed on stderr and in the output).")
-]
+from . import settings as settings_table
+from .errors import SettingError, SpadeError
 
 
-def _settings(options: dict[str, object]) -> dict[str, object]:
-    """Model settings from a command's options: those that name a `Spade` setting and were given (not None)."""
-    from .model import Spade
+class _SettingType(click.ParamType):
+    """A click type that parses and validates one setting with the table's rules."""
 
-    given = {name: options[name] for name in Spade.SETTING_NAMES if options.get(name) is not None}
-    if "layers" in given:
+    def __init__(self, setting: settings_table.Setting) -> None:
+        self.setting = setting
+        self.name = setting.kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
         try:
-            given["layers"] = tuple(int(x) for x in str(given["layers"]).split(",") if x.strip())
-        except ValueError as exc:
-            raise typer.BadParameter(f"--layers must be comma-separated integers, got {given['layers']!r}") from exc
-    return given
+            return self.setting.validate(self.setting.parse(value))
+        except (ValueError, SettingError) as exc:
+            problem = exc.problem if isinstance(exc, SettingError) else "has the wrong type"
+            self.fail(f"{problem} (got {value!r}); allowed: {self.setting.allowed()}", param, ctx)
 
 
-def _report_skip(item: object, error: ImageReadError) -> None:
-    typer.echo(f"skipped: {error}", err=True)
+def setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one option per CLI setting of the table (in reverse, so they show in table order)."""
+    for setting in reversed([s for s in settings_table.SETTINGS if s.cli]):
+        command = click.option(
+            setting.option, setting.name, type=_SettingType(setting), default=None, metavar=setting.kind.upper(),
+            help=f"{setting.help} [default: {setting.display_default()}]",
+        )(command)
+    return command
+
+
+def _given_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The model settings among a command's options that were given on the command line."""
+    return {name: value for name, value in options.items() if name in settings_table.BY_NAME and value is not None}
+
+
+def _report_skip(item: object, error: Exception) -> None:
+    click.echo(f"skipped: {error}", err=True)
+
+
+skip_bad_option = click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed on stderr and in the "
+                               "output) instead of stopping at the first one.")
+
+
+@click.group(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def app() -> None:
+    """SPADE anomaly detection: fit on good images, then score and localise defects in new ones."""
 
 
 @app.command()
-def fit(
-    train_dir: Annotated[Path, typer.Argument(help="Folder of good images (searched recursively).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Model file to write (.safetensors).")],
-    backbone: BackboneOpt = None,
-    weights: WeightsOpt = None,
-    layers: LayersOpt = None,
-    k_image: KImageOpt = None,
-    k_gallery: KGalleryOpt = None,
-    kappa: KappaOpt = None,
-    patch_size: PatchOpt = None,
-    fusion: FusionOpt = None,
-    search_radius: SearchRadiusOpt = None,
-    distance: DistanceOpt = None,
-    image_score: ImageScoreOpt = None,
-    sigma: SigmaOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    calibration_fraction: CalibrationOpt = None,
-    validation: Annotated[
-        Path | None, typer.Option(help="Folder of other good images to calibrate thresholds on (none held out).")
-    ] = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 8,
-    seed: SeedOpt = 0,
-    skip_bad: SkipBadOpt = False,
-) -> None:
+@click.argument("train_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model file to write.")
+@click.option("--validation", type=click.Path(path_type=Path), default=None,
+              help="Folder of other good images to calibrate thresholds on (none held out).")
+@skip_bad_option
+@setting_options
+def fit(train_dir: Path, output: Path, validation: Path | None, skip_bad: bool, **options: Any) -> None:
     """Fit a model on a folder of good images and save it."""
     from .model import Spade
 
-    settings = _settings(locals())
-    model = Spade(**settings).fit(
+    model = Spade(**_given_settings(options)).fit(
         train_dir, validation=validation, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None
     )
     model.save(output)
-    typer.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
+    click.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
     if model.image_threshold_ is not None:
-        typer.echo(f"thresholds from {len(model.calibration_scores_)} held-out good images: "
+        click.echo(f"thresholds from {len(model.calibration_scores_)} held-out good images: "
                    f"image {model.image_threshold_:.4g}, pixel {model.pixel_threshold_:.4g}")
 
 
 @app.command()
-def predict(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `spade-ad fit`.")],
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Image files or folders (recursed).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
-    save_maps: Annotated[
-        bool, typer.Option("--save-maps", help="Also write raw float32 maps at the original size (maps/*.tiff).")
-    ] = False,
-    weights: WeightsOpt = None,
-    device: Annotated[str | None, typer.Option(help="Override the device stored in the model.")] = None,
-    skip_bad: SkipBadOpt = False,
-) -> None:
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--save-maps", is_flag=True, help="Also write raw float32 maps at the original size (maps/*.tiff), "
+              "mirroring each input's path relative to its folder.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if not where it was at fit time.")
+@click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
+              help="Override the device stored in the model (cpu, cuda[:N], auto).")
+@skip_bad_option
+def predict(model_path: Path, inputs: tuple[Path, ...], output: Path, save_maps: bool, weights: Path | None,
+            device: str | None, skip_bad: bool) -> None:
     """Score images: OUT/scores.csv (row by row, with is_anomalous when the model has a threshold), heat maps,
     overlays and predicted defect masks per image."""
-    from .export import PredictionWriter
-    from .persistence import load
+    from .model import load
+    from .writers import PredictionWriter
 
     model = load(model_path, weights=weights, device=device)
     with PredictionWriter.for_model(model, output, save_maps=save_maps) as writer:
-        def on_skip(item: object, error: ImageReadError) -> None:
+        def on_skip(item: object, error: Exception) -> None:
             writer.skip(getattr(item, "name", str(item)), error)
             _report_skip(item, error)
 
@@ -139,106 +114,119 @@ def predict(
         writer.write_all(
             model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip)
         )
-    typer.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
+    click.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
 
 
 @app.command()
-def evaluate(
-    root: Annotated[Path, typer.Argument(help="MVTec AD root (or one category folder, or the generic layout).")],
-    category: Annotated[
-        list[str] | None, typer.Option("--category", "-c", help="Category to evaluate (repeatable; default all).")
-    ] = None,
-    preset: Annotated[str, typer.Option(help="default, or paper (WRN50, 256->224 crop, metrics at 256).")] = "default",
-    eval_size: Annotated[
-        int | None, typer.Option(help="Compute metrics at NxN (paper: 256) instead of the original size.")
-    ] = None,
-    pro_limit: Annotated[float, typer.Option(help="AU-PRO integration limit (FPR).")] = 0.3,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("eval_out"),
-    save_models: Annotated[bool, typer.Option("--save-models", help="Also save each category's model.")] = False,
-    plots: Annotated[bool, typer.Option(help="Write the plots.")] = True,
-    backbone: BackboneOpt = None,
-    weights: WeightsOpt = None,
-    layers: LayersOpt = None,
-    k_image: KImageOpt = None,
-    k_gallery: KGalleryOpt = None,
-    kappa: KappaOpt = None,
-    patch_size: PatchOpt = None,
-    fusion: FusionOpt = None,
-    search_radius: SearchRadiusOpt = None,
-    distance: DistanceOpt = None,
-    image_score: ImageScoreOpt = None,
-    sigma: SigmaOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    calibration_fraction: CalibrationOpt = None,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 8,
-    seed: SeedOpt = 0,
-) -> None:
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("-c", "--category", "categories", multiple=True, help="Category to evaluate (repeatable; default all).")
+@click.option("--preset", type=click.Choice(list(settings_table.PRESETS)), default="default", show_default=True,
+              help="Named settings (paper: WRN50, 256 -> 224 crop, metrics at 256); options below override it.")
+@click.option("--eval-size", type=click.IntRange(min=1), default=None,
+              help="Compute metrics at NxN (paper: 256) instead of the original size.")
+@click.option("--pro-limit", type=click.FloatRange(min=0, max=1, min_open=True), default=0.3, show_default=True,
+              help="AU-PRO integration limit (FPR).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("eval_out"), show_default=True,
+              help="Report folder.")
+@click.option("--save-models", is_flag=True, help="Also save each category's model.")
+@click.option("--save-maps", is_flag=True,
+              help="Write raw maps in the official MVTec AD layout: maps/<category>/test/<defect>/<id>.tiff.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the plots.")
+@setting_options
+def evaluate(root: Path, categories: tuple[str, ...], preset: str, eval_size: int | None, pro_limit: float, out: Path,
+             save_models: bool, save_maps: bool, plots: bool, **options: Any) -> None:
     """Fit and score each category; print a table against the paper; write metrics.json/csv, report.md, plots."""
-    from .evaluate import PRESET_EVAL_SIZE, PRESETS, format_table
-    from .evaluate import evaluate as run_evaluation
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import format_table
 
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}")
-    settings = {**PRESETS[preset], **_settings(locals())}
     report = run_evaluation(
-        root, categories=category, settings=settings,
-        eval_size=eval_size if eval_size is not None else PRESET_EVAL_SIZE[preset],
-        pro_limit=pro_limit, out_dir=out, save_models=save_models, plots=plots, log=lambda m: typer.echo(m, err=True),
+        root, categories=list(categories) or None,
+        settings={**settings_table.PRESETS[preset], **_given_settings(options)},
+        eval_size=eval_size if eval_size is not None else settings_table.PRESET_EVAL_SIZE[preset],
+        pro_limit=pro_limit, out_dir=out, save_models=save_models, plots=plots, save_maps=save_maps,
+        log=lambda message: click.echo(message, err=True),
     )
-    typer.echo(format_table(report))
-    typer.echo(f"metrics at {report['resolution']}; report: {out / 'report.md'}")
+    click.echo(format_table(report))
+    click.echo(f"metrics at {report['resolution']}; report: {out / 'report.md'}")
 
 
 @app.command()
-def demo(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("demo_out"),
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-) -> None:
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+              help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated data and the model.")
+@click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default="auto", show_default=True,
+              help="auto, cpu or cuda[:N].")
+def demo(output: Path, seed: int, device: str) -> None:
     """The built-in job: make a synthetic product dataset, fit, predict, print AUROCs, write overlays."""
     from .demo import run_demo
 
-    result = run_demo(output, seed=seed, device=device, log=typer.echo)
-    typer.echo(
+    result = run_demo(output, seed=seed, device=device, log=click.echo)
+    click.echo(
         f"image AUROC {result['image_auroc']:.3f}  pixel AUROC {result['pixel_auroc']:.3f}  "
         f"({result['n_test']:.0f} test images; overlays in {output / 'predictions' / 'overlays'})"
     )
 
 
 @app.command()
-def serve(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file written by `spade-ad fit`.")],
-    host: Annotated[str, typer.Option(help="Address to bind (loopback by default: not reachable from elsewhere).")]
-    = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Inference threads sharing the one loaded model.")] = 1,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a worker; beyond that: 503.")] = 8,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload per request, in MB.")] = 20.0,
-    max_pixels: Annotated[int, typer.Option(help="Largest accepted image, in pixels (decompression-bomb guard).")]
-    = 40_000_000,
-    weights: WeightsOpt = None,
-    device: Annotated[str | None, typer.Option(help="Override the device stored in the model.")] = None,
-) -> None:
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback by default: not reachable from elsewhere).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Inference threads sharing the one loaded model.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Requests that may wait for a worker; beyond that: 503.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Largest accepted upload per request, in MB.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+              help="Largest accepted image, in pixels (decompression-bomb guard).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if not where it was at fit time.")
+@click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
+              help="Override the device stored in the model (cpu, cuda[:N], auto).")
+def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, max_upload_mb: float,
+          max_pixels: int, weights: Path | None, device: str | None) -> None:
     """Serve a model over HTTP: JSON API at /v1, a web page at /, OpenAPI docs at /docs."""
     from .service import ServiceSettings, run_server
 
     run_server(
         model_path,
-        ServiceSettings(
-            host=host, port=port, workers=workers, max_queue=max_queue,
-            max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
-        ),
-        weights=weights,
-        device=device,
+        ServiceSettings(host=host, port=port, workers=workers, max_queue=max_queue,
+                        max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels),
+        weights=weights, device=device,
     )
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+def _setting_message(exc: SettingError) -> str:
+    """A SettingError in the CLI's words: the option's name rather than the library's setting name."""
+    setting = settings_table.BY_NAME.get(exc.name)
+    if setting is None:
+        return str(exc)
+    shown = "" if exc.value is None else f" (got {exc.value!r})"
+    return f"{setting.option} {exc.problem}{shown}; allowed: {exc.allowed}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage errors and bad input become one line on stderr and exit code 2, I/O faults one line and
+    exit code 1; never a traceback."""
     try:
-        app()
-    except SpadeError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        app.main(args=argv, prog_name="spade-ad", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{where}", err=True)
         sys.exit(2)
+    except SettingError as exc:
+        click.echo(f"error: {_setting_message(exc)}", err=True)
+        sys.exit(2)
+    except SpadeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        target = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"error: cannot access{target}: {exc.strerror or exc}", err=True)
+        sys.exit(1)

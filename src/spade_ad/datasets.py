@@ -14,7 +14,7 @@ Both forms are read by the same rules: training images come from ``train/good/``
 ``train/``; masks from ``ground_truth/`` or ``masks/``, one per defective image, named ``<name>_mask.<ext>``
 or ``<name>.<ext>`` after the image ``test/<defect>/<name>.<ext>``. Any folder name other than ``good`` under
 ``test/`` is a defect type. Images sit directly in their folders (subfolders are not read), with any extension
-in `spade_ad.data.IMAGE_EXTENSIONS`, any size, RGB or grayscale; hidden files are skipped. A mask is True
+in `spade_ad.images.IMAGE_EXTENSIONS`, any size, RGB or grayscale; hidden files are skipped. A mask is True
 wherever any of its colour channels is non-zero. A folder is a category when it holds ``train/`` or ``test/``.
 
 Masks are optional for a whole dataset (`CategoryData.has_masks` is then False and only image-level metrics
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from spade_ad.data import list_images, read_image
 from spade_ad.errors import DatasetLayoutError, NoImagesError
+from spade_ad.images import list_images, read_image
 
 __all__ = ["CategoryData", "TestSample", "find_categories", "load_dataset", "load_mvtec_category"]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import ImageItem
 from .datasets import load_mvtec_category
-from .export import PredictionWriter
-from .metrics import image_auroc, pixel_auroc
+from .evaluation.metrics import image_auroc, pixel_auroc
+from .inputs import ImageItem
 from .model import Spade
 from .synthetic import make_synthetic_dataset
+from .writers import PredictionWriter
 
 
 def run_demo(

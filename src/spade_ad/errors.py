@@ -1,8 +1,11 @@
-"""Errors meant for the user: each message names the file involved and what to do about it."""
+"""Errors meant for the user: each message names the file or setting involved and what to do about it.
+
+Pure Python (no scikit-learn import): the CLI loads this module to answer `--help` quickly.
+"""
 
 from __future__ import annotations
 
-from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+from typing import Any
 
 
 class SpadeError(Exception):
@@ -10,12 +13,18 @@ class SpadeError(Exception):
 
 
 class ImageReadError(SpadeError):
-    """An image file could not be read or decoded."""
+    """An image file could not be read or decoded: `reason` in words, `kind` for programs (one of IMAGE_ERROR_KINDS:
+    "missing", "empty" (no bytes or no pixels), "too_large" (over the pixel limit), "unsupported" (not an image in an
+    accepted format or mode), "corrupt" (truncated or damaged data), "unreadable" (anything else))."""
 
-    def __init__(self, path: object, reason: str) -> None:
+    def __init__(self, path: object, reason: str, kind: str = "unreadable") -> None:
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+IMAGE_ERROR_KINDS = ("missing", "empty", "too_large", "unsupported", "corrupt", "unreadable")
 
 
 class NoImagesError(SpadeError):
@@ -34,5 +43,18 @@ class ModelFileError(SpadeError):
     """A saved model file is missing, truncated, tampered with, or from an incompatible version."""
 
 
-class NotFittedError(SpadeError, _SklearnNotFittedError):
-    """The model was used before `fit` (also a scikit-learn NotFittedError)."""
+class SettingError(SpadeError, ValueError):
+    """A setting has a value the settings table does not allow (also a ValueError, as scikit-learn raises)."""
+
+    def __init__(self, name: str, problem: str, value: Any, allowed: str) -> None:
+        self.name = name
+        self.problem = problem
+        self.value = value
+        self.allowed = allowed
+        shown = "" if value is None and problem in ("is not a setting", "must be set") else f" (got {value!r})"
+        super().__init__(f"setting {name} {problem}{shown}; allowed: {allowed}")
+
+
+class NotFittedError(SpadeError, ValueError, AttributeError):
+    """The model was used before `fit`. Same bases as scikit-learn's NotFittedError (ValueError, AttributeError),
+    and registered as a virtual subclass of it when scikit-learn is imported by the model."""

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
-__all__ = ["contour", "heatmap", "overlay", "save_png"]
+__all__ = ["color_range", "contour", "heatmap", "overlay", "save_png", "threshold_color_range"]
 
 NAN_GREY = (128, 128, 128)
 
@@ -133,3 +133,17 @@ THRESHOLD_SCALE = 1.5
 def threshold_color_range(pixel_threshold: float | None) -> tuple[float, float] | None:
     """The shared (vmin, vmax) for a model's heat maps, or None (per-image range) when it has no threshold."""
     return (0.0, THRESHOLD_SCALE * pixel_threshold) if pixel_threshold is not None else None
+
+
+def color_range(anomaly_map: np.ndarray, pixel_threshold: float | None) -> tuple[float, float, bool]:
+    """The colour scale of one heat map: (vmin, vmax, fixed).
+
+    A calibrated model (`pixel_threshold` set) gets the shared scale of `threshold_color_range` (fixed=True: the
+    same for every image); an uncalibrated one gets the map's own finite min..max (fixed=False; 0..0 when the
+    map is all NaN), which is what `heatmap` and `overlay` use when given no bounds.
+    """
+    shared = threshold_color_range(pixel_threshold)
+    if shared is not None:
+        return shared[0], shared[1], True
+    low, high = _bounds(_as_map(anomaly_map), None, None)
+    return low, high, False

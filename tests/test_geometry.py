@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.features import image_to_tensor, map_to_original, plan_geometry
+from spade_ad.geometry import image_to_tensor, map_to_original, plan_geometry
 
 
 @pytest.mark.parametrize("size", [(900, 300), (300, 900), (256, 256), (1000, 1333), (50, 40)])

@@ -1,7 +1,8 @@
-"""Tests for spade_ad.data: robust image reading, folder listing, input collection, threaded loading."""
+"""Tests for spade_ad.images and spade_ad.inputs: robust image reading, folder listing, input collection, loading."""
 
 from __future__ import annotations
 
+import io
 import random
 import struct
 import threading
@@ -16,16 +17,10 @@ import pytest
 import tifffile
 from PIL import Image, features
 
-from spade_ad import data
-from spade_ad.data import (
-    IMAGE_EXTENSIONS,
-    ImageItem,
-    collect_images,
-    iter_loaded,
-    list_images,
-    read_image,
-)
+from spade_ad import images as data
 from spade_ad.errors import ImageReadError, NoImagesError
+from spade_ad.images import IMAGE_EXTENSIONS, list_images, read_image
+from spade_ad.inputs import ImageItem, collect_images, iter_loaded
 
 
 def _rgb_array(h: int = 5, w: int = 7, seed: int = 0) -> np.ndarray:
@@ -548,3 +543,100 @@ def test_iter_loaded_empty_and_bad_settings() -> None:
     assert list(iter_loaded([])) == []
     with pytest.raises(ValueError, match="at least 1"):
         next(iter_loaded(_memory_items(1), workers=0))
+
+
+# ---------------------------------------------------------------- decode_bytes / check_bytes (uploads)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bytes_error(data_: bytes, max_pixels: int | None = 1_000_000, **kwargs: object) -> ImageReadError:
+    """The error decode_bytes raises for `data_` (check_bytes must raise the same kind, or pass)."""
+    with pytest.raises(ImageReadError) as info:
+        data.decode_bytes(data_, "upload.png", max_pixels=max_pixels, **kwargs)
+    assert info.value.path == "upload.png"
+    return info.value
+
+
+def test_decode_bytes_ok_is_rgb_like_read_image(tmp_path: Path) -> None:
+    a = _rgb_array(12, 9)
+    raw = _png_bytes(Image.fromarray(a))
+    img = data.decode_bytes(raw, "a.png", max_pixels=1_000)
+    assert img.mode == "RGB" and img.size == (9, 12)
+    np.testing.assert_array_equal(np.asarray(img), a)
+    assert data.check_bytes(raw, "a.png", max_pixels=1_000) == (9, 12)
+    path = tmp_path / "g16.png"
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(path)
+    np.testing.assert_array_equal(
+        np.asarray(data.decode_bytes(path.read_bytes(), "g16.png", max_pixels=None)), np.asarray(read_image(path))
+    )
+
+
+def test_decode_bytes_float_rgb_tiff_read_with_tifffile() -> None:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.linspace(0.0, 1.0, 4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3), photometric="rgb")
+    raw = buffer.getvalue()
+    assert data.check_bytes(raw, "f.tif", max_pixels=100) == (5, 4)
+    img = data.decode_bytes(raw, "f.tif", max_pixels=100)
+    assert img.mode == "RGB" and img.size == (5, 4)
+    assert _bytes_error(raw, max_pixels=10).kind == "too_large"
+
+
+def test_decode_bytes_empty() -> None:
+    error = _bytes_error(b"")
+    assert error.kind == "empty" and "empty" in error.reason
+    with pytest.raises(ImageReadError, match="empty"):
+        data.check_bytes(b"", "upload.png", max_pixels=10)
+
+
+def test_decode_bytes_not_an_image() -> None:
+    error = _bytes_error(b"just some text, not pixels\n" * 10)
+    assert error.kind == "unsupported" and "not an image" in error.reason
+    assert "PNG" in error.reason  # names the accepted formats
+
+
+def test_decode_bytes_format_not_accepted() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="GIF")
+    assert _bytes_error(buffer.getvalue()).kind == "unsupported"
+    assert data.decode_bytes(buffer.getvalue(), "a.gif", max_pixels=100, formats=None).size == (4, 4)
+
+
+def test_decode_bytes_truncated_passes_the_header_check_only() -> None:
+    raw = _png_bytes(Image.fromarray(_rgb_array(64, 64)))
+    cut = raw[: len(raw) // 2]
+    assert data.check_bytes(cut, "upload.png", max_pixels=10_000) == (64, 64)
+    error = _bytes_error(cut)
+    assert error.kind == "corrupt" and "truncated" in error.reason
+
+
+def test_decode_bytes_too_many_pixels() -> None:
+    raw = _png_bytes(Image.new("RGB", (110, 100)))
+    for check in (data.check_bytes, data.decode_bytes):
+        with pytest.raises(ImageReadError, match="10,000") as info:
+            check(raw, "big.png", max_pixels=10_000)
+        assert info.value.kind == "too_large"
+        assert "11,000" in info.value.reason
+    assert data.check_bytes(raw, "big.png", max_pixels=11_000) == (110, 100)
+
+
+def test_decode_bytes_bomb_header_is_refused_quickly(tmp_path: Path) -> None:
+    raw = _png_with_header_size(tmp_path / "bomb.png", 30000, 30000).read_bytes()
+    start = time.perf_counter()
+    for check in (data.check_bytes, data.decode_bytes):
+        with pytest.raises(ImageReadError, match="too large") as info:
+            check(raw, "bomb.png", max_pixels=40_000_000)
+        assert info.value.kind == "too_large"
+    assert time.perf_counter() - start < 1.0
+
+
+def test_image_read_error_kinds() -> None:
+    error = ImageReadError("x.png", "something odd")  # the two-argument form keeps working
+    assert error.kind == "unreadable" and str(error) == "cannot read image x.png: something odd"
+    with pytest.raises(ImageReadError) as info:
+        read_image(Path("no-such-file.png"))
+    assert info.value.kind == "missing"

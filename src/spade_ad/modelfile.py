@@ -16,17 +16,17 @@ import os
 import platform
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
-from .errors import ModelFileError, WeightsError
-
-if TYPE_CHECKING:
-    from .model import Spade
+from . import settings as settings_table
+from .errors import ModelFileError, SettingError
+from .store import FeatureStore
 
 FORMAT = "spade-ad-model"
 FORMAT_VERSION = 1
@@ -63,41 +63,54 @@ def content_sha256(header_json: str, arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def store_arrays(model: Spade) -> dict[str, np.ndarray]:
-    """The fitted model's features as named arrays (levels stay memory-mapped)."""
-    store = model.store_
+@dataclass
+class ModelContents:
+    """What a model file holds: validated settings, the backbone's identity, training image names, calibration,
+    metrics, versions and the feature store (pyramid levels memory-mapped)."""
+
+    settings: dict[str, Any]
+    backbone: dict[str, Any]
+    train_names: list[str]
+    calibration: dict[str, Any]
+    metrics: dict[str, Any]
+    versions: dict[str, Any]
+    store: FeatureStore
+
+
+def store_arrays(store: FeatureStore) -> dict[str, np.ndarray]:
+    """The store's features as named arrays (levels stay memory-mapped)."""
     arrays = {"global_features": store.global_features.numpy().astype("<f4"), "shapes": store.shapes.astype("<i8")}
     arrays.update({f"level_{i}": level for i, level in enumerate(store.levels)})
     return arrays
 
 
-def save_model(model: Spade, path: Path) -> Path:
-    """Write `model` (fitted) to `path`, atomically (a crash never leaves a half-written file under that name)."""
-    settings = model.get_params()
-    settings["weights"] = str(settings["weights"]) if settings["weights"] is not None else None
-    settings["layers"] = list(settings["layers"])
+def write_model(
+    path: Path,
+    *,
+    settings: dict[str, Any],
+    backbone: dict[str, Any],
+    store: FeatureStore,
+    train_names: list[str],
+    calibration: dict[str, Any],
+    metrics: dict[str, Any],
+) -> Path:
+    """Write a fitted model to `path`, atomically (a crash never leaves a half-written file under that name).
+
+    `settings` are checked against the settings table first: a file is never written with settings it would refuse
+    to load."""
     header = {
-        "settings": settings,
-        "backbone": {
-            "name": model.backbone_.name,
-            "weights_sha256": model.backbone_.weights_sha256,
-            "channels": list(model.backbone_.channels),
-            "strides": list(model.backbone_.strides),
-        },
-        "train_names": model.train_names_,
-        "calibration": {
-            "image_threshold": model.image_threshold_,
-            "pixel_threshold": model.pixel_threshold_,
-            "scores": model.calibration_scores_,
-        },
-        "metrics": model.metrics_,
+        "settings": settings_table.stored(settings_table.validate(settings)),
+        "backbone": backbone,
+        "train_names": train_names,
+        "calibration": calibration,
+        "metrics": metrics,
         "versions": {
             "spade_ad": __version__, "torch": torch.__version__, "python": platform.python_version(),
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    write_safetensors(partial, store_arrays(model), json.dumps(header))
+    write_safetensors(partial, store_arrays(store), json.dumps(header))
     os.replace(partial, path)
     return path
 
@@ -172,41 +185,50 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
     return header, arrays
 
 
-def load(path: str | Path, *, weights: str | Path | None = None, device: str | None = None) -> Spade:
-    """Load a model saved with `Spade.save`. `weights` overrides the backbone weights file recorded at fit time;
-    the backbone's weights must be the very ones the model was fitted with (checked by checksum)."""
-    from .model import Spade, _resolve_device
-    from .search import FeatureStore
-
+def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> ModelContents:
+    """Read, verify and validate a model file. Settings are checked with the same rules as `Spade()` (a header
+    edited with its checksum recomputed is refused naming the setting), and every tensor's shape and dtype against
+    the header. `overrides` replaces runtime settings (device, batch size, weights path). Raises ModelFileError."""
     header, arrays = read_model_file(path)
-    settings = dict(header["settings"])
-    settings["layers"] = tuple(settings["layers"])
-    if weights is not None:
-        settings["weights"] = str(weights)
-    if device is not None:
-        settings["device"] = device
-    model = Spade(**settings)
-    model.device_ = _resolve_device(model.device)
     try:
-        model.backbone_ = model._build_backbone()
-    except WeightsError as exc:
-        raise ModelFileError(f"cannot load the backbone of model {path}: {exc}") from exc
-    expected = header["backbone"]["weights_sha256"]
-    if model.backbone_.weights_sha256 != expected:
-        raise ModelFileError(
-            f"model {path} was fitted with other weights for backbone {model.backbone!r} "
-            f"(checksum {expected[:12]}, these are {model.backbone_.weights_sha256[:12]}): pass the original "
-            f"weights file with weights=PATH (CLI: --weights PATH) or fit a new model"
+        raw = dict(header["settings"])
+        raw.update(overrides or {})
+        settings = settings_table.validate(raw)
+    except SettingError as exc:
+        raise ModelFileError(f"{path} holds an invalid setting: {exc}. Re-create it with `spade-ad fit`") from exc
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"{path} has no valid settings in its header ({exc}); re-create it") from exc
+    try:
+        store = _checked_store(header, arrays, settings)
+        calibration = dict(header.get("calibration") or {})
+        return ModelContents(
+            settings=settings, backbone=dict(header["backbone"]), train_names=[str(n) for n in header["train_names"]],
+            calibration=calibration, metrics=dict(header.get("metrics") or {}),
+            versions=dict(header.get("versions") or {}), store=store,
         )
-    n_levels = sum(1 for name in arrays if name.startswith("level_"))
-    model.store_ = FeatureStore(
-        torch.from_numpy(arrays["global_features"]), [arrays[f"level_{i}"] for i in range(n_levels)], arrays["shapes"]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{path} has a header that does not match its tensors ({exc}); re-create it") from exc
+
+
+def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> FeatureStore:
+    """The feature store, after checking every tensor's shape and dtype against the header and settings."""
+    n_levels = len(settings["layers"])
+    expected = {"global_features", "shapes", *(f"level_{i}" for i in range(n_levels))}
+    if set(arrays) != expected:
+        raise ValueError(f"tensors {sorted(arrays)} where {sorted(expected)} were expected")
+    globals_, shapes = arrays["global_features"], arrays["shapes"]
+    n_images = len(header["train_names"])
+    if globals_.ndim != 2 or globals_.shape[0] != n_images or globals_.dtype != np.float32:
+        raise ValueError(f"global_features {globals_.shape} {globals_.dtype} for {n_images} training images")
+    if shapes.shape != (n_images, n_levels, 2) or shapes.dtype != np.int64 or (shapes < 1).any():
+        raise ValueError(f"shapes {shapes.shape} for {n_images} images and {n_levels} levels")
+    channels = list(header["backbone"]["channels"])
+    for i in range(n_levels):
+        level = arrays[f"level_{i}"]
+        rows = int((shapes[:, i, 0] * shapes[:, i, 1]).sum())
+        if level.shape != (rows, channels[i]) or level.dtype != np.dtype(settings["feature_dtype"]):
+            raise ValueError(f"level_{i} is {level.shape} {level.dtype}, expected ({rows}, {channels[i]}) "
+                             f"{settings['feature_dtype']}")
+    return FeatureStore(
+        torch.from_numpy(np.array(globals_)), [arrays[f"level_{i}"] for i in range(n_levels)], np.array(shapes)
     )
-    model.train_names_ = list(header["train_names"])
-    model.skipped_ = []
-    calibration = header.get("calibration", {})
-    model.image_threshold_ = calibration.get("image_threshold")
-    model.pixel_threshold_ = calibration.get("pixel_threshold")
-    model.calibration_scores_ = list(calibration.get("scores", []))
-    model.metrics_ = dict(header.get("metrics", {}))
-    return model

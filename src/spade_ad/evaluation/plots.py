@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from spade_ad.metrics import image_auroc
-from spade_ad.visualize import contour, overlay
+from ..visualize import contour, overlay
+from .metrics import image_auroc
 
 __all__ = [
     "plot_cases",

@@ -1,5 +1,7 @@
-"""`spade-ad serve` in a child process, for tests, benchmarks and notebooks: start it on a free loopback port, wait
-until /healthz answers, stop it on exit (the service itself is in `spade_ad.service`)."""
+"""Test helper: `spade-ad serve` in a child process (`python -m spade_ad serve ...`), for the tests and the service
+benchmark: start it on a free loopback port, wait until /healthz answers, stop it on exit. The service itself is
+`spade_ad.service`; this helper is not part of the library. Tests import it as `child_server` (pytest puts tests/ on
+sys.path); benchmarks/bench_service.py puts tests/ on sys.path itself."""
 
 from __future__ import annotations
 

@@ -1,0 +1,108 @@
+"""Feature extraction: images -> batches of network inputs -> feature pyramids and global features.
+
+`iter_batches` decodes (in loader threads, via `spade_ad.images`), resizes (via `spade_ad.geometry`) and batches
+images of one input size; `extract` runs the backbone and the optional local aggregation (`patch_size`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones import Backbone
+from .errors import ImageReadError, SettingError
+from .geometry import Geometry, ResizeMode, image_to_tensor, plan_geometry
+from .inputs import ImageItem, iter_loaded
+
+SkipCallback = Callable[[ImageItem, ImageReadError], None]
+
+
+@dataclass
+class Batch:
+    """Images of one input size, ready for the backbone. `originals` holds the decoded images when asked for."""
+
+    items: list[ImageItem]
+    inputs: torch.Tensor  # (B, 3, h, w) on the model's device
+    geometries: list[Geometry]
+    originals: list[Image.Image | None]
+
+
+def extract(backbone: Backbone, inputs: torch.Tensor, patch_size: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Backbone pyramid [(B, C_l, h_l, w_l)] (averaged over `patch_size` x `patch_size` neighbourhoods when > 1:
+    PatchCore's locally aware features) and global features (B, D)."""
+    pyramid, global_features = backbone(inputs)
+    if patch_size > 1:
+        pyramid = [
+            F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False) for m in pyramid
+        ]
+    return pyramid, global_features
+
+
+def iter_batches(
+    items: list[ImageItem],
+    *,
+    image_size: int,
+    resize: ResizeMode,
+    batch_size: int,
+    device: torch.device,
+    skip_bad: bool = False,
+    on_skip: SkipCallback | None = None,
+    desc: str = "",
+    keep_images: bool = False,
+    progress: bool | None = None,
+) -> Iterator[Batch]:
+    """Decode (in worker threads), resize and batch images; a batch only holds images of one input size.
+
+    An unreadable image raises ImageReadError after the batch read before it has been yielded (nothing computed
+    before the fault is lost), unless `skip_bad`. Progress bars show when `progress` is True, or on a terminal when
+    None."""
+    pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=None if progress is None else not progress)
+
+    def prepare(image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry]:
+        """Runs in the loader threads: resizing overlaps the backbone's compute."""
+        geometry = plan_geometry((image.height, image.width), image_size, resize)
+        return (image if keep_images else None), image_to_tensor(image, geometry), geometry
+
+    loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=on_skip, prepare=prepare)
+    try:
+        while True:
+            try:
+                item, (image, tensor, geometry) = next(loaded)
+            except StopIteration:
+                break
+            except ImageReadError:
+                if pending:  # finish what was already read before reporting the bad file
+                    yield _stack(pending, device)
+                raise
+            if pending and (len(pending) == batch_size or pending[0][2].input_size != geometry.input_size):
+                yield _stack(pending, device)
+                bar.update(len(pending))
+                pending = []
+            pending.append((item, tensor, geometry, image))
+        if pending:
+            yield _stack(pending, device)
+            bar.update(len(pending))
+    finally:
+        loaded.close()
+        bar.close()
+
+
+def _stack(pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]], device: torch.device) -> Batch:
+    items, tensors, geometries, images = zip(*pending)
+    return Batch(list(items), torch.stack(tensors).to(device), list(geometries), list(images))
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; an unavailable CUDA device is a SettingError naming `device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device", "asks for CUDA, which is not available here", device, "cpu or auto")
+    return resolved

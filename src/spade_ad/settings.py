@@ -1,0 +1,310 @@
+"""The settings table: the single source of truth for every setting of the estimator.
+
+Each `Setting` declares its name, default, kind, allowed values or range, a one-line help and its group. Everything
+else reads this table: `Spade.__init__` (which only stores), `validate` (used by `Spade.fit`, `set_params` and when a
+model file is loaded), the CLI options of `fit` and `evaluate` (generated from it), the service's `/v1/model`, the
+model-file header and the README's settings table (`markdown_table`, checked by a test).
+
+This module is pure Python on purpose: the CLI imports it to build `--help` without torch or numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SettingError
+
+GROUPS = ("backbone", "pyramid", "search", "scoring", "calibration", "runtime")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. `kind`: "int", "float", "str", "bool", "path" or "levels" (a tuple of stage indices).
+
+    `low` / `high` bound numbers (inclusive; `high_open` makes the upper bound exclusive), `choices` lists the
+    allowed strings, `nullable` admits None, `odd` asks for odd integers. `stored` settings are written to model
+    files (and validated when one is loaded); `runtime` settings may be overridden at load time. `cli` settings are
+    options of `spade-ad fit` and `spade-ad evaluate`. `check` adds a rule the others cannot express."""
+
+    name: str
+    default: Any
+    kind: str
+    help: str
+    group: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+    nullable: bool = False
+    odd: bool = False
+    stored: bool = True
+    runtime: bool = False
+    cli: bool = True
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def option(self) -> str:
+        """The command-line option (`k_gallery` -> `--k-gallery`)."""
+        return "--" + self.name.replace("_", "-")
+
+    def allowed(self) -> str:
+        """What values are allowed, in words (for messages and the README)."""
+        if self.choices is not None:
+            text = " | ".join(self.choices)
+        elif self.kind == "levels":
+            text = "distinct stage indices 1-4, e.g. 2,3"
+        elif self.kind in ("int", "float"):
+            word = "integer" if self.kind == "int" else "number"
+            if self.odd:
+                word = "odd " + word
+            if self.low is not None and self.high is not None:
+                text = f"{word} in [{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            elif self.low is not None:
+                text = f"{word} >= {_num(self.low)}"
+            else:
+                text = word
+        elif self.kind == "bool":
+            text = "true | false"
+        elif self.kind == "path":
+            text = "a file or folder path"
+        else:
+            text = "a name"
+        return text + (" or none" if self.nullable else "")
+
+    def validate(self, value: Any) -> Any:
+        """The value in canonical form (ints as int, levels as a tuple), or SettingError naming the setting."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise SettingError(self.name, "must be set", value, self.allowed())
+        try:
+            result = _CONVERTERS[self.kind](value)
+        except (TypeError, ValueError) as exc:
+            raise SettingError(self.name, "has the wrong type", value, self.allowed()) from exc
+        problem = self._problem(result)
+        if problem is None and self.check is not None:
+            problem = self.check(result)
+        if problem is not None:
+            raise SettingError(self.name, problem, value, self.allowed())
+        return result
+
+    def parse(self, text: str) -> Any:
+        """A command-line string -> a value for `validate` ("none" means None for nullable settings)."""
+        if self.nullable and text.strip().lower() in ("none", "null", ""):
+            return None
+        if self.kind == "levels":
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        if self.kind == "bool":
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if self.kind == "int":
+            return int(text)
+        if self.kind == "float":
+            return float(text)
+        return text
+
+    def _problem(self, value: Any) -> str | None:
+        if self.choices is not None and value not in self.choices:
+            return "is not allowed"
+        if self.kind in ("int", "float"):
+            if isinstance(value, float) and not math.isfinite(value):
+                return "must be finite"
+            if self.low is not None and value < self.low:
+                return "is too small"
+            if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+                return "is too large"
+            if self.odd and value % 2 == 0:
+                return "must be odd"
+        if self.kind == "levels":
+            if not value:
+                return "must name at least one level"
+            if len(set(value)) != len(value) or any(not 1 <= v <= 4 for v in value):
+                return "must be distinct stage indices between 1 and 4"
+        if self.kind == "str" and not value:
+            return "must not be empty"
+        return None
+
+    def display_default(self) -> str:
+        if self.default is None:
+            return "none"
+        if self.kind == "levels":
+            return ",".join(str(v) for v in self.default)
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return _num(self.default) if isinstance(self.default, float) else str(self.default)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a bool is not an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("not an integer")
+        return int(value)
+    if isinstance(value, str):
+        return int(value)
+    return int(value.__index__())  # ints and numpy integers
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a number")
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError("not a bool")
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def _to_path(value: Any) -> str:
+    import os
+
+    return os.fspath(value)
+
+
+def _to_levels(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    return tuple(_to_int(v) for v in value)
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "int": _to_int, "float": _to_float, "bool": _to_bool, "str": _to_str, "path": _to_path, "levels": _to_levels,
+}
+
+
+def _device_check(value: str) -> str | None:
+    head, _, index = value.partition(":")
+    if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+        return "is not a device"
+    return None
+
+
+# The table. Defaults are chosen by measurement; the README says why each is what it is.
+SETTINGS: tuple[Setting, ...] = (
+    # backbone
+    Setting("backbone", "efficientnet_lite0", "str", "ImageNet backbone: efficientnet_lite0/1/2, wide_resnet50_2, "
+            "resnet18, or any timm name with `weights`", "backbone"),
+    Setting("weights", None, "path", "local backbone weights file (.pth / .safetensors state_dict); needed offline "
+            "for torchvision backbones", "backbone", nullable=True),
+    Setting("image_size", 224, "int", "short side (keep_aspect) or side (squash, paper_crop) of the network input",
+            "backbone", low=32, high=4096),
+    Setting("resize", "keep_aspect", "str", "keep_aspect: whole image, aspect kept; squash; paper_crop: 256 -> 224 "
+            "centre crop", "backbone", choices=("keep_aspect", "squash", "paper_crop")),
+    # pyramid
+    Setting("layers", (2, 3), "levels", "pyramid levels as stage indices: 1, 2, 3 = strides 4, 8, 16 (paper: 1,2,3)",
+            "pyramid"),
+    Setting("patch_size", 1, "int", "average each feature over a patch_size x patch_size neighbourhood first "
+            "(PatchCore's local aggregation); 1 = plain SPADE", "pyramid", low=1, high=15, odd=True),
+    # search
+    Setting("k_gallery", 50, "int", "K: nearest training images whose feature maps form the pixel gallery "
+            "(paper: 50)", "search", low=1),
+    Setting("kappa", 1, "int", "gallery neighbours averaged per pixel (paper: 1)", "search", low=1, high=1000),
+    Setting("search_radius", None, "int", "none: each position searches the whole gallery (SPADE); r: only gallery "
+            "features within r cells of the same position (aligned products, one image size)", "search",
+            low=0, nullable=True),
+    Setting("feature_dtype", "float16", "str", "dtype of the stored pyramid features (distances are always "
+            "accumulated in float32)", "search", choices=("float16", "float32")),
+    Setting("memory_budget", None, "int", "bytes of one tile of distances; none: per device (4 MiB CPU, 1 GiB GPU)",
+            "search", low=2**16, nullable=True, runtime=True, cli=False),
+    # scoring
+    Setting("fusion", "mean", "str", "mean: per-level distance maps upsampled and averaged; concat: one search over "
+            "concatenated features (the paper's text)", "scoring", choices=("mean", "concat")),
+    Setting("distance", "euclidean", "str", "pixel distances before the levels are fused; squared is the paper's",
+            "scoring", choices=("euclidean", "squared")),
+    Setting("image_score", "map_max", "str", "map_max: maximum of the smoothed map; knn: the paper's mean squared "
+            "distance to the k_image nearest global features", "scoring", choices=("map_max", "knn")),
+    Setting("k_image", 3, "int", "neighbours of the global kNN image score", "scoring", low=1),
+    Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
+            low=0, high=64),
+    # calibration
+    Setting("calibration_fraction", 0.1, "float", "share of the good images held out (by seed) to calibrate "
+            "thresholds, or pass fit(..., validation=...); 0: no thresholds", "calibration", low=0, high=1,
+            high_open=True),
+    Setting("threshold_margin", 0.1, "float", "threshold = max + margin x (max - median) of the normal calibration "
+            "values", "calibration", low=0, high=100),
+    # runtime
+    Setting("device", "auto", "str", "cpu, cuda[:N], or auto (cuda when available)", "runtime", runtime=True,
+            check=_device_check),
+    Setting("batch_size", 8, "int", "images per backbone forward pass", "runtime", low=1, high=4096, runtime=True),
+    Setting("seed", 0, "int", "seed for anything random (results are reproducible)", "runtime", low=0),
+    Setting("feature_dir", None, "path", "folder for the pyramid features written during fit (default: a "
+            "temporary folder)", "runtime", nullable=True, stored=False, runtime=True, cli=False),
+    Setting("progress", None, "bool", "progress bars; none: only when stderr is a terminal", "runtime",
+            nullable=True, stored=False, runtime=True, cli=False),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+
+
+def validate(params: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any]:
+    """Check settings against the table; returns them in canonical form. Unknown names and bad values raise
+    SettingError naming the setting and what is allowed. With `partial`, missing settings are not filled in."""
+    unknown = sorted(set(params) - set(BY_NAME))
+    if unknown:
+        raise SettingError(unknown[0], "is not a setting", None, "one of " + ", ".join(NAMES))
+    values = {name: BY_NAME[name].validate(value) for name, value in params.items()}
+    if not partial:
+        values = {**{n: d for n, d in DEFAULTS.items() if n not in values}, **values}
+    return values
+
+
+def stored(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a model file records, as JSON-friendly values (levels as lists)."""
+    out = {}
+    for name, value in params.items():
+        if BY_NAME[name].stored:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def grouped(settings: Iterable[Setting] = SETTINGS) -> dict[str, list[Setting]]:
+    groups: dict[str, list[Setting]] = {g: [] for g in GROUPS}
+    for setting in settings:
+        groups[setting.group].append(setting)
+    return groups
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from this module (a test keeps the README in step)."""
+    lines = ["| setting | group | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        lines.append(f"| `{s.name}` | {s.group} | `{s.display_default()}` | {s.allowed()} | {s.help} |")
+    return "\n".join(lines)
+
+
+#: Named settings for `evaluate --preset` and `Spade.from_preset`. "default" is the library's own defaults; "paper"
+#: is the published configuration (needs the WRN50 ImageNet weights file offline), evaluated at 256 x 256.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "backbone": "wide_resnet50_2", "layers": (1, 2, 3), "k_image": 3, "k_gallery": 50, "kappa": 1,
+        "fusion": "mean", "distance": "squared", "image_score": "knn", "sigma": 4.0, "image_size": 224,
+        "resize": "paper_crop",
+    },
+}
+#: Resolution metrics are computed at for each preset (None: the original image size).
+PRESET_EVAL_SIZE: dict[str, int | None] = {"default": None, "paper": 256}
