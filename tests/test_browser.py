@@ -1,5 +1,6 @@
-"""End to end in headless Chromium: the web page uploads a real bottle image, shows its overlay and verdict, and the
-threshold slider re-draws the verdict. Needs Debian's `chromium` and `chromium-driver`
+"""End to end in headless Chromium: the web page uploads a real bottle image, shows its overlay, scores and verdict
+and why (regions, nearest good images), and the threshold slider (in units of the model's threshold) re-draws the
+verdict. Needs Debian's `chromium` and `chromium-driver`
 (scripts/install-browser-deps.sh): skipped without them, except in CI (env CI set), where it fails."""
 
 from __future__ import annotations
@@ -102,12 +103,28 @@ def test_upload_shows_overlay_and_verdict_and_slider_redraws(browser, page_url: 
     assert browser.find_element(By.CSS_SELECTOR, ".result .name").text == bottle_image.name
     assert browser.find_element(By.ID, "error").get_attribute("hidden")
 
+    score = browser.find_element(By.CSS_SELECTOR, ".result .score").text
+    assert score.startswith("Score ") and " · normalised " in score  # raw and normalised
+    assert browser.find_element(By.CSS_SELECTOR, ".result .p-value").text.startswith("p-value ")
+    why = browser.find_element(By.CSS_SELECTOR, ".result details.why")
+    assert not browser.find_element(By.CSS_SELECTOR, ".result .neighbours li").is_displayed()  # folded away
+    why.find_element(By.TAG_NAME, "summary").click()
+    neighbours = browser.find_elements(By.CSS_SELECTOR, ".result .neighbours li")
+    assert neighbours and neighbours[0].is_displayed() and ".png (" in neighbours[0].text
+    regions = browser.find_elements(By.CSS_SELECTOR, ".result .regions li")
+    assert all(r.text.startswith("box ") and "area" in r.text and "peak" in r.text for r in regions)
+
     slider = browser.find_element(By.ID, "threshold")
+    assert float(slider.get_attribute("value")) == 1.0  # normalised units: 1 = the model's threshold
+    assert browser.find_element(By.ID, "threshold-value").text.startswith("1.00 (score ")
+    at_model = verdict.text
     _set_threshold(browser, slider.get_attribute("min"))
     assert verdict.text == "Anomalous"
     _set_threshold(browser, slider.get_attribute("max"))
     assert verdict.text == "Normal"
     assert verdict.get_attribute("class") == "verdict normal"
+    browser.find_element(By.ID, "reset-threshold").click()
+    assert verdict.text == at_model
 
 
 def test_bad_file_error_is_shown_in_plain_words(browser, page_url: str, tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ def test_predict_writes_scores_images_and_mirrored_maps(
                    monkeypatch)
     assert code == 0
     rows = _rows(out / "scores.csv")
-    assert len(rows) == 12 and list(rows[0]) == ["path", "score", "is_anomalous"]
+    assert len(rows) == 12 and list(rows[0]) == [
+        "path", "score", "normalized_score", "p_value", "is_anomalous", "regions", "largest_region_area"]
     assert all(float(r["score"]) >= 0 and r["is_anomalous"] in ("0", "1") for r in rows)
     defect_verdicts = [r["is_anomalous"] == "1" for r in rows if not r["path"].startswith("good/")]
     assert sum(defect_verdicts) >= len(defect_verdicts) / 2

@@ -35,7 +35,7 @@ def test_evaluate_writes_report_with_stable_shape(two_categories: Path, tmp_path
     for metrics in saved["categories"].values():
         for key in ("image_auroc", "pixel_auroc", "au_pro"):
             assert 0.0 <= metrics[key] <= 1.0
-        assert metrics["n_train"] == 9 and metrics["n_calibration"] == 1 and metrics["n_test"] == 9
+        assert metrics["n_train"] == 10 and metrics["n_calibration"] == 10 and metrics["n_test"] == 9
         assert metrics["fit_seconds"] > 0 and metrics["predict_ms_per_image"] > 0
         assert metrics["image_threshold"] is not None
         assert set(metrics["at_threshold"]) == {"precision", "recall", "f1"}

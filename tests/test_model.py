@@ -55,10 +55,10 @@ def test_invalid_settings_fail_at_fit(bad: dict, synthetic_root: Path) -> None:
 
 
 def test_fit_sets_fitted_attributes(fitted_model: Spade) -> None:
-    # 12 good images: 10% (one, chosen by the seed) is held out to calibrate the thresholds.
-    assert fitted_model.store_.n_images == 11
-    assert len(fitted_model.train_names_) == 11 and fitted_model.skipped_ == []
-    assert len(fitted_model.calibration_scores_) == 1
+    # 12 good images: all are stored, and each is scored without itself to calibrate the thresholds.
+    assert fitted_model.store_.n_images == 12
+    assert len(fitted_model.train_names_) == 12 and fitted_model.skipped_ == []
+    assert len(fitted_model.calibration_scores_) == 12
     assert fitted_model.backbone_.name == "efficientnet_lite0"
 
 
@@ -76,18 +76,11 @@ def test_thresholds_come_from_normal_images_and_give_verdicts(fitted_model: Spad
 
 def test_calibration_can_be_disabled_or_use_a_validation_folder(synthetic_root: Path) -> None:
     train = synthetic_root / "train" / "good"
-    plain = Spade(k_gallery=3, calibration_fraction=0, progress=False).fit(train)
+    plain = Spade(k_gallery=3, calibration="none", progress=False).fit(train)
     assert plain.image_threshold_ is None and plain.store_.n_images == 12
     assert plain.predict(list_images(synthetic_root / "test" / "good")[:1])[0].is_anomalous is None
     with_validation = Spade(k_gallery=3, progress=False).fit(train, validation=synthetic_root / "test" / "good")
     assert with_validation.store_.n_images == 12 and len(with_validation.calibration_scores_) == 4
-
-
-def test_calibrate_threshold_rule() -> None:
-    from spade_ad.calibration import calibrate_threshold
-
-    assert calibrate_threshold([1.0, 2.0, 3.0], 0.1) == pytest.approx(3.0 + 0.1 * (3.0 - 2.0))
-    assert calibrate_threshold([5.0], 0.5) == 5.0
 
 
 def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: Path) -> None:
@@ -200,7 +193,8 @@ def test_fit_on_images_of_different_sizes_and_fewer_than_k(synthetic_root: Path)
     images[1] = images[1].resize((300, 120))  # another aspect ratio in the training set
     images[2] = images[2].convert("L")
     model = Spade(progress=False).fit(images)  # K=50 > 4 images: the gallery is every training image
-    assert model.store_.n_images == 4 and model.image_threshold_ is None
+    assert model.store_.n_images == 4 and model.image_threshold_ == max(model.calibration_scores_)
+    assert "1/5" in model.calibration_.note  # four good images cannot guarantee a 1% false-alarm rate
     prediction = model.predict(list_images(synthetic_root / "test")[:1], original_size=True)[0]
     assert prediction.original_map.shape == (160, 224) and np.isfinite(prediction.score)
 
@@ -217,7 +211,7 @@ def test_fit_records_every_skipped_image_training_or_calibration(synthetic_root:
         folder, skip_bad=True, on_skip=lambda item, error: seen.append(item.name)
     )
     assert sorted(name for name, _ in model.skipped_) == ["000.png", "005.png"] == sorted(seen)
-    assert model.store_.n_images + len(model.calibration_scores_) == 10
+    assert model.store_.n_images == len(model.calibration_scores_) == 10
 
 
 @pytest.mark.parametrize("shape", [(224, 224), (120, 300), (10, 40), (3, 3), (1, 8)])

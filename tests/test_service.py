@@ -22,6 +22,7 @@ from PIL import Image
 
 from child_server import free_port, serve_in_subprocess
 from spade_ad import Spade, load
+from spade_ad.calibration import conformal_threshold
 from spade_ad.service import ServiceSettings, create_app
 from spade_ad.service.app import model_settings
 from spade_ad.settings import SETTINGS
@@ -101,8 +102,15 @@ def test_model_info(server: str) -> None:
     assert info["image_threshold"] > 0 and info["pixel_threshold"] > 0
     assert info["color_scale"] == {"vmin": 0.0, "vmax": 1.5 * info["pixel_threshold"], "fixed": True}
     assert isinstance(info["metrics"], dict)
-    assert 0 < info["n_train_images"] < 12  # one image held out for calibration
+    assert info["n_train_images"] == 12  # all stored; calibrated by leave-one-out
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_pixels"] == PIXEL_LIMIT
+    calibration = info["calibration"]
+    assert set(calibration) == {"source", "n", "false_alarm_rate", "guaranteed_rate", "pixel_false_alarm_rate",
+                                "median", "threshold_source", "note"}  # not the list of good scores
+    assert calibration["source"] == "leave_one_out" and calibration["n"] == 12
+    assert calibration["guaranteed_rate"] == pytest.approx(1 / 13)  # 12 good images: at best 1 / (n + 1)
+    assert calibration["false_alarm_rate"] == 0.01 and "1/13" in calibration["note"]
+    assert calibration["median"] < info["image_threshold"] and calibration["threshold_source"] == "false_alarm_rate"
 
 
 def test_model_settings_show_weights_as_a_file_name_only(tmp_path: Path) -> None:
@@ -121,10 +129,86 @@ def test_predict_one_image(server: str, service_data: Path) -> None:
     assert result["file"] == "spot.png"
     assert (result["width"], result["height"]) == SIZE
     assert result["threshold"] == threshold
-    assert result["is_anomalous"] == (result["score"] >= threshold)
+    assert result["is_anomalous"] == (result["score"] > threshold)
     for key in ("heatmap", "overlay"):
         image = decode_data_url(result[key])
         assert image.format == "PNG" and image.size == SIZE and image.mode == "RGB"
+
+
+def test_predict_explains_the_verdict(server: str, service_data: Path) -> None:
+    """Normalised score, p-value, defect regions (in the image's pixels) and the nearest good training images."""
+    response = predict(server, ("spot.png", (service_data / "test" / "spot" / "000.png").read_bytes()))
+    body = response.json()
+    [result] = body["results"]
+    assert body["threshold_source"] == "model" and body["threshold"] == result["threshold"]
+    assert result["is_anomalous"] is True  # a clear spot on the synthetic disc
+    assert result["normalized_score"] > 1  # 1 = the threshold
+    assert 0 < result["p_value"] <= 1 / 13 + 1e-9  # above every good calibration score: the smallest p-value
+    assert result["regions"], "an anomalous image lists its defect regions"
+    for region in result["regions"]:
+        assert set(region) == {"box", "area", "peak", "mean"}
+        left, top, right, bottom = region["box"]
+        assert 0 <= left < right <= SIZE[0] and 0 <= top < bottom <= SIZE[1]
+        assert 0 < region["area"] <= (right - left) * (bottom - top)
+        assert region["peak"] >= region["mean"] > result["pixel_threshold"]
+    assert [r["peak"] for r in result["regions"]] == sorted((r["peak"] for r in result["regions"]), reverse=True)
+    train_names = {p.name for p in (service_data / "train" / "good").glob("*.png")}
+    assert result["neighbours"] and all(set(n) == {"name", "distance"} for n in result["neighbours"])
+    assert {n["name"] for n in result["neighbours"]} <= train_names
+    distances = [n["distance"] for n in result["neighbours"]]
+    assert distances == sorted(distances) and distances[0] >= 0
+    [good] = predict(server, ("good.png", (service_data / "test" / "good" / "000.png").read_bytes())).json()["results"]
+    assert good["is_anomalous"] is False and good["regions"] == [] and good["normalized_score"] < 1
+    assert good["p_value"] > result["p_value"]
+
+
+def test_per_request_threshold_leaves_the_model_alone(server: str, service_data: Path) -> None:
+    before = requests.get(f"{server}/v1/model", timeout=10).json()
+    image = ("good.png", (service_data / "test" / "good" / "000.png").read_bytes())
+    low = requests.post(f"{server}/v1/predict?threshold=-1000", files=[("files", image)], timeout=60).json()
+    assert low["threshold"] == -1000 and low["threshold_source"] == "threshold"
+    [flagged] = low["results"]
+    assert flagged["is_anomalous"] is True and flagged["threshold"] == -1000
+    high = requests.post(f"{server}/v1/predict?threshold=1e9", files=[("files", image)], timeout=60).json()
+    [passed] = high["results"]
+    assert passed["is_anomalous"] is False and passed["regions"] == [] and passed["normalized_score"] < 1
+    assert passed["score"] == flagged["score"] and passed["p_value"] == flagged["p_value"]
+    after = requests.get(f"{server}/v1/model", timeout=10).json()
+    for key in ("image_threshold", "pixel_threshold", "calibration"):
+        assert after[key] == before[key]
+    [again] = predict(server, image).json()["results"]  # the next request is judged by the model's threshold again
+    assert again["threshold"] == before["image_threshold"] and again["is_anomalous"] is False
+
+
+def test_per_request_false_alarm_rate(server: str, service_data: Path) -> None:
+    scores = load(service_data / "model.safetensors", device="cpu").calibration_.scores
+    expected, _ = conformal_threshold(scores, 0.3)
+    image = ("good.png", (service_data / "test" / "good" / "000.png").read_bytes())
+    body = requests.post(f"{server}/v1/predict?false_alarm_rate=0.3", files=[("files", image)], timeout=60).json()
+    assert body["threshold_source"] == "false_alarm_rate" and body["threshold"] == pytest.approx(expected)
+    [result] = body["results"]
+    assert result["threshold"] == pytest.approx(expected)
+    assert result["is_anomalous"] == (result["score"] > expected)
+    assert (result["normalized_score"] > 1) == result["is_anomalous"]
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("false_alarm_rate=2", "false_alarm_rate"),
+        ("false_alarm_rate=0", "false_alarm_rate"),
+        ("threshold=abc", "threshold"),
+        ("threshold=nan", "finite"),
+        ("threshold=1&false_alarm_rate=0.1", "at most one"),
+    ],
+)
+def test_bad_per_request_threshold_is_refused(server: str, service_data: Path, query: str, words: str) -> None:
+    image = ("good.png", (service_data / "test" / "good" / "000.png").read_bytes())
+    response = requests.post(f"{server}/v1/predict?{query}", files=[("files", image)], timeout=60)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert set(body) == {"error", "file"} and words in body["error"] and body["file"] is None
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok", "in_flight": 0, "capacity": 9}
 
 
 def test_predict_several_images_in_order(server: str, service_data: Path) -> None:

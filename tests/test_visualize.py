@@ -1,4 +1,5 @@
-"""Heat maps, overlays and contours: sizes, colour scaling, NaN handling and outline placement."""
+"""Heat maps, overlays and contours: sizes, colour scaling, NaN handling and outline placement; annotations: region
+boxes, peak scores and the verdict label."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.visualize import color_range, contour, heatmap, overlay, save_png, threshold_color_range
+from spade_ad.prediction import Region
+from spade_ad.visualize import (
+    BOX_COLOR,
+    LABEL_COLORS,
+    annotate,
+    color_range,
+    contour,
+    heatmap,
+    overlay,
+    save_png,
+    threshold_color_range,
+    verdict_label,
+)
 
 JET = matplotlib.colormaps["jet"]
 BOTTOM = tuple(int(c) for c in JET(0.0, bytes=True)[:3])
@@ -153,3 +166,56 @@ def test_color_range_uncalibrated_is_the_maps_own_min_max() -> None:
                           np.asarray(heatmap(np.arange(6.0).reshape(2, 3))))  # what heatmap uses by default
     with pytest.raises(ValueError, match="2-D"):
         color_range(np.zeros(3), None)
+
+
+def _differs(a: Image.Image, b: Image.Image) -> np.ndarray:
+    return np.any(np.asarray(a) != np.asarray(b), axis=-1)
+
+
+def test_verdict_label() -> None:
+    assert verdict_label(True, 1.8372) == "DEFECT 1.84"
+    assert verdict_label(False, 0.4167) == "OK 0.42"
+    assert verdict_label(True, None) == "DEFECT"
+    assert verdict_label(None, None, 36.66) == "score 36.7"
+    assert verdict_label(None, None) == ""
+
+
+def test_annotate_draws_the_box_and_its_peak_and_nothing_else() -> None:
+    base = Image.new("RGB", (120, 100), (0, 0, 90))
+    region = Region(box=(40, 50, 80, 90), area=1200, peak=62.35, mean=48.0)
+    drawn = annotate(base, [region])
+    assert drawn is not base and drawn.size == base.size and drawn.mode == "RGB"
+    assert np.asarray(base).max() == 90  # the input is not drawn on
+    for row, col in ((50, 40), (50, 79), (89, 40), (89, 79), (70, 40)):  # corners and an edge (right/bottom exclusive)
+        assert _px(drawn, row, col) == BOX_COLOR
+    assert _px(drawn, 70, 60) == (0, 0, 90)  # the inside stays visible
+    assert _px(drawn, 90, 81) == (0, 0, 90)  # just outside the box
+    changed = _differs(drawn, base)
+    assert changed[35:50, 40:80].any()  # the peak score above the box
+    changed[30:90, 40:80] = False
+    assert not changed.any()  # no label asked for: nothing else
+
+
+def test_annotate_label_colours_follow_the_verdict() -> None:
+    base = Image.new("RGB", (200, 150), (0, 0, 0))
+    for anomalous in (True, False, None):
+        drawn = annotate(base, [], "DEFECT 1.84" if anomalous else "OK 0.42", anomalous=anomalous)
+        assert _px(drawn, 0, 0) == LABEL_COLORS[anomalous]  # the label's ground in the top-left corner
+        assert _differs(drawn, base)[:20, :100].any() and not _differs(drawn, base)[40:, :].any()
+    assert not _differs(annotate(base, [], None), base).any()
+
+
+def test_annotate_scales_boxes_found_in_a_smaller_map() -> None:
+    base = Image.new("RGB", (200, 100), (0, 0, 90))
+    region = Region(box=(10, 10, 20, 20), area=100, peak=1.0, mean=1.0)  # in a 50 x 100 map: 2x smaller
+    drawn = annotate(base, [region], map_shape=(50, 100))
+    assert _px(drawn, 39, 39) == BOX_COLOR and _px(drawn, 20, 20) == BOX_COLOR
+    assert _px(drawn, 30, 30) == (0, 0, 90)
+
+
+def test_annotate_keeps_text_inside_the_image_for_boxes_at_the_edge() -> None:
+    base = Image.new("RGB", (64, 48), (0, 0, 90))
+    drawn = annotate(base, [Region(box=(50, 0, 64, 48), area=14 * 48, peak=123456.0, mean=1.0)], "DEFECT 9.99",
+                     anomalous=True)
+    assert drawn.size == base.size
+    assert _px(drawn, 47, 63) == BOX_COLOR

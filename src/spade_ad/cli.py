@@ -81,9 +81,22 @@ def fit(train_dir: Path, output: Path, validation: Path | None, skip_bad: bool, 
     )
     model.save(output)
     click.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
-    if model.image_threshold_ is not None:
-        click.echo(f"thresholds from {len(model.calibration_scores_)} held-out good images: "
-                   f"image {model.image_threshold_:.4g}, pixel {model.pixel_threshold_:.4g}")
+    _echo_calibration(model)
+
+
+def _echo_calibration(model: Any) -> None:
+    """The thresholds in words: what they were computed from and the false-alarm rate they guarantee."""
+    cal = model.calibration_
+    if cal.image_threshold is None:
+        click.echo(f"no thresholds ({cal.note or 'calibration=none'})")
+        return
+    where = {"leave_one_out": "leave-one-out scores of", "validation": "", "holdout": "held-out"}.get(cal.source, "")
+    click.echo(f"image threshold {cal.image_threshold:.4g} from {where} {cal.n} good images "
+               f"(false-alarm rate asked {cal.false_alarm_rate:g}, guaranteed <= {cal.guaranteed_rate:.3g}); "
+               f"pixel threshold {cal.pixel_threshold:.4g} (share of good pixels flagged: "
+               f"{cal.pixel_false_alarm_rate:g})".replace("  ", " "))
+    if cal.note:
+        click.echo(f"note: {cal.note}", err=True)
 
 
 @app.command()
@@ -96,15 +109,25 @@ def fit(train_dir: Path, output: Path, validation: Path | None, skip_bad: bool, 
               help="Backbone weights file, if not where it was at fit time.")
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
               help="Override the device stored in the model (cpu, cuda[:N], auto).")
+@click.option("--threshold", type=float, default=None, help="Image threshold (raw score) for this run's verdicts.")
+@click.option("--false-alarm-rate", "false_alarm_rate", type=float, default=None,
+              help="Image threshold at this share of good parts flagged (from the model's good scores).")
+@click.option("--pixel-threshold", type=float, default=None, help="Pixel threshold for this run's defect masks.")
+@click.option("--pixel-false-alarm-rate", "pixel_false_alarm_rate", type=float, default=None,
+              help="Pixel threshold at this share of good pixels flagged.")
 @skip_bad_option
 def predict(model_path: Path, inputs: tuple[Path, ...], output: Path, save_maps: bool, weights: Path | None,
-            device: str | None, skip_bad: bool) -> None:
+            device: str | None, threshold: float | None, false_alarm_rate: float | None,
+            pixel_threshold: float | None, pixel_false_alarm_rate: float | None, skip_bad: bool) -> None:
     """Score images: OUT/scores.csv (row by row, with is_anomalous when the model has a threshold), heat maps,
     overlays and predicted defect masks per image."""
     from .model import load
     from .writers import PredictionWriter
 
     model = load(model_path, weights=weights, device=device)
+    if any(v is not None for v in (threshold, false_alarm_rate, pixel_threshold, pixel_false_alarm_rate)):
+        model.set_thresholds(image=threshold, false_alarm_rate=false_alarm_rate, pixel=pixel_threshold,
+                             pixel_false_alarm_rate=pixel_false_alarm_rate)
     with PredictionWriter.for_model(model, output, save_maps=save_maps) as writer:
         def on_skip(item: object, error: Exception) -> None:
             writer.skip(getattr(item, "name", str(item)), error)
@@ -115,6 +138,35 @@ def predict(model_path: Path, inputs: tuple[Path, ...], output: Path, save_maps:
             model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip)
         )
     click.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
+
+
+@app.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--good", type=click.Path(path_type=Path), required=True,
+              help="Folder of good images (not the training images) to calibrate the thresholds on.")
+@click.option("--defect", type=click.Path(path_type=Path), default=None,
+              help="Folder of a few defective images: the image threshold moves to the best F1 (no rate guarantee).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Model file to write [default: overwrite MODEL].")
+@click.option("--false-alarm-rate", "false_alarm_rate", type=_SettingType(settings_table.BY_NAME["false_alarm_rate"]),
+              default=None, help="Share of good parts allowed to be flagged [default: the model's].")
+@click.option("--pixel-false-alarm-rate", "pixel_false_alarm_rate", default=None,
+              type=_SettingType(settings_table.BY_NAME["pixel_false_alarm_rate"]),
+              help="Share of good pixels allowed to be flagged [default: the model's].")
+@skip_bad_option
+def calibrate(model_path: Path, good: Path, defect: Path | None, output: Path | None,
+              false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, skip_bad: bool) -> None:
+    """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
+    from .model import load
+
+    model = load(model_path)
+    rates = {k: v for k, v in (("false_alarm_rate", false_alarm_rate),
+                                ("pixel_false_alarm_rate", pixel_false_alarm_rate)) if v is not None}
+    model.set_params(**rates)
+    model.calibrate(good, defect=defect, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None)
+    target = model.save(output or model_path)
+    click.echo(f"thresholds rewritten in {target}")
+    _echo_calibration(model)
 
 
 @app.command()

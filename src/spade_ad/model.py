@@ -6,59 +6,43 @@ and search from `spade_ad.store` / `spade_ad.search`, maps and scores from `spad
 
 Image stage: the k_image nearest training images by global feature (mean squared distance: the paper's score).
 Pixel stage: the gallery is every spatial feature of the k_gallery nearest training images; see `spade_ad.scoring`.
+
+Longer than 300 lines because scikit-learn needs every setting spelled out in `__init__` (twice: ~50 lines, checked
+against the settings table by a test) and the estimator's public methods (fit, calibrate, set_thresholds, predict,
+score, save, load) belong together; the maths they call lives in the modules above.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.base import BaseEstimator
 
+from . import calibration
 from . import settings as settings_table
 from .backbones import Backbone, build_backbone
-from .calibration import calibrate_threshold
-from .errors import ImageReadError, ModelFileError, NoImagesError, NotFittedError, WeightsError
-from .geometry import Geometry, map_to_original
+from .calibration import Calibration, normalized_scores, p_values
+from .errors import ImageReadError, ModelFileError, NoImagesError, NotFittedError, SettingError, WeightsError
+from .geometry import map_to_original
 from .inputs import ImageItem, collect_images
 from .modelfile import read_model, write_model
+from .prediction import Prediction, Region
 from .pyramid import SkipCallback, extract, iter_batches, resolve_device
-from .scoring import knn_image_scores, pixel_anomaly_map, smooth_map
+from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map, smooth_map
 from .store import FeatureStoreWriter
 
 D = settings_table.DEFAULTS
 
 
-@dataclass
-class Prediction:
-    """One image's result. `anomaly_map` is at the network input resolution; `original_map` (on request) covers
-    the whole original image, NaN where a pixel was not scored (outside the paper-crop box); `image` (on request)
-    is the decoded input, so writers need not read it again. `is_anomalous` compares the score with the calibrated
-    image threshold (None when the model has none)."""
+#: Map values kept per good image for the pixel threshold's quantiles (a regular subsample of each map).
+PIXEL_SAMPLES_PER_IMAGE = 20_000
 
-    name: str
-    path: Path | None
-    score: float
-    anomaly_map: np.ndarray
-    geometry: Geometry
-    original_map: np.ndarray | None = None
-    image: Image.Image | None = None
-    is_anomalous: bool | None = None
-    pixel_threshold: float | None = None
-
-    @property
-    def defect_mask(self) -> np.ndarray | None:
-        """Pixels at or above the calibrated pixel threshold (original size when available); None if uncalibrated."""
-        if self.pixel_threshold is None:
-            return None
-        values = self.original_map if self.original_map is not None else self.anomaly_map
-        return np.nan_to_num(values, nan=-np.inf) >= self.pixel_threshold
+__all__ = ["Prediction", "Region", "Spade", "load"]
 
 
 class Spade(BaseEstimator):
@@ -80,6 +64,7 @@ class Spade(BaseEstimator):
         k_gallery: int = D["k_gallery"],
         kappa: int = D["kappa"],
         search_radius: int | None = D["search_radius"],
+        max_search_pairs: int | None = D["max_search_pairs"],
         feature_dtype: str = D["feature_dtype"],
         memory_budget: int | None = D["memory_budget"],
         fusion: str = D["fusion"],
@@ -87,8 +72,10 @@ class Spade(BaseEstimator):
         image_score: str = D["image_score"],
         k_image: int = D["k_image"],
         sigma: float = D["sigma"],
+        calibration: str = D["calibration"],
         calibration_fraction: float = D["calibration_fraction"],
-        threshold_margin: float = D["threshold_margin"],
+        false_alarm_rate: float = D["false_alarm_rate"],
+        pixel_false_alarm_rate: float = D["pixel_false_alarm_rate"],
         device: str = D["device"],
         batch_size: int = D["batch_size"],
         seed: int = D["seed"],
@@ -104,6 +91,7 @@ class Spade(BaseEstimator):
         self.k_gallery = k_gallery
         self.kappa = kappa
         self.search_radius = search_radius
+        self.max_search_pairs = max_search_pairs
         self.feature_dtype = feature_dtype
         self.memory_budget = memory_budget
         self.fusion = fusion
@@ -111,8 +99,10 @@ class Spade(BaseEstimator):
         self.image_score = image_score
         self.k_image = k_image
         self.sigma = sigma
+        self.calibration = calibration
         self.calibration_fraction = calibration_fraction
-        self.threshold_margin = threshold_margin
+        self.false_alarm_rate = false_alarm_rate
+        self.pixel_false_alarm_rate = pixel_false_alarm_rate
         self.device = device
         self.batch_size = batch_size
         self.seed = seed
@@ -156,10 +146,14 @@ class Spade(BaseEstimator):
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(settings["device"])
         self.backbone_ = self._build_backbone()
+        if settings["image_score"] == "fused" and settings["calibration"] == "none" and validation is None:
+            raise SettingError("image_score", "needs calibration to scale its parts", "fused",
+                               "map_max or knn with calibration=none")
         items = collect_images(images)
+        held_out: list[ImageItem] = []
         if validation is not None:
             held_out = collect_images(validation)
-        else:
+        elif settings["calibration"] == "holdout":
             items, held_out = self._split_calibration(items)
         self._feature_tmp = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
         writer = FeatureStoreWriter(self._feature_tmp.name, self.feature_dtype)
@@ -181,7 +175,13 @@ class Spade(BaseEstimator):
         if not self.train_names_:
             raise NoImagesError("no training image could be read: every input was skipped")
         self.store_ = writer.build()
-        self._calibrate(held_out, skip_bad, record_skip)
+        if validation is not None or settings["calibration"] == "holdout":
+            self._calibrate(self._held_out_scores(held_out, skip_bad, record_skip), "validation"
+                            if validation is not None else "holdout")
+        elif settings["calibration"] == "leave_one_out":
+            self._calibrate(self._leave_one_out_scores(), "leave_one_out")
+        else:
+            self._calibrate(iter(()), "none")
         return self
 
     def _split_calibration(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -192,20 +192,85 @@ class Spade(BaseEstimator):
         held = set(np.random.default_rng(self.seed).choice(len(items), size=max(1, n_held), replace=False).tolist())
         return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
 
-    def _calibrate(self, held_out: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None) -> None:
-        """Thresholds from normal images only: the image score and the map maximum of each calibration image."""
-        self.calibration_scores_: list[float] = []
-        self.image_threshold_: float | None = None
-        self.pixel_threshold_: float | None = None
-        if not held_out:
+    def _held_out_scores(
+        self, held_out: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None
+    ) -> Iterator[tuple[float, float, np.ndarray]]:
+        """(map maximum, kNN score, map) of each held-out good image."""
+        yield from self._predict_parts(held_out, skip_bad=skip_bad, on_skip=on_skip)
+
+    def _leave_one_out_scores(self) -> Iterator[tuple[float, float, np.ndarray]]:
+        """(map maximum, kNN score, map) of every training image scored without itself."""
+        if self.store_.n_images < 2:
             return
-        map_maxima = []
-        for prediction in self.iter_predict(held_out, skip_bad=skip_bad, on_skip=on_skip):
-            self.calibration_scores_.append(prediction.score)
-            map_maxima.append(float(prediction.anomaly_map.max()))
-        if map_maxima:
-            self.image_threshold_ = calibrate_threshold(self.calibration_scores_, self.threshold_margin)
-            self.pixel_threshold_ = calibrate_threshold(map_maxima, self.threshold_margin)
+        for _, knn, anomaly_map in leave_one_out(
+            self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery, kappa=self.kappa,
+            fusion=self.fusion, distance=self.distance, memory_budget=self.memory_budget,
+            search_radius=self.search_radius, max_pairs=self.max_search_pairs, sigma=self.sigma, device=self.device_,
+        ):
+            array = anomaly_map.cpu().numpy()
+            yield float(array.max()), knn, array
+
+    def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
+        """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
+        `pixel_false_alarm_rate`, from good images' score parts and maps."""
+        map_maxima, knn_scores, pixels = [], [], []
+        for map_max, knn, anomaly_map in parts:
+            map_maxima.append(map_max)
+            knn_scores.append(knn)
+            step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
+            pixels.append(anomaly_map[::step, ::step].ravel())
+        self.calibration_, self.score_scale_ = calibration.calibrate(
+            map_maxima, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
+            false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
+        )
+        self._apply_calibration()
+
+    def _apply_calibration(self) -> None:
+        self.image_threshold_ = self.calibration_.image_threshold
+        self.pixel_threshold_ = self.calibration_.pixel_threshold
+        self.calibration_scores_ = list(self.calibration_.scores)
+
+    def calibrate(self, good: Any, *, defect: Any = None, skip_bad: bool = False,
+                  on_skip: SkipCallback | None = None) -> Spade:
+        """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates), and with
+        a few labelled `defect` images move the image threshold to the best F1 on good + defect images (as other
+        tools do; the false-alarm rate is then no longer guaranteed, and `calibration_.threshold_source` says
+        "best_f1"). The stored features are not changed. Returns self."""
+        self._check_fitted()
+        self._calibrate(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip), "validation")
+        if defect is not None:
+            parts = self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)
+            defect_scores = [float(self._combine(np.array([m]), np.array([k]))[0]) for m, k, _ in parts]
+            threshold = calibration.best_f1_threshold(self.calibration_.scores, defect_scores)
+            self.calibration_ = calibration.moved(self.calibration_, image=threshold, source="best_f1")
+            self.calibration_.note = (f"image threshold at the best F1 on {self.calibration_.n} good and "
+                                      f"{len(defect_scores)} defective images; false-alarm rate not guaranteed")
+            self._apply_calibration()
+        return self
+
+    def _combine(self, map_max: np.ndarray, knn: np.ndarray) -> np.ndarray:
+        return calibration.combine_scores(self.image_score, self.score_scale_, map_max, knn)
+
+    def set_thresholds(
+        self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,
+        pixel_false_alarm_rate: float | None = None,
+    ) -> Spade:
+        """Move the thresholds of a fitted model: to a score (`image`, `pixel`) or to a false-alarm rate, computed
+        from the good calibration scores kept at fit time. Returns self."""
+        self._check_fitted()
+        for name, first, second in (("threshold", image, false_alarm_rate),
+                                    ("pixel_threshold", pixel, pixel_false_alarm_rate)):
+            if first is not None and second is not None:
+                raise SettingError(name, "and its false-alarm rate cannot both be given", first, "one of them")
+        rates = {name: settings_table.BY_NAME[name].validate(value) for name, value in
+                 (("false_alarm_rate", false_alarm_rate), ("pixel_false_alarm_rate", pixel_false_alarm_rate))
+                 if value is not None}
+        try:
+            self.calibration_ = calibration.moved(self.calibration_, image=image, pixel=pixel, **rates)
+        except ValueError as exc:
+            raise SettingError(next(iter(rates)), str(exc), None, "a model fitted with calibration") from exc
+        self._apply_calibration()
+        return self
 
     def _build_backbone(self) -> Backbone:
         return build_backbone(self.backbone, self.weights, tuple(self.layers)).to(self.device_)
@@ -226,7 +291,32 @@ class Spade(BaseEstimator):
 
         `keep_images` attaches each decoded input image to its Prediction (for overlays)."""
         self._check_fitted()
-        for batch in self._batches(collect_images(images), skip_bad, on_skip, "predict", keep_images):
+        cal = self.calibration_
+        for part in self._predict_parts(images, original_size=original_size, keep_images=keep_images,
+                                        skip_bad=skip_bad, on_skip=on_skip, full=True):
+            map_max, knn, array, item, geometry, image, original, neighbours = part
+            score = float(self._combine(np.array([map_max]), np.array([knn]))[0])
+            threshold = cal.image_threshold
+            yield Prediction(
+                name=item.name, path=item.path, score=score, anomaly_map=array, geometry=geometry,
+                original_map=original, image=image,
+                is_anomalous=None if threshold is None else bool(score > threshold),
+                pixel_threshold=cal.pixel_threshold, image_threshold=threshold,
+                normalized_score=None if threshold is None or cal.median is None
+                else float(normalized_scores([score], cal.median, threshold)[0]),
+                p_value=float(p_values([score], cal.scores)[0]) if cal.scores else None,
+                neighbours=neighbours,
+            )
+
+    def _predict_parts(
+        self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
+        on_skip: SkipCallback | None = None, full: bool = False,
+    ) -> Iterator[Any]:
+        """The predict loop: (map maximum, kNN score, map) per image, and with `full` also the item, geometry,
+        decoded image, original-size map and nearest normal images."""
+        items = images if isinstance(images, list) and all(isinstance(i, ImageItem) for i in images) else \
+            collect_images(images)
+        for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
             pyramid, global_features = extract(self.backbone_, batch.inputs, self.patch_size)
             # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
             distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
@@ -236,23 +326,24 @@ class Spade(BaseEstimator):
                     [level[i] for level in pyramid], self.store_, neighbours[i, :self.k_gallery].cpu(),
                     geometry.input_size, kappa=self.kappa, fusion=self.fusion, distance=self.distance,
                     memory_budget=self.memory_budget, search_radius=self.search_radius,
+                    max_pairs=self.max_search_pairs,
                 )
-                anomaly_map = smooth_map(raw, self.sigma)
-                score = float(knn_scores[i]) if self.image_score == "knn" else float(anomaly_map.max())
-                array = anomaly_map.cpu().numpy()
-                yield Prediction(
-                    name=item.name, path=item.path, score=score, anomaly_map=array, geometry=geometry,
-                    original_map=map_to_original(array, geometry) if original_size else None,
-                    image=batch.originals[i] if keep_images else None,
-                    is_anomalous=None if self.image_threshold_ is None else bool(score >= self.image_threshold_),
-                    pixel_threshold=self.pixel_threshold_,
-                )
+                array = smooth_map(raw, self.sigma).cpu().numpy()
+                if not full:
+                    yield float(array.max()), float(knn_scores[i]), array
+                    continue
+                nearest = [(self.train_names_[int(n)], float(d)) for n, d in
+                           zip(neighbours[i, :self.k_image].tolist(), distances[i, :self.k_image].tolist())]
+                yield (float(array.max()), float(knn_scores[i]), array, item, geometry,
+                       batch.originals[i] if keep_images else None,
+                       map_to_original(array, geometry) if original_size else None, nearest)
 
     def score(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> np.ndarray:
         """Image scores only. With image_score="knn" the pixel stage is skipped entirely (the fast path)."""
         self._check_fitted()
         if self.image_score != "knn":
-            return np.array([p.score for p in self.iter_predict(images, skip_bad=skip_bad, on_skip=on_skip)])
+            parts = self._predict_parts(images, skip_bad=skip_bad, on_skip=on_skip)
+            return np.array([self._combine(np.array([m]), np.array([k]))[0] for m, k, _ in parts], dtype=np.float64)
         scores: list[float] = []
         for batch in self._batches(collect_images(images), skip_bad, on_skip, "score"):
             _, global_features = self.backbone_(batch.inputs)
@@ -286,10 +377,7 @@ class Spade(BaseEstimator):
                 "channels": list(self.backbone_.channels), "strides": list(self.backbone_.strides),
             },
             store=self.store_, train_names=self.train_names_,
-            calibration={
-                "image_threshold": self.image_threshold_, "pixel_threshold": self.pixel_threshold_,
-                "scores": self.calibration_scores_,
-            },
+            calibration={**self.calibration_.to_json(), "score_scale": self.score_scale_},
             metrics=self.metrics_,
         )
 
@@ -319,8 +407,8 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
     model.store_ = contents.store
     model.train_names_ = contents.train_names
     model.skipped_ = []
-    model.image_threshold_ = contents.calibration.get("image_threshold")
-    model.pixel_threshold_ = contents.calibration.get("pixel_threshold")
-    model.calibration_scores_ = list(contents.calibration.get("scores", []))
+    model.score_scale_ = {k: (float(v[0]), float(v[1])) for k, v in contents.calibration["score_scale"].items()}
+    model.calibration_ = Calibration.from_json(contents.calibration)
+    model._apply_calibration()
     model.metrics_ = contents.metrics
     return model

@@ -6,6 +6,9 @@ The file is written and read in a streaming way so that models with thousands of
 features in memory: pyramid features are copied chunk by chunk when saving and memory-mapped when loading. The
 layout is plain safetensors (8-byte header length, JSON header, raw little-endian data), readable by any
 safetensors reader.
+
+This module knows the settings table and the feature store, never the estimator: `spade_ad.model` builds a `Spade`
+from the `ModelContents` read here.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from .errors import ModelFileError, SettingError
 from .store import FeatureStore
 
 FORMAT = "spade-ad-model"
-FORMAT_VERSION = 1
+#: 2: conformal calibration (leave-one-out scores, pixel quantiles, score scales) replaced the margin rule.
+FORMAT_VERSION = 2
 _CHUNK_BYTES = 64 * 2**20
-_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
+_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"),
+           "I32": np.dtype("<i4")}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _PLACEHOLDER = "0" * 64
 
@@ -81,6 +86,7 @@ def store_arrays(store: FeatureStore) -> dict[str, np.ndarray]:
     """The store's features as named arrays (levels stay memory-mapped)."""
     arrays = {"global_features": store.global_features.numpy().astype("<f4"), "shapes": store.shapes.astype("<i8")}
     arrays.update({f"level_{i}": level for i, level in enumerate(store.levels)})
+    arrays.update({f"order_{i}": order.astype("<i4") for i, order in enumerate(store.orders or [])})
     return arrays
 
 
@@ -171,9 +177,13 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
         raise ModelFileError(unreadable.format(exc)) from exc
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"{path} is a safetensors file but not a spade-ad model (no '{FORMAT}' header)")
-    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
+    version = int(metadata.get("format_version", "0")) if str(metadata.get("format_version", "0")).isdigit() else -1
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{path} was written by a newer spade-ad (format {version}); upgrade spade-ad")
+    if version < FORMAT_VERSION:
         raise ModelFileError(
-            f"{path} was written by a newer spade-ad (format {metadata['format_version']}); upgrade spade-ad"
+            f"{path} was written by an older spade-ad (format {version}, thresholds by the old margin rule); "
+            f"re-fit it with `spade-ad fit` to get calibrated thresholds"
         )
     header_json = metadata.get("header", "")
     if content_sha256(header_json, arrays) != metadata.get("content_sha256"):
@@ -213,7 +223,8 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
 def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> FeatureStore:
     """The feature store, after checking every tensor's shape and dtype against the header and settings."""
     n_levels = len(settings["layers"])
-    expected = {"global_features", "shapes", *(f"level_{i}" for i in range(n_levels))}
+    expected = {"global_features", "shapes", *(f"level_{i}" for i in range(n_levels)),
+                *(f"order_{i}" for i in range(n_levels))}
     if set(arrays) != expected:
         raise ValueError(f"tensors {sorted(arrays)} where {sorted(expected)} were expected")
     globals_, shapes = arrays["global_features"], arrays["shapes"]
@@ -229,6 +240,11 @@ def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settin
         if level.shape != (rows, channels[i]) or level.dtype != np.dtype(settings["feature_dtype"]):
             raise ValueError(f"level_{i} is {level.shape} {level.dtype}, expected ({rows}, {channels[i]}) "
                              f"{settings['feature_dtype']}")
+        order = arrays[f"order_{i}"]
+        largest = int((shapes[:, i, 0] * shapes[:, i, 1]).max())
+        if order.shape != (rows,) or order.dtype != np.int32 or (rows and (order.min() < 0 or order.max() >= largest)):
+            raise ValueError(f"order_{i} is {order.shape} {order.dtype}, expected ({rows},) int32 within each image")
     return FeatureStore(
-        torch.from_numpy(np.array(globals_)), [arrays[f"level_{i}"] for i in range(n_levels)], np.array(shapes)
+        torch.from_numpy(np.array(globals_)), [arrays[f"level_{i}"] for i in range(n_levels)], np.array(shapes),
+        [np.array(arrays[f"order_{i}"]) for i in range(n_levels)],
     )

@@ -7,6 +7,7 @@ Pixel stage: each test position scores the mean distance to its kappa nearest ga
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -31,8 +32,14 @@ def pixel_anomaly_map(
     distance: Distance = "euclidean",
     memory_budget: int | None = None,
     search_radius: int | None = None,
+    max_pairs: int | None = None,
 ) -> torch.Tensor:
     """Unsmoothed pixel anomaly map (H, W) of one test image against the gallery of training images `neighbours`.
+
+    With `max_pairs`, a level whose queries x gallery vectors exceed it (long or large images) searches a reduced
+    gallery: the same share of every gallery image's vectors, taken in each image's coreset order (greedy k-centre,
+    computed at fit time), so that the work stays within `max_pairs`. Exact otherwise, and always with
+    `search_radius` or "concat" fusion.
 
     `maps`: the test image's pyramid [(C_l, h_l, w_l)]. Each test position's score is the mean distance to its kappa
     nearest gallery vectors (only those within `search_radius` cells of the same position, if given); "mean" fusion
@@ -54,7 +61,12 @@ def pixel_anomaly_map(
     if fusion == "mean":
         levels = []
         for level, fmap in enumerate(maps):
-            gallery = store.gallery(level, neighbours, device)
+            fraction = 1.0
+            if max_pairs is not None and search_radius is None:
+                sizes = store.shapes[neighbours.cpu().numpy(), level]
+                pairs = fmap.shape[1] * fmap.shape[2] * int((sizes[:, 0] * sizes[:, 1]).sum())
+                fraction = min(1.0, max_pairs / pairs)
+            gallery = store.gallery(level, neighbours, device, fraction)
             if search_radius is not None:
                 gallery = _rows_to_maps(gallery, store.shapes[neighbours.cpu().numpy(), level], tuple(fmap.shape))
             levels.append(upsample(score(fmap, gallery), input_size)[0])
@@ -106,3 +118,51 @@ def smooth_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
 def knn_image_scores(squared_distances: torch.Tensor, k_image: int) -> torch.Tensor:
     """The paper's image score: mean squared distance to the k_image nearest training global features (Q,)."""
     return squared_distances[:, :k_image].mean(1)
+
+
+def training_input_size(store: FeatureStore, index: int, stride: int) -> tuple[int, int]:
+    """The network input size of training image `index`, from its first pyramid level's shape and stride."""
+    h, w = (int(v) for v in store.shapes[index, 0])
+    return h * stride, w * stride
+
+
+def leave_one_out(
+    store: FeatureStore,
+    first_stride: int,
+    *,
+    k_image: int,
+    k_gallery: int,
+    kappa: int = 1,
+    fusion: Fusion = "mean",
+    distance: Distance = "euclidean",
+    memory_budget: int | None = None,
+    search_radius: int | None = None,
+    max_pairs: int | None = None,
+    sigma: float = 4.0,
+    device: torch.device | str = "cpu",
+    batch: int = 32,
+) -> Iterator[tuple[int, float, torch.Tensor]]:
+    """Score every training image against the store without itself: its own global feature leaves its kNN, its own
+    maps leave its gallery (the next nearest image takes its place). Yields (index, kNN image score, smoothed map at
+    its input size). The queries are the stored features (float16 by default), so the scores differ from a fresh
+    prediction of the same image by that rounding only. Needs at least two training images."""
+    n = store.n_images
+    if n < 2:
+        raise ValueError("leave-one-out needs at least two training images")
+    want = min(n, max(k_gallery, k_image) + 1)
+    for first in range(0, n, batch):
+        indices = list(range(first, min(n, first + batch)))
+        queries = store.global_features[indices].to(device)
+        distances, neighbours = store.nearest_images(queries, want)
+        for row, index in enumerate(indices):
+            keep = neighbours[row] != index
+            if bool(keep.all()):  # a duplicate at distance 0 outranked the image itself: drop the farthest instead
+                keep[-1] = False
+            d, nearest = distances[row][keep], neighbours[row][keep]
+            maps = [store.image_map(level, index).to(device) for level in range(len(store.levels))]
+            raw = pixel_anomaly_map(
+                maps, store, nearest[:k_gallery].cpu(), training_input_size(store, index, first_stride), kappa=kappa,
+                fusion=fusion, distance=distance, memory_budget=memory_budget, search_radius=search_radius,
+                max_pairs=max_pairs,
+            )
+            yield index, float(d[:k_image].mean()), smooth_map(raw, sigma)

@@ -10,6 +10,7 @@ each position only sees nearby gallery positions.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -183,3 +184,27 @@ def _topk_indices(extended: torch.Tensor, ranking: torch.Tensor, k: int, tile: i
             i = torch.cat([best_i, i], 1).gather(1, order)
         best_d, best_i = d, i
     return best_i
+
+
+#: Share of each training image's vectors put in greedy k-centre order at fit time (the rest keep their order): a
+#: reduced gallery (see `spade_ad.scoring`) takes a prefix of this order from every gallery image.
+CORESET_PREFIX = 0.25
+
+
+def coreset_order(vectors: torch.Tensor, prefix: float = CORESET_PREFIX) -> torch.Tensor:
+    """A permutation of the rows of `vectors` (n, d) whose first ceil(prefix * n) rows are a greedy k-centre coreset
+    (farthest-point order, PatchCore's coreset, starting from the vector nearest the mean): any prefix of it covers
+    the image's features as evenly as that many vectors can. The remaining rows follow in their original order.
+    Deterministic: ties go to the lowest index."""
+    n = vectors.shape[0]
+    count = min(n, max(1, int(np.ceil(prefix * n))))
+    x = vectors.float()
+    chosen = torch.empty(count, dtype=torch.int64, device=x.device)
+    chosen[0] = (x - x.mean(0)).square().sum(1).argmin()
+    nearest = (x - x[chosen[0]]).square().sum(1)
+    for i in range(1, count):
+        chosen[i] = nearest.argmax()
+        nearest = torch.minimum(nearest, (x - x[chosen[i]]).square().sum(1))
+    rest = torch.ones(n, dtype=torch.bool, device=x.device)
+    rest[chosen] = False
+    return torch.cat([chosen, torch.nonzero(rest).flatten()])

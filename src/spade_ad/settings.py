@@ -224,6 +224,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("search_radius", None, "int", "none: each position searches the whole gallery (SPADE); r: only gallery "
             "features within r cells of the same position (aligned products, one image size)", "search",
             low=0, nullable=True),
+    Setting("max_search_pairs", 100_000_000, "int", "queries x gallery vectors searched exactly per pyramid level; "
+            "above (long or large images), each gallery image's coreset prefix is searched; none: always exact",
+            "search", low=10_000, nullable=True),
     Setting("feature_dtype", "float16", "str", "dtype of the stored pyramid features (distances are always "
             "accumulated in float32)", "search", choices=("float16", "float32")),
     Setting("memory_budget", None, "int", "bytes of one tile of distances; none: per device (4 MiB CPU, 1 GiB GPU)",
@@ -234,16 +237,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("distance", "euclidean", "str", "pixel distances before the levels are fused; squared is the paper's",
             "scoring", choices=("euclidean", "squared")),
     Setting("image_score", "map_max", "str", "map_max: maximum of the smoothed map; knn: the paper's mean squared "
-            "distance to the k_image nearest global features", "scoring", choices=("map_max", "knn")),
+            "distance to the k_image nearest global features; fused: both, each scaled by its spread on good images "
+            "(leave-one-out), averaged", "scoring", choices=("map_max", "knn", "fused")),
     Setting("k_image", 3, "int", "neighbours of the global kNN image score", "scoring", low=1),
     Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
             low=0, high=64),
     # calibration
-    Setting("calibration_fraction", 0.1, "float", "share of the good images held out (by seed) to calibrate "
-            "thresholds, or pass fit(..., validation=...); 0: no thresholds", "calibration", low=0, high=1,
-            high_open=True),
-    Setting("threshold_margin", 0.1, "float", "threshold = max + margin x (max - median) of the normal calibration "
-            "values", "calibration", low=0, high=100),
+    Setting("calibration", "leave_one_out", "str", "where the good scores behind the thresholds come from: "
+            "leave_one_out (every training image scored without itself), holdout (calibration_fraction of the "
+            "images set aside), none (no thresholds); fit(..., validation=...) overrides", "calibration",
+            choices=("leave_one_out", "holdout", "none")),
+    Setting("calibration_fraction", 0.1, "float", "share of the good images held out (by seed) with "
+            "calibration=holdout", "calibration", low=0, high=1, high_open=True),
+    Setting("false_alarm_rate", 0.01, "float", "share of good parts allowed to be flagged: the image threshold is "
+            "the conformal quantile of the good scores at this rate", "calibration", low=1e-6, high=0.5),
+    Setting("pixel_false_alarm_rate", 0.001, "float", "share of good pixels allowed above the pixel threshold "
+            "(defect masks and regions)", "calibration", low=1e-6, high=0.5),
     # runtime
     Setting("device", "auto", "str", "cpu, cuda[:N], or auto (cuda when available)", "runtime", runtime=True,
             check=_device_check),
@@ -256,6 +265,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+#: Settings of earlier versions that no longer exist; model files holding them are refused with a clear message.
+RETIRED = {"threshold_margin": "replaced by false_alarm_rate (conformal thresholds)"}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
@@ -264,6 +275,9 @@ def validate(params: Mapping[str, Any], *, partial: bool = False) -> dict[str, A
     """Check settings against the table; returns them in canonical form. Unknown names and bad values raise
     SettingError naming the setting and what is allowed. With `partial`, missing settings are not filled in."""
     unknown = sorted(set(params) - set(BY_NAME))
+    retired = [name for name in unknown if name in RETIRED]
+    if retired:
+        raise SettingError(retired[0], f"was retired ({RETIRED[retired[0]]})", None, "refit with this version")
     if unknown:
         raise SettingError(unknown[0], "is not a setting", None, "one of " + ", ".join(NAMES))
     values = {name: BY_NAME[name].validate(value) for name, value in params.items()}
@@ -303,7 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "backbone": "wide_resnet50_2", "layers": (1, 2, 3), "k_image": 3, "k_gallery": 50, "kappa": 1,
         "fusion": "mean", "distance": "squared", "image_score": "knn", "sigma": 4.0, "image_size": 224,
-        "resize": "paper_crop",
+        "resize": "paper_crop", "max_search_pairs": None,
     },
 }
 #: Resolution metrics are computed at for each preset (None: the original image size).

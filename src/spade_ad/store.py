@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .search import ranking_bank, topk_squared_distances
+from .search import coreset_order, ranking_bank, topk_squared_distances
 
 #: Largest share of a GPU's free memory the stored pyramid features may take to be kept there (see FeatureStore).
 DEVICE_CACHE_FRACTION = 0.25
@@ -35,6 +35,7 @@ class FeatureStore:
     global_features: torch.Tensor
     levels: list[np.ndarray]
     shapes: np.ndarray  # (N, L, 2) int64
+    orders: list[np.ndarray] | None = None  # per level, each image's rows in coreset order (int32, within-image)
     _offsets: np.ndarray = field(init=False, repr=False)
     _ranking_on_device: dict[torch.device, torch.Tensor] = field(init=False, repr=False)
     _levels_on_device: dict[torch.device, list[torch.Tensor] | None] = field(init=False, repr=False)
@@ -65,16 +66,32 @@ class FeatureStore:
         ranking = self._ranking_on_device[device]
         return topk_squared_distances(queries, ranking[:, :-1], k, ranking=ranking)
 
-    def gallery(self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """All spatial vectors at `level` of the given training images, stacked, as float32 on `device`."""
+    def gallery(
+        self, level: int, image_indices: torch.Tensor, device: torch.device | str = "cpu", fraction: float = 1.0,
+    ) -> torch.Tensor:
+        """The spatial vectors at `level` of the given training images, stacked, as float32 on `device`: all of
+        them, or with `fraction` < 1 the first ceil(fraction * h * w) of each image's coreset order (a reduced
+        gallery that still covers every image's features)."""
         indices = image_indices.cpu().numpy()
         starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
+        if fraction < 1.0 and self.orders is not None:
+            rows_np = np.concatenate([
+                start + self.orders[level][start:start + max(1, int(np.ceil(fraction * (stop - start))))]
+                for start, stop in zip(starts, stops)
+            ]).astype(np.int64)
+        else:
+            rows_np = None
         resident = self._device_levels(_with_index(torch.device(device)))
         if resident is not None:
+            if rows_np is not None:
+                return resident[level][torch.from_numpy(rows_np).to(device)].float()
             lengths = stops - starts
             firsts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)  # row index minus output position
             rows = torch.from_numpy(firsts).to(device) + torch.arange(int(lengths.sum()), device=device)
             return resident[level][rows].float()
+        if rows_np is not None:
+            rows_np.sort()  # a memory map reads fastest in file order; the gallery's order does not matter
+            return torch.from_numpy(np.asarray(self.levels[level][rows_np])).to(device).float()
         rows = np.concatenate([self.levels[level][a:b] for a, b in zip(starts, stops)], 0)
         return torch.from_numpy(rows).to(device).float()  # moved as stored (float16: half the bytes), then widened
 
@@ -124,6 +141,7 @@ class FeatureStoreWriter:
         self._globals: list[torch.Tensor] = []
         self._shapes: list[list[tuple[int, int]]] = []
         self._files: list[BinaryIO] = []
+        self._order_files: list[BinaryIO] = []
         self._rows: list[int] = []
         self._channels: list[int] = []
 
@@ -131,6 +149,7 @@ class FeatureStoreWriter:
         """Add a batch: pyramid maps [(B, C_l, h_l, w_l)] and global features (B, D)."""
         if not self._files:
             self._files = [open(self.directory / f"level_{i}.bin", "wb") for i in range(len(pyramid))]
+            self._order_files = [open(self.directory / f"order_{i}.bin", "wb") for i in range(len(pyramid))]
             self._rows = [0] * len(pyramid)
             self._channels = [int(m.shape[1]) for m in pyramid]
         self._globals.append(global_features.detach().float().cpu())
@@ -138,19 +157,27 @@ class FeatureStoreWriter:
         self._shapes.extend([shapes] * int(global_features.shape[0]))
         for level, maps in enumerate(pyramid):
             rows = maps.detach().flatten(2).transpose(1, 2).reshape(-1, maps.shape[1])  # (B*h*w, C) image-major
-            self._files[level].write(rows.cpu().numpy().astype(self.dtype, copy=False).tobytes())
+            stored = rows.cpu().numpy().astype(self.dtype, copy=False)
+            self._files[level].write(stored.tobytes())
             self._rows[level] += rows.shape[0]
+            per_image = maps.shape[2] * maps.shape[3]
+            for image in range(maps.shape[0]):  # the order is computed on the stored (rounded) values
+                vectors = torch.from_numpy(stored[image * per_image:(image + 1) * per_image])
+                order = coreset_order(vectors.to(maps.device)).cpu().numpy().astype("<i4")
+                self._order_files[level].write(order.tobytes())
 
     def build(self) -> FeatureStore:
         if not self._globals:
             raise ValueError("no training features were added")
-        levels = []
-        for level, handle in enumerate(self._files):
+        levels, orders = [], []
+        for level, (handle, order_handle) in enumerate(zip(self._files, self._order_files)):
             handle.close()
+            order_handle.close()
             levels.append(np.memmap(handle.name, dtype=self.dtype, mode="r",
                                     shape=(self._rows[level], self._channels[level])))
-        return FeatureStore(torch.cat(self._globals, 0), levels, np.asarray(self._shapes, dtype=np.int64))
+            orders.append(np.fromfile(order_handle.name, dtype="<i4"))
+        return FeatureStore(torch.cat(self._globals, 0), levels, np.asarray(self._shapes, dtype=np.int64), orders)
 
     def close(self) -> None:
-        for handle in self._files:
+        for handle in (*self._files, *self._order_files):
             handle.close()

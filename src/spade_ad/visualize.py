@@ -1,21 +1,33 @@
-"""Render anomaly maps for people: colour heat maps, overlays on the inspected image, mask contours.
+"""Render anomaly maps for people: colour heat maps, overlays on the inspected image, mask contours, and the
+annotations a person acts on (a box and peak score per defect region, the verdict in a corner label).
 
-Only numpy, Pillow and matplotlib's colormap registry are used (no pyplot, no GUI backend), so these
-functions work in servers and tests.  NaN in an anomaly map means "not scored" and is shown as such
-(mid-grey in a heat map, the untouched image in an overlay) rather than as a low score.
+Only numpy, Pillow (ImageDraw with its built-in default font: no font files) and matplotlib's colormap registry are
+used (no pyplot, no GUI backend), so these functions work in servers and tests.  NaN in an anomaly map means "not
+scored" and is shown as such (mid-grey in a heat map, the untouched image in an overlay) rather than as a low score.
+The writers and the service draw through `annotate` and `verdict_label` only, so files and web page look alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
-__all__ = ["color_range", "contour", "heatmap", "overlay", "save_png", "threshold_color_range"]
+if TYPE_CHECKING:
+    from .prediction import Region
+
+__all__ = [
+    "annotate", "color_range", "contour", "heatmap", "overlay", "save_png", "threshold_color_range", "verdict_label",
+]
 
 NAN_GREY = (128, 128, 128)
+BOX_COLOR = (255, 0, 255)  # magenta: not in the "jet" colour map, so a box stands out from any heat
+LABEL_COLORS = {True: (179, 38, 30), False: (27, 110, 53), None: (95, 99, 104)}  # DEFECT red, OK green, no verdict
+TEXT_COLOR = (255, 255, 255)
 
 
 def heatmap(
@@ -86,6 +98,79 @@ def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = 
     pixels = np.array(base)
     pixels[edge] = color
     return Image.fromarray(pixels)
+
+
+def verdict_label(is_anomalous: bool | None, normalized_score: float | None, score: float | None = None) -> str:
+    """The corner label of an annotated image: "DEFECT 1.84" / "OK 0.42" (verdict and normalised score, 1 = the
+    threshold); without a verdict "score 36.7" (the raw score), or "" when there is nothing to say."""
+    if is_anomalous is not None:
+        verdict = "DEFECT" if is_anomalous else "OK"
+        return verdict if normalized_score is None else f"{verdict} {normalized_score:.2f}"
+    return "" if score is None else f"score {score:.3g}"
+
+
+def annotate(
+    image: Image.Image,
+    regions: Sequence[Region] = (),
+    label: str | None = None,
+    *,
+    anomalous: bool | None = None,
+    map_shape: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Return a copy of `image` (RGB) with a box and the peak score drawn for each region, and `label` (e.g. from
+    `verdict_label`) in the top-left corner on a red (`anomalous` True), green (False) or grey (None) ground.
+
+    Region boxes are (left, top, right, bottom), right and bottom exclusive, in the pixels of the map they were found
+    in; `map_shape` is that map's (height, width) when it differs from the image's size (the boxes are then scaled).
+    Line width and text size grow with the image, so the marks stay readable on large images. Uses Pillow's
+    default font (no font files).
+    """
+    result = image.convert("RGB")  # always a copy
+    draw = ImageDraw.Draw(result)
+    width, height = result.size
+    scale_x, scale_y = (1.0, 1.0) if map_shape is None else (width / map_shape[1], height / map_shape[0])
+    font = _default_font(max(10, round(min(width, height) / 24)))
+    line = max(1, round(min(width, height) / 200))
+    for region in regions:
+        left, top, right, bottom = region.box
+        x0, y0 = round(left * scale_x), round(top * scale_y)
+        x1, y1 = max(x0, round(right * scale_x) - 1), max(y0, round(bottom * scale_y) - 1)  # inclusive corners
+        draw.rectangle((x0, y0, x1, y1), outline=BOX_COLOR, width=line)
+        text = f"{region.peak:.3g}"
+        text_w, text_h = _text_size(draw, text, font)
+        # Above the box when there is room, else just inside its top edge; kept within the image.
+        tx = min(max(0, x0), max(0, width - text_w - 2))
+        ty = y0 - text_h - 2 if y0 - text_h - 2 >= 0 else min(y0 + line, max(0, height - text_h - 2))
+        _text_on_ground(draw, (tx, ty), text, font, BOX_COLOR)
+    if label:
+        _text_on_ground(draw, (0, 0), label, font, LABEL_COLORS.get(anomalous, LABEL_COLORS[None]), pad=3)
+    return result
+
+
+def _default_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at `size` (scalable with FreeType), else its fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont
+) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return int(right - min(0, left)), int(bottom - min(0, top))
+
+
+def _text_on_ground(
+    draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    ground: tuple[int, int, int], pad: int = 1,
+) -> None:
+    """`text` in white on a filled rectangle of colour `ground`, its top-left corner at `at`."""
+    text_w, text_h = _text_size(draw, text, font)
+    x, y = at
+    draw.rectangle((x, y, x + text_w + 2 * pad - 1, y + text_h + 2 * pad - 1), fill=ground)
+    draw.text((x + pad, y + pad), text, fill=TEXT_COLOR, font=font)
 
 
 def save_png(img: Image.Image, path: str | Path) -> Path:

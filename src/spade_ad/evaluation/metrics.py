@@ -200,7 +200,7 @@ def f1_at_threshold(scores: Scores, labels: Labels, threshold: float) -> dict[st
     """Precision, recall and F1 when images scoring >= ``threshold`` are called defective (label 1/True).
 
     Evaluates a fixed decision threshold; precision (recall) is 0 when nothing is predicted (no defective
-    image exists).
+    image exists). `Spade` flags score > threshold: pass ``np.nextafter(threshold, np.inf)`` for its verdicts.
     """
     s, y = _binary_labels(scores, labels)
     predicted = s >= threshold

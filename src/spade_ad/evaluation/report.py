@@ -62,7 +62,7 @@ def _fmt(value: float | None, percent: bool = True) -> str:
 
 
 TABLE_HEADER = ["category", "image AUROC", "pixel AUROC", "AU-PRO", "paper pixel AUROC", "diff", "paper PRO", "diff",
-                "F1 @ threshold", "best F1", "ms / image"]
+                "F1 @ threshold", "best F1", "recall @ threshold", "false alarms asked", "measured", "ms / image"]
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -76,7 +76,9 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append([
             name, _fmt(m.get("image_auroc")), _fmt(m.get("pixel_auroc")), _fmt(m.get("au_pro")), _fmt(paper_pix),
             _fmt(diff_pix), _fmt(paper_pro), _fmt(diff_pro), _fmt(at["f1"]) if at else "-",
-            _fmt(m["best_f1"]["f1"]) if m.get("best_f1") else "-", _fmt(m.get("predict_ms_per_image"), False),
+            _fmt(m["best_f1"]["f1"]) if m.get("best_f1") else "-", _fmt(at["recall"]) if at else "-",
+            _fmt(m.get("false_alarm_rate_asked")), _fmt(m.get("false_alarm_rate_measured")),
+            _fmt(m.get("predict_ms_per_image"), False),
         ])
     return rows
 

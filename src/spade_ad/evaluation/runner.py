@@ -80,7 +80,10 @@ def evaluate_category(
         full_map = prediction.original_map
         if map_paths is not None:
             map_paths[i].parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(map_paths[i], np.asarray(full_map, dtype=np.float32))
+            # The official evaluation cannot skip unscored pixels (NaN outside the paper crop): they get the map's
+            # lowest score there, "certainly normal".
+            finite = np.nan_to_num(full_map, nan=float(np.nanmin(full_map)) if np.isfinite(full_map).any() else 0.0)
+            tifffile.imwrite(map_paths[i], finite.astype(np.float32))
         mask = sample.load_mask(full_map.shape) if category.has_masks else None
         if eval_size is not None:
             full_map, mask = _resize_for_eval(full_map, mask, eval_size)
@@ -101,8 +104,16 @@ def evaluate_category(
         "best_f1": best_f1(score_array, labels),
         "image_threshold": model.image_threshold_,
         "at_threshold": (
-            f1_at_threshold(score_array, labels, model.image_threshold_) if model.image_threshold_ is not None else None
+            f1_at_threshold(score_array, labels, np.nextafter(model.image_threshold_, np.inf))  # score > threshold
+            if model.image_threshold_ is not None else None
         ),
+        "false_alarm_rate_asked": model.calibration_.false_alarm_rate if model.image_threshold_ is not None else None,
+        "false_alarm_rate_guaranteed": model.calibration_.guaranteed_rate,
+        "false_alarm_rate_measured": (
+            float((score_array[~labels] > model.image_threshold_).mean())
+            if model.image_threshold_ is not None and (~labels).any() else None
+        ),
+        "calibration": model.calibration_.source,
     }
     pro = None
     if category.has_masks:

@@ -1,6 +1,9 @@
 """HTTP service: a fitted model behind a JSON API and a small web page (`spade-ad serve MODEL`).
 
-Endpoints: `POST /v1/predict` (multipart field `files`, one or several images), `GET /v1/model`, `GET /healthz`,
+Endpoints: `POST /v1/predict` (multipart field `files`, one or several images; optional `?threshold=` or
+`?false_alarm_rate=` to judge that request by another image threshold, without changing the shared model; each result
+has the raw and normalised score, the conformal p-value, the verdict, the defect regions and the nearest good training
+images), `GET /v1/model` (also how the thresholds were calibrated), `GET /healthz`,
 the web page at `/` (plain files from `spade_ad/service/static`, no CDN) and OpenAPI docs at `/docs` (Swagger UI
 from the `fastapi-offline` package, also without a CDN).
 
@@ -14,7 +17,8 @@ under a lock: one shared model, one forward pass at a time (torch already spread
 
 The service holds no library policy: images are checked and decoded by `spade_ad.images` (`check_bytes`,
 `decode_bytes`; the service only maps each error's `kind` to an HTTP status), heat-map colour scales come from
-`spade_ad.visualize.color_range`, and the settings shown by `/v1/model` from the settings table.
+`spade_ad.visualize.color_range` and region boxes and verdict labels from `spade_ad.visualize.annotate`, per-request
+thresholds from `spade_ad.calibration`, and the settings shown by `/v1/model` from the settings table.
 
 Modules, each using only those below it: `app` (application factory, routes, `run_server`), `predictor` (scoring
 uploads in the worker pool), `uploads` (reading multipart bodies within limits, admission), `schemas` (response

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import fastapi_offline
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -22,13 +23,13 @@ from ..settings import BY_NAME, stored
 from .config import ServiceSettings
 from .errors import ApiError
 from .predictor import Predictor
-from .schemas import ErrorBody, Health, ModelInfo, PredictResponse
+from .schemas import CalibrationInfo, ErrorBody, Health, ModelInfo, PredictResponse
 from .uploads import FIELD
 
 if TYPE_CHECKING:
     from ..model import Spade
 
-__all__ = ["create_app", "model_settings", "run_server"]
+__all__ = ["calibration_info", "create_app", "model_settings", "run_server"]
 
 STATIC_DIR = Path(__file__).with_name("static")
 DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")
@@ -61,7 +62,8 @@ _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Empty, truncated or corrupt file, or a malformed upload.",
         413: "Upload over max_upload_bytes, or an image over max_pixels (decompression bomb).",
         415: "Not multipart/form-data, or a file that is not an image in a supported format.",
-        422: f"No file in the field '{FIELD}'.",
+        422: f"No file in the field '{FIELD}'; or a bad query parameter (threshold not a finite number, "
+             "false_alarm_rate outside [1e-6, 0.5], or both given).",
         503: "Busy: all workers and queue places taken; retry after Retry-After seconds.",
     }.items()
 }
@@ -75,6 +77,28 @@ def model_settings(model: Spade) -> dict[str, Any]:
         name: os.path.basename(os.fspath(value)) if BY_NAME[name].kind == "path" and value is not None else value
         for name, value in values.items()
     }
+
+
+def calibration_info(model: Spade) -> CalibrationInfo | None:
+    """How the model's thresholds were calibrated, as `/v1/model` shows it (without the list of good scores)."""
+    cal = getattr(model, "calibration_", None)
+    if cal is None:
+        return None
+    return CalibrationInfo(
+        source=cal.source, n=cal.n, false_alarm_rate=cal.false_alarm_rate, guaranteed_rate=cal.guaranteed_rate,
+        pixel_false_alarm_rate=cal.pixel_false_alarm_rate, median=cal.median, threshold_source=cal.threshold_source,
+        note=cal.note,
+    )
+
+
+def _query_problem(exc: RequestValidationError) -> str:
+    """A request validation error (a query parameter that is not a number) in plain words."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "query")
+        shown = f" (got {error['input']!r})" if "input" in error else ""
+        problems.append(f"bad query parameter {where}: {error.get('msg', 'invalid')}{shown}")
+    return "; ".join(problems) or "bad request parameters"
 
 
 def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI:
@@ -105,6 +129,10 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail), "file": None}, exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _query_problem(exc), "file": None}, 422)
+
     @app.exception_handler(ClientDisconnect)
     async def disconnected(_: Request, exc: ClientDisconnect) -> JSONResponse:
         return JSONResponse({"error": "the upload was interrupted", "file": None}, 400)
@@ -115,10 +143,19 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
 
     @app.post(
         "/v1/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY, responses=_PREDICT_ERRORS,
-        summary="Score images: anomaly score, verdict, heat map and overlay per image",
+        summary="Score images: anomaly score, verdict, defect regions, heat map and overlay per image",
     )
-    async def predict(request: Request) -> PredictResponse:
-        return await predictor(request)
+    async def predict(
+        request: Request,
+        threshold: float | None = Query(
+            None, description="Judge this request by this image threshold (a raw score) instead of the model's.",
+        ),
+        false_alarm_rate: float | None = Query(
+            None, description="Judge this request by the threshold that keeps this share of good images flagged "
+            "(conformal, from the model's good calibration scores; 1e-6 to 0.5). At most one of the two.",
+        ),
+    ) -> PredictResponse:
+        return await predictor(request, threshold, false_alarm_rate)
 
     @app.get("/v1/model", response_model=ModelInfo, summary="The served model and the service limits")
     async def model_info() -> ModelInfo:
@@ -129,6 +166,7 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
             image_threshold=model.image_threshold_,
             pixel_threshold=model.pixel_threshold_,
             color_scale=predictor.color_scale,
+            calibration=calibration_info(model),
             metrics=model.metrics_,
             n_train_images=len(model.train_names_),
             limits=settings.limits,

@@ -2,7 +2,12 @@
 
 Images are checked and decoded by `spade_ad.images` (header first, before the request is queued; then in full, in
 the worker), scored by the shared model under a lock (one forward pass at a time), and drawn with the colour scale
-of `spade_ad.visualize.color_range`.
+of `spade_ad.visualize.color_range` and the region boxes and verdict label of `spade_ad.visualize.annotate`.
+
+A request may ask for its own image threshold (`?threshold=` a raw score, or `?false_alarm_rate=` turned into a
+threshold by `spade_ad.calibration.conformal_threshold` on the model's good calibration scores). It applies to that
+request only: the shared model is never changed; each of the request's Predictions gets its verdict and normalised
+score recomputed from its raw score (`RequestThreshold.apply`).
 """
 
 from __future__ import annotations
@@ -10,32 +15,83 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
 from PIL import Image
 
-from ..errors import ImageReadError
+from ..calibration import conformal_threshold, normalized_scores
+from ..errors import ImageReadError, SettingError
 from ..images import UPLOAD_FORMATS, check_bytes, decode_bytes
-from ..visualize import color_range, heatmap, overlay, threshold_color_range
+from ..settings import BY_NAME
+from ..visualize import annotate, color_range, heatmap, overlay, threshold_color_range, verdict_label
 from .config import ServiceSettings
-from .errors import image_error
-from .schemas import ColorScale, ImageResult, PredictResponse
+from .errors import ApiError, image_error
+from .schemas import ColorScale, ImageResult, Neighbour, PredictResponse, RegionBody
 from .uploads import Capacity, check_request, read_files
 
 if TYPE_CHECKING:
     from ..model import Prediction, Spade
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "RequestThreshold"]
 
 
 def _png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=3)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class RequestThreshold:
+    """The image threshold one request is judged by: the model's (`source` "model"), or the one its query asked for
+    (`source` "threshold" or "false_alarm_rate"), with a caveat `note`."""
+
+    value: float | None
+    source: str = "model"
+    note: str = ""
+
+    @classmethod
+    def resolve(cls, model: Spade, threshold: float | None, false_alarm_rate: float | None) -> RequestThreshold:
+        """The threshold asked for by the query parameters (at most one of them), checked; 422 when it is bad."""
+        cal = model.calibration_
+        if threshold is not None and false_alarm_rate is not None:
+            raise ApiError(422, "give at most one of the query parameters threshold and false_alarm_rate")
+        if threshold is not None:
+            if not math.isfinite(threshold):
+                raise ApiError(422, f"bad query parameter threshold: must be a finite number (got {threshold})")
+            return cls(float(threshold), "threshold")
+        if false_alarm_rate is not None:
+            try:
+                rate = BY_NAME["false_alarm_rate"].validate(false_alarm_rate)
+            except SettingError as exc:
+                raise ApiError(
+                    422, f"bad query parameter false_alarm_rate: {exc.problem} (got {false_alarm_rate}); "
+                    f"allowed: {exc.allowed}",
+                ) from exc
+            if not cal.scores:
+                raise ApiError(422, "the model has no good calibration scores, so a false_alarm_rate cannot be turned "
+                                    "into a threshold; ask for a threshold instead")
+            value, note = conformal_threshold(cal.scores, rate)
+            return cls(value, "false_alarm_rate", note)
+        return cls(cal.image_threshold, "model", cal.note if cal.image_threshold is not None else "")
+
+    def apply(self, prediction: Prediction, model: Spade) -> None:
+        """Judge `prediction` (this request's own object) by this threshold: verdict, threshold and normalised score.
+        The model's own threshold needs nothing: the model already judged by it."""
+        if self.source == "model" or self.value is None:
+            return
+        median = model.calibration_.median
+        prediction.image_threshold = self.value
+        prediction.is_anomalous = bool(prediction.score > self.value)
+        prediction.normalized_score = float(
+            normalized_scores([prediction.score], 0.0 if median is None else median, self.value)[0]
+        )
 
 
 class Predictor:
@@ -51,7 +107,10 @@ class Predictor:
         shared = threshold_color_range(model.pixel_threshold_)
         self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
 
-    async def __call__(self, request: Request) -> PredictResponse:
+    async def __call__(
+        self, request: Request, threshold: float | None = None, false_alarm_rate: float | None = None
+    ) -> PredictResponse:
+        applied = RequestThreshold.resolve(self.model, threshold, false_alarm_rate)
         await check_request(request, self.settings)
         self.capacity.acquire_or_refuse()
         submitted = False
@@ -62,7 +121,7 @@ class Predictor:
                     check_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS)
                 except ImageReadError as exc:
                     raise image_error(exc, name) from exc
-            future = self.executor.submit(self._score, files)
+            future = self.executor.submit(self._score, files, applied)
             future.add_done_callback(lambda _: self.capacity.release())
             submitted = True
             return await asyncio.wrap_future(future)
@@ -70,7 +129,7 @@ class Predictor:
             if not submitted:
                 self.capacity.release()
 
-    def _score(self, files: list[tuple[str, bytes]]) -> PredictResponse:
+    def _score(self, files: list[tuple[str, bytes]], applied: RequestThreshold) -> PredictResponse:
         """Worker-thread job: decode, score and render each file in turn."""
         started = time.perf_counter()
         results = []
@@ -81,24 +140,38 @@ class Predictor:
                     [prediction] = self.model.iter_predict([image], original_size=True, keep_images=True)
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
+            applied.apply(prediction, self.model)
             results.append(self._render(name, prediction))
         seconds = time.perf_counter() - started
         self.capacity.record(seconds)
-        return PredictResponse(results=results, seconds=round(seconds, 4))
+        return PredictResponse(
+            results=results, seconds=round(seconds, 4), threshold=applied.value, threshold_source=applied.source,
+            note=applied.note,
+        )
 
     def _render(self, name: str, prediction: Prediction) -> ImageResult:
         full_map = prediction.original_map
         assert full_map is not None and prediction.image is not None
         vmin, vmax, fixed = color_range(full_map, self.model.pixel_threshold_)
+        regions = prediction.regions  # in original-image pixels: found in original_map
+        shown = annotate(
+            overlay(prediction.image, full_map, vmin, vmax, mask=prediction.defect_mask), regions,
+            verdict_label(prediction.is_anomalous, prediction.normalized_score, prediction.score),
+            anomalous=prediction.is_anomalous, map_shape=full_map.shape,
+        )
         return ImageResult(
             file=name,
             width=prediction.image.width,
             height=prediction.image.height,
             score=prediction.score,
-            threshold=self.model.image_threshold_,
+            normalized_score=prediction.normalized_score,
+            p_value=prediction.p_value,
+            threshold=prediction.image_threshold,
             is_anomalous=prediction.is_anomalous,
             pixel_threshold=prediction.pixel_threshold,
+            regions=[RegionBody.model_validate(region.to_json()) for region in regions],
+            neighbours=[Neighbour(name=n, distance=d) for n, d in prediction.neighbours],
             color_scale=ColorScale(vmin=vmin, vmax=vmax, fixed=fixed),
             heatmap=_png_data_url(heatmap(full_map, vmin, vmax)),
-            overlay=_png_data_url(overlay(prediction.image, full_map, vmin, vmax, mask=prediction.defect_mask)),
+            overlay=_png_data_url(shown),
         )

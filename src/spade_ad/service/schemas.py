@@ -6,7 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["ColorScale", "ErrorBody", "Health", "ImageResult", "ModelInfo", "PredictResponse"]
+__all__ = [
+    "CalibrationInfo", "ColorScale", "ErrorBody", "Health", "ImageResult", "ModelInfo", "Neighbour", "PredictResponse",
+    "RegionBody",
+]
 
 
 class ColorScale(BaseModel):
@@ -17,31 +20,78 @@ class ColorScale(BaseModel):
     fixed: bool
 
 
+class RegionBody(BaseModel):
+    """A connected region of the defect mask: its box (left, top, right, bottom; right and bottom exclusive) in the
+    image's own pixels, its area in pixels, and its peak and mean anomaly value."""
+
+    box: list[int]
+    area: int
+    peak: float
+    mean: float
+
+
+class Neighbour(BaseModel):
+    """A nearest normal training image: its name and squared distance in global-feature space."""
+
+    name: str
+    distance: float
+
+
 class ImageResult(BaseModel):
-    """One image's result. `heatmap` and `overlay` are PNG data URLs at the image's own size."""
+    """One image's result. `score` is the raw score; `normalized_score` puts it on a scale where 0 is the median good
+    image and 1 the `threshold` applied (above 1: anomalous); `p_value` is the conformal p-value (the share of good
+    calibration images scoring at least as high: small means unlike the good images). `threshold` is the image
+    threshold applied to this request (the model's, or the one asked for in the query). `regions` are the defect
+    regions of an anomalous image, strongest first; `neighbours` the nearest normal training images. `heatmap` and
+    `overlay` are PNG data URLs at the image's own size; the overlay shows the region boxes and the verdict."""
 
     file: str
     width: int
     height: int
     score: float
+    normalized_score: float | None
+    p_value: float | None
     threshold: float | None
     is_anomalous: bool | None
     pixel_threshold: float | None
+    regions: list[RegionBody]
+    neighbours: list[Neighbour]
     color_scale: ColorScale
     heatmap: str
     overlay: str
 
 
 class PredictResponse(BaseModel):
-    """Results in upload order, and the seconds spent scoring them (queue wait excluded)."""
+    """Results in upload order, and the seconds spent scoring them (queue wait excluded). `threshold` is the image
+    threshold applied, `threshold_source` where it came from ("model", or "threshold" / "false_alarm_rate" when the
+    query asked for one), `note` a caveat about it (e.g. too few good images for the rate asked for)."""
 
     results: list[ImageResult]
     seconds: float
+    threshold: float | None = None
+    threshold_source: str = "model"
+    note: str = ""
+
+
+class CalibrationInfo(BaseModel):
+    """How the model's thresholds were calibrated: from which good images (`source`: "leave_one_out", "validation"
+    or "none"; `n` of them), the image false-alarm rate asked for and the one the threshold guarantees (conformal
+    bound), the pixel false-alarm rate, the median good score (0 on the normalised scale), how the image threshold was
+    set (`threshold_source`) and any caveat (`note`)."""
+
+    source: str
+    n: int
+    false_alarm_rate: float
+    guaranteed_rate: float | None
+    pixel_false_alarm_rate: float
+    median: float | None
+    threshold_source: str
+    note: str
 
 
 class ModelInfo(BaseModel):
     """The served model: backbone, settings (the stored ones of the settings table; file paths as file names only),
-    calibrated thresholds, stored evaluation metrics, service limits."""
+    calibrated thresholds and how they were calibrated, stored evaluation metrics, service limits."""
 
     version: str
     backbone: str
@@ -49,6 +99,7 @@ class ModelInfo(BaseModel):
     image_threshold: float | None
     pixel_threshold: float | None
     color_scale: ColorScale | None
+    calibration: CalibrationInfo | None
     metrics: dict[str, Any]
     n_train_images: int
     limits: dict[str, int]

@@ -1,18 +1,25 @@
-// spade-ad web page: upload images to /v1/predict one at a time, show each overlay, score and verdict; the
-// threshold slider re-draws the verdicts in the page (no new request). No dependencies, no build step.
+// spade-ad web page: upload images to /v1/predict one at a time, show each overlay, score, p-value and verdict, and
+// why (defect regions, nearest good images); the threshold slider re-draws the verdicts in the page (no new request).
+// With a calibrated model the slider is in normalised units: 1 = the model's threshold, 0 = the median good image.
+// No dependencies, no build step.
 "use strict";
 
 const MAX_RETRIES = 5;
 
 const state = {
-  modelThreshold: null, // the model's calibrated image threshold, or null
+  modelThreshold: null, // the model's calibrated image threshold (raw score), or null
+  median: null, // the median good score (0 on the normalised scale), or null
   limits: null, // the service limits from /v1/model
-  results: [], // {score, verdict (element)} per scored image
+  results: [], // {score, normalized, verdict (element)} per scored image
   queue: Promise.resolve(), // uploads run one after another
 };
 
 const byId = (id) => document.getElementById(id);
 const fmt = (x) => Number(x).toPrecision(4);
+const fmt2 = (x) => Number(x).toFixed(2);
+// Normalised units when the model has a threshold (each result then has a normalized_score), else raw scores.
+const normalised = () => state.modelThreshold !== null;
+const sliderValue = (result) => (normalised() && result.normalized !== null ? result.normalized : result.score);
 const megabytes = (n) => `${(n / 2 ** 20).toFixed(1)} MB`;
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -44,12 +51,22 @@ async function loadModel() {
     return;
   }
   state.modelThreshold = info.image_threshold;
+  state.median = info.calibration ? info.calibration.median : null;
   state.limits = info.limits;
-  const threshold = info.image_threshold === null
-    ? "it has no calibrated threshold: set one with the slider."
-    : `its threshold is ${fmt(info.image_threshold)}.`;
+  const cal = info.calibration;
+  let threshold = "it has no calibrated threshold: set one with the slider.";
+  if (info.image_threshold !== null) {
+    threshold = `its threshold is ${fmt(info.image_threshold)}`;
+    if (cal && cal.n > 0 && cal.guaranteed_rate !== null) {
+      threshold += ` (from ${cal.n} good images: at most ${(100 * cal.guaranteed_rate).toPrecision(2)}% of good ` +
+        "parts flagged)";
+    }
+    threshold += ".";
+  }
   byId("model-info").textContent =
     `Model: ${info.backbone} fitted on ${info.n_train_images} good images; ${threshold}`;
+  byId("calibration-note").textContent = cal && cal.note ? `Note: ${cal.note}.` : "";
+  byId("threshold-label").textContent = normalised() ? "Threshold (normalised: 1 = the model's)" : "Threshold (score)";
   byId("limits").textContent = `PNG, JPEG, BMP, TIFF or WebP; at most ${megabytes(info.limits.max_upload_bytes)} ` +
     `and ${(info.limits.max_pixels / 1e6).toFixed(0)} megapixels per image.`;
   updateSlider();
@@ -94,11 +111,63 @@ function fillCard(card, result) {
   const score = document.createElement("p");
   score.className = "score";
   score.textContent = `Score ${fmt(result.score)}`;
+  if (result.normalized_score !== null) {
+    score.textContent += ` · normalised ${fmt2(result.normalized_score)}`;
+    score.title = "Normalised score: 0 is the median good image, 1 the threshold; above 1 is anomalous.";
+  }
+  const pValue = document.createElement("p");
+  pValue.className = "p-value";
+  if (result.p_value !== null) {
+    pValue.textContent = `p-value ${Number(result.p_value).toPrecision(2)}`;
+    pValue.title = "Share of good images that scored at least as high: small means unlike the good images.";
+  }
   const verdict = document.createElement("p");
   verdict.className = "verdict";
-  card.append(image, score, verdict);
-  state.results.push({ score: result.score, verdict });
+  card.append(image, score, pValue, verdict, makeWhy(result));
+  state.results.push({ score: result.score, normalized: result.normalized_score, verdict });
   updateSlider();
+}
+
+function listItem(text) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  return item;
+}
+
+// The "why" toggle: the defect regions (at the model's thresholds) and the nearest good training images.
+function makeWhy(result) {
+  const why = document.createElement("details");
+  why.className = "why";
+  const summary = document.createElement("summary");
+  summary.textContent = "Why?";
+  const regionsTitle = document.createElement("p");
+  const regions = document.createElement("ol");
+  regions.className = "regions";
+  if (result.regions.length) {
+    regionsTitle.textContent = `Defect regions (${result.regions.length}, strongest first; boxes in pixels ` +
+      "left, top, right, bottom):";
+    for (const region of result.regions) {
+      const [left, top, right, bottom] = region.box;
+      regions.append(listItem(`box ${left}, ${top}, ${right}, ${bottom} · area ${region.area} px · ` +
+        `peak ${fmt(region.peak)}`));
+    }
+  } else {
+    regionsTitle.textContent = {
+      true: "No region stands above the pixel threshold.",
+      false: "No defect regions: not flagged at the server's threshold.",
+    }[result.is_anomalous] ?? "No defect regions: the model has no thresholds.";
+  }
+  const neighboursTitle = document.createElement("p");
+  const neighbours = document.createElement("ol");
+  neighbours.className = "neighbours";
+  if (result.neighbours.length) {
+    neighboursTitle.textContent = "Nearest good training images (squared feature distance):";
+    for (const neighbour of result.neighbours) {
+      neighbours.append(listItem(`${neighbour.name} (${fmt(neighbour.distance)})`));
+    }
+  }
+  why.append(summary, regionsTitle, regions, neighboursTitle, neighbours);
+  return why;
 }
 
 async function scoreFile(file, card) {
@@ -144,15 +213,18 @@ function handleFiles(fileList) {
   }
 }
 
+// The model's threshold in slider units.
+const modelMark = () => (normalised() ? 1 : state.modelThreshold);
+
 function updateSlider() {
   const slider = byId("threshold");
-  const values = state.results.map((r) => r.score);
-  if (state.modelThreshold !== null) values.push(state.modelThreshold);
+  const values = state.results.map(sliderValue);
+  if (state.modelThreshold !== null) values.push(modelMark());
   if (values.length === 0) return;
   const low = Math.min(...values);
   const high = Math.max(...values);
   const pad = high > low ? 0.1 * (high - low) : 0.1 * Math.abs(high) || 1;
-  const current = slider.disabled ? (state.modelThreshold ?? (low + high) / 2) : Number(slider.value);
+  const current = slider.disabled ? (modelMark() ?? (low + high) / 2) : Number(slider.value);
   slider.min = low - pad;
   slider.max = high + pad;
   slider.value = current;
@@ -163,10 +235,18 @@ function updateSlider() {
 
 function redraw() {
   const threshold = Number(byId("threshold").value);
-  byId("threshold-value").textContent = fmt(threshold);
+  let shown = fmt(threshold);
+  if (normalised()) {
+    shown = fmt2(threshold);
+    if (state.median !== null && state.modelThreshold > state.median) {
+      shown += ` (score ${fmt(state.median + threshold * (state.modelThreshold - state.median))})`;
+    }
+  }
+  byId("threshold-value").textContent = shown;
   let anomalous = 0;
-  for (const { score, verdict } of state.results) {
-    const isAnomalous = score >= threshold;
+  for (const result of state.results) {
+    const { verdict } = result;
+    const isAnomalous = sliderValue(result) > threshold;
     anomalous += isAnomalous;
     verdict.textContent = isAnomalous ? "Anomalous" : "Normal";
     verdict.className = `verdict ${isAnomalous ? "anomalous" : "normal"}`;
@@ -204,7 +284,7 @@ function setUp() {
   for (const name of ["dragover", "drop"]) window.addEventListener(name, (event) => event.preventDefault());
   byId("threshold").addEventListener("input", redraw);
   byId("reset-threshold").addEventListener("click", () => {
-    byId("threshold").value = state.modelThreshold;
+    byId("threshold").value = modelMark();
     redraw();
   });
   loadModel();

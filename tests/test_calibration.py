@@ -1,0 +1,138 @@
+"""Thresholds with a stated false-alarm rate: the conformal rule, leave-one-out scores, user thresholds, regions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spade_ad import SettingError, Spade
+from spade_ad.calibration import (
+    PIXEL_RATES,
+    conformal_threshold,
+    normalized_scores,
+    p_values,
+    pixel_quantiles,
+    pixel_threshold_at,
+    robust_scale,
+)
+from spade_ad.images import list_images
+
+
+@pytest.mark.parametrize(("n", "alpha"), [(19, 0.1), (99, 0.05), (199, 0.01), (30, 0.2)])
+def test_conformal_threshold_keeps_the_false_alarm_rate(n: int, alpha: float) -> None:
+    """Over many draws of calibration and test scores from one distribution, the share of good test scores above
+    the threshold is at most alpha and close to it (the conformal guarantee is exact in expectation)."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(400):
+        calibration = rng.gamma(2.0, size=n)
+        threshold, note = conformal_threshold(calibration, alpha)
+        assert note == ""
+        rates.append(float((rng.gamma(2.0, size=500) > threshold).mean()))
+    expected = np.floor(alpha * (n + 1)) / (n + 1)
+    assert np.mean(rates) <= alpha + 0.005
+    assert abs(np.mean(rates) - expected) < 0.006
+
+
+def test_too_few_images_for_the_rate_asked_says_so_and_uses_the_maximum() -> None:
+    scores = np.arange(14, dtype=float)
+    threshold, note = conformal_threshold(scores, 0.01)
+    assert threshold == 13.0 and "1/15" in note and "0.01" in note
+    threshold, note = conformal_threshold(scores, 0.2)  # floor(0.2 * 15) - 1 = 2 scores may lie above
+    assert threshold == 11.0 and note == ""
+
+
+def test_p_values_and_normalised_scores() -> None:
+    calibration = [1.0, 2.0, 3.0, 4.0]
+    np.testing.assert_allclose(p_values([0.5, 2.0, 2.5, 9.0], calibration), [5 / 5, 4 / 5, 3 / 5, 1 / 5])
+    np.testing.assert_allclose(normalized_scores([2.5, 4.0, 5.5], median=2.5, threshold=4.0), [0.0, 1.0, 2.0])
+
+
+def test_pixel_threshold_is_the_quantile_at_the_rate() -> None:
+    values = np.random.default_rng(1).uniform(size=2_000_000)
+    quantiles = pixel_quantiles(values)
+    assert len(quantiles) == len(PIXEL_RATES)
+    for rate in (0.3, 0.01, 0.001):
+        assert pixel_threshold_at(quantiles, rate) == pytest.approx(1 - rate, abs=2e-3)
+    median, spread = robust_scale(np.random.default_rng(2).normal(5.0, 2.0, size=20_000))
+    assert median == pytest.approx(5.0, abs=0.05) and spread == pytest.approx(2.0, abs=0.05)
+
+
+def test_leave_one_out_calibration_uses_every_good_image(fitted_model: Spade) -> None:
+    cal = fitted_model.calibration_
+    assert cal.source == "leave_one_out" and cal.n == fitted_model.store_.n_images == 12
+    assert fitted_model.image_threshold_ == cal.image_threshold and fitted_model.pixel_threshold_ is not None
+    assert "1/13" in cal.note  # 12 good images cannot guarantee 1%: the model says so
+    assert cal.guaranteed_rate == pytest.approx(1 / 13)
+
+
+def test_leave_one_out_score_is_the_score_without_the_image(synthetic_root: Path) -> None:
+    """The leave-one-out score of a training image equals that image's score from a model fitted without it."""
+    train = list_images(synthetic_root / "train" / "good")
+    settings = dict(k_gallery=4, device="cpu", progress=False, feature_dtype="float32")
+    full = Spade(**settings, image_score="fused").fit(train)
+    parts = list(full._leave_one_out_scores())
+    for index in (0, 5):
+        without = Spade(**settings, calibration="none", image_score="map_max").fit(
+            [p for i, p in enumerate(train) if i != index])
+        [fresh] = list(without._predict_parts([train[index]]))
+        assert parts[index][0] == pytest.approx(fresh[0], rel=1e-3)  # map maximum
+        assert parts[index][1] == pytest.approx(fresh[1], rel=1e-3)  # kNN score
+
+
+def test_verdicts_follow_the_thresholds_and_scores_are_readable(fitted_model: Spade, synthetic_root: Path) -> None:
+    paths = list_images(synthetic_root / "test")
+    predictions = fitted_model.predict(paths, original_size=True)
+    for p in predictions:
+        assert p.is_anomalous == (p.score > fitted_model.image_threshold_)
+        assert p.normalized_score is not None and (p.normalized_score > 1) == p.is_anomalous
+        assert 0 < p.p_value <= 1 and len(p.neighbours) == fitted_model.k_image
+        assert p.neighbours[0][0] in fitted_model.train_names_
+    model = fitted_model
+    saved = (model.image_threshold_, model.pixel_threshold_)
+    try:
+        model.set_thresholds(image=-1e9)
+        assert all(p.is_anomalous for p in model.predict(paths[:2]))
+        model.set_thresholds(false_alarm_rate=0.5)
+        assert model.calibration_.note == "" and model.image_threshold_ <= saved[0]
+        model.set_thresholds(pixel_false_alarm_rate=0.2)
+        assert model.pixel_threshold_ < saved[1]
+        with pytest.raises(SettingError, match="false_alarm_rate"):
+            model.set_thresholds(false_alarm_rate=2.0)
+    finally:
+        model.set_thresholds(false_alarm_rate=model.false_alarm_rate,
+                             pixel_false_alarm_rate=model.pixel_false_alarm_rate)
+    assert (model.image_threshold_, model.pixel_threshold_) == saved
+
+
+def test_regions_of_an_anomalous_image(fitted_model: Spade, synthetic_root: Path) -> None:
+    defective = [p for p in list_images(synthetic_root / "test") if p.parent.name != "good"]
+    found = 0
+    for p in fitted_model.predict(defective, original_size=True):
+        if not p.is_anomalous:
+            assert p.regions == []
+            continue
+        assert p.regions, p.name
+        height, width = p.original_map.shape
+        for region in p.regions:
+            left, top, right, bottom = region.box
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height and region.area > 0
+            assert region.peak >= region.mean > p.pixel_threshold
+        assert p.regions[0].peak == pytest.approx(float(np.nanmax(p.original_map)))
+        found += 1
+    assert found
+
+
+def test_holdout_and_validation_calibration(synthetic_root: Path) -> None:
+    train = list_images(synthetic_root / "train" / "good")
+    holdout = Spade(k_gallery=4, device="cpu", progress=False, calibration="holdout", calibration_fraction=0.25).fit(
+        train)
+    assert holdout.calibration_.source == "holdout" and holdout.calibration_.n == 3 and holdout.store_.n_images == 9
+    validation = Spade(k_gallery=4, device="cpu", progress=False).fit(train[:8], validation=train[8:])
+    assert validation.calibration_.source == "validation" and validation.calibration_.n == 4
+    none = Spade(k_gallery=4, device="cpu", progress=False, calibration="none").fit(train)
+    assert none.image_threshold_ is None and none.predict(train[:1])[0].is_anomalous is None
+    with pytest.raises(SettingError, match="image_score"):
+        Spade(calibration="none", image_score="fused", device="cpu").fit(train)

@@ -1,0 +1,78 @@
+"""Thresholds from the command line: what `fit` says about them, `predict --threshold / --false-alarm-rate`, and
+`spade-ad calibrate` with good and defective images."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spade_ad import load
+from spade_ad.cli import main
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def model_file(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("thresholds") / "model.safetensors"
+    assert run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(out), "--k-gallery", "4",
+                    "--device", "cpu", "--false-alarm-rate", "0.2"]) == 0
+    return out
+
+
+def _verdicts(folder: Path) -> list[int]:
+    with open(folder / "scores.csv", newline="") as handle:
+        return [int(row["is_anomalous"]) for row in csv.DictReader(handle)]
+
+
+def test_fit_states_the_rate_and_its_guarantee(synthetic_root: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(tmp_path / "m.safetensors"),
+                    "--k-gallery", "4", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "leave-one-out scores of 12 good images" in captured.out and "asked 0.01" in captured.out
+    assert "1/13" in captured.err  # 12 images cannot guarantee 1%: said, not hidden
+
+
+def test_predict_thresholds_for_one_run(model_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    test = synthetic_root / "test"
+    assert run_cli(["predict", str(model_file), str(test), "-o", str(tmp_path / "low"), "--threshold", "-1e9"]) == 0
+    assert set(_verdicts(tmp_path / "low")) == {1}
+    assert run_cli(["predict", str(model_file), str(test), "-o", str(tmp_path / "high"), "--threshold", "1e9"]) == 0
+    assert set(_verdicts(tmp_path / "high")) == {0}
+    assert run_cli(["predict", str(model_file), str(test), "-o", str(tmp_path / "rate"),
+                    "--false-alarm-rate", "0.5"]) == 0
+    assert sum(_verdicts(tmp_path / "rate")) >= sum(_verdicts(tmp_path / "high"))
+    assert load(model_file).calibration_.false_alarm_rate == 0.2  # the file is not changed by a run's threshold
+    assert run_cli(["predict", str(model_file), str(test), "-o", str(tmp_path / "bad"),
+                    "--false-alarm-rate", "3"]) == 2
+
+
+def test_calibrate_rewrites_thresholds(model_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    good, defect = tmp_path / "good", tmp_path / "defect"
+    shutil.copytree(synthetic_root / "test" / "good", good)
+    defect.mkdir()
+    for path in sorted((synthetic_root / "test").glob("*/*.png")):
+        if path.parent.name != "good":
+            shutil.copy(path, defect / f"{path.parent.name}_{path.name}")
+    out = tmp_path / "recalibrated.safetensors"
+    assert run_cli(["calibrate", str(model_file), "--good", str(good), "-o", str(out)]) == 0
+    cal = load(out).calibration_
+    assert cal.source == "validation" and cal.n == 4 and cal.threshold_source == "false_alarm_rate"
+    assert run_cli(["calibrate", str(model_file), "--good", str(good), "--defect", str(defect), "-o", str(out)]) == 0
+    model = load(out)
+    assert model.calibration_.threshold_source == "best_f1" and "best F1" in model.calibration_.note
+    goods = model.score(sorted(good.glob("*.png")))
+    defects = model.score(sorted(defect.glob("*.png")))
+    flagged_good = (goods > model.image_threshold_).sum()
+    caught = (defects > model.image_threshold_).sum()
+    assert 2 * caught / (caught + flagged_good + len(defects)) >= 0.8  # the best F1 on these images

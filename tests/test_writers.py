@@ -1,0 +1,121 @@
+"""PredictionWriter: scores.csv columns and values, the regions file, annotated overlays, and what survives a crash."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spade_ad import Spade
+from spade_ad.prediction import Prediction
+from spade_ad.visualize import BOX_COLOR, overlay, threshold_color_range
+from spade_ad.writers import REGIONS_FILE, SCORE_COLUMNS, VERDICT_COLUMNS, PredictionWriter, read_regions
+
+
+@pytest.fixture(scope="module")
+def predictions(fitted_model: Spade, synthetic_root: Path) -> list[Prediction]:
+    """Every synthetic test image, with its original-size map and decoded image (as `spade-ad predict` asks)."""
+    return list(fitted_model.iter_predict(synthetic_root / "test", original_size=True, keep_images=True))
+
+
+@pytest.fixture(scope="module")
+def written(fitted_model: Spade, predictions: list[Prediction], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("writer") / "out"
+    with PredictionWriter.for_model(fitted_model, out) as writer:
+        writer.write_all(predictions)
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _six(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def test_csv_columns_and_values_match_the_predictions(written: Path, predictions: list[Prediction]) -> None:
+    rows = _rows(written / "scores.csv")
+    assert list(rows[0]) == SCORE_COLUMNS + VERDICT_COLUMNS == [
+        "path", "score", "normalized_score", "p_value", "is_anomalous", "regions", "largest_region_area",
+    ]
+    assert [r["path"] for r in rows] == [p.name for p in predictions]
+    for row, prediction in zip(rows, predictions):
+        assert float(row["score"]) == _six(prediction.score)
+        assert prediction.normalized_score is not None and prediction.p_value is not None
+        assert float(row["normalized_score"]) == _six(prediction.normalized_score)
+        assert float(row["p_value"]) == _six(prediction.p_value)
+        assert row["is_anomalous"] == str(int(bool(prediction.is_anomalous)))
+        assert int(row["regions"]) == len(prediction.regions)
+        assert int(row["largest_region_area"]) == max((r.area for r in prediction.regions), default=0)
+        assert (float(row["normalized_score"]) > 1) == (row["is_anomalous"] == "1")  # 1 = the threshold
+    assert any(int(r["regions"]) > 0 for r in rows)  # some defects were found and boxed
+
+
+def test_regions_file_round_trips(written: Path, predictions: list[Prediction]) -> None:
+    lines = (written / REGIONS_FILE).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(predictions)  # one line per image, in scores.csv order
+    first = json.loads(lines[0])
+    assert set(first) == {"path", "regions"} and first["path"] == predictions[0].name
+    regions = read_regions(written)
+    assert regions == {p.name: [r.to_json() for r in p.regions] for p in predictions}
+    assert read_regions(written / REGIONS_FILE) == regions
+    for found in regions.values():
+        for region in found:
+            assert set(region) == {"box", "area", "peak", "mean"}
+            left, top, right, bottom = region["box"]
+            assert 0 <= left < right <= 224 and 0 <= top < bottom <= 160  # original-image pixels (224 x 160)
+
+
+def test_overlay_of_an_anomalous_image_shows_its_boxes(written: Path, predictions: list[Prediction]) -> None:
+    prediction = next(p for p in predictions if p.regions)
+    assert prediction.original_map is not None and prediction.image is not None
+    vmin, vmax = threshold_color_range(prediction.pixel_threshold)  # type: ignore[misc]
+    plain = np.asarray(overlay(prediction.image, prediction.original_map, vmin, vmax, mask=prediction.defect_mask))
+    saved = np.asarray(Image.open((written / "overlays" / prediction.name).with_suffix(".png")).convert("RGB"))
+    assert saved.shape == plain.shape
+    left, top, right, bottom = prediction.regions[0].box
+    corner = (bottom - 1, right - 1)  # the box's bottom-right corner: drawn, and far from the texts
+    assert tuple(saved[corner]) == BOX_COLOR and tuple(plain[corner]) != BOX_COLOR
+    differs = np.any(saved != plain, axis=-1)
+    assert differs[top:bottom, left:right].any()
+    marked = np.zeros_like(differs)
+    marked[:20, :120] = True  # the corner label ("DEFECT 1.23")
+    for region in prediction.regions:  # each box, with its peak score above it (or just inside it)
+        left, top, right, bottom = region.box
+        marked[max(0, top - 20):bottom, left:max(right, left + 60)] = True
+    assert differs[~marked].sum() == 0  # elsewhere the overlay is untouched
+
+
+def test_no_thresholds_means_score_column_only(predictions: list[Prediction], tmp_path: Path) -> None:
+    with PredictionWriter(tmp_path) as writer:
+        writer.write(predictions[0])
+    rows = _rows(tmp_path / "scores.csv")
+    assert list(rows[0]) == ["path", "score"]
+    assert not (tmp_path / REGIONS_FILE).exists()
+
+
+def test_missing_values_are_empty_cells(predictions: list[Prediction], tmp_path: Path) -> None:
+    bare = dataclasses.replace(predictions[0], p_value=None, normalized_score=None, original_map=None, image=None)
+    with PredictionWriter(tmp_path, verdicts=True) as writer:
+        writer.write(bare)
+    [row] = _rows(tmp_path / "scores.csv")
+    assert row["p_value"] == "" and row["normalized_score"] == "" and row["score"] != ""
+
+
+def test_rows_and_regions_are_on_disk_before_the_writer_closes(
+    fitted_model: Spade, predictions: list[Prediction], tmp_path: Path
+) -> None:
+    with PredictionWriter.for_model(fitted_model, tmp_path) as writer:
+        writer.write(predictions[-1])
+        assert len(_rows(tmp_path / "scores.csv")) == 1  # flushed: a crash now keeps it
+        assert list(read_regions(tmp_path)) == [predictions[-1].name]
+        with open(tmp_path / REGIONS_FILE, "a", encoding="utf-8") as handle:
+            handle.write('{"path": "cut sho')  # a line cut short by a crash is skipped when reading
+        assert list(read_regions(tmp_path)) == [predictions[-1].name]
