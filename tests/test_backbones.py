@@ -175,5 +175,5 @@ def test_timm_name_without_weights_asks_for_a_file() -> None:
 
 
 def test_unknown_name_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match="backbone is not a known network"):
         build_backbone("not_a_network")

@@ -55,14 +55,20 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def page_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A server for a small calibrated synthetic model (the verdict only has to appear, not be right)."""
+def page_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset and a calibrated model fitted on it (model.safetensors in its folder)."""
     root = make_synthetic_dataset(
         tmp_path_factory.mktemp("browser") / "disc", n_train=12, n_test_good=1, n_test_defect=1, size=(128, 128), seed=0
     )
-    model = Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good")
-    model_path = model.save(root / "model.safetensors")
-    with serve_in_subprocess(model_path) as child:
+    Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good").save(root / "model.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def page_url(page_data: Path) -> Iterator[str]:
+    """A server for the small synthetic model (the verdict only has to appear, not be right), with --allow-add
+    (the "This one is good" button; the test that clicks it runs last)."""
+    with serve_in_subprocess(page_data / "model.safetensors", "--allow-add") as child:
         yield child.url
 
 
@@ -140,3 +146,31 @@ def test_bad_file_error_is_shown_in_plain_words(browser, page_url: str, tmp_path
     error = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".result .error"))
     assert "not an image" in error.text
     assert browser.find_elements(By.CSS_SELECTOR, ".result .verdict") == []
+
+
+def test_why_picture_and_this_one_is_good(browser, page_url: str, page_data: Path) -> None:
+    """A flagged image shows the "why" picture; "This one is good" adds it to the model and scores it again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    spot = page_data / "test" / "spot" / "000.png"
+    browser.get(page_url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "threshold").is_enabled())
+    browser.find_element(By.ID, "file-input").send_keys(str(spot))
+    verdict = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".result .verdict"))
+    assert verdict.text == "Anomalous"
+    browser.find_element(By.CSS_SELECTOR, ".result details.why summary").click()
+    picture = browser.find_element(By.CSS_SELECTOR, ".result img.why-picture")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", picture))
+    assert picture.is_displayed()
+    width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", picture)
+    assert width > height  # the image next to the nearest good one
+
+    browser.find_element(By.CSS_SELECTOR, ".result button.good").click()
+    added = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .added"))
+    assert added[0].text.startswith("Added to the model as a good image (it now has 13 good images")
+    verdict = browser.find_element(By.CSS_SELECTOR, ".result .verdict")
+    assert verdict.text == "Normal"
+    assert browser.find_elements(By.CSS_SELECTOR, ".result img.why-picture") == []
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".result")) == 1  # scored again in the same card

@@ -136,3 +136,26 @@ def test_holdout_and_validation_calibration(synthetic_root: Path) -> None:
     assert none.image_threshold_ is None and none.predict(train[:1])[0].is_anomalous is None
     with pytest.raises(SettingError, match="image_score"):
         Spade(calibration="none", image_score="fused", device="cpu").fit(train)
+
+
+def test_adding_a_flagged_image_as_good(synthetic_root: Path) -> None:
+    """After `add`, an image that was flagged is no longer flagged; other images' maps change only where the added
+    image became one of their nearest normals."""
+    train = list_images(synthetic_root / "train" / "good")
+    test = list_images(synthetic_root / "test")
+    model = Spade(k_gallery=4, k_image=4, device="cpu", progress=False).fit(train)
+    before = {p.name: p for p in model.predict(test)}
+    flagged = next(p for p in test if before[str(p)].is_anomalous)
+    n_before = model.store_.n_images
+    assert model.add([flagged]) is model
+    assert model.store_.n_images == n_before + 1 and model.train_names_[-1] == str(flagged)
+    assert model.calibration_.n == n_before + 1  # leave-one-out refreshed over every image
+    after = {p.name: p for p in model.predict(test)}
+    assert not after[str(flagged)].is_anomalous
+    unchanged = 0
+    for path in test:
+        if path == flagged or str(flagged) in [name for name, _ in after[str(path)].neighbours]:
+            continue
+        np.testing.assert_array_equal(after[str(path)].anomaly_map, before[str(path)].anomaly_map)
+        unchanged += 1
+    assert unchanged > 0

@@ -76,3 +76,15 @@ def test_calibrate_rewrites_thresholds(model_file: Path, synthetic_root: Path, t
     flagged_good = (goods > model.image_threshold_).sum()
     caught = (defects > model.image_threshold_).sum()
     assert 2 * caught / (caught + flagged_good + len(defects)) >= 0.8  # the best F1 on these images
+
+
+def test_add_a_good_image_from_the_command_line(model_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    test = sorted((synthetic_root / "test").glob("*/*.png"))
+    model = load(model_file)
+    flagged = next(p for p, s in zip(test, model.score(test)) if s > model.image_threshold_)
+    out = tmp_path / "added.safetensors"
+    assert run_cli(["add", str(model_file), str(flagged), "-o", str(out)]) == 0
+    added = load(out)
+    assert added.store_.n_images == model.store_.n_images + 1
+    assert added.score([flagged])[0] <= added.image_threshold_
+    assert run_cli(["add", str(model_file), str(tmp_path / "missing.png"), "-o", str(out)]) == 2

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spade_ad import geometry
+from spade_ad.errors import ImageReadError, ImageTooLargeError
 from spade_ad.geometry import image_to_tensor, map_to_original, plan_geometry
 
 
@@ -57,3 +59,32 @@ def test_image_to_tensor_range_and_size() -> None:
     tensor = image_to_tensor(image, geometry)
     assert tuple(tensor.shape) == (3, *geometry.input_size)
     assert float(tensor.min()) == pytest.approx(1.0) and float(tensor.max()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("size", "image_size"), [((8, 2000), 224), ((8, 20000), 224), ((2000, 8), 64),
+                                                  ((2000, 2000), 1400)])
+def test_network_input_over_the_limits_is_refused(size: tuple[int, int], image_size: int) -> None:
+    """A 2000 x 8 strip kept to scale would be a 224 x 56,000 input (GBs of features): refused by its aspect ratio;
+    a square image at a huge image_size by its pixel count."""
+    with pytest.raises(ImageTooLargeError, match="strip.png") as caught:
+        plan_geometry(size, image_size, "keep_aspect", name="strip.png")
+    error = caught.value
+    assert isinstance(error, ImageReadError) and error.kind == "too_large"
+    assert f"{geometry.MAX_INPUT_PIXELS:,} pixels" in error.reason and f"{geometry.MAX_ASPECT_RATIO}:1" in error.reason
+    assert "squash" in error.reason and "image_size" in error.reason  # how to get past it
+
+
+def test_limits_allow_long_fabric_images_and_square_inputs() -> None:
+    assert plan_geometry((256, 4096), 224, "keep_aspect").input_size == (224, 3584)
+    assert plan_geometry((4096, 256), 320, "keep_aspect").input_size == (5120, 320)
+    for mode in ("squash", "paper_crop"):  # square inputs, whatever the file's shape
+        assert plan_geometry((8, 20000), 224, mode).input_size == (224, 224)  # type: ignore[arg-type]
+
+
+def test_limits_are_module_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(geometry, "MAX_ASPECT_RATIO", 300)
+    monkeypatch.setattr(geometry, "MAX_INPUT_PIXELS", 224 * 56000)
+    assert plan_geometry((8, 2000), 224, "keep_aspect").input_size == (224, 56000)
+    monkeypatch.setattr(geometry, "MAX_INPUT_PIXELS", 224 * 224 - 1)
+    with pytest.raises(ImageTooLargeError, match="50,176 pixels"):
+        plan_geometry((224, 224), 224, "keep_aspect")

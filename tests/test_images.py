@@ -18,7 +18,7 @@ import tifffile
 from PIL import Image, features
 
 from spade_ad import images as data
-from spade_ad.errors import ImageReadError, NoImagesError
+from spade_ad.errors import ImageReadError, ImageTooLargeError, NoImagesError
 from spade_ad.images import IMAGE_EXTENSIONS, list_images, read_image
 from spade_ad.inputs import ImageItem, collect_images, iter_loaded
 
@@ -151,6 +151,27 @@ def test_constant_float_tiff_is_black(tmp_path: Path) -> None:
     path = tmp_path / "c.tif"
     tifffile.imwrite(path, np.full((2, 2), 7.5, np.float32))
     assert (np.asarray(read_image(path)) == 0).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("channels", [1, 3])  # one channel: Pillow reads it (mode F); three: tifffile does
+def test_float_tiff_with_nan_or_inf_is_refused(tmp_path: Path, bad: float, channels: int) -> None:
+    """A stretch from min..max has no meaning with NaN/inf pixels: refused naming the file, never scored silently."""
+    a = np.linspace(0.0, 1.0, 4 * 5 * channels, dtype=np.float32).reshape((4, 5, channels)[: 2 + (channels > 1)])
+    a[(1, 2)] = bad
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, a, photometric="rgb" if channels == 3 else "minisblack")
+    for read in (lambda: read_image(path), lambda: data.decode_bytes(path.read_bytes(), str(path), max_pixels=None)):
+        with pytest.raises(ImageReadError, match="nan.tif: contains NaN/inf pixels") as info:
+            read()
+        assert info.value.kind == "corrupt"
+
+
+def test_in_memory_float_image_with_nan_is_refused_naming_it() -> None:
+    image = Image.fromarray(np.array([[0.0, np.nan], [1.0, 2.0]], dtype=np.float32))
+    with pytest.raises(ImageReadError, match="image_0003: contains NaN/inf pixels") as info:
+        ImageItem("image_0003", image=image).load()
+    assert info.value.kind == "corrupt"
 
 
 def test_float_rgb_tiff_read_with_tifffile(tmp_path: Path) -> None:
@@ -499,6 +520,24 @@ def test_iter_loaded_skip_bad(tmp_path: Path) -> None:
     assert skipped[0][0].path == bad
     assert isinstance(skipped[0][1], ImageReadError)
     assert skipped[0][1].path == str(bad)
+
+
+def test_iter_loaded_prepare_errors_are_skipped_or_raised_like_bad_files() -> None:
+    """A check on the decoded image in `prepare` (the network input's size) is handled like an unreadable file."""
+    def prepare(item: ImageItem, image: Image.Image) -> tuple[str, tuple[int, int]]:
+        if image.width > 100:
+            raise ImageTooLargeError(item.name, "far too wide")
+        return item.name, image.size
+
+    items = [ImageItem("small", image=Image.new("L", (4, 4))), ImageItem("wide", image=Image.new("L", (2000, 8))),
+             ImageItem("small2", image=Image.new("L", (4, 4)))]
+    skipped: list[tuple[str, str]] = []
+    got = list(iter_loaded(items, skip_bad=True, on_skip=lambda it, err: skipped.append((it.name, err.kind)),
+                           prepare=prepare))
+    assert [value for _, value in got] == [("small", (4, 4)), ("small2", (4, 4))]
+    assert skipped == [("wide", "too_large")]
+    with pytest.raises(ImageReadError, match="wide: far too wide"):
+        list(iter_loaded(items, prepare=prepare))
 
 
 def test_iter_loaded_skip_bad_without_callback_warns(tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import spade_ad
-from spade_ad import ModelFileError, Spade
+from spade_ad import ModelFileError, Spade, modelfile
 from spade_ad.backbones import _lite_package_state_dict
 from spade_ad.images import list_images
+from spade_ad.modelfile import partial_path
 from spade_ad.settings import SETTINGS
+from spade_ad.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +106,80 @@ def test_model_refuses_other_backbone_weights(synthetic_root: Path, tmp_path: Pa
     assert spade_ad.load(path).backbone_.weights_sha256 == model.backbone_.weights_sha256
     with pytest.raises(ModelFileError, match="other weights"):
         spade_ad.load(path, weights=original_file)
+
+
+# ---------------------------------------------------------------- a save or fit killed half way
+
+
+def test_stale_partial_files_do_not_trip_the_next_save(fitted_model: Spade, tmp_path: Path) -> None:
+    """Partial files of killed saves (this pid's, a dead pid's, the old `.partial` name) never stop a save; a dead
+    process's partial of this host is removed, a running process's one (a concurrent save) is left alone."""
+    target = tmp_path / "model.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = {
+        "own": partial_path(target), "dead": tmp_path / f"model.safetensors.{host}.{dead.stdout.strip()}.partial",
+        "running": tmp_path / f"model.safetensors.{host}.1.partial", "old_name": tmp_path / "model.safetensors.partial",
+    }
+    for path in stale.values():
+        path.write_bytes(b"half a model")
+    stale["own"].chmod(0o400)
+    assert fitted_model.save(target) == target
+    assert spade_ad.load(target).train_names_ == fitted_model.train_names_
+    assert not stale["own"].exists() and not stale["dead"].exists()
+    assert stale["running"].read_bytes() == stale["old_name"].read_bytes() == b"half a model"
+
+
+def test_partial_name_is_unique_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "model.safetensors"
+    mine = partial_path(target)
+    assert str(os.getpid()) in mine.name and mine.name.endswith(".partial") and mine.parent == tmp_path
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    assert partial_path(target) != mine and ".4242.partial" in partial_path(target).name
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_crash_while_writing_leaves_no_model_and_no_partial(
+    fitted_model: Spade, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: BaseException
+) -> None:
+    """A write that fails half way (the data iterator raises after its first chunk) or is interrupted leaves nothing
+    at the final path and no partial file; a model already there is kept whole."""
+    real_chunks = modelfile._chunks
+    written: list[Path] = []
+
+    def failing_chunks(array: np.ndarray):  # type: ignore[no-untyped-def]
+        if written:
+            raise fault
+        written.extend(tmp_path.glob("*.partial"))  # the partial file exists, half written
+        yield from real_chunks(array)
+
+    monkeypatch.setattr(modelfile, "_chunks", failing_chunks)
+    with pytest.raises(type(fault)):
+        fitted_model.save(tmp_path / "new.safetensors")
+    assert written and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    kept = fitted_model.save(tmp_path / "kept.safetensors")
+    before = kept.read_bytes()
+    written.clear()
+    monkeypatch.setattr(modelfile, "_chunks", failing_chunks)
+    with pytest.raises(type(fault)):
+        fitted_model.save(kept)
+    assert kept.read_bytes() == before and list(tmp_path.iterdir()) == [kept]
+
+
+def test_leftover_feature_folders_do_not_break_a_fit(tmp_path: Path) -> None:
+    """A killed fit leaves its `spade-ad-features-*` folder behind: a new fit uses a fresh one and leaves it alone."""
+    root = make_synthetic_dataset(tmp_path / "data", n_train=4, n_test_good=1, n_test_defect=1, size=(64, 64), seed=1)
+    features = tmp_path / "features"
+    leftover = features / "spade-ad-features-leftover"
+    leftover.mkdir(parents=True)
+    for name in ("level_0.bin", "level_1.bin", "order_0.bin"):
+        (leftover / name).write_bytes(b"\x00" * 100)
+    (leftover / "level_0.bin").chmod(0o400)
+    model = Spade(k_gallery=2, device="cpu", progress=False, image_size=64, feature_dir=features)
+    model.fit(root / "train" / "good")
+    assert model.store_.n_images == 4
+    assert sorted(p.name for p in leftover.iterdir()) == ["level_0.bin", "level_1.bin", "order_0.bin"]
+    fresh = [p for p in features.iterdir() if p != leftover]
+    assert len(fresh) == 1 and fresh[0].name.startswith("spade-ad-features-")
+    assert spade_ad.load(model.save(tmp_path / "m.safetensors")).store_.n_images == 4

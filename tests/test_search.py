@@ -218,3 +218,37 @@ def test_topk_on_cuda_matches_brute_force(k: int) -> None:
     distances, _ = topk_squared_distances(torch.from_numpy(queries).cuda(), torch.from_numpy(bank).cuda(), k, 4096)
     expected = np.sort(_brute_force_sq(queries, bank), axis=1)[:, :k]
     np.testing.assert_allclose(distances.cpu().numpy(), expected, rtol=RTOL)
+
+
+def test_coreset_order_is_a_permutation_with_a_covering_prefix() -> None:
+    from spade_ad.search import coreset_order
+
+    rng = np.random.default_rng(0)
+    clusters = rng.normal(size=(5, 8)) * 10
+    vectors = torch.from_numpy((clusters[rng.integers(0, 5, 500)] + rng.normal(size=(500, 8)) * 0.1).astype("f4"))
+    order = coreset_order(vectors, prefix=0.1)
+    assert sorted(order.tolist()) == list(range(500))
+    assert torch.equal(order, coreset_order(vectors, prefix=0.1))  # deterministic
+    first = vectors[order[:5]]  # farthest-point order: the first five centres fall in five different clusters
+    nearest_cluster = torch.cdist(first, torch.from_numpy(clusters.astype("f4"))).argmin(1)
+    assert len(set(nearest_cluster.tolist())) == 5
+
+
+def test_reduced_gallery_keeps_the_map_and_within_budget(fitted_model) -> None:
+    """A pair budget below the level's work searches a prefix of each image's coreset order: fewer vectors, a map
+    close to the exact one; no budget (None) or a budget above the work is exact."""
+    from spade_ad.scoring import pixel_anomaly_map
+
+    store = fitted_model.store_
+    neighbours = torch.arange(4)
+    maps = [store.image_map(level, 5) for level in range(len(store.levels))]
+    size = (store.shapes[5, 0, 0] * 8, store.shapes[5, 0, 1] * 8)
+    exact = pixel_anomaly_map(maps, store, neighbours, size)
+    assert torch.equal(exact, pixel_anomaly_map(maps, store, neighbours, size, max_pairs=10**12))
+    gallery = store.gallery(0, neighbours, "cpu", 0.3)
+    per_image = int(store.shapes[0, 0, 0] * store.shapes[0, 0, 1])
+    assert gallery.shape[0] == 4 * int(np.ceil(0.3 * per_image))
+    queries = int(store.shapes[5, 0, 0] * store.shapes[5, 0, 1])
+    reduced = pixel_anomaly_map(maps, store, neighbours, size, max_pairs=queries * per_image)  # a quarter
+    assert (reduced >= exact - 1e-4).all()  # fewer gallery vectors can only be farther
+    assert np.corrcoef(reduced.flatten().numpy(), exact.flatten().numpy())[0, 1] > 0.9

@@ -7,20 +7,16 @@ import base64
 import io
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-import uvicorn
-from fastapi import FastAPI
 from PIL import Image
 
-from child_server import free_port, serve_in_subprocess
+from child_server import serve_in_subprocess, serve_in_thread, wait_until
 from spade_ad import Spade, load
 from spade_ad.calibration import conformal_threshold
 from spade_ad.service import ServiceSettings, create_app
@@ -31,6 +27,7 @@ from spade_ad.synthetic import make_synthetic_dataset
 SIZE = (128, 128)
 UPLOAD_LIMIT = 2**20  # the test server's --max-upload-mb 1
 PIXEL_LIMIT = 1_000_000  # the test server's --max-pixels
+HEALTHY = {"status": "ok", "in_flight": 0, "capacity": 9, "uploads": 0, "max_uploads": 16}  # defaults, at rest
 
 
 @pytest.fixture(scope="session")
@@ -84,14 +81,23 @@ def test_default_settings_bind_to_loopback() -> None:
     assert settings.host == "127.0.0.1" and settings.port == 8000
     assert (settings.workers, settings.max_queue, settings.max_upload_bytes) == (1, 8, 20 * 2**20)
     assert settings.max_pixels == 40_000_000
+    assert (settings.max_uploads, settings.read_timeout, settings.header_timeout) == (16, 30.0, 10.0)
+    assert settings.allow_hosts == settings.allow_origins == ()  # only the service itself, by default
+    assert {"max_uploads", "read_timeout", "header_timeout"} <= set(settings.limits)
+    assert "allow_hosts" not in settings.limits and "host" not in settings.limits
     with pytest.raises(ValueError, match="workers"):
         ServiceSettings(workers=0)
+    for bad, words in [({"read_timeout": 0}, "read_timeout"), ({"max_uploads": 0}, "max_uploads"),
+                       ({"allow_origins": ("example.com",)}, "allow_origins"),
+                       ({"allow_hosts": ("a b",)}, "allow_hosts")]:
+        with pytest.raises(ValueError, match=words):
+            ServiceSettings(**bad)
 
 
 def test_health(server: str) -> None:
     response = requests.get(f"{server}/healthz", timeout=10)
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "in_flight": 0, "capacity": 9}
+    assert response.json() == HEALTHY
 
 
 def test_model_info(server: str) -> None:
@@ -101,8 +107,16 @@ def test_model_info(server: str) -> None:
     assert set(info["settings"]) == {s.name for s in SETTINGS if s.stored}  # from the settings table
     assert info["image_threshold"] > 0 and info["pixel_threshold"] > 0
     assert info["color_scale"] == {"vmin": 0.0, "vmax": 1.5 * info["pixel_threshold"], "fixed": True}
-    assert isinstance(info["metrics"], dict)
+    assert info["model_file"] == "model.safetensors"  # its name, not a path (nor the private copy's)
+    assert info["allow_add"] is False  # started without --allow-add
     assert info["n_train_images"] == 12  # all stored; calibrated by leave-one-out
+    metrics = info["metrics"]  # what the model knows about itself, flat
+    assert metrics["n_train_images"] == 12
+    for key in ("image_threshold", "pixel_threshold"):
+        assert metrics[key] == info[key]
+    assert metrics["calibration_source"] == "leave_one_out" and metrics["calibration_n"] == 12
+    assert metrics["false_alarm_rate_asked"] == 0.01 and metrics["false_alarm_rate_guaranteed"] == pytest.approx(1 / 13)
+    assert metrics["median_good_score"] == info["calibration"]["median"]
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_pixels"] == PIXEL_LIMIT
     calibration = info["calibration"]
     assert set(calibration) == {"source", "n", "false_alarm_rate", "guaranteed_rate", "pixel_false_alarm_rate",
@@ -157,9 +171,23 @@ def test_predict_explains_the_verdict(server: str, service_data: Path) -> None:
     assert {n["name"] for n in result["neighbours"]} <= train_names
     distances = [n["distance"] for n in result["neighbours"]]
     assert distances == sorted(distances) and distances[0] >= 0
+    explanation = result["explanation"]  # where the strongest region matched in the nearest good image
+    assert set(explanation) == {"normal", "normal_input_size", "region_box", "matches"}
+    assert explanation["normal"] in train_names and explanation["matches"]
+    why = decode_data_url(result["why"])  # the image and the nearest good one, side by side
+    assert why.width > why.height
     [good] = predict(server, ("good.png", (service_data / "test" / "good" / "000.png").read_bytes())).json()["results"]
     assert good["is_anomalous"] is False and good["regions"] == [] and good["normalized_score"] < 1
     assert good["p_value"] > result["p_value"]
+    assert good["explanation"] is not None and good["why"] is None  # the picture only for flagged images
+
+
+def test_adding_good_images_is_off_without_allow_add(server: str, service_data: Path) -> None:
+    image = ("spot.png", (service_data / "test" / "spot" / "000.png").read_bytes())
+    refused = requests.post(f"{server}/v1/good", files=[("files", image)], timeout=60)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "adding good images is off: start the service with --allow-add"
+    assert requests.get(f"{server}/v1/model", timeout=10).json()["n_train_images"] == 12
 
 
 def test_per_request_threshold_leaves_the_model_alone(server: str, service_data: Path) -> None:
@@ -208,7 +236,7 @@ def test_bad_per_request_threshold_is_refused(server: str, service_data: Path, q
     assert response.status_code == 422, response.text
     body = response.json()
     assert set(body) == {"error", "file"} and words in body["error"] and body["file"] is None
-    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok", "in_flight": 0, "capacity": 9}
+    assert requests.get(f"{server}/healthz", timeout=10).json() == HEALTHY
 
 
 def test_predict_several_images_in_order(server: str, service_data: Path) -> None:
@@ -238,7 +266,7 @@ def test_docs_and_openapi(server: str) -> None:
     schema = requests.get(f"{server}/openapi.json", timeout=10).json()
     body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["files"]
-    assert {"/v1/model", "/healthz"} <= set(schema["paths"])
+    assert {"/v1/model", "/v1/good", "/healthz"} <= set(schema["paths"])
 
 
 def test_page_is_served_without_external_resources(server: str) -> None:
@@ -349,39 +377,18 @@ class _Gate:
         return self._predict(*args, **kwargs)
 
 
-def _wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-@contextmanager
-def _in_process(app: FastAPI) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread of this process (so the test can reach into the model); yield its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        _wait_until(lambda: server.started)
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_capacity_queue_then_503_with_retry_after(service_data: Path) -> None:
     """workers=1, max_queue=1: one request runs, one waits, the third is refused at once; then both finish."""
     model = load(service_data / "model.safetensors", device="cpu")
     gate = _Gate(model)
     model.iter_predict = gate  # type: ignore[method-assign]
     image = (service_data / "test" / "good" / "000.png").read_bytes()
-    with _in_process(create_app(model, ServiceSettings(workers=1, max_queue=1))) as url:
+    with serve_in_thread(create_app(model, ServiceSettings(workers=1, max_queue=1))) as url:
         answers: list[requests.Response] = []
         threads = [threading.Thread(target=lambda: answers.append(predict(url, ("a.png", image)))) for _ in range(2)]
         for thread in threads:
             thread.start()
-        _wait_until(lambda: requests.get(f"{url}/healthz", timeout=10).json()["in_flight"] == 2 and gate.entered == 1)
+        wait_until(lambda: requests.get(f"{url}/healthz", timeout=10).json()["in_flight"] == 2 and gate.entered == 1)
         busy = predict(url, ("a.png", image))
         assert busy.status_code == 503
         assert int(busy.headers["Retry-After"]) >= 1

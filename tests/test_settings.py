@@ -136,8 +136,9 @@ def test_help_imports_neither_torch_nor_fastapi() -> None:
 
 
 def test_bad_cli_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")  # never read: the option is refused first
     for option, value in [("--k-gallery", "0"), ("--layers", "7"), ("--sigma", "nan"), ("--image-size", "0"),
-                          ("--fusion", "max")]:
+                          ("--fusion", "max"), ("--backbone", "no_such_net"), ("--false-alarm-rate", "2")]:
         result = subprocess.run(
             [sys.executable, "-m", "spade_ad", "fit", str(tmp_path), "-o", str(tmp_path / "m.safetensors"),
              option, value], capture_output=True, text=True, timeout=120,

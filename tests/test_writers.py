@@ -9,12 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from spade_ad import Spade
+from spade_ad.errors import ImageReadError, OutputError
 from spade_ad.prediction import Prediction
 from spade_ad.visualize import BOX_COLOR, overlay, threshold_color_range
-from spade_ad.writers import REGIONS_FILE, SCORE_COLUMNS, VERDICT_COLUMNS, PredictionWriter, read_regions
+from spade_ad.writers import (
+    REGIONS_FILE,
+    SCORE_COLUMNS,
+    VERDICT_COLUMNS,
+    PredictionWriter,
+    check_output_dir,
+    read_regions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +128,47 @@ def test_rows_and_regions_are_on_disk_before_the_writer_closes(
         with open(tmp_path / REGIONS_FILE, "a", encoding="utf-8") as handle:
             handle.write('{"path": "cut sho')  # a line cut short by a crash is skipped when reading
         assert list(read_regions(tmp_path)) == [predictions[-1].name]
+
+
+def test_every_input_gets_its_own_files(predictions: list[Prediction], tmp_path: Path) -> None:
+    """Same relative name from two folders, same stem with another extension, names differing only in case, the same
+    file twice: numbered suffixes in scores.csv order, never one input's images over another's."""
+    names = ["/data/a/x.png", "/data/b/x.png", "x.tif", "X.png", "/data/a/x.png", "sub/img.v2.png", "sub/img.v2.png"]
+    shown = [dataclasses.replace(predictions[i % len(predictions)], name=name) for i, name in enumerate(names)]
+    with PredictionWriter(tmp_path, verdicts=True, save_maps=True) as writer:
+        writer.write_all(shown)
+    expected = ["x", "x~2", "x~3", "X~4", "x~5", "sub/img.v2", "sub/img.v2~2"]
+    for folder, suffix in (("heatmaps", ".png"), ("overlays", ".png"), ("masks", ".png"), ("maps", ".tiff")):
+        written = sorted(p.relative_to(tmp_path / folder).as_posix() for p in (tmp_path / folder).rglob("*.*"))
+        assert written == sorted(stem + suffix for stem in expected), folder
+    for stem, prediction in zip(expected, shown):  # each file holds its own input's map
+        assert prediction.original_map is not None
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "maps" / f"{stem}.tiff"), prediction.original_map)
+    assert [r["path"] for r in _rows(tmp_path / "scores.csv")] == names
+
+
+def test_earlier_results_are_refused_without_overwrite(predictions: list[Prediction], tmp_path: Path) -> None:
+    with PredictionWriter(tmp_path) as writer:
+        writer.write(predictions[0])
+        writer.skip("bad.png", ImageReadError("bad.png", "file is empty", kind="empty"))
+    before = (tmp_path / "scores.csv").read_bytes()
+    with pytest.raises(OutputError, match=f"{tmp_path}.*--overwrite"):
+        with PredictionWriter(tmp_path, overwrite=False):
+            pass
+    with pytest.raises(OutputError, match="--overwrite"):
+        check_output_dir(tmp_path, overwrite=False)
+    assert (tmp_path / "scores.csv").read_bytes() == before  # the first run's results are untouched
+    with PredictionWriter(tmp_path, overwrite=True) as writer:
+        writer.write(predictions[1])
+    assert [r["path"] for r in _rows(tmp_path / "scores.csv")] == [predictions[1].name]
+    assert not (tmp_path / "skipped.csv").exists()  # the earlier run's list is not this run's
+
+
+def test_output_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    a_file = tmp_path / "out"
+    a_file.write_text("not a folder")
+    for target in (a_file, a_file / "below"):
+        with pytest.raises(OutputError, match="is a file"):
+            with PredictionWriter(target):
+                pass
+    assert a_file.read_text() == "not a folder"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .errors import WeightsError
+from .errors import SettingError, WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,9 +104,8 @@ def build_backbone(
     spec = _SPECS.get(name)
     timm_name = spec.timm_name if spec else name
     if timm_name not in timm.list_models():
-        raise ValueError(
-            f"unknown backbone {name!r}: use one of {available_backbones()} or a timm model name with weights=PATH"
-        )
+        raise SettingError("backbone", "is not a known network", name,
+                           f"one of {', '.join(available_backbones())}, or a timm model name with weights")
     state_dict, source = _resolve_state_dict(name, spec, weights)
     full = timm.create_model(timm_name, pretrained=False)
     _load_strict(full, state_dict, name, source)

@@ -5,6 +5,9 @@ library.
 The model options of `fit` and `evaluate` are generated from the settings table (`spade_ad.settings`), so a new
 setting appears here, with its help and its checks, by being declared there. Heavy modules (torch, timm, FastAPI)
 are imported inside the commands only: `spade-ad --help` loads none of them.
+
+Over 300 lines: one function per command (fit, predict, calibrate, add, evaluate, demo, serve) with its
+options; each holds no policy, only argument handling and calls into the library.
 """
 
 from __future__ import annotations
@@ -70,13 +73,15 @@ def app() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model file to write.")
 @click.option("--validation", type=click.Path(path_type=Path), default=None,
               help="Folder of other good images to calibrate thresholds on (none held out).")
+@click.option("--preset", type=click.Choice(list(settings_table.PRESETS)), default="default", show_default=True,
+              help="Named settings (fast, default, quality, paper); options below override it.")
 @skip_bad_option
 @setting_options
-def fit(train_dir: Path, output: Path, validation: Path | None, skip_bad: bool, **options: Any) -> None:
+def fit(train_dir: Path, output: Path, validation: Path | None, preset: str, skip_bad: bool, **options: Any) -> None:
     """Fit a model on a folder of good images and save it."""
     from .model import Spade
 
-    model = Spade(**_given_settings(options)).fit(
+    model = Spade(**{**settings_table.PRESETS[preset], **_given_settings(options)}).fit(
         train_dir, validation=validation, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None
     )
     model.save(output)
@@ -115,27 +120,36 @@ def _echo_calibration(model: Any) -> None:
 @click.option("--pixel-threshold", type=float, default=None, help="Pixel threshold for this run's defect masks.")
 @click.option("--pixel-false-alarm-rate", "pixel_false_alarm_rate", type=float, default=None,
               help="Pixel threshold at this share of good pixels flagged.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in the output folder.")
+@click.option("--explain", is_flag=True,
+              help="For each flagged image, explain/<name>.png: its strongest region next to the nearest good "
+              "training image with the matched area boxed (and the match in regions.jsonl).")
 @skip_bad_option
 def predict(model_path: Path, inputs: tuple[Path, ...], output: Path, save_maps: bool, weights: Path | None,
             device: str | None, threshold: float | None, false_alarm_rate: float | None,
-            pixel_threshold: float | None, pixel_false_alarm_rate: float | None, skip_bad: bool) -> None:
+            pixel_threshold: float | None, pixel_false_alarm_rate: float | None, overwrite: bool, explain: bool,
+            skip_bad: bool) -> None:
     """Score images: OUT/scores.csv (row by row, with is_anomalous when the model has a threshold), heat maps,
-    overlays and predicted defect masks per image."""
+    overlays and predicted defect masks per image. An output folder holding an earlier run's scores.csv is refused
+    unless --overwrite; inputs with the same name get numbered files (x.png, x~2.png)."""
     from .model import load
-    from .writers import PredictionWriter
+    from .writers import PredictionWriter, check_output_dir
 
+    check_output_dir(output, overwrite=overwrite)  # before the model loads: a refusal costs nothing
     model = load(model_path, weights=weights, device=device)
     if any(v is not None for v in (threshold, false_alarm_rate, pixel_threshold, pixel_false_alarm_rate)):
         model.set_thresholds(image=threshold, false_alarm_rate=false_alarm_rate, pixel=pixel_threshold,
                              pixel_false_alarm_rate=pixel_false_alarm_rate)
-    with PredictionWriter.for_model(model, output, save_maps=save_maps) as writer:
+    writer = PredictionWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
+    with writer:
         def on_skip(item: object, error: Exception) -> None:
             writer.skip(getattr(item, "name", str(item)), error)
             _report_skip(item, error)
 
         source = inputs[0] if len(inputs) == 1 else list(inputs)  # one folder: names relative to it
         writer.write_all(
-            model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip)
+            model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip,
+                               explain=explain)
         )
     click.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
 
@@ -166,6 +180,26 @@ def calibrate(model_path: Path, good: Path, defect: Path | None, output: Path | 
     model.calibrate(good, defect=defect, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None)
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
+    _echo_calibration(model)
+
+
+@app.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("images", metavar="GOOD...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Model file to write (may be MODEL itself).")
+@skip_bad_option
+def add(model_path: Path, images: tuple[Path, ...], output: Path, skip_bad: bool) -> None:
+    """Add good images (e.g. good parts that were flagged) to a fitted model without refitting the rest; the
+    leave-one-out thresholds are refreshed."""
+    from .model import load
+
+    model = load(model_path)
+    before = model.store_.n_images
+    model.add(images[0] if len(images) == 1 else list(images), skip_bad=skip_bad,
+              on_skip=_report_skip if skip_bad else None)
+    model.save(output)
+    click.echo(f"added {model.store_.n_images - before} good images ({model.store_.n_images} in all): {output}")
     _echo_calibration(model)
 
 
@@ -232,21 +266,44 @@ def demo(output: Path, seed: int, device: str) -> None:
               help="Largest accepted upload per request, in MB.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
               help="Largest accepted image, in pixels (decompression-bomb guard).")
+@click.option("--max-uploads", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Predict requests holding a body at once (received, waiting or scored); beyond that: 503.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Open connections; beyond that: 503.")
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds to receive a request's body; beyond that: 408 and the connection is closed.")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds to receive a request's line and headers; beyond that the connection is closed.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
+              help="Also answer requests for this Host (name, name:port, *.domain; * for any). Repeatable. "
+                   "By default only the bound address (and localhost names on loopback).")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="Also accept POSTs (with CORS) from pages of this origin (https://site[:port]; * for any). "
+                   "Repeatable. By default only the service's own page.")
+@click.option("--allow-add", is_flag=True, default=False,
+              help="Let clients add images to the model as good ones (POST /v1/good, the page's \"This one is "
+                   "good\" button); the model is then saved back to MODEL. Off by default.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if not where it was at fit time.")
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
               help="Override the device stored in the model (cpu, cuda[:N], auto).")
 def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, max_upload_mb: float,
-          max_pixels: int, weights: Path | None, device: str | None) -> None:
-    """Serve a model over HTTP: JSON API at /v1, a web page at /, OpenAPI docs at /docs."""
+          max_pixels: int, max_uploads: int, max_connections: int, read_timeout: float, header_timeout: float,
+          allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], allow_add: bool, weights: Path | None,
+          device: str | None) -> None:
+    """Serve a model over HTTP: JSON API at /v1, a web page at /, OpenAPI docs at /docs. See SECURITY.md."""
     from .service import ServiceSettings, run_server
 
-    run_server(
-        model_path,
-        ServiceSettings(host=host, port=port, workers=workers, max_queue=max_queue,
-                        max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels),
-        weights=weights, device=device,
-    )
+    try:
+        settings = ServiceSettings(
+            host=host, port=port, workers=workers, max_queue=max_queue, max_upload_bytes=int(max_upload_mb * 2**20),
+            max_pixels=max_pixels, max_uploads=max_uploads, max_connections=max_connections,
+            read_timeout=read_timeout, header_timeout=header_timeout, allow_hosts=allow_hosts,
+            allow_origins=allow_origins, allow_add=allow_add,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    run_server(model_path, settings, weights=weights, device=device)
 
 
 def _setting_message(exc: SettingError) -> str:

@@ -27,6 +27,14 @@ class ImageReadError(SpadeError):
 IMAGE_ERROR_KINDS = ("missing", "empty", "too_large", "unsupported", "corrupt", "unreadable")
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image whose network input would be too large or too elongated (kind "too_large"): refused before any
+    memory is spent on it, and skipped or reported like an unreadable image."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(path, reason, kind="too_large")
+
+
 class NoImagesError(SpadeError):
     """A folder or input list holds no usable images."""
 
@@ -37,6 +45,11 @@ class DatasetLayoutError(SpadeError):
 
 class WeightsError(SpadeError):
     """Backbone weights are missing, cannot be downloaded, or do not match the architecture."""
+
+
+class OutputError(SpadeError):
+    """An output folder cannot be used: it is a file, or it holds an earlier run's results (and overwriting was not
+    asked for)."""
 
 
 class ModelFileError(SpadeError):

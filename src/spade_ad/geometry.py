@@ -7,6 +7,11 @@ Resize modes:
 - "squash": both sides scaled to `image_size` (aspect ratio lost; simple, and what many re-implementations do).
 - "paper_crop": the paper's protocol: squash to round(image_size * 8 / 7) (256 for 224), then centre-crop
   `image_size`. Pixels outside the crop are not scored: their value in a map at the original size is NaN.
+
+The network input is bounded whatever the file's size: an image whose planned input would hold more than
+`MAX_INPUT_PIXELS` pixels or be more elongated than `MAX_ASPECT_RATIO`:1 (a 2000 x 8 strip kept to scale becomes
+224 x 56,000) is refused with an `ImageTooLargeError`, and is then skipped or reported like an unreadable image.
+Both limits are module constants (assign new values to raise them); "squash" and "paper_crop" inputs are square.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import ImageTooLargeError
+
 ResizeMode = Literal["keep_aspect", "squash", "paper_crop"]
 RESIZE_MODES: tuple[str, ...] = ("keep_aspect", "squash", "paper_crop")
 _MULTIPLE = 32
+#: Most pixels of one network input: 224 x 4096 x 2 (a 4096 x 256 fabric image at image_size 224 is 224 x 3584).
+MAX_INPUT_PIXELS = 224 * 4096 * 2
+#: Most elongated network input (long side : short side).
+MAX_ASPECT_RATIO = 64
 
 
 @dataclass(frozen=True)
@@ -36,12 +47,15 @@ class Geometry:
     crop_box: tuple[float, float, float, float]
 
 
-def plan_geometry(original_size: tuple[int, int], image_size: int, mode: ResizeMode) -> Geometry:
-    """Decide the network input size for an image of `original_size` (height, width)."""
+def plan_geometry(original_size: tuple[int, int], image_size: int, mode: ResizeMode, *,
+                  name: object = "image") -> Geometry:
+    """Decide the network input size for an image of `original_size` (height, width). An input over the limits
+    (`MAX_INPUT_PIXELS`, `MAX_ASPECT_RATIO`) raises ImageTooLargeError naming `name`."""
     height, width = original_size
     if mode == "keep_aspect":
         scale = image_size / min(height, width)
         input_size = (_round_multiple(height * scale), _round_multiple(width * scale))
+        _check_input_size(input_size, original_size, name)
         return Geometry(original_size, input_size, (0.0, 0.0, float(width), float(height)))
     if mode == "squash":
         return Geometry(original_size, (image_size, image_size), (0.0, 0.0, float(width), float(height)))
@@ -51,6 +65,21 @@ def plan_geometry(original_size: tuple[int, int], image_size: int, mode: ResizeM
         box = (margin * width, margin * height, (1 - margin) * width, (1 - margin) * height)
         return Geometry(original_size, (image_size, image_size), box)
     raise ValueError(f"unknown resize mode {mode!r}: use one of {RESIZE_MODES}")
+
+
+def _check_input_size(input_size: tuple[int, int], original_size: tuple[int, int], name: object) -> None:
+    """Refuse a network input over MAX_INPUT_PIXELS pixels or more elongated than MAX_ASPECT_RATIO:1."""
+    height, width = input_size
+    ratio = max(height, width) / min(height, width)
+    if height * width <= MAX_INPUT_PIXELS and ratio <= MAX_ASPECT_RATIO:
+        return
+    raise ImageTooLargeError(
+        name,
+        f"a {original_size[1]} x {original_size[0]} image kept to scale needs a {width} x {height} network input "
+        f"({height * width:,} pixels, {ratio:.0f}:1); the limits are {MAX_INPUT_PIXELS:,} pixels and "
+        f"{MAX_ASPECT_RATIO}:1 (spade_ad.geometry.MAX_INPUT_PIXELS, MAX_ASPECT_RATIO). Crop or tile the image, or "
+        f"fit the model with resize=\"squash\" or a smaller image_size",
+    )
 
 
 def _round_multiple(value: float) -> int:

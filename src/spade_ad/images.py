@@ -3,10 +3,14 @@
 Every image leaves this module as an 8-bit PIL image in mode "RGB", whatever the file held:
 grayscale is replicated to three channels, alpha is dropped, 16-bit data is scaled by its full
 range (65535 -> 255) rather than clipped, and float data from files is stretched from its own
-min..max to 0..255. Every failure to read a file becomes an `ImageReadError` naming the file, with a `kind`
-("empty", "too_large", "unsupported", "corrupt", ...) that programs can act on. Files on disk are read by
-`read_image`; bytes received from elsewhere (the HTTP service's uploads) by `decode_bytes`, after the header-only
-`check_bytes`. Both run the same checks and decoders.
+min..max to 0..255 (a file holding NaN or infinite pixels is refused: it has no meaningful range).
+Every failure to read a file becomes an `ImageReadError` naming the file, with a `kind` ("empty", "too_large",
+"unsupported", "corrupt", ...) that programs can act on. Files on disk are read by `read_image`; bytes received from
+elsewhere (the HTTP service's uploads) by `decode_bytes`, after the header-only `check_bytes`. Both run the same
+checks and decoders.
+
+Over 300 lines: every way an image file can be odd (16-bit, float, palette, EXIF, TIFF fallbacks, NaN,
+bombs, truncation, uploads) is handled here and nowhere else, so that every front door refuses the same files alike.
 """
 
 from __future__ import annotations
@@ -16,15 +20,11 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spade_ad.errors import ImageReadError, NoImagesError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -61,13 +61,21 @@ def _minmax_to_uint8(a: np.ndarray) -> np.ndarray:
     )
 
 
+class NonFinitePixelsError(ValueError):
+    """Float pixel data from a file with NaN or infinite values; `_decode` names the file (kind "corrupt")."""
+
+    def __init__(self, bad: int, total: int) -> None:
+        super().__init__(f"contains NaN/inf pixels ({bad:,} of {total:,}): float image data must be finite")
+
+
 def _to_uint8(a: np.ndarray, *, from_file: bool) -> np.ndarray:
     """Turn pixel data of any usual dtype into uint8.
 
     uint8 is kept, bool becomes 0/255 and uint16 is scaled by its full range (>> 8, so 65535 -> 255).
-    Data read from a file has no declared range, so floats are stretched min..max and other integers
-    are treated as 16-bit when they fit, else stretched min..max. Arrays handed over in memory follow
-    the usual convention instead: floats are in [0, 1] (clipped), other integers must be in 0..255.
+    Data read from a file has no declared range, so floats are stretched min..max (NaN or inf raise
+    NonFinitePixelsError) and other integers are treated as 16-bit when they fit, else stretched min..max.
+    Arrays handed over in memory follow the usual convention instead: floats are in [0, 1] (clipped), other
+    integers must be in 0..255.
     """
     kind, size = a.dtype.kind, a.dtype.itemsize
     if kind == "u" and size == 1:
@@ -78,6 +86,9 @@ def _to_uint8(a: np.ndarray, *, from_file: bool) -> np.ndarray:
         return (a >> 8).astype(np.uint8)
     if kind == "f":
         if from_file:
+            finite = np.isfinite(a)
+            if not finite.all():
+                raise NonFinitePixelsError(int(a.size - finite.sum()), int(a.size))
             return _minmax_to_uint8(a)
         return np.round(np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
     if kind in "iu":
@@ -204,7 +215,10 @@ def _read_tiff(source: _Source, path: object, limit: int | None = None) -> Image
         a = page.asarray()
         if a.ndim == 3 and page.axes.startswith("S"):  # planar storage: channels first
             a = np.moveaxis(a, 0, -1)
-    return array_to_rgb(a, from_file=True)
+    try:
+        return array_to_rgb(a, from_file=True)
+    except NonFinitePixelsError as exc:
+        raise ImageReadError(path, str(exc), kind="corrupt") from exc
 
 
 def _decode(source: _Source, path: object, limit: int | None, formats: Sequence[str] | None) -> Image.Image:
@@ -234,6 +248,8 @@ def _decode(source: _Source, path: object, limit: int | None, formats: Sequence[
 
     try:
         return to_rgb(img)
+    except NonFinitePixelsError as exc:
+        raise ImageReadError(path, str(exc), kind="corrupt") from exc
     except Exception as exc:
         raise ImageReadError(path, f"unsupported image mode {img.mode}", kind="unsupported") from exc
 

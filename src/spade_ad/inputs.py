@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageReadError, NoImagesError
-from .images import array_to_rgb, list_images, read_image, to_rgb
+from .images import NonFinitePixelsError, array_to_rgb, list_images, read_image, to_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +61,8 @@ class ImageItem:
             return to_rgb(img)
         except ImageReadError:
             raise
+        except NonFinitePixelsError as exc:
+            raise ImageReadError(self.name, str(exc), kind="corrupt") from exc
         except Exception as exc:
             raise ImageReadError(
                 self.name, f"cannot convert image of mode {self.image.mode} to RGB", kind="unsupported"
@@ -164,12 +166,13 @@ def iter_loaded(
     on_skip: Callable[[ImageItem, ImageReadError], None] | None = None,
     workers: int | None = None,
     prefetch: int | None = None,
-    prepare: Callable[[Image.Image], Any] | None = None,
+    prepare: Callable[[ImageItem, Image.Image], Any] | None = None,
 ) -> Iterator[tuple[ImageItem, Any]]:
     """Yield (item, RGB image) in input order, decoding in a thread pool ahead of the consumer.
 
     With `prepare`, the workers also apply it to each decoded image (e.g. resizing to a tensor) and the value
-    yielded is `prepare(image)` instead of the image.
+    yielded is `prepare(item, image)` instead of the image; an ImageReadError it raises (e.g. an image too large for
+    the network) is handled like a file that cannot be read.
 
     Decoding overlaps the caller's compute, in `workers` threads (default: one per CPU core, at most 8: decoding a
     large PNG takes about as long as the default backbone's forward pass, so a GPU needs several decoders to stay
@@ -188,7 +191,7 @@ def iter_loaded(
 
     def work(item: ImageItem) -> Any:
         image = item.load()
-        return prepare(image) if prepare is not None else image
+        return prepare(item, image) if prepare is not None else image
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spade-ad-load")
     try:

@@ -8,8 +8,8 @@ Image stage: the k_image nearest training images by global feature (mean squared
 Pixel stage: the gallery is every spatial feature of the k_gallery nearest training images; see `spade_ad.scoring`.
 
 Longer than 300 lines because scikit-learn needs every setting spelled out in `__init__` (twice: ~50 lines, checked
-against the settings table by a test) and the estimator's public methods (fit, calibrate, set_thresholds, predict,
-score, save, load) belong together; the maths they call lives in the modules above.
+against the settings table by a test) and the estimator's public methods (fit, add, calibrate, set_thresholds,
+predict with explanations, score, save, load) belong together; the maths they call lives in the modules above.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from . import settings as settings_table
 from .backbones import Backbone, build_backbone
 from .calibration import Calibration, normalized_scores, p_values
 from .errors import ImageReadError, ModelFileError, NoImagesError, NotFittedError, SettingError, WeightsError
+from .explain import explain as explain_region
+from .explain import strongest_region
 from .geometry import map_to_original
 from .inputs import ImageItem, collect_images
 from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
-from .pyramid import SkipCallback, extract, iter_batches, resolve_device
+from .pyramid import SkipCallback, extract, iter_batches, resolve_device, thumbnails
 from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map, smooth_map
 from .store import FeatureStoreWriter
 
@@ -78,6 +80,7 @@ class Spade(BaseEstimator):
         pixel_false_alarm_rate: float = D["pixel_false_alarm_rate"],
         device: str = D["device"],
         batch_size: int = D["batch_size"],
+        thumbnail_size: int = D["thumbnail_size"],
         seed: int = D["seed"],
         feature_dir: str | Path | None = D["feature_dir"],
         progress: bool | None = D["progress"],
@@ -105,6 +108,7 @@ class Spade(BaseEstimator):
         self.pixel_false_alarm_rate = pixel_false_alarm_rate
         self.device = device
         self.batch_size = batch_size
+        self.thumbnail_size = thumbnail_size
         self.seed = seed
         self.feature_dir = feature_dir
         self.progress = progress
@@ -158,6 +162,7 @@ class Spade(BaseEstimator):
         self._feature_tmp = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
         writer = FeatureStoreWriter(self._feature_tmp.name, self.feature_dtype)
         self.train_names_: list[str] = []
+        self.thumbnails_: list[np.ndarray] = []
         self.skipped_: list[tuple[str, str]] = []
         self.metrics_: dict[str, Any] = {}
 
@@ -170,6 +175,7 @@ class Spade(BaseEstimator):
             for batch in self._batches(items, skip_bad, record_skip, "fit"):
                 writer.add(*extract(self.backbone_, batch.inputs, self.patch_size))
                 self.train_names_.extend(item.name for item in batch.items)
+                self.thumbnails_.extend(thumbnails(batch.inputs, self.thumbnail_size))
         finally:
             writer.close()
         if not self.train_names_:
@@ -182,6 +188,35 @@ class Spade(BaseEstimator):
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")
         else:
             self._calibrate(iter(()), "none")
+        return self
+
+    def add(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> Spade:
+        """Add good images to a fitted model (e.g. a good part it flagged): their features join the store and the
+        global kNN, the rest is not refitted. With leave-one-out calibration the thresholds are recomputed over all
+        images; otherwise they are kept (the held-out images are not stored). Other images' scores change only
+        where an added image becomes one of their nearest normals. Returns self."""
+        self._check_fitted()
+        items = collect_images(images)
+        folder = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
+        writer = FeatureStoreWriter(folder.name, self.feature_dtype)
+        before = self.store_.n_images
+        added: list[str] = []
+        new_thumbnails: list[np.ndarray] = []
+        try:
+            writer.extend(self.store_)
+            for batch in self._batches(items, skip_bad, on_skip, "add"):
+                writer.add(*extract(self.backbone_, batch.inputs, self.patch_size))
+                added.extend(item.name for item in batch.items)
+                new_thumbnails.extend(thumbnails(batch.inputs, self.thumbnail_size))
+        finally:
+            writer.close()
+        if not added:
+            raise NoImagesError("no image to add could be read: every input was skipped")
+        self.store_, self._feature_tmp = writer.build(), folder
+        self.train_names_ = [*self.train_names_, *added]
+        self.thumbnails_ = [*self.thumbnails_, *new_thumbnails] if len(self.thumbnails_) == before else []
+        if self.calibration == "leave_one_out" and self.calibration_.source == "leave_one_out":
+            self._calibrate(self._leave_one_out_scores(), "leave_one_out")
         return self
 
     def _split_calibration(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -278,23 +313,25 @@ class Spade(BaseEstimator):
     # -- inference ------------------------------------------------------------------------------------------------
     def predict(
         self, images: Any, *, original_size: bool = False, skip_bad: bool = False,
-        on_skip: SkipCallback | None = None,
+        on_skip: SkipCallback | None = None, explain: bool = False,
     ) -> list[Prediction]:
         """Score images and compute their anomaly maps (also at the original image size if `original_size`)."""
-        return list(self.iter_predict(images, original_size=original_size, skip_bad=skip_bad, on_skip=on_skip))
+        return list(self.iter_predict(images, original_size=original_size, skip_bad=skip_bad, on_skip=on_skip,
+                                      explain=explain))
 
     def iter_predict(
         self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
-        on_skip: SkipCallback | None = None,
+        on_skip: SkipCallback | None = None, explain: bool = False,
     ) -> Iterator[Prediction]:
         """Like `predict`, yielding results one by one as they are ready (for streaming to files).
 
-        `keep_images` attaches each decoded input image to its Prediction (for overlays)."""
+        `keep_images` attaches each decoded input image to its Prediction (for overlays); `explain` adds where the
+        strongest region matched in the nearest normal image (`Prediction.explanation`)."""
         self._check_fitted()
         cal = self.calibration_
         for part in self._predict_parts(images, original_size=original_size, keep_images=keep_images,
-                                        skip_bad=skip_bad, on_skip=on_skip, full=True):
-            map_max, knn, array, item, geometry, image, original, neighbours = part
+                                        skip_bad=skip_bad, on_skip=on_skip, full=True, explain=explain):
+            map_max, knn, array, item, geometry, image, original, neighbours, why = part
             score = float(self._combine(np.array([map_max]), np.array([knn]))[0])
             threshold = cal.image_threshold
             yield Prediction(
@@ -305,12 +342,12 @@ class Spade(BaseEstimator):
                 normalized_score=None if threshold is None or cal.median is None
                 else float(normalized_scores([score], cal.median, threshold)[0]),
                 p_value=float(p_values([score], cal.scores)[0]) if cal.scores else None,
-                neighbours=neighbours,
+                neighbours=neighbours, explanation=why,
             )
 
     def _predict_parts(
         self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
-        on_skip: SkipCallback | None = None, full: bool = False,
+        on_skip: SkipCallback | None = None, full: bool = False, explain: bool = False,
     ) -> Iterator[Any]:
         """The predict loop: (map maximum, kNN score, map) per image, and with `full` also the item, geometry,
         decoded image, original-size map and nearest normal images."""
@@ -334,9 +371,15 @@ class Spade(BaseEstimator):
                     continue
                 nearest = [(self.train_names_[int(n)], float(d)) for n, d in
                            zip(neighbours[i, :self.k_image].tolist(), distances[i, :self.k_image].tolist())]
+                why = None
+                if explain:
+                    first = int(neighbours[i, 0])
+                    region = strongest_region(array, self.pixel_threshold_, self.backbone_.strides[-1])
+                    why = explain_region([level[i] for level in pyramid], self.backbone_.strides, self.store_,
+                                         first, self.train_names_[first], region)
                 yield (float(array.max()), float(knn_scores[i]), array, item, geometry,
                        batch.originals[i] if keep_images else None,
-                       map_to_original(array, geometry) if original_size else None, nearest)
+                       map_to_original(array, geometry) if original_size else None, nearest, why)
 
     def score(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> np.ndarray:
         """Image scores only. With image_score="knn" the pixel stage is skipped entirely (the fast path)."""
@@ -378,7 +421,7 @@ class Spade(BaseEstimator):
             },
             store=self.store_, train_names=self.train_names_,
             calibration={**self.calibration_.to_json(), "score_scale": self.score_scale_},
-            metrics=self.metrics_,
+            metrics=self.metrics_, thumbnails=self.thumbnails_,
         )
 
 
@@ -397,6 +440,12 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
         model.backbone_ = model._build_backbone()
     except WeightsError as exc:
         raise ModelFileError(f"cannot load the backbone of model {path}: {exc}") from exc
+    if list(model.backbone_.channels) != list(contents.backbone["channels"]):
+        raise ModelFileError(
+            f"model {path} records channels {contents.backbone['channels']} for its pyramid levels, but backbone "
+            f"{model.backbone!r} with layers {model.layers} gives {list(model.backbone_.channels)}: the file's "
+            f"settings were edited; re-create it with `spade-ad fit`"
+        )
     expected = contents.backbone["weights_sha256"]
     if model.backbone_.weights_sha256 != expected:
         raise ModelFileError(
@@ -406,6 +455,7 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
         )
     model.store_ = contents.store
     model.train_names_ = contents.train_names
+    model.thumbnails_ = contents.thumbnails
     model.skipped_ = []
     model.score_scale_ = {k: (float(v[0]), float(v[1])) for k, v in contents.calibration["score_scale"].items()}
     model.calibration_ = Calibration.from_json(contents.calibration)

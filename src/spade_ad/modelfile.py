@@ -9,14 +9,20 @@ safetensors reader.
 
 This module knows the settings table and the feature store, never the estimator: `spade_ad.model` builds a `Spade`
 from the `ModelContents` read here.
+
+Over 300 lines: the streaming safetensors writer/reader and the checks that a loaded file can never fail
+later (every header field and every tensor's shape, dtype and range) belong together; the fuzz test exercises both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +42,7 @@ FORMAT = "spade-ad-model"
 FORMAT_VERSION = 2
 _CHUNK_BYTES = 64 * 2**20
 _DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"),
-           "I32": np.dtype("<i4")}
+           "I32": np.dtype("<i4"), "U8": np.dtype("u1")}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _PLACEHOLDER = "0" * 64
 
@@ -80,6 +86,7 @@ class ModelContents:
     metrics: dict[str, Any]
     versions: dict[str, Any]
     store: FeatureStore
+    thumbnails: list[np.ndarray]  # small uint8 RGB images (h, w, 3) of the training images, or []
 
 
 def store_arrays(store: FeatureStore) -> dict[str, np.ndarray]:
@@ -90,35 +97,59 @@ def store_arrays(store: FeatureStore) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_model(
-    path: Path,
-    *,
-    settings: dict[str, Any],
-    backbone: dict[str, Any],
-    store: FeatureStore,
-    train_names: list[str],
-    calibration: dict[str, Any],
-    metrics: dict[str, Any],
-) -> Path:
-    """Write a fitted model to `path`, atomically (a crash never leaves a half-written file under that name).
+def write_model(path: Path, *, settings: dict[str, Any], backbone: dict[str, Any], store: FeatureStore,
+                train_names: list[str], calibration: dict[str, Any], metrics: dict[str, Any],
+                thumbnails: list[np.ndarray] | None = None) -> Path:
+    """Write a fitted model to `path`, atomically: into a partial file first (see `partial_path`), renamed when
+    complete. A crash never leaves a half-written file under that name, and a failed or interrupted write leaves no
+    partial file either (a killed process's one is deleted by the next save of the same path on this host).
 
     `settings` are checked against the settings table first: a file is never written with settings it would refuse
     to load."""
-    header = {
-        "settings": settings_table.stored(settings_table.validate(settings)),
-        "backbone": backbone,
-        "train_names": train_names,
-        "calibration": calibration,
-        "metrics": metrics,
-        "versions": {
-            "spade_ad": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        },
-    }
+    versions = {"spade_ad": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    header = {"settings": settings_table.stored(settings_table.validate(settings)), "backbone": backbone,
+              "train_names": train_names, "calibration": calibration, "metrics": metrics, "versions": versions}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    write_safetensors(partial, store_arrays(store), json.dumps(header))
-    os.replace(partial, path)
+    _remove_stale_partials(path)
+    partial = partial_path(path)
+    try:
+        arrays = store_arrays(store)
+        if thumbnails:
+            arrays["thumbnails"] = np.concatenate([np.asarray(th, dtype=np.uint8).ravel() for th in thumbnails])
+            arrays["thumbnail_shapes"] = np.array([th.shape[:2] for th in thumbnails], dtype="<i8")
+        write_safetensors(partial, arrays, json.dumps(header))
+        os.replace(partial, path)
+    except BaseException:  # a failed or interrupted write leaves neither a model nor a partial file behind
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where `write_model` writes before renaming: `<name>.<host>.<pid>.partial`, so that two processes (or hosts
+    sharing a folder) saving the same model never write the same file; stale ones are removed before a save."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete partial files of `path` left on this host by killed processes (no process with their pid runs) or by
+    this one (a pid reused: about to be written again)."""
+    prefix = f"{path.name}.{socket.gethostname()}."
+    with contextlib.suppress(OSError):
+        for stale in [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".partial")]:
+            pid = stale.name[len(prefix):-len(".partial")]
+            if not (pid.isascii() and pid.isdigit()):
+                continue
+            try:
+                if int(pid) != os.getpid():
+                    os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+                    continue
+            except ProcessLookupError:
+                pass
+            except (OSError, OverflowError):  # another user's process (EPERM), or no way to tell: leave it
+                continue
+            stale.unlink(missing_ok=True)
 
 
 def write_safetensors(path: Path, arrays: dict[str, np.ndarray], header_json: str) -> None:
@@ -151,33 +182,31 @@ def write_safetensors(path: Path, arrays: dict[str, np.ndarray], header_json: st
 
 def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read and verify a model file: (header, arrays). Pyramid levels come back memory-mapped, the rest in memory.
-    Raises ModelFileError on any problem."""
+    Raises ModelFileError on any problem (never another exception, whatever the bytes)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     unreadable = (f"{path} is not a readable spade-ad model file (truncated, damaged or not a model: {{}}). "
                   f"Re-create it with `spade-ad fit`")
-    file_size = path.stat().st_size
     try:
+        file_size = path.stat().st_size
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > min(file_size - 8, 100 * 2**20):
                 raise ValueError("header length beyond the end of the file")
             entries = json.loads(handle.read(length))
-        metadata = entries.pop("__metadata__", {}) or {}
-        arrays = {}
-        for name, entry in entries.items():
-            begin, end = entry["data_offsets"]
-            dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
-            if end - begin != int(np.prod(shape)) * dtype.itemsize or 8 + length + end > file_size:
-                raise ValueError(f"tensor {name} runs past the end of the file")
-            array = np.memmap(path, dtype=dtype, mode="r", offset=8 + length + begin, shape=shape)
-            arrays[name] = array if name.startswith("level_") else np.array(array)
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        if not isinstance(entries, dict):
+            raise ValueError("the safetensors header is not a JSON object")
+        metadata = entries.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("the safetensors metadata is not a JSON object")
+        arrays = {name: _tensor(path, name, entry, 8 + length, file_size) for name, entry in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
         raise ModelFileError(unreadable.format(exc)) from exc
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"{path} is a safetensors file but not a spade-ad model (no '{FORMAT}' header)")
-    version = int(metadata.get("format_version", "0")) if str(metadata.get("format_version", "0")).isdigit() else -1
+    raw_version = str(metadata.get("format_version", "0"))
+    version = int(raw_version) if raw_version.isascii() and raw_version.isdigit() else -1
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} was written by a newer spade-ad (format {version}); upgrade spade-ad")
     if version < FORMAT_VERSION:
@@ -186,13 +215,35 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
             f"re-fit it with `spade-ad fit` to get calibrated thresholds"
         )
     header_json = metadata.get("header", "")
-    if content_sha256(header_json, arrays) != metadata.get("content_sha256"):
+    try:  # (a header with a lone surrogate cannot even be encoded: it was not written by spade-ad)
+        intact = isinstance(header_json, str) and content_sha256(header_json, arrays) == metadata.get("content_sha256")
+    except UnicodeError:
+        intact = False
+    if not intact:
         raise ModelFileError(f"{path} is corrupt or was modified: its content fails the checksum. Re-fit the model")
     try:
         header = json.loads(header_json)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"{path} has a damaged header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path} has a damaged header: not a JSON object")
     return header, arrays
+
+
+def _tensor(path: Path, name: str, entry: Any, data_start: int, file_size: int) -> np.ndarray:
+    """One tensor of the file, after checking its entry (dtype, shape, offsets within the file); ValueError if bad."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
+        raise ValueError(f"tensor {name} has no valid dtype (one of {', '.join(_DTYPES)})")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not _KINDS["naturals"](shape) or not _KINDS["naturals"](offsets) or len(offsets) != 2:
+        raise ValueError(f"tensor {name} has no valid shape and data offsets")
+    (begin, end), dtype = offsets, _DTYPES[entry["dtype"]]
+    if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize or data_start + end > file_size:
+        raise ValueError(f"tensor {name} does not fit its shape or runs past the end of the file")
+    if begin == end:  # an empty tensor: nothing to map
+        return np.zeros(shape, dtype=dtype)
+    array = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=tuple(shape))
+    return array if name.startswith("level_") else np.array(array)
 
 
 def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> ModelContents:
@@ -206,18 +257,70 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
         settings = settings_table.validate(raw)
     except SettingError as exc:
         raise ModelFileError(f"{path} holds an invalid setting: {exc}. Re-create it with `spade-ad fit`") from exc
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (LookupError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         raise ModelFileError(f"{path} has no valid settings in its header ({exc}); re-create it") from exc
+    missing = [s.name for s in settings_table.SETTINGS if s.stored and s.name not in header["settings"]]
+    if missing:
+        raise ModelFileError(f"{path} has a damaged header: setting {missing[0]} is missing; re-create it")
+    problem = _header_problem(header)
+    if problem:
+        raise ModelFileError(f"{path} has a damaged header: {problem}; re-create it with `spade-ad fit`")
     try:
         store = _checked_store(header, arrays, settings)
-        calibration = dict(header.get("calibration") or {})
-        return ModelContents(
-            settings=settings, backbone=dict(header["backbone"]), train_names=[str(n) for n in header["train_names"]],
-            calibration=calibration, metrics=dict(header.get("metrics") or {}),
-            versions=dict(header.get("versions") or {}), store=store,
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        thumbnails = _checked_thumbnails(arrays, len(header["train_names"]))
+    except (LookupError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{path} has a header that does not match its tensors ({exc}); re-create it") from exc
+    return ModelContents(
+        settings=settings, backbone=dict(header["backbone"]), train_names=list(header["train_names"]),
+        calibration=dict(header["calibration"]), metrics=dict(header.get("metrics") or {}),
+        versions=dict(header.get("versions") or {}), store=store, thumbnails=thumbnails,
+    )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integers(v: Any, least: int) -> bool:
+    return isinstance(v, list) and all(_number(x) and isinstance(x, int) and x >= least for x in v)
+
+
+_MISSING = object()
+_KINDS: dict[str, Any] = {  # JSON value checks by name (the names show in messages)
+    "text": lambda v: isinstance(v, str), "object": lambda v: isinstance(v, dict),
+    "object|null": lambda v: v is None or isinstance(v, dict), "number": _number,
+    "number|null": lambda v: v is None or _number(v), "numbers": lambda v: isinstance(v, list) and all(map(_number, v)),
+    "texts": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "counts": lambda v: _integers(v, 1), "naturals": lambda v: _integers(v, 0),
+    "scales": lambda v: isinstance(v, dict) and all(_KINDS["numbers"](p) and len(p) == 2 for p in v.values()),
+}
+#: The header fields `spade_ad.model.load` reads beyond the settings: (path, kind, value when absent).
+_HEADER_FIELDS = (
+    ("backbone", "object", _MISSING), ("backbone.name", "text", _MISSING), ("backbone.weights_sha256", "text",
+    _MISSING), ("backbone.channels", "counts", _MISSING), ("backbone.strides", "counts", _MISSING),
+    ("train_names", "texts", _MISSING), ("metrics", "object|null", None), ("versions", "object|null", None),
+    ("calibration", "object", _MISSING), ("calibration.source", "text", _MISSING),
+    ("calibration.scores", "numbers", _MISSING), ("calibration.false_alarm_rate", "number", _MISSING),
+    ("calibration.image_threshold", "number|null", _MISSING),
+    ("calibration.pixel_false_alarm_rate", "number", _MISSING),
+    ("calibration.pixel_threshold", "number|null", _MISSING), ("calibration.pixel_quantiles", "numbers", []),
+    ("calibration.median", "number|null", None), ("calibration.threshold_source", "text", ""),
+    ("calibration.note", "text", ""), ("calibration.score_scale", "scales", _MISSING),
+)
+
+
+def _header_problem(header: dict[str, Any]) -> str:
+    """The first field of `_HEADER_FIELDS` missing or of the wrong kind, in words ("" if none): a model that loads
+    never fails later on its header."""
+    for path, kind, default in _HEADER_FIELDS:
+        value: Any = header
+        for key in path.split("."):  # a parent of the wrong kind was reported before its fields
+            value = value.get(key, default) if isinstance(value, dict) else default
+        if value is _MISSING:
+            return f"{path} is missing"
+        if not _KINDS[kind](value):
+            return f"{path} is a {type(value).__name__}, expected {kind}"
+    return ""
 
 
 def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> FeatureStore:
@@ -225,15 +328,19 @@ def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settin
     n_levels = len(settings["layers"])
     expected = {"global_features", "shapes", *(f"level_{i}" for i in range(n_levels)),
                 *(f"order_{i}" for i in range(n_levels))}
-    if set(arrays) != expected:
+    if set(arrays) - {"thumbnails", "thumbnail_shapes"} != expected:
         raise ValueError(f"tensors {sorted(arrays)} where {sorted(expected)} were expected")
     globals_, shapes = arrays["global_features"], arrays["shapes"]
     n_images = len(header["train_names"])
     if globals_.ndim != 2 or globals_.shape[0] != n_images or globals_.dtype != np.float32:
         raise ValueError(f"global_features {globals_.shape} {globals_.dtype} for {n_images} training images")
+    if not np.isfinite(globals_).all():  # (the pyramid levels, possibly GBs on disk, are not scanned)
+        raise ValueError("global_features hold NaN or infinite values")
     if shapes.shape != (n_images, n_levels, 2) or shapes.dtype != np.int64 or (shapes < 1).any():
         raise ValueError(f"shapes {shapes.shape} for {n_images} images and {n_levels} levels")
     channels = list(header["backbone"]["channels"])
+    if len(channels) != n_levels or len(header["backbone"]["strides"]) != n_levels:
+        raise ValueError(f"the backbone's channels and strides are not given for each of the {n_levels} layers")
     for i in range(n_levels):
         level = arrays[f"level_{i}"]
         rows = int((shapes[:, i, 0] * shapes[:, i, 1]).sum())
@@ -248,3 +355,17 @@ def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settin
         torch.from_numpy(np.array(globals_)), [arrays[f"level_{i}"] for i in range(n_levels)], np.array(shapes),
         [np.array(arrays[f"order_{i}"]) for i in range(n_levels)],
     )
+
+
+def _checked_thumbnails(arrays: dict[str, np.ndarray], n_images: int) -> list[np.ndarray]:
+    """The training thumbnails (optional), after checking them against their shapes."""
+    if "thumbnails" not in arrays and "thumbnail_shapes" not in arrays:
+        return []
+    flat, shapes = arrays["thumbnails"], arrays["thumbnail_shapes"]
+    if shapes.shape != (n_images, 2) or shapes.dtype != np.int64 or (shapes < 1).any() or flat.dtype != np.uint8:
+        raise ValueError(f"thumbnail_shapes {shapes.shape} {shapes.dtype} for {n_images} images")
+    sizes = shapes[:, 0] * shapes[:, 1] * 3
+    if flat.shape != (int(sizes.sum()),):
+        raise ValueError(f"thumbnails hold {flat.shape} values, their shapes need {int(sizes.sum())}")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [flat[a:b].reshape(int(h), int(w), 3) for a, b, (h, w) in zip(starts[:-1], starts[1:], shapes)]

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from .geometry import Geometry
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,8 @@ class Prediction:
     `is_anomalous` is `score > image_threshold` (None when the model has no threshold). `anomaly_map` is at the
     network input resolution; `original_map` (on request) covers the whole original image, NaN where a pixel was
     not scored (outside the paper-crop box); `image` (on request) is the decoded input. `neighbours` names the
-    nearest normal training images with their squared global-feature distances.
+    nearest normal training images with their squared global-feature distances; `explanation` (on request) says
+    where the strongest region sits in the nearest of them.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Prediction:
     normalized_score: float | None = None
     p_value: float | None = None
     neighbours: list[tuple[str, float]] = field(default_factory=list)
+    explanation: Explanation | None = None  # with predict(..., explain=True): see `spade_ad.explain`
 
     @property
     def defect_mask(self) -> np.ndarray | None:

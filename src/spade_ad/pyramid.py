@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -58,15 +59,18 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Decode (in worker threads), resize and batch images; a batch only holds images of one input size.
 
-    An unreadable image raises ImageReadError after the batch read before it has been yielded (nothing computed
-    before the fault is lost), unless `skip_bad`. Progress bars show when `progress` is True, or on a terminal when
+    An unreadable image, or one too large for the network (ImageTooLargeError, see `spade_ad.geometry`), raises
+    ImageReadError after the batch read before it has been yielded (nothing computed before the fault is lost),
+    unless `skip_bad`. Progress bars show when `progress` is True, or on a terminal when
     None."""
     pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=None if progress is None else not progress)
 
-    def prepare(image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry]:
-        """Runs in the loader threads: resizing overlaps the backbone's compute."""
-        geometry = plan_geometry((image.height, image.width), image_size, resize)
+    def prepare(item: ImageItem, image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry]:
+        """Runs in the loader threads: resizing overlaps the backbone's compute. An image whose network input would
+        be over the geometry's limits raises ImageTooLargeError here, before any memory is spent on it."""
+        name = item.path if item.path is not None else item.name
+        geometry = plan_geometry((image.height, image.width), image_size, resize, name=name)
         return (image if keep_images else None), image_to_tensor(image, geometry), geometry
 
     loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=on_skip, prepare=prepare)
@@ -106,3 +110,16 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise SettingError("device", "asks for CUDA, which is not available here", device, "cpu or auto")
     return resolved
+
+
+def thumbnails(inputs: torch.Tensor, short_side: int) -> list[np.ndarray]:
+    """Small uint8 RGB copies (h, w, 3) of a batch of network inputs (B, 3, H, W) in [0, 1], short side
+    `short_side` (long side at most 8x that); [] when `short_side` is 0. Kept in the model for explanations."""
+    if short_side <= 0:
+        return []
+    height, width = inputs.shape[2:]
+    scale = min(short_side / min(height, width), 8 * short_side / max(height, width), 1.0)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = F.interpolate(inputs.float(), size=size, mode="area") if size != (height, width) else inputs.float()
+    pixels = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return list(pixels)

@@ -6,6 +6,8 @@ model file is loaded), the CLI options of `fit` and `evaluate` (generated from i
 model-file header and the README's settings table (`markdown_table`, checked by a test).
 
 This module is pure Python on purpose: the CLI imports it to build `--help` without torch or numpy.
+
+Over 300 lines: the table itself, one declaration per setting with its help text, is most of it.
 """
 
 from __future__ import annotations
@@ -257,6 +259,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "auto", "str", "cpu, cuda[:N], or auto (cuda when available)", "runtime", runtime=True,
             check=_device_check),
     Setting("batch_size", 8, "int", "images per backbone forward pass", "runtime", low=1, high=4096, runtime=True),
+    Setting("thumbnail_size", 96, "int", "short side of the small training-image thumbnails kept in the model for "
+            "explanations (predict --explain, the web page's why); 0: keep none", "runtime", low=0, high=512),
     Setting("seed", 0, "int", "seed for anything random (results are reproducible)", "runtime", low=0),
     Setting("feature_dir", None, "path", "folder for the pyramid features written during fit (default: a "
             "temporary folder)", "runtime", nullable=True, stored=False, runtime=True, cli=False),
@@ -306,14 +310,20 @@ def markdown_table() -> str:
     """The README's settings table, generated from this module (a test keeps the README in step)."""
     lines = ["| setting | group | default | allowed | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
-        lines.append(f"| `{s.name}` | {s.group} | `{s.display_default()}` | {s.allowed()} | {s.help} |")
+        cells = [f"`{s.name}`", s.group, f"`{s.display_default()}`", s.allowed(), s.help]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
-#: Named settings for `evaluate --preset` and `Spade.from_preset`. "default" is the library's own defaults; "paper"
-#: is the published configuration (needs the WRN50 ImageNet weights file offline), evaluated at 256 x 256.
+#: Named settings for `fit --preset` and `evaluate --preset` (benchmarks/bench_accuracy.py measures each; README):
+#: "fast": a gallery of the 10 nearest images instead of 50 (about 3x less search); "default": the library's own
+#: defaults; "quality": the stride-4 level too (the paper's three levels), searched exactly up to 1e9 pairs (a
+#: 900 x 900 image is exact: 4.9e8 at stride 4); "paper": the published configuration
+#: (needs the WRN50 ImageNet weights file offline), evaluated at 256 x 256.
 PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"k_gallery": 10},
     "default": {},
+    "quality": {"layers": (1, 2, 3), "max_search_pairs": 1_000_000_000},
     "paper": {
         "backbone": "wide_resnet50_2", "layers": (1, 2, 3), "k_image": 3, "k_gallery": 50, "kappa": 1,
         "fusion": "mean", "distance": "squared", "image_score": "knn", "sigma": 4.0, "image_size": 224,
@@ -321,4 +331,4 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 #: Resolution metrics are computed at for each preset (None: the original image size).
-PRESET_EVAL_SIZE: dict[str, int | None] = {"default": None, "paper": 256}
+PRESET_EVAL_SIZE: dict[str, int | None] = {"fast": None, "default": None, "quality": None, "paper": 256}

@@ -166,6 +166,24 @@ class FeatureStoreWriter:
                 order = coreset_order(vectors.to(maps.device)).cpu().numpy().astype("<i4")
                 self._order_files[level].write(order.tobytes())
 
+    def extend(self, store: FeatureStore, chunk_rows: int = 1 << 16) -> None:
+        """Copy every image of an existing store first (chunk by chunk: never all in memory), so that `add` then
+        appends new images after them."""
+        if self._files:
+            raise ValueError("extend must come before any add")
+        self._files = [open(self.directory / f"level_{i}.bin", "wb") for i in range(len(store.levels))]
+        self._order_files = [open(self.directory / f"order_{i}.bin", "wb") for i in range(len(store.levels))]
+        self._rows = [0] * len(store.levels)
+        self._channels = [int(level.shape[1]) for level in store.levels]
+        for level, rows in enumerate(store.levels):
+            for first in range(0, rows.shape[0], chunk_rows):
+                self._files[level].write(np.asarray(rows[first:first + chunk_rows]).astype(self.dtype).tobytes())
+            self._rows[level] = int(rows.shape[0])
+            order = store.orders[level] if store.orders is not None else _identity_orders(store, level)
+            self._order_files[level].write(np.asarray(order, dtype="<i4").tobytes())
+        self._globals.append(store.global_features.float().cpu())
+        self._shapes.extend([[tuple(int(v) for v in shape) for shape in image] for image in store.shapes])
+
     def build(self) -> FeatureStore:
         if not self._globals:
             raise ValueError("no training features were added")
@@ -181,3 +199,9 @@ class FeatureStoreWriter:
     def close(self) -> None:
         for handle in (*self._files, *self._order_files):
             handle.close()
+
+
+def _identity_orders(store: FeatureStore, level: int) -> np.ndarray:
+    """Each image's rows in their own order (for a store without coreset orders)."""
+    sizes = store.shapes[:, level, 0] * store.shapes[:, level, 1]
+    return np.concatenate([np.arange(int(n), dtype=np.int32) for n in sizes])

@@ -18,10 +18,11 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
 if TYPE_CHECKING:
-    from .prediction import Region
+    from .prediction import Prediction, Region
 
 __all__ = [
     "annotate", "color_range", "contour", "heatmap", "overlay", "save_png", "threshold_color_range", "verdict_label",
+    "side_by_side", "why_picture",
 ]
 
 NAN_GREY = (128, 128, 128)
@@ -145,6 +146,55 @@ def annotate(
     if label:
         _text_on_ground(draw, (0, 0), label, font, LABEL_COLORS.get(anomalous, LABEL_COLORS[None]), pad=3)
     return result
+
+
+def side_by_side(
+    test_image: Image.Image, test_box: tuple[float, float, float, float], normal_image: Image.Image,
+    normal_box: tuple[float, float, float, float], *, test_label: str = "", normal_label: str = "",
+    height: int = 320,
+) -> Image.Image:
+    """The "why" picture: the test image with its region boxed, next to the nearest normal image with the matched
+    area boxed. Boxes are (left, top, right, bottom) in each image's own pixels; both images are scaled to `height`
+    (wide images are capped at 4x `height` in width, so long fabric strips stay readable)."""
+    panels = []
+    for image, box, label in ((test_image, test_box, test_label), (normal_image, normal_box, normal_label)):
+        scale = min(height / image.height, 4 * height / image.width)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        panel = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        draw = ImageDraw.Draw(panel)
+        left, top, right, bottom = (round(v * scale) for v in box)
+        draw.rectangle((left, top, max(left, right - 1), max(top, bottom - 1)), outline=BOX_COLOR,
+                       width=max(2, round(height / 160)))
+        if label:
+            _text_on_ground(draw, (0, 0), label, _default_font(max(10, round(height / 22))), (60, 60, 60))
+        panels.append(panel)
+    gap = 8
+    result = Image.new("RGB", (panels[0].width + gap + panels[1].width, max(p.height for p in panels)), (255, 255, 255))
+    result.paste(panels[0], (0, 0))
+    result.paste(panels[1], (panels[0].width + gap, 0))
+    return result
+
+
+def why_picture(prediction: Prediction, thumbnails: Sequence[np.ndarray]) -> Image.Image | None:
+    """The "why" picture of a prediction with an explanation (`predict(..., explain=True)`): its image with the
+    strongest region boxed (original pixels) next to the nearest normal image's thumbnail with the area matched at
+    the finest pyramid level boxed. None without an explanation, a decoded image or the model's thumbnails."""
+    why = prediction.explanation
+    if why is None or prediction.image is None or not len(thumbnails):
+        return None
+    thumb = Image.fromarray(np.asarray(thumbnails[why.normal_index], dtype=np.uint8))
+    geometry = prediction.geometry
+    (in_h, in_w), (left, top, right, bottom) = geometry.input_size, geometry.crop_box
+    sx, sy = (right - left) / in_w, (bottom - top) / in_h  # input pixels -> original pixels
+    box = why.region_box
+    test_box = (left + box[0] * sx, top + box[1] * sy, left + box[2] * sx, top + box[3] * sy)
+    normal_h, normal_w = why.normal_input_size
+    match = why.matches[0].normal_box
+    tx, ty = thumb.width / normal_w, thumb.height / normal_h
+    normal_box = (match[0] * tx, match[1] * ty, match[2] * tx, match[3] * ty)
+    return side_by_side(prediction.image, test_box, thumb, normal_box,
+                        test_label=verdict_label(prediction.is_anomalous, prediction.normalized_score),
+                        normal_label=f"nearest good: {Path(why.normal_name).name}")
 
 
 def _default_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -16,14 +16,27 @@ peak first; `[]` for an image that is not flagged. JSON Lines rather than
 one JSON document so that it can be appended and flushed per image like scores.csv; `read_regions` turns it into a
 {path: regions} mapping.
 
-Rows and lines are flushed one at a time, so a crash at image 900 keeps the first 899 results.
+Rows and lines are flushed one at a time, so a crash at image 900 keeps the first 899 results; a write that fails
+(disk full, no permission) raises an OSError naming the file, and every row written before it stays in scores.csv.
+
+Output names: each input's images are written under its name relative to the folder it was found in (an absolute
+name, or one climbing out with "..", keeps only its file name). Every input gets its own files: when that name is
+already taken in this run (two inputs `x.png` from different folders, `x.png` and `x.tif`, the same file given
+twice, or names differing only in case, which would collide on Windows or macOS), the later input, in scores.csv
+order, gets a numbered suffix before its extension: `x~2.png`, `x~3.png`, ...
+
+An output folder holding a scores.csv is an earlier run's: `overwrite=False` (the CLI's default, `--overwrite` to
+allow it) refuses it, so that a second run into the same folder never empties the first run's results. With
+overwrite, scores.csv, regions.jsonl and skipped.csv are replaced; image files of the earlier run that this run does
+not write again are left in place.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -31,14 +44,30 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from .errors import ImageReadError
+from .errors import ImageReadError, OutputError
 from .model import Spade
 from .prediction import Prediction
-from .visualize import annotate, heatmap, overlay, save_png, threshold_color_range, verdict_label
+from .visualize import annotate, heatmap, overlay, save_png, threshold_color_range, verdict_label, why_picture
 
 SCORE_COLUMNS = ["path", "score"]
 VERDICT_COLUMNS = ["normalized_score", "p_value", "is_anomalous", "regions", "largest_region_area"]
 REGIONS_FILE = "regions.jsonl"
+SCORES_FILE = "scores.csv"
+SKIPPED_FILE = "skipped.csv"
+
+
+def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
+    """Refuse an output folder that is a file (or lies under one), or that holds an earlier run's scores.csv unless
+    `overwrite`: an OutputError naming the folder. Cheap: the CLI calls it before loading the model."""
+    out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            what = "is a file" if folder == out_dir else f"lies under {folder}, which is a file"
+            raise OutputError(f"output folder {out_dir} {what}; give a folder for the results (-o / --output)")
+    if not overwrite and (out_dir / SCORES_FILE).exists():
+        raise OutputError(f"output folder {out_dir} already holds results ({SCORES_FILE}); choose another folder or "
+                          f"pass --overwrite (overwrite=True) to replace them")
+    return out_dir
 
 
 class PredictionWriter:
@@ -48,7 +77,9 @@ class PredictionWriter:
     overlays/<name>.png (annotated: region boxes with their peak scores and a verdict label, with `verdicts`),
     masks/<name>.png (predicted defect pixels, with `verdicts`), maps/<name>.tiff (with `save_maps`), skipped.csv
     (inputs that could not be read, when any). `<name>` is the input's path relative to the folder it was found in,
-    so the output mirrors the input tree. `value_range` fixes the heat maps' colour scale (see `threshold_color_range`).
+    so the output mirrors the input tree; every input gets its own files (numbered suffixes, see the module docstring).
+    `value_range` fixes the heat maps' colour scale (see `threshold_color_range`). A folder holding an earlier run's
+    scores.csv is refused unless `overwrite` (True by default here; the CLI's --overwrite is off by default).
     """
 
     def __init__(
@@ -58,8 +89,13 @@ class PredictionWriter:
         save_maps: bool = False,
         value_range: tuple[float, float] | None = None,
         verdicts: bool = False,
+        overwrite: bool = True,
+        thumbnails: list[np.ndarray] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.thumbnails = thumbnails  # the model's training thumbnails: explain/<name>.png when given
+        self.overwrite = overwrite
+        self._taken: set[str] = set()
         self.save_maps = save_maps
         self.value_range = value_range
         self.verdicts = verdicts
@@ -70,17 +106,23 @@ class PredictionWriter:
         self._skip_file: IO[str] | None = None
 
     @classmethod
-    def for_model(cls, model: Spade, out_dir: str | Path, *, save_maps: bool = False) -> PredictionWriter:
+    def for_model(cls, model: Spade, out_dir: str | Path, *, save_maps: bool = False,
+                  overwrite: bool = True, explain: bool = False) -> PredictionWriter:
         """A writer set up for `model`: verdict and region columns, regions.jsonl and annotated overlays when it has
-        thresholds; its shared heat-map scale."""
+        thresholds; its shared heat-map scale; with `explain`, the "why" pictures from its training thumbnails."""
         return cls(
             out_dir, save_maps=save_maps, value_range=threshold_color_range(model.pixel_threshold_),
-            verdicts=model.image_threshold_ is not None,
+            verdicts=model.image_threshold_ is not None, overwrite=overwrite,
+            thumbnails=model.thumbnails_ if explain else None,
         )
 
     def __enter__(self) -> PredictionWriter:
+        check_output_dir(self.out_dir, overwrite=self.overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._csv_file = open(self.out_dir / "scores.csv", "w", newline="", encoding="utf-8")
+        (self.out_dir / SKIPPED_FILE).unlink(missing_ok=True)  # an earlier run's list would read as this run's
+        if not self.verdicts:
+            (self.out_dir / REGIONS_FILE).unlink(missing_ok=True)
+        self._csv_file = open(self.out_dir / SCORES_FILE, "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._csv_file)
         self._csv.writerow(SCORE_COLUMNS + (VERDICT_COLUMNS if self.verdicts else []))
         self._csv_file.flush()
@@ -89,34 +131,45 @@ class PredictionWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Close every file, even when closing one fails (e.g. a disk full while flushing); the first such error is
+        raised unless an error is already on its way out."""
+        failure: OSError | None = None
         for handle in (self._csv_file, self._regions_file, self._skip_file):
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError as exc:
+                    failure = failure or _named(exc, handle.name)
+        if failure is not None and exc_info[0] is None:
+            raise failure
 
     def write(self, prediction: Prediction) -> None:
-        """Append one result: its CSV row and regions line first (flushed), then its images."""
+        """Append one result: its CSV row and regions line first (flushed), then its images. A failed write raises
+        an OSError naming the file."""
         assert self._csv_file is not None, "use PredictionWriter as a context manager"
-        self._csv.writerow(self.row(prediction))
-        self._csv_file.flush()
+        with _naming(self._csv_file.name):
+            self._csv.writerow(self.row(prediction))
+            self._csv_file.flush()
         if self._regions_file is not None:
-            line = {"path": prediction.name, "regions": [region.to_json() for region in prediction.regions]}
-            self._regions_file.write(json.dumps(line) + "\n")
-            self._regions_file.flush()
+            with _naming(self._regions_file.name):
+                line = {"path": prediction.name, "regions": [region.to_json() for region in prediction.regions]}
+                if prediction.explanation is not None and prediction.is_anomalous:
+                    line["explanation"] = prediction.explanation.to_json()
+                self._regions_file.write(json.dumps(line) + "\n")
+                self._regions_file.flush()
         self.count += 1
         full_map = prediction.original_map
         if full_map is None:
             return
-        relative = _safe_relative(prediction.name)
+        stem = self._output_stem(prediction.name)
         if self.save_maps:
-            target = self.out_dir / "maps" / relative.with_suffix(".tiff")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(target, full_map.astype(np.float32))
+            self._save(lambda target: tifffile.imwrite(target, full_map.astype(np.float32)), "maps", stem, ".tiff")
         vmin, vmax = self.value_range if self.value_range else (None, None)
-        save_png(heatmap(full_map, vmin, vmax), self.out_dir / "heatmaps" / relative.with_suffix(".png"))
+        self._save(lambda target: save_png(heatmap(full_map, vmin, vmax), target), "heatmaps", stem)
         mask = prediction.defect_mask if self.verdicts else None
         if mask is not None:
             mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
-            save_png(mask_png, self.out_dir / "masks" / relative.with_suffix(".png"))
+            self._save(lambda target: save_png(mask_png, target), "masks", stem)
         if prediction.image is not None:
             shown = overlay(prediction.image, full_map, vmin, vmax, mask=mask)
             if self.verdicts:
@@ -124,7 +177,22 @@ class PredictionWriter:
                     shown, prediction.regions, verdict_label(prediction.is_anomalous, prediction.normalized_score),
                     anomalous=prediction.is_anomalous, map_shape=full_map.shape,
                 )
-            save_png(shown, self.out_dir / "overlays" / relative.with_suffix(".png"))
+            self._save(lambda target: save_png(shown, target), "overlays", stem)
+            why = self._why_picture(prediction)
+            if why is not None:
+                self._save(lambda target: save_png(why, target), "explain", stem)
+
+    def _why_picture(self, prediction: Prediction) -> Image.Image | None:
+        if not prediction.is_anomalous or not self.thumbnails:
+            return None
+        return why_picture(prediction, self.thumbnails)
+
+    def _save(self, save: Callable[[Path], object], folder: str, stem: str, suffix: str = ".png") -> None:
+        """Write one image file OUT/folder/<stem><suffix> (its folders made first); an OSError names the file."""
+        target = self.out_dir / folder / f"{stem}{suffix}"
+        with _naming(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save(target)
 
     def row(self, prediction: Prediction) -> list[str]:
         """The scores.csv row of `prediction` (columns as in the header this writer wrote)."""
@@ -138,14 +206,27 @@ class PredictionWriter:
             ]
         return row
 
+    def _output_stem(self, name: str) -> str:
+        """Where the input's images go (a relative path without extension): its safe relative name, numbered when
+        this run already used it (compared ignoring case)."""
+        relative = _safe_relative(name)
+        base = (relative.parent / relative.stem).as_posix()
+        stem, number = base, 1
+        while stem.casefold() in self._taken:
+            number += 1
+            stem = f"{base}~{number}"
+        self._taken.add(stem.casefold())
+        return stem
+
     def skip(self, name: str, error: ImageReadError) -> None:
         """Record an input that could not be read (skipped.csv in the output folder)."""
-        if self._skip_file is None:
-            self._skip_file = open(self.out_dir / "skipped.csv", "w", newline="", encoding="utf-8")
-            self._skip_writer = csv.writer(self._skip_file)
-            self._skip_writer.writerow(["path", "reason"])
-        self._skip_writer.writerow([name, error.reason])
-        self._skip_file.flush()
+        with _naming(self.out_dir / SKIPPED_FILE):
+            if self._skip_file is None:
+                self._skip_file = open(self.out_dir / SKIPPED_FILE, "w", newline="", encoding="utf-8")
+                self._skip_writer = csv.writer(self._skip_file)
+                self._skip_writer.writerow(["path", "reason"])
+            self._skip_writer.writerow([name, error.reason])
+            self._skip_file.flush()
         self.skipped.append((name, error.reason))
 
     def write_all(self, predictions: Iterable[Prediction]) -> int:
@@ -169,6 +250,26 @@ def read_regions(path: str | Path) -> dict[str, list[dict[str, object]]]:
                 continue
             regions[item["path"]] = item["regions"]
     return regions
+
+
+def _named(exc: OSError, filename: object) -> OSError:
+    """`exc` itself when it names its file, else the same error naming `filename` (a failed flush names none)."""
+    if exc.filename is not None or filename is None:
+        return exc
+    named = OSError(exc.errno, exc.strerror or str(exc), str(filename))  # the errno's subclass, e.g. ENOSPC
+    named.__cause__ = exc
+    return named
+
+
+@contextmanager
+def _naming(filename: object) -> Iterator[None]:
+    """An OSError raised inside names `filename` (see `_named`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise _named(exc, filename) from exc
 
 
 def _number(value: float | None) -> str:

@@ -86,7 +86,7 @@ def evaluate_category(
             tifffile.imwrite(map_paths[i], finite.astype(np.float32))
         mask = sample.load_mask(full_map.shape) if category.has_masks else None
         if eval_size is not None:
-            full_map, mask = _resize_for_eval(full_map, mask, eval_size)
+            full_map, mask = resize_for_eval(full_map, mask, eval_size)
         maps.append(full_map)
         masks.append(mask)
     predict_ms = 1000 * (time.perf_counter() - start) / len(samples)
@@ -142,7 +142,7 @@ def _map_paths(samples: Sequence[TestSample], maps_dir: Path) -> list[Path]:
     return paths
 
 
-def _resize_for_eval(
+def resize_for_eval(
     anomaly_map: np.ndarray, mask: np.ndarray | None, size: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Area-resize a map (NaN stays NaN where any source pixel was unscored) and a mask (then > 0.5)."""

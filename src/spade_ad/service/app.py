@@ -1,7 +1,10 @@
-"""The FastAPI application: routes, error answers, the OpenAPI description, and `run_server`."""
+"""The FastAPI application: routes, error answers, the OpenAPI description, and the request guards (request id and
+internal errors: `context`; Host and origin: `guard`; CORS for `allow_origins`)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import fastapi_offline
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -21,15 +25,17 @@ from .. import __version__
 from ..images import UPLOAD_FORMATS
 from ..settings import BY_NAME, stored
 from .config import ServiceSettings
+from .context import REQUEST_ID_HEADER, RequestContext
 from .errors import ApiError
+from .guard import HostOriginGuard, HostPolicy, OriginPolicy
 from .predictor import Predictor
-from .schemas import CalibrationInfo, ErrorBody, Health, ModelInfo, PredictResponse
+from .schemas import AddResponse, CalibrationInfo, ErrorBody, Health, ModelInfo, PredictResponse, public_name
 from .uploads import FIELD
 
 if TYPE_CHECKING:
     from ..model import Spade
 
-__all__ = ["calibration_info", "create_app", "model_settings", "run_server"]
+__all__ = ["calibration_info", "create_app", "model_metrics", "model_settings"]
 
 STATIC_DIR = Path(__file__).with_name("static")
 DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")
@@ -59,12 +65,16 @@ _PREDICT_BODY = {
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "Empty, truncated or corrupt file, or a malformed upload.",
+        400: "Empty, truncated or corrupt file, or a malformed upload; or a Host header this service does not "
+             "answer (DNS-rebinding guard).",
+        403: "A cross-origin request (Origin not the service's own nor allowed with --allow-origin).",
+        408: "The body did not arrive within read_timeout seconds (the connection is closed).",
         413: "Upload over max_upload_bytes, or an image over max_pixels (decompression bomb).",
         415: "Not multipart/form-data, or a file that is not an image in a supported format.",
         422: f"No file in the field '{FIELD}'; or a bad query parameter (threshold not a finite number, "
              "false_alarm_rate outside [1e-6, 0.5], or both given).",
-        503: "Busy: all workers and queue places taken; retry after Retry-After seconds.",
+        500: "Internal error: only a request_id is given; the details are in the server's log under it.",
+        503: "Busy: all workers and queue places, or all upload places, taken; retry after Retry-After seconds.",
     }.items()
 }
 
@@ -77,6 +87,42 @@ def model_settings(model: Spade) -> dict[str, Any]:
         name: os.path.basename(os.fspath(value)) if BY_NAME[name].kind == "path" and value is not None else value
         for name, value in values.items()
     }
+
+
+def _plain(value: Any) -> Any:
+    """A metric as JSON can carry it (numbers that are not finite as None, paths as file names), or `_plain` itself
+    when it is not a single value."""
+    value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return _plain
+
+
+def model_metrics(model: Spade) -> dict[str, Any]:
+    """What the model knows about itself, flat (see `ModelInfo`): training images, thresholds, calibration, then the
+    single-valued metrics the model file recorded (evaluation metrics, fit time), which never replace these."""
+    metrics: dict[str, Any] = {
+        "n_train_images": len(model.train_names_),
+        "image_threshold": model.image_threshold_,
+        "pixel_threshold": model.pixel_threshold_,
+    }
+    cal = getattr(model, "calibration_", None)
+    if cal is not None:
+        metrics.update(
+            calibration_source=cal.source, calibration_n=cal.n, false_alarm_rate_asked=cal.false_alarm_rate,
+            false_alarm_rate_guaranteed=cal.guaranteed_rate, pixel_false_alarm_rate=cal.pixel_false_alarm_rate,
+            median_good_score=cal.median,
+        )
+    for name, value in (getattr(model, "metrics_", None) or {}).items():
+        if str(name) not in metrics and _plain(value) is not _plain:
+            metrics[str(name)] = _plain(value)
+    return {name: _plain(value) for name, value in metrics.items()}
 
 
 def calibration_info(model: Spade) -> CalibrationInfo | None:
@@ -101,12 +147,19 @@ def _query_problem(exc: RequestValidationError) -> str:
     return "; ".join(problems) or "bad request parameters"
 
 
-def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(
+    model: Spade, settings: ServiceSettings | None = None, *, model_file: str | os.PathLike[str] | None = None,
+    save_to: str | os.PathLike[str] | None = None,
+) -> FastAPI:
     """The FastAPI application serving the fitted `model` (shared by every request; its progress bars are turned
-    off). The worker pool is shut down when the app's lifespan ends."""
+    off); `model_file`: the model's file, shown by `/v1/model` as its name only; `save_to`: where `POST /v1/good`
+    saves the model after adding images (with `settings.allow_add`; default `model_file`). The worker pool is shut
+    down when the app's lifespan ends."""
     settings = settings or ServiceSettings()
+    shown_file = os.path.basename(os.fspath(model_file)) if model_file is not None else None
     model.set_params(progress=False)
-    predictor = Predictor(model, settings)
+    predictor = Predictor(model, settings, save_to=save_to if save_to is not None else model_file)
+    allow_add = settings.allow_add and predictor.save_to is not None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncGenerator[None, None]:
@@ -137,10 +190,6 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
     async def disconnected(_: Request, exc: ClientDisconnect) -> JSONResponse:
         return JSONResponse({"error": "the upload was interrupted", "file": None}, 400)
 
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "file": None}, 500)
-
     @app.post(
         "/v1/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY, responses=_PREDICT_ERRORS,
         summary="Score images: anomaly score, verdict, defect regions, heat map and overlay per image",
@@ -157,25 +206,37 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
     ) -> PredictResponse:
         return await predictor(request, threshold, false_alarm_rate)
 
+    @app.post(
+        "/v1/good", response_model=AddResponse, openapi_extra=_PREDICT_BODY,
+        responses={**_PREDICT_ERRORS, 403: {"model": ErrorBody, "description": "Adding good images is off (start "
+                   "the service with --allow-add); or a cross-origin request."}},
+        summary="Add images to the model as good ones (only with --allow-add) and save the model to its file",
+    )
+    async def add_good(request: Request) -> AddResponse:
+        return await predictor.add_good(request)
+
     @app.get("/v1/model", response_model=ModelInfo, summary="The served model and the service limits")
     async def model_info() -> ModelInfo:
         return ModelInfo(
             version=__version__,
+            model_file=shown_file,
             backbone=model.backbone_.name,
             settings=model_settings(model),
             image_threshold=model.image_threshold_,
             pixel_threshold=model.pixel_threshold_,
             color_scale=predictor.color_scale,
             calibration=calibration_info(model),
-            metrics=model.metrics_,
+            metrics=model_metrics(model),
             n_train_images=len(model.train_names_),
             limits=settings.limits,
+            allow_add=allow_add,
         )
 
     @app.get("/healthz", response_model=Health, summary="Liveness and load")
     async def healthz() -> Health:
-        capacity = predictor.capacity
-        return Health(status="ok", in_flight=capacity.in_flight, capacity=capacity.limit)
+        capacity, uploads = predictor.capacity, predictor.uploads
+        return Health(status="ok", in_flight=capacity.in_flight, capacity=capacity.limit, uploads=uploads.in_flight,
+                      max_uploads=uploads.limit)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -191,24 +252,13 @@ def create_app(model: Spade, settings: ServiceSettings | None = None) -> FastAPI
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    # Added innermost first: RequestContext (request id, 500s) -> HostOriginGuard -> CORS (only when asked for).
+    origins = OriginPolicy(settings)
+    if origins.any or origins.allowed:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins.cors_origins(), allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", REQUEST_ID_HEADER], expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
+        )
+    app.add_middleware(HostOriginGuard, hosts=HostPolicy(settings), origins=origins)
+    app.add_middleware(RequestContext)
     return app
-
-
-def run_server(
-    model_path: str | os.PathLike[str],
-    settings: ServiceSettings | None = None,
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    device: str | None = None,
-) -> None:
-    """Load the model once and serve it with uvicorn until interrupted."""
-    import uvicorn
-
-    from ..model import load
-
-    settings = settings or ServiceSettings()
-    model = load(model_path, weights=weights, device=device)
-    uvicorn.run(
-        create_app(model, settings), host=settings.host, port=settings.port,
-        limit_concurrency=settings.max_connections, timeout_graceful_shutdown=5,
-    )

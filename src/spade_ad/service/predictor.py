@@ -8,6 +8,10 @@ A request may ask for its own image threshold (`?threshold=` a raw score, or `?f
 threshold by `spade_ad.calibration.conformal_threshold` on the model's good calibration scores). It applies to that
 request only: the shared model is never changed; each of the request's Predictions gets its verdict and normalised
 score recomputed from its raw score (`RequestThreshold.apply`).
+
+Every image is predicted with `explain=True`; a flagged one also gets the "why" picture of
+`spade_ad.visualize.why_picture`. With `allow_add`, `add_good` adds uploads to the shared model as good images
+(`Spade.add`) and saves it to the file the service was started with, under the same lock.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
+import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 from PIL import Image
 
@@ -29,16 +37,29 @@ from ..calibration import conformal_threshold, normalized_scores
 from ..errors import ImageReadError, SettingError
 from ..images import UPLOAD_FORMATS, check_bytes, decode_bytes
 from ..settings import BY_NAME
-from ..visualize import annotate, color_range, heatmap, overlay, threshold_color_range, verdict_label
+from ..visualize import annotate, color_range, heatmap, overlay, threshold_color_range, verdict_label, why_picture
 from .config import ServiceSettings
 from .errors import ApiError, image_error
-from .schemas import ColorScale, ImageResult, Neighbour, PredictResponse, RegionBody
-from .uploads import Capacity, check_request, read_files
+from .schemas import AddResponse, ColorScale, ImageResult, Neighbour, PredictResponse, RegionBody, public_name
+from .uploads import Capacity, check_request, receive_files
 
 if TYPE_CHECKING:
     from ..model import Prediction, Spade
 
-__all__ = ["Predictor", "RequestThreshold"]
+__all__ = ["ADD_OFF", "Predictor", "RequestThreshold"]
+
+ADD_OFF = "adding good images is off: start the service with --allow-add"
+T = TypeVar("T")
+
+
+def _explanation(prediction: Prediction) -> dict[str, Any] | None:
+    """The prediction's explanation as JSON, the nearest good image's name reduced as `public_name` does."""
+    if prediction.explanation is None:
+        return None
+    # numpy numbers (box corners, sizes) become plain JSON numbers
+    body: dict[str, Any] = json.loads(json.dumps(prediction.explanation.to_json(), default=lambda v: v.item()))
+    body["normal"] = public_name(str(body["normal"]))
+    return body
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -97,10 +118,16 @@ class RequestThreshold:
 class Predictor:
     """Scores uploads with the shared model in the worker pool, one image at a time per worker."""
 
-    def __init__(self, model: Spade, settings: ServiceSettings) -> None:
+    def __init__(self, model: Spade, settings: ServiceSettings, save_to: str | os.PathLike[str] | None = None) -> None:
         self.model = model
         self.settings = settings
+        self.save_to = save_to  # where `add_good` saves the model (the file the service was started with)
         self.capacity = Capacity(settings.workers + settings.max_queue, settings.workers)
+        # Request bodies held at once (being received, waiting or being scored); the memory bound on uploads.
+        self.uploads = Capacity(
+            settings.max_uploads, settings.max_uploads,
+            busy="the server is busy: too many uploads are being received; try again shortly",
+        )
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="spade-infer")
         self._model_lock = threading.Lock()
         # The colour scale every heat map shares (calibrated models), else None (each image has its own).
@@ -111,23 +138,57 @@ class Predictor:
         self, request: Request, threshold: float | None = None, false_alarm_rate: float | None = None
     ) -> PredictResponse:
         applied = RequestThreshold.resolve(self.model, threshold, false_alarm_rate)
-        await check_request(request, self.settings)
-        self.capacity.acquire_or_refuse()
-        submitted = False
+        return await self._admit(request, lambda files: self._score(files, applied))
+
+    async def add_good(self, request: Request) -> AddResponse:
+        """`POST /v1/good`: add the uploaded images to the shared model as good ones and save it to `save_to`
+        (403 unless the service allows adding). Same checks, limits and admission as predict."""
+        if not self.settings.allow_add or self.save_to is None:
+            raise ApiError(403, ADD_OFF)
+        return await self._admit(request, self._add)
+
+    async def _admit(self, request: Request, job: Callable[[list[tuple[str, bytes]]], T]) -> T:
+        """Receive the uploads within the limits, check their headers, and run `job` on them in the worker pool."""
+        declared = check_request(request, self.settings)
+        self.capacity.refuse_if_full()  # busy: answer before the body is read
+        self.uploads.acquire_or_refuse()
+        admitted = submitted = False
         try:
-            files = await read_files(request, self.settings)
+            # The body is received within read_timeout and holds an upload place, not a scoring one: slow clients
+            # cannot take the workers' places.
+            files = await receive_files(request, self.settings, declared)
             for name, data in files:
                 try:
                     check_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS)
                 except ImageReadError as exc:
                     raise image_error(exc, name) from exc
-            future = self.executor.submit(self._score, files, applied)
+            self.capacity.acquire_or_refuse()
+            admitted = True
+            future = self.executor.submit(job, files)
             future.add_done_callback(lambda _: self.capacity.release())
             submitted = True
             return await asyncio.wrap_future(future)
         finally:
-            if not submitted:
+            self.uploads.release()
+            if admitted and not submitted:
                 self.capacity.release()
+
+    def _add(self, files: list[tuple[str, bytes]]) -> AddResponse:
+        """Worker-thread job: decode every file, then add them to the model and save it, under the model lock."""
+        images = []
+        for name, data in files:
+            try:
+                images.append(decode_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS))
+            except ImageReadError as exc:
+                raise image_error(exc, name) from exc
+        assert self.save_to is not None
+        with self._model_lock:
+            self.model.add(images)
+            self.model.save(self.save_to)  # atomic: written beside the file, then renamed over it
+            shared = threshold_color_range(self.model.pixel_threshold_)
+            self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
+            return AddResponse(added=len(images), n_train_images=len(self.model.train_names_),
+                               image_threshold=self.model.image_threshold_)
 
     def _score(self, files: list[tuple[str, bytes]], applied: RequestThreshold) -> PredictResponse:
         """Worker-thread job: decode, score and render each file in turn."""
@@ -137,11 +198,13 @@ class Predictor:
             try:
                 image = decode_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS)
                 with self._model_lock:
-                    [prediction] = self.model.iter_predict([image], original_size=True, keep_images=True)
+                    [prediction] = self.model.iter_predict([image], original_size=True, keep_images=True,
+                                                           explain=True)
+                    thumbs = self.model.thumbnails_  # replaced, never changed, by `add`
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
             applied.apply(prediction, self.model)
-            results.append(self._render(name, prediction))
+            results.append(self._render(name, prediction, thumbs))
         seconds = time.perf_counter() - started
         self.capacity.record(seconds)
         return PredictResponse(
@@ -149,11 +212,12 @@ class Predictor:
             note=applied.note,
         )
 
-    def _render(self, name: str, prediction: Prediction) -> ImageResult:
+    def _render(self, name: str, prediction: Prediction, thumbs: Sequence[np.ndarray]) -> ImageResult:
         full_map = prediction.original_map
         assert full_map is not None and prediction.image is not None
         vmin, vmax, fixed = color_range(full_map, self.model.pixel_threshold_)
         regions = prediction.regions  # in original-image pixels: found in original_map
+        picture = why_picture(prediction, thumbs) if prediction.is_anomalous else None  # drawn by the library
         shown = annotate(
             overlay(prediction.image, full_map, vmin, vmax, mask=prediction.defect_mask), regions,
             verdict_label(prediction.is_anomalous, prediction.normalized_score, prediction.score),
@@ -170,8 +234,10 @@ class Predictor:
             is_anomalous=prediction.is_anomalous,
             pixel_threshold=prediction.pixel_threshold,
             regions=[RegionBody.model_validate(region.to_json()) for region in regions],
-            neighbours=[Neighbour(name=n, distance=d) for n, d in prediction.neighbours],
+            neighbours=[Neighbour(name=public_name(n), distance=d) for n, d in prediction.neighbours],
             color_scale=ColorScale(vmin=vmin, vmax=vmax, fixed=fixed),
             heatmap=_png_data_url(heatmap(full_map, vmin, vmax)),
             overlay=_png_data_url(shown),
+            explanation=_explanation(prediction),
+            why=None if picture is None else _png_data_url(picture),
         )

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pydantic import BaseModel
 
 __all__ = [
-    "CalibrationInfo", "ColorScale", "ErrorBody", "Health", "ImageResult", "ModelInfo", "Neighbour", "PredictResponse",
-    "RegionBody",
+    "AddResponse", "CalibrationInfo", "ColorScale", "ErrorBody", "Health", "ImageResult", "ModelInfo", "Neighbour",
+    "PredictResponse", "RegionBody", "public_name",
 ]
+
+
+def public_name(name: str) -> str:
+    """A file name fit to show a client: an absolute path, or one that climbs out of its folder (".."), is reduced
+    to its last part, so the server's folders are not disclosed; a name relative to a folder ("good/000.png") is
+    kept."""
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts or PureWindowsPath(name).drive or name.startswith("~"):
+        return posix.name
+    return name
 
 
 class ColorScale(BaseModel):
@@ -43,7 +54,11 @@ class ImageResult(BaseModel):
     calibration images scoring at least as high: small means unlike the good images). `threshold` is the image
     threshold applied to this request (the model's, or the one asked for in the query). `regions` are the defect
     regions of an anomalous image, strongest first; `neighbours` the nearest normal training images. `heatmap` and
-    `overlay` are PNG data URLs at the image's own size; the overlay shows the region boxes and the verdict."""
+    `overlay` are PNG data URLs at the image's own size; the overlay shows the region boxes and the verdict.
+    `explanation`: where the strongest region matched in the nearest good training image (`normal` its name,
+    `normal_input_size`, `region_box` in model-input pixels, `matches` per pyramid level), or null. `why`: for a
+    flagged image, a PNG data URL of the image with that region boxed next to the nearest good image's thumbnail
+    with the matched area boxed (`spade_ad.visualize.why_picture`); else null."""
 
     file: str
     width: int
@@ -59,6 +74,8 @@ class ImageResult(BaseModel):
     color_scale: ColorScale
     heatmap: str
     overlay: str
+    explanation: dict[str, Any] | None = None
+    why: str | None = None
 
 
 class PredictResponse(BaseModel):
@@ -90,10 +107,16 @@ class CalibrationInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """The served model: backbone, settings (the stored ones of the settings table; file paths as file names only),
-    calibrated thresholds and how they were calibrated, stored evaluation metrics, service limits."""
+    """The served model: its file's name (never a path), backbone, settings (the stored ones of the settings table;
+    file paths as file names only), calibrated thresholds and how they were calibrated, `metrics` (what the model
+    knows about itself, flat: `n_train_images`, `image_threshold`, `pixel_threshold`, `calibration_source`,
+    `calibration_n`, `false_alarm_rate_asked`, `false_alarm_rate_guaranteed`, `pixel_false_alarm_rate`,
+    `median_good_score`, then whatever the model file recorded, e.g. the evaluation's `image_auroc`, `pixel_auroc`,
+    `au_pro`, `false_alarm_rate_measured`; numbers that are not finite as null), and the service's limits and
+    timeouts. `allow_add`: whether `POST /v1/good` may add images to the model (`--allow-add`)."""
 
     version: str
+    model_file: str | None = None
     backbone: str
     settings: dict[str, Any]
     image_threshold: float | None
@@ -102,19 +125,34 @@ class ModelInfo(BaseModel):
     calibration: CalibrationInfo | None
     metrics: dict[str, Any]
     n_train_images: int
-    limits: dict[str, int]
+    limits: dict[str, int | float]
+    allow_add: bool = False
+
+
+class AddResponse(BaseModel):
+    """`POST /v1/good`: how many images were added as good ones, the model's training images now, and its image
+    threshold now (recomputed with leave-one-out calibration, else kept)."""
+
+    added: int
+    n_train_images: int
+    image_threshold: float | None
 
 
 class Health(BaseModel):
-    """`in_flight`: predict requests running or waiting; `capacity`: how many may be."""
+    """`in_flight`: predict requests running or waiting; `capacity`: how many may be. `uploads`: predict requests
+    holding a body (being received, waiting or running); `max_uploads`: how many may."""
 
     status: str
     in_flight: int
     capacity: int
+    uploads: int
+    max_uploads: int
 
 
 class ErrorBody(BaseModel):
-    """What went wrong, in plain words, and the uploaded file it concerns (if one)."""
+    """What went wrong, in plain words, and the uploaded file it concerns (if one). An internal error (500) says only
+    "internal error" and its `request_id` (also in the `X-Request-ID` header); the details are in the server's log."""
 
     error: str
     file: str | None = None
+    request_id: str | None = None

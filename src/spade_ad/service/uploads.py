@@ -1,7 +1,9 @@
-"""Reading predict requests within limits: admission (capacity and queue), body size, multipart parsing."""
+"""Reading predict requests within limits: admission (capacity and queue, uploads held), body size and time,
+multipart parsing."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 from collections.abc import AsyncGenerator
@@ -13,20 +15,22 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from .config import ServiceSettings
 from .errors import ApiError
 
-__all__ = ["DRAIN_FACTOR", "FIELD", "Capacity", "check_request", "read_files"]
+__all__ = ["DRAIN_FACTOR", "FIELD", "Capacity", "check_request", "read_files", "receive_files"]
 
 FIELD = "files"
 """Name of the multipart field that carries the images."""
 DRAIN_FACTOR = 4
 """An oversized body is read and dropped up to this many times the limit before answering 413, so that the client
 sees the answer instead of a reset connection; beyond that the connection is simply closed."""
+BUSY = "the server is busy: too many images are being scored; try again shortly"
 
 
 class Capacity:
-    """Counts admitted predict requests (at most `limit`) and keeps a running mean of their service time."""
+    """Counts admitted requests (at most `limit`) and keeps a running mean of their service time; `busy` is the
+    503 answer's message."""
 
-    def __init__(self, limit: int, workers: int) -> None:
-        self.limit, self.workers = limit, workers
+    def __init__(self, limit: int, workers: int, busy: str = BUSY) -> None:
+        self.limit, self.workers, self.busy = limit, workers, busy
         self.in_flight = 0
         self._mean_seconds = 1.0
         self._lock = threading.Lock()
@@ -51,13 +55,20 @@ class Capacity:
         with self._lock:
             return max(1, math.ceil(self._mean_seconds * self.limit / self.workers))
 
+    def _refuse(self) -> ApiError:
+        return ApiError(503, self.busy, headers={"Retry-After": str(self.retry_after())})
+
+    def refuse_if_full(self) -> None:
+        """Raise 503 with Retry-After if no place is free now (admits nothing: a cheap early answer)."""
+        with self._lock:
+            full = self.in_flight >= self.limit
+        if full:
+            raise self._refuse()
+
     def acquire_or_refuse(self) -> None:
-        """Admit one request, or raise 503 with Retry-After when all workers and queue places are taken."""
+        """Admit one request, or raise 503 with Retry-After when all places are taken."""
         if not self.try_acquire():
-            raise ApiError(
-                503, "the server is busy: too many images are being scored; try again shortly",
-                headers={"Retry-After": str(self.retry_after())},
-            )
+            raise self._refuse()
 
 
 def _megabytes(n: int) -> str:
@@ -96,17 +107,37 @@ def _check_multipart(request: Request) -> None:
         )
 
 
-async def check_request(request: Request, settings: ServiceSettings) -> None:
+def check_request(request: Request, settings: ServiceSettings) -> int | None:
     """Refuse, before reading the body, a request that is not multipart/form-data (415) or declares a body over
-    `max_upload_bytes` (413; a body up to DRAIN_FACTOR x the limit is read and dropped first)."""
+    DRAIN_FACTOR x `max_upload_bytes` (413); return the declared length (None without Content-Length)."""
     _check_multipart(request)
     limit = settings.max_upload_bytes
     declared = _declared_length(request)
-    if declared is not None and declared > limit:
-        if declared <= DRAIN_FACTOR * limit:
+    if declared is not None and declared > DRAIN_FACTOR * limit:
+        raise ApiError(413, f"the upload ({_megabytes(declared)}) is larger than the limit of {_megabytes(limit)}")
+    return declared
+
+
+async def receive_files(request: Request, settings: ServiceSettings, declared: int | None) -> list[tuple[str, bytes]]:
+    """The (name, bytes) of each file in the `files` field (`read_files`), the whole body received within
+    `read_timeout` seconds (else 408, and the connection is closed). A body declared over `max_upload_bytes` (but
+    within DRAIN_FACTOR x) is read and dropped, then refused (413), so that the client sees the answer."""
+    limit = settings.max_upload_bytes
+
+    async def receive() -> list[tuple[str, bytes]]:
+        if declared is not None and declared > limit:
             async for _ in request.stream():
                 pass
-        raise ApiError(413, f"the upload ({_megabytes(declared)}) is larger than the limit of {_megabytes(limit)}")
+            raise ApiError(413, f"the upload ({_megabytes(declared)}) is larger than the limit of {_megabytes(limit)}")
+        return await read_files(request, settings)
+
+    try:
+        return await asyncio.wait_for(receive(), settings.read_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408, f"the upload did not arrive within the read timeout ({settings.read_timeout:g} s); send it faster "
+            "or in smaller requests", headers={"Connection": "close"},
+        ) from None
 
 
 async def read_files(request: Request, settings: ServiceSettings) -> list[tuple[str, bytes]]:

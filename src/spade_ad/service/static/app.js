@@ -1,5 +1,7 @@
 // spade-ad web page: upload images to /v1/predict one at a time, show each overlay, score, p-value and verdict, and
-// why (defect regions, nearest good images); the threshold slider re-draws the verdicts in the page (no new request).
+// why (defect regions, nearest good images, and for a flagged image the picture of where its strongest region matched
+// in the nearest good image); with --allow-add, "This one is good" adds an image to the model (/v1/good) and scores it
+// again; the threshold slider re-draws the verdicts in the page (no new request).
 // With a calibrated model the slider is in normalised units: 1 = the model's threshold, 0 = the median good image.
 // No dependencies, no build step.
 "use strict";
@@ -10,7 +12,8 @@ const state = {
   modelThreshold: null, // the model's calibrated image threshold (raw score), or null
   median: null, // the median good score (0 on the normalised scale), or null
   limits: null, // the service limits from /v1/model
-  results: [], // {score, normalized, verdict (element)} per scored image
+  allowAdd: false, // whether /v1/good may add images to the model (--allow-add)
+  results: [], // {card, score, normalized, verdict (element)} per scored image
   queue: Promise.resolve(), // uploads run one after another
 };
 
@@ -53,6 +56,7 @@ async function loadModel() {
   state.modelThreshold = info.image_threshold;
   state.median = info.calibration ? info.calibration.median : null;
   state.limits = info.limits;
+  state.allowAdd = info.allow_add === true;
   const cal = info.calibration;
   let threshold = "it has no calibrated threshold: set one with the slider.";
   if (info.image_threshold !== null) {
@@ -96,8 +100,14 @@ function showCardError(card, message) {
   status.textContent = message;
 }
 
-function fillCard(card, result) {
+function fillCard(card, result, file, note) {
   card.querySelector(".status").remove();
+  if (note) {
+    const added = document.createElement("p");
+    added.className = "added";
+    added.textContent = note;
+    card.append(added);
+  }
   const image = document.createElement("img");
   image.className = "overlay";
   image.src = result.overlay;
@@ -124,7 +134,8 @@ function fillCard(card, result) {
   const verdict = document.createElement("p");
   verdict.className = "verdict";
   card.append(image, score, pValue, verdict, makeWhy(result));
-  state.results.push({ score: result.score, normalized: result.normalized_score, verdict });
+  if (state.allowAdd && file) card.append(makeGoodButton(card, file));
+  state.results.push({ card, score: result.score, normalized: result.normalized_score, verdict });
   updateSlider();
 }
 
@@ -167,10 +178,76 @@ function makeWhy(result) {
     }
   }
   why.append(summary, regionsTitle, regions, neighboursTitle, neighbours);
+  if (result.why) {
+    const pictureTitle = document.createElement("p");
+    pictureTitle.textContent = "Left: this image, its strongest region boxed. Right: the nearest good training " +
+      "image, the area that region matched boxed.";
+    const picture = document.createElement("img");
+    picture.className = "why-picture";
+    picture.src = result.why;
+    picture.alt = `Strongest region of ${result.file} next to the nearest good training image`;
+    why.append(pictureTitle, picture);
+  }
   return why;
 }
 
-async function scoreFile(file, card) {
+// "This one is good": add the file to the model as a good image, then score it again in the same card.
+function makeGoodButton(card, file) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "good";
+  button.textContent = "This one is good";
+  button.title = "Add this image to the model as a good one (the model file is saved) and score it again";
+  button.addEventListener("click", () => {
+    button.disabled = true;
+    state.queue = state.queue.then(() => addGood(card, file, button));
+  });
+  return button;
+}
+
+async function addGood(card, file, button) {
+  const done = (message) => {
+    let line = card.querySelector(".good-outcome");
+    if (!line) {
+      line = document.createElement("p");
+      line.className = "good-outcome";
+      card.append(line);
+    }
+    line.textContent = message;
+  };
+  done("Adding it to the model as a good image…");
+  const form = new FormData();
+  form.append("files", file, file.name);
+  let response;
+  try {
+    response = await fetch("/v1/good", { method: "POST", body: form });
+  } catch {
+    done("Not added: cannot reach the spade-ad server. Is it still running?");
+    button.disabled = false;
+    return;
+  }
+  const body = await readJson(response);
+  if (!response.ok) {
+    done(body.error ? `Not added: ${body.error.replace(/\.$/, "")}.` :
+      `Not added: the server answered ${response.status} ${response.statusText}.`);
+    button.disabled = response.status === 403;
+    return;
+  }
+  state.modelThreshold = body.image_threshold;
+  const note = `Added to the model as a good image (it now has ${body.n_train_images} good images` +
+    (body.image_threshold !== null ? `; threshold ${fmt(body.image_threshold)}` : "") + "). Scored again:";
+  // Score it again in the same card: drop the old result and its elements, keep the name.
+  state.results = state.results.filter((entry) => entry.card !== card);
+  for (const child of Array.from(card.children)) {
+    if (!child.classList.contains("name")) child.remove();
+  }
+  const status = document.createElement("p");
+  status.className = "status";
+  card.append(status);
+  await scoreFile(file, card, note);
+}
+
+async function scoreFile(file, card, note) {
   const limits = state.limits;
   if (limits && file.size > limits.max_upload_bytes) {
     showCardError(card, `This file is ${megabytes(file.size)}; the server accepts at most ` +
@@ -200,7 +277,7 @@ async function scoreFile(file, card) {
         `Not scored: the server answered ${response.status} ${response.statusText}.`);
       return;
     }
-    fillCard(card, body.results[0]);
+    fillCard(card, body.results[0], file, note);
     return;
   }
 }

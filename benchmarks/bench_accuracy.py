@@ -1,0 +1,133 @@
+"""Accuracy benchmark: every category of ../shared/data/mvtec_ad and ../shared/data/aitex (and the synthetic set),
+one grid of presets / settings, one table: image AUROC, pixel AUROC and AU-PRO at the original size and at 256 x 256,
+F1 at the calibrated threshold vs the best F1, recall, false alarms asked vs measured on good test images, ms per
+image, fit seconds. Written to benchmarks/results/accuracy.{json,md}; the README keeps the latest table.
+
+    .venv/bin/python benchmarks/bench_accuracy.py                     # presets fast, default, quality
+    .venv/bin/python benchmarks/bench_accuracy.py --config fused=image_score:fused --category bottle
+
+Everything goes through the library (`Spade`, `spade_ad.evaluation`): the same code users run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spade_ad import Spade
+from spade_ad import settings as table
+from spade_ad.datasets import CategoryData, load_dataset, load_mvtec_category
+from spade_ad.evaluation.metrics import au_pro, best_f1, f1_at_threshold, image_auroc, pixel_auroc
+from spade_ad.evaluation.runner import resize_for_eval
+from spade_ad.synthetic import make_synthetic_dataset
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_config(text: str) -> tuple[str, dict[str, Any]]:
+    """"name=setting:value,setting:value" or a preset name."""
+    if "=" not in text:
+        return text, dict(table.PRESETS[text])
+    name, body = text.split("=", 1)
+    settings: dict[str, Any] = {}
+    for pair in filter(None, body.split(",")):
+        key, value = pair.split(":", 1)
+        if key in table.PRESETS and value == "":
+            settings.update(table.PRESETS[key])
+            continue
+        setting = table.BY_NAME[key]
+        settings[key] = setting.validate(setting.parse(value.replace(";", ",")))
+    return name, settings
+
+
+def categories(names: list[str] | None, synthetic_root: Path) -> list[CategoryData]:
+    found = []
+    for root in (SHARED / "mvtec_ad", SHARED / "aitex"):
+        if root.is_dir():
+            found.extend(load_dataset(root))
+    found.append(load_mvtec_category(make_synthetic_dataset(synthetic_root / "synthetic", seed=0)))
+    return [c for c in found if not names or c.name in names]
+
+
+def run(category: CategoryData, settings: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    model = Spade(progress=False, **settings).fit(category.train)
+    fit_s = time.perf_counter() - start
+    scores, labels, maps, masks, maps256, masks256 = [], [], [], [], [], []
+    start = time.perf_counter()
+    for sample, p in zip(category.test, model.iter_predict([s.path for s in category.test], original_size=True)):
+        scores.append(p.score)
+        labels.append(sample.is_anomalous)
+        if category.has_masks:
+            mask = sample.load_mask(p.original_map.shape)
+            maps.append(p.original_map)
+            masks.append(mask)
+            small_map, small_mask = resize_for_eval(p.original_map, mask, 256)
+            maps256.append(small_map)
+            masks256.append(small_mask)
+    ms = 1000 * (time.perf_counter() - start) / len(category.test)
+    s, y = np.asarray(scores), np.asarray(labels, bool)
+    t = model.image_threshold_
+    at = f1_at_threshold(s, y, np.nextafter(t, np.inf))
+    row = {
+        "image_auroc": image_auroc(s, y), "f1_at_threshold": at["f1"], "best_f1": best_f1(s, y)["f1"],
+        "recall": at["recall"], "far_asked": model.false_alarm_rate,
+        "far_guaranteed": model.calibration_.guaranteed_rate, "far_measured": float((s[~y] > t).mean()),
+        "ms_per_image": ms, "fit_s": fit_s, "n_train": model.store_.n_images,
+    }
+    if category.has_masks:
+        row.update(pixel_auroc=pixel_auroc(maps, masks), au_pro=au_pro(maps, masks),
+                   pixel_auroc_256=pixel_auroc(maps256, masks256), au_pro_256=au_pro(maps256, masks256))
+    return row
+
+
+def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    head = ("| config | category | image AUROC | pixel AUROC | AU-PRO | pixel AUROC @256 | AU-PRO @256 | F1 @ thr "
+            "| best F1 | recall | false alarms asked / measured | ms / image | fit s |")
+    lines = [head, "|" + "---|" * 13]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for config, rows in results.items():
+        for name, r in rows.items():
+            lines.append(
+                f"| {config} | {name} | {pct(r['image_auroc'])} | {pct(r.get('pixel_auroc'))} | {pct(r.get('au_pro'))} "
+                f"| {pct(r.get('pixel_auroc_256'))} | {pct(r.get('au_pro_256'))} | {pct(r['f1_at_threshold'])} "
+                f"| {pct(r['best_f1'])} | {pct(r['recall'])} | {pct(r['far_asked'])} / {pct(r['far_measured'])} "
+                f"| {r['ms_per_image']:.0f} | {r['fit_s']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", help="preset name or name=setting:value,... (repeatable)")
+    parser.add_argument("--category", action="append", help="only these categories (repeatable)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy")
+    args = parser.parse_args()
+    configs = [parse_config(c) for c in (args.config or ["fast", "default", "quality"])]
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = categories(args.category, Path(tmp))
+        for config, settings in configs:
+            results[config] = {}
+            for category in data:
+                results[config][category.name] = run(category, settings)
+                print(config, category.name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                         for k, v in results[config][category.name].items()}),
+                      file=sys.stderr, flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.with_suffix(".json").write_text(json.dumps(
+                    {"configs": dict(configs), "results": results}, indent=1, default=list))
+                args.out.with_suffix(".md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

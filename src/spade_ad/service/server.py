@@ -1,0 +1,153 @@
+"""Running the service: the model loaded from a private copy of its file, and uvicorn with time and size limits.
+
+The model's training features are memory-mapped from its file. Served straight from the user's file, copying
+another model over it would change a running service's answers, and truncating it would kill the process (SIGBUS).
+So `run_server` copies the file to a private temporary file (mode 0600, in TMPDIR), loads the model from the copy,
+and removes the copy's name at once: the memory maps keep its data (the disk space is freed when the service ends,
+however it ends), and no other process can open, change or truncate it. The model file can be replaced while the
+service runs; a restart serves the new one.
+
+Connections are timed at the HTTP layer too (`timed_protocol`): the request line and headers must arrive within
+`header_timeout` seconds (from the connection's start, or the end of the previous answer), and a body within
+`read_timeout` (+ `BODY_GRACE`) seconds of its headers, whatever route it is for; otherwise the connection is closed.
+The predict route's own deadline (`read_timeout`) answers 408 first; this is the backstop for bodies no route reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .app import create_app
+from .config import MAX_HEADER_BYTES, ServiceSettings
+from .context import logger
+
+if TYPE_CHECKING:
+    from ..model import Spade
+
+__all__ = ["BODY_GRACE", "load_private_copy", "run_server", "timed_protocol"]
+
+BODY_GRACE = 2.0
+"""Seconds the HTTP layer waits for a body beyond `read_timeout` (the predict route answers 408 before that)."""
+_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def load_private_copy(
+    model_path: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None, device: str | None = None
+) -> Spade:
+    """`spade_ad.model.load` from a private copy of `model_path` whose name is removed once loaded (see the module's
+    description). Errors name `model_path`, not the copy."""
+    from ..errors import ModelFileError
+    from ..model import load
+
+    if not Path(model_path).is_file():
+        return load(model_path, weights=weights, device=device)  # the library's own "not found" error
+    handle, name = tempfile.mkstemp(prefix="spade-ad-serve-", suffix=".safetensors")
+    try:
+        with open(model_path, "rb") as source, os.fdopen(handle, "wb") as target:
+            shutil.copyfileobj(source, target, 2**20)
+        try:
+            return load(name, weights=weights, device=device)
+        except ModelFileError as exc:
+            raise ModelFileError(str(exc).replace(name, os.fspath(model_path))) from None
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:  # pragma: no cover - a system that cannot remove a mapped file: remove it at exit
+            import atexit
+
+            atexit.register(lambda: Path(name).unlink(missing_ok=True))
+
+
+def timed_protocol(header_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline on each request's head and body (see the module's description)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _phase: str | None = None
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def _cancel(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _watch(self) -> None:
+            """Start the deadline of the part of a request now awaited (head or body); stop it once it is in."""
+            state = self.conn.their_state
+            phase = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+            if self.transport.is_closing():
+                phase = None
+            if phase == self._phase:
+                return
+            self._cancel()
+            self._phase = phase
+            if phase is not None:
+                delay = header_timeout if phase == "head" else body_timeout
+                self._timer = self.loop.call_later(delay, self._expired, phase)
+
+        def _expired(self, phase: str) -> None:
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            if phase == "head" and self.conn.trailing_data[0]:  # part of a request came: say why it ends
+                self.transport.write(_TIMEOUT_ANSWER)
+            logger.info("closing a connection from %s: the request %s did not arrive in time",
+                        self.client[0] if self.client else "?", "head" if phase == "head" else "body")
+            self.transport.close()
+
+    return TimedH11Protocol
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up, plus the service's own logger (internal errors with their request ids)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"][logger.name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+def run_server(
+    model_path: str | os.PathLike[str],
+    settings: ServiceSettings | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+) -> None:
+    """Load the model once (from a private copy of its file) and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    settings = settings or ServiceSettings()
+    model = load_private_copy(model_path, weights=weights, device=device)
+    # `POST /v1/good` (with allow_add) saves the model to the user's file, not to the private copy.
+    app = create_app(model, settings, model_file=os.path.basename(os.fspath(model_path)),
+                     save_to=model_path if settings.allow_add else None)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, limit_concurrency=settings.max_connections,
+        http=timed_protocol(settings.header_timeout, settings.read_timeout + BODY_GRACE), ws="none",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=settings.keep_alive_timeout,
+        timeout_graceful_shutdown=5, server_header=False, log_config=_log_config(),
+    )
