@@ -29,7 +29,9 @@ def run_demo(
     log(f"synthetic dataset written to {root}")
     data = load_mvtec_category(root)
     model = Spade(device=device, seed=seed).fit(data.train)
-    log(f"fitted on {len(model.train_names_)} good images, thresholds from {len(model.calibration_scores_)} more")
+    cal = model.calibration_
+    log(f"fitted on {len(model.train_names_)} good images; image threshold at a {cal.false_alarm_rate:g} false-alarm "
+        f"rate from their leave-one-out scores (guaranteed <= {cal.guaranteed_rate:.3g})")
     model.save(output / "model.safetensors")
     scores, maps, masks = [], [], []
     with PredictionWriter.for_model(model, output / "predictions") as writer:

@@ -141,10 +141,11 @@ class Spade(BaseEstimator):
     ) -> Spade:
         """Store the features of good images and calibrate thresholds on normal data.
 
-        `images` (and `validation`): a folder, paths, PIL images, an array or a tensor batch. Without `validation`,
-        `calibration_fraction` of `images` is set aside for calibration. Sets `backbone_`, `store_`,
-        `train_names_`, `skipped_`, `device_`, `image_threshold_` and `pixel_threshold_` (None when not
-        calibrated), `calibration_scores_` and `metrics_`. Returns self.
+        `images` (and `validation`): a folder, paths, PIL images, an array or a tensor batch. The thresholds come
+        from `validation` when given, else per the `calibration` setting: leave-one-out scores of every training
+        image (default), a held-out `calibration_fraction` of them, or none. Sets `backbone_`, `store_`,
+        `train_names_`, `thumbnails_`, `skipped_`, `device_`, `calibration_`, `score_scale_`, `image_threshold_`
+        and `pixel_threshold_` (None when not calibrated), `calibration_scores_` and `metrics_`. Returns self.
         """
         settings = self._settings()
         torch.manual_seed(self.seed)
