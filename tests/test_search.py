@@ -252,3 +252,13 @@ def test_reduced_gallery_keeps_the_map_and_within_budget(fitted_model) -> None:
     reduced = pixel_anomaly_map(maps, store, neighbours, size, max_pairs=queries * per_image)  # a quarter
     assert (reduced >= exact - 1e-4).all()  # fewer gallery vectors can only be farther
     assert np.corrcoef(reduced.flatten().numpy(), exact.flatten().numpy())[0, 1] > 0.9
+
+
+def test_map_score_max_and_top_share() -> None:
+    from spade_ad.scoring import TOP_SHARE, map_score
+
+    values = np.random.default_rng(3).random((40, 50)).astype(np.float32)
+    assert map_score(values, "map_max") == pytest.approx(values.max())
+    top = np.sort(values.ravel())[-int(values.size * TOP_SHARE):]
+    assert map_score(values, "map_top") == pytest.approx(top.mean())
+    assert map_score(np.ones((3, 3), np.float32), "map_top") == 1.0  # fewer than 100 pixels: the maximum

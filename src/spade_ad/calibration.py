@@ -127,10 +127,11 @@ def robust_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
 
 def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_max: np.ndarray,
                    knn: np.ndarray) -> np.ndarray:
-    """The image score from its two parts: the map maximum, the global kNN score, or ("fused") their average after
-    each is scaled by its (median, spread) on good images."""
+    """The image score from its two parts: the map's part (its maximum, or the mean of its top values with
+    "map_top"), the global kNN score, or ("fused") their average after each is scaled by its (median, spread) on
+    good images."""
     map_max, knn = np.asarray(map_max, dtype=np.float64), np.asarray(knn, dtype=np.float64)
-    if image_score == "map_max":
+    if image_score in ("map_max", "map_top"):
         return map_max
     if image_score == "knn":
         return knn

@@ -35,7 +35,7 @@ from .inputs import ImageItem, collect_images
 from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
 from .pyramid import SkipCallback, extract, iter_batches, resolve_device, thumbnails
-from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map, smooth_map
+from .scoring import knn_image_scores, leave_one_out, map_score, pixel_anomaly_map, smooth_map
 from .store import FeatureStoreWriter
 
 D = settings_table.DEFAULTS
@@ -244,7 +244,7 @@ class Spade(BaseEstimator):
             search_radius=self.search_radius, max_pairs=self.max_search_pairs, sigma=self.sigma, device=self.device_,
         ):
             array = anomaly_map.cpu().numpy()
-            yield float(array.max()), knn, array
+            yield map_score(array, self.image_score), knn, array
 
     def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
         """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
@@ -368,7 +368,7 @@ class Spade(BaseEstimator):
                 )
                 array = smooth_map(raw, self.sigma).cpu().numpy()
                 if not full:
-                    yield float(array.max()), float(knn_scores[i]), array
+                    yield map_score(array, self.image_score), float(knn_scores[i]), array
                     continue
                 nearest = [(self.train_names_[int(n)], float(d)) for n, d in
                            zip(neighbours[i, :self.k_image].tolist(), distances[i, :self.k_image].tolist())]
@@ -378,7 +378,7 @@ class Spade(BaseEstimator):
                     region = strongest_region(array, self.pixel_threshold_, self.backbone_.strides[-1])
                     why = explain_region([level[i] for level in pyramid], self.backbone_.strides, self.store_,
                                          first, self.train_names_[first], region)
-                yield (float(array.max()), float(knn_scores[i]), array, item, geometry,
+                yield (map_score(array, self.image_score), float(knn_scores[i]), array, item, geometry,
                        batch.originals[i] if keep_images else None,
                        map_to_original(array, geometry) if original_size else None, nearest, why)
 

@@ -115,6 +115,20 @@ def smooth_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
     return smoothed[0, 0]
 
 
+#: Share of a map's highest values that image_score="map_top" averages (1%: a defect's area, not one pixel).
+TOP_SHARE = 0.01
+
+
+def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
+    """The map's part of the image score: its maximum, or with "map_top" the mean of its highest TOP_SHARE values
+    (less sensitive to one noisy peak on large, busy images such as long fabric strips)."""
+    if image_score != "map_top":
+        return float(anomaly_map.max())
+    flat = anomaly_map.ravel()
+    count = max(1, int(flat.size * TOP_SHARE))
+    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
+
+
 def knn_image_scores(squared_distances: torch.Tensor, k_image: int) -> torch.Tensor:
     """The paper's image score: mean squared distance to the k_image nearest training global features (Q,)."""
     return squared_distances[:, :k_image].mean(1)

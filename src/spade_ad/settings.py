@@ -238,9 +238,10 @@ SETTINGS: tuple[Setting, ...] = (
             "concatenated features (the paper's text)", "scoring", choices=("mean", "concat")),
     Setting("distance", "euclidean", "str", "pixel distances before the levels are fused; squared is the paper's",
             "scoring", choices=("euclidean", "squared")),
-    Setting("image_score", "map_max", "str", "map_max: maximum of the smoothed map; knn: the paper's mean squared "
-            "distance to the k_image nearest global features; fused: both, each scaled by its spread on good images "
-            "(leave-one-out), averaged", "scoring", choices=("map_max", "knn", "fused")),
+    Setting("image_score", "map_top", "str", "map_top: mean of the highest 1% of the smoothed map; map_max: its "
+            "maximum; knn: the paper's mean squared distance to the k_image nearest global features; fused: map "
+            "maximum and knn, each scaled by its spread on good images (leave-one-out), averaged", "scoring",
+            choices=("map_top", "map_max", "knn", "fused")),
     Setting("k_image", 3, "int", "neighbours of the global kNN image score", "scoring", low=1),
     Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
             low=0, high=64),
