@@ -1,0 +1,47 @@
+"""Long images: default predict vs image-only scoring (decode + backbone + global kNN) of the same 4096 x 256
+AITEX fabric images, interleaved in one process (median of 3 rounds), so the ratio holds on a noisy machine.
+
+    .venv/bin/python benchmarks/bench_long_images.py [--category aitex_fabric01] [--images 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spade_ad import Spade
+from spade_ad.datasets import load_mvtec_category
+
+AITEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "aitex"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--category", default="aitex_fabric01")
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    data = load_mvtec_category(AITEX / args.category)
+    paths = [s.path for s in data.test][:args.images]
+    model = Spade(progress=False).fit(data.train)
+    image_only = Spade(progress=False, image_score="knn", calibration="none").fit(data.train)
+    model.predict(paths[:1])  # warm-up: first-call costs are not per-image costs
+    image_only.score(paths[:1])
+    times: dict[str, list[float]] = {"predict": [], "image_only": []}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        model.predict(paths, original_size=True)
+        times["predict"].append((time.perf_counter() - start) / len(paths))
+        start = time.perf_counter()
+        image_only.score(paths)
+        times["image_only"].append((time.perf_counter() - start) / len(paths))
+    predict, only = float(np.median(times["predict"])), float(np.median(times["image_only"]))
+    print(f"{args.category}: predict {1000 * predict:.0f} ms / image, image-only scoring {1000 * only:.0f} ms / "
+          f"image, ratio {predict / only:.2f}")
+
+
+if __name__ == "__main__":
+    main()
