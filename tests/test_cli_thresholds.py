@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import run_cli
 from spade_ad import load
-from spade_ad.cli import main
-
-
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

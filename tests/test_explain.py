@@ -43,17 +43,14 @@ def test_no_explanation_unless_asked(fitted_model: Spade, synthetic_root: Path) 
 def test_predict_explain_writes_the_why_pictures(fitted_model: Spade, synthetic_root: Path, tmp_path: Path) -> None:
     import json
 
-    from spade_ad.cli import main
+    from cli_run import run_cli
 
     model_file = fitted_model.save(tmp_path / "model.safetensors")
     from spade_ad import load
 
     assert len(load(model_file).thumbnails_) == fitted_model.store_.n_images  # kept in the model file
     out = tmp_path / "out"
-    try:
-        main(["predict", str(model_file), str(synthetic_root / "test"), "-o", str(out), "--explain"])
-    except SystemExit as exc:
-        assert not exc.code
+    assert run_cli(["predict", model_file, synthetic_root / "test", "-o", out, "--explain"]) == 0
     lines = [json.loads(line) for line in (out / "regions.jsonl").read_text().splitlines()]
     flagged = [line for line in lines if line["regions"]]
     assert flagged and all("explanation" in line for line in flagged)

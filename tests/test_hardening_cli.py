@@ -23,9 +23,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from cli_run import run_cli
 from spade_ad import Spade
 from spade_ad import model as model_module
-from spade_ad.cli import main
 from spade_ad.synthetic import make_synthetic_dataset
 
 
@@ -56,11 +56,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
     """Exit code and stderr lines of `spade-ad ARGS` run in-process."""
     capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = run_cli(args)
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, err.strip().splitlines()

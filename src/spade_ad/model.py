@@ -231,11 +231,12 @@ class Spade(BaseEstimator):
     def _held_out_scores(
         self, held_out: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None
     ) -> Iterator[tuple[float, float, np.ndarray]]:
-        """(map maximum, kNN score, map) of each held-out good image."""
-        yield from self._predict_parts(held_out, skip_bad=skip_bad, on_skip=on_skip)
+        """(map score, kNN score, map) of each held-out good image; none when nothing was held out."""
+        if held_out:
+            yield from self._predict_parts(held_out, skip_bad=skip_bad, on_skip=on_skip)
 
     def _leave_one_out_scores(self) -> Iterator[tuple[float, float, np.ndarray]]:
-        """(map maximum, kNN score, map) of every training image scored without itself."""
+        """(map score, kNN score, map) of every training image scored without itself."""
         if self.store_.n_images < 2:
             return
         for _, knn, anomaly_map in leave_one_out(
@@ -350,10 +351,10 @@ class Spade(BaseEstimator):
         self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
         on_skip: SkipCallback | None = None, full: bool = False, explain: bool = False,
     ) -> Iterator[Any]:
-        """The predict loop: (map maximum, kNN score, map) per image, and with `full` also the item, geometry,
-        decoded image, original-size map and nearest normal images."""
-        items = images if isinstance(images, list) and all(isinstance(i, ImageItem) for i in images) else \
-            collect_images(images)
+        """The predict loop: (map score, kNN score, map) per image (the map score per `image_score`: see
+        `scoring.map_score`), and with `full` also the item, geometry, decoded image, original-size map, nearest
+        normal images and explanation."""
+        items = collect_images(images)
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
             pyramid, global_features = extract(self.backbone_, batch.inputs, self.patch_size)
             # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
