@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[serve,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_service.py --seconds 30

@@ -8,7 +8,8 @@ from PIL import Image
 
 from spade_ad import geometry
 from spade_ad.errors import ImageReadError, ImageTooLargeError
-from spade_ad.geometry import image_to_tensor, map_to_original, plan_geometry
+from spade_ad.geometry import image_to_array, plan_geometry
+from spade_ad.maps import map_to_original
 
 
 @pytest.mark.parametrize("size", [(900, 300), (300, 900), (256, 256), (1000, 1333), (50, 40)])
@@ -53,10 +54,11 @@ def test_paper_crop_marks_unscored_border_as_nan() -> None:
     assert scored.mean() == pytest.approx((14 / 16) ** 2, abs=0.02)
 
 
-def test_image_to_tensor_range_and_size() -> None:
+def test_image_to_array_range_and_size() -> None:
     image = Image.fromarray(np.full((90, 30, 3), 255, dtype=np.uint8))
     geometry = plan_geometry((90, 30), 64, "keep_aspect")
-    tensor = image_to_tensor(image, geometry)
+    tensor = image_to_array(image, geometry)
+    assert tensor.dtype == np.float32
     assert tuple(tensor.shape) == (3, *geometry.input_size)
     assert float(tensor.min()) == pytest.approx(1.0) and float(tensor.max()) == pytest.approx(1.0)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from spade_ad import NotFittedError, Spade
 from spade_ad.evaluation.metrics import image_auroc, pixel_auroc
 from spade_ad.images import list_images
-from spade_ad.scoring import smooth_map
+from spade_ad.maps import smooth, upsample
 
 
 def _test_set(root: Path) -> tuple[list[Path], np.ndarray, list[np.ndarray]]:
@@ -223,7 +223,17 @@ def test_smooth_map_equals_the_2d_gaussian_blur(shape: tuple[int, int]) -> None:
     anomaly_map = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     radius = min(int(4 * 4.0 + 0.5), min(shape) - 1)
     expected = gaussian_blur(anomaly_map[None, None], [2 * radius + 1] * 2, [4.0, 4.0])[0, 0]
-    smoothed = smooth_map(anomaly_map, 4.0)
-    assert smoothed.shape == anomaly_map.shape
-    torch.testing.assert_close(smoothed, expected, rtol=0, atol=1e-5)
-    assert torch.equal(smooth_map(anomaly_map, 0.0), anomaly_map)
+    smoothed = smooth(anomaly_map.numpy(), 4.0)
+    assert smoothed.shape == anomaly_map.shape and smoothed.dtype == np.float32
+    np.testing.assert_allclose(smoothed, expected.numpy(), rtol=0, atol=1e-5)
+    assert np.array_equal(smooth(anomaly_map.numpy(), 0.0), anomaly_map.numpy())
+
+
+@pytest.mark.parametrize(("source", "target"), [((7, 9), (56, 72)), ((28, 448), (224, 3584)), ((5, 5), (5, 5)),
+                                                 ((10, 3), (4, 17)), ((1, 1), (3, 2))])
+def test_upsample_equals_torch_bilinear(source: tuple[int, int], target: tuple[int, int]) -> None:
+    """The shared numpy resize gives torch's bilinear interpolate (half-pixel centres, clamped borders)."""
+    grid = torch.rand(*source, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.interpolate(grid[None, None], size=target, mode="bilinear",
+                                               align_corners=False)[0, 0]
+    np.testing.assert_allclose(upsample(grid.numpy(), target), expected.numpy(), rtol=0, atol=1e-6)

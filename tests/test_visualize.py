@@ -219,3 +219,14 @@ def test_annotate_keeps_text_inside_the_image_for_boxes_at_the_edge() -> None:
                      anomalous=True)
     assert drawn.size == base.size
     assert _px(drawn, 47, 63) == BOX_COLOR
+
+
+def test_built_in_jet_equals_matplotlib() -> None:
+    """The heat maps' colour table is built in (the runtime install has no matplotlib) and equals matplotlib's."""
+    import matplotlib
+
+    from spade_ad.visualize import _colour
+
+    unit = np.linspace(0.0, 1.0, 100_001).reshape(1, -1)
+    expected = matplotlib.colormaps["jet"](unit, bytes=True)[..., :3]
+    assert np.array_equal(_colour(unit, 0.0, 1.0, "jet"), expected)

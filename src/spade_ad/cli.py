@@ -63,27 +63,50 @@ skip_bad_option = click.option("--skip-bad", is_flag=True, help="Skip unreadable
                                "output) instead of stopping at the first one.")
 
 
+engine_option = click.option("--engine", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+                             help="Inference engine for a bundle [default: onnxruntime]; model files run on torch.")
+
+
+def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--ray [ADDRESS] and --ray-workers N: run the command on Ray (`spade_ad.distributed`)."""
+    command = click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
+                           help="With --ray: actors, each holding the model once (one CPU each, a GPU when the "
+                           "cluster has GPUs).")(command)
+    return click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                        metavar="[ADDRESS]", help="Run on Ray: alone (put it last), on this machine; with an "
+                        "address (--ray=host:port, ray://host:port, auto), on that cluster. Inputs may then be "
+                        "URIs (s3://, gs://, ...).")(command)
+
+
 @click.group(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def app() -> None:
     """SPADE anomaly detection: fit on good images, then score and localise defects in new ones."""
 
 
 @app.command()
-@click.argument("train_dir", type=click.Path(path_type=Path))
+@click.argument("train_dir", type=click.Path())  # a str: a URI (s3://...) stays one with --ray
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model file to write.")
 @click.option("--validation", type=click.Path(path_type=Path), default=None,
               help="Folder of other good images to calibrate thresholds on (none held out).")
 @click.option("--preset", type=click.Choice(list(settings_table.PRESETS)), default="default", show_default=True,
               help="Named settings (fast, default, quality, paper); options below override it.")
 @skip_bad_option
+@ray_options
 @setting_options
-def fit(train_dir: Path, output: Path, validation: Path | None, preset: str, skip_bad: bool, **options: Any) -> None:
+def fit(train_dir: str, output: Path, validation: Path | None, preset: str, skip_bad: bool, ray_address: str | None,
+        ray_workers: int, **options: Any) -> None:
     """Fit a model on a folder of good images and save it."""
-    from .model import Spade
+    settings = {**settings_table.PRESETS[preset], **_given_settings(options)}
+    on_skip = _report_skip if skip_bad else None
+    if ray_address is not None:
+        from .distributed import fit as fit_on_ray
 
-    model = Spade(**{**settings_table.PRESETS[preset], **_given_settings(options)}).fit(
-        train_dir, validation=validation, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None
-    )
+        model = fit_on_ray(train_dir, address=ray_address, workers=ray_workers, validation=validation,
+                           skip_bad=skip_bad, on_skip=on_skip, **settings)
+    else:
+        from .model import Spade
+
+        model = Spade(**settings).fit(train_dir, validation=validation, skip_bad=skip_bad, on_skip=on_skip)
     model.save(output)
     click.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
     _echo_calibration(model)
@@ -106,7 +129,7 @@ def _echo_calibration(model: Any) -> None:
 
 @app.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path())  # URIs stay URIs
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--save-maps", is_flag=True, help="Also write raw float32 maps at the original size (maps/*.tiff), "
               "mirroring each input's path relative to its folder.")
@@ -125,18 +148,34 @@ def _echo_calibration(model: Any) -> None:
               help="For each flagged image, explain/<name>.png: its strongest region next to the nearest good "
               "training image with the matched area boxed (and the match in regions.jsonl).")
 @skip_bad_option
-def predict(model_path: Path, inputs: tuple[Path, ...], output: Path, save_maps: bool, weights: Path | None,
+@engine_option
+@ray_options
+def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: bool, weights: Path | None,
             device: str | None, threshold: float | None, false_alarm_rate: float | None,
             pixel_threshold: float | None, pixel_false_alarm_rate: float | None, overwrite: bool, explain: bool,
-            skip_bad: bool) -> None:
-    """Score images: OUT/scores.csv (row by row, with is_anomalous when the model has a threshold), heat maps,
-    overlays and predicted defect masks per image. An output folder holding an earlier run's scores.csv is refused
-    unless --overwrite; inputs with the same name get numbered files (x.png, x~2.png)."""
-    from .model import load
+            skip_bad: bool, engine: str | None, ray_address: str | None, ray_workers: int) -> None:
+    """Score images with a model file or an exported bundle (`spade-ad export`: no torch needed): OUT/scores.csv
+    (row by row, with is_anomalous when the model has a threshold), heat maps, overlays and predicted defect masks
+    per image. An output folder holding an earlier run's scores.csv is refused unless --overwrite; inputs with the
+    same name get numbered files (x.png, x~2.png)."""
+    from .loading import open_model
     from .writers import PredictionWriter, check_output_dir
 
     check_output_dir(output, overwrite=overwrite)  # before the model loads: a refusal costs nothing
-    model = load(model_path, weights=weights, device=device)
+    if ray_address is not None:
+        from .distributed import predict as predict_on_ray
+
+        run = predict_on_ray(
+            model_path, inputs[0] if len(inputs) == 1 else list(inputs), output, address=ray_address,
+            workers=ray_workers, save_maps=save_maps, weights=weights, device=device, engine=engine,
+            threshold=threshold, false_alarm_rate=false_alarm_rate, pixel_threshold=pixel_threshold,
+            pixel_false_alarm_rate=pixel_false_alarm_rate, overwrite=overwrite, explain=explain, skip_bad=skip_bad,
+            on_skip=_report_skip,
+        )
+        click.echo(f"scored {run.count} images ({len(run.skipped)} skipped) on {run.workers} Ray workers: "
+                   f"{run.scores} and {run.parquet.name}")
+        return
+    model = open_model(model_path, weights=weights, device=device, engine=engine)
     if any(v is not None for v in (threshold, false_alarm_rate, pixel_threshold, pixel_false_alarm_rate)):
         model.set_thresholds(image=threshold, false_alarm_rate=false_alarm_rate, pixel=pixel_threshold,
                              pixel_false_alarm_rate=pixel_false_alarm_rate)
@@ -201,6 +240,26 @@ def add(model_path: Path, images: tuple[Path, ...], output: Path, skip_bad: bool
     model.save(output)
     click.echo(f"added {model.store_.n_images - before} good images ({model.store_.n_images} in all): {output}")
     _echo_calibration(model)
+
+
+@app.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Bundle folder to write (backbone.onnx, model.safetensors, bundle.json).")
+@click.option("--format", "format_", type=click.Choice(["onnx", "openvino"]), default="onnx", show_default=True,
+              help="onnx: the graph for ONNX Runtime (and OpenVINO, which reads it too); openvino: also the graph "
+              "in OpenVINO's own format.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if not where it was at fit time.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+def export(model_path: Path, output: Path, format_: str, weights: Path | None, overwrite: bool) -> None:
+    """Export a model file as a deployment bundle: `spade-ad predict` and `spade-ad serve` score it with numpy and
+    ONNX Runtime only (`pip install spade-ad[runtime]`, no torch), with the same scores and verdicts."""
+    from .export import describe, export_bundle
+
+    bundle = export_bundle(model_path, output, format=format_, overwrite=overwrite, weights=weights)
+    sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in describe(bundle).items())
+    click.echo(f"wrote bundle {bundle}: {sizes}")
 
 
 @app.command()
@@ -287,11 +346,13 @@ def demo(output: Path, seed: int, device: str) -> None:
               help="Backbone weights file, if not where it was at fit time.")
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
               help="Override the device stored in the model (cpu, cuda[:N], auto).")
+@engine_option
 def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, max_upload_mb: float,
           max_pixels: int, max_uploads: int, max_connections: int, read_timeout: float, header_timeout: float,
           allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], allow_add: bool, weights: Path | None,
-          device: str | None) -> None:
-    """Serve a model over HTTP: JSON API at /v1, a web page at /, OpenAPI docs at /docs. See SECURITY.md."""
+          device: str | None, engine: str | None) -> None:
+    """Serve a model file or an exported bundle (no torch needed) over HTTP: JSON API at /v1, a web page at /,
+    OpenAPI docs at /docs. See SECURITY.md."""
     from .service import ServiceSettings, run_server
 
     try:
@@ -303,7 +364,7 @@ def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, 
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    run_server(model_path, settings, weights=weights, device=device)
+    run_server(model_path, settings, weights=weights, device=device, engine=engine)
 
 
 def _setting_message(exc: SettingError) -> str:
@@ -313,6 +374,12 @@ def _setting_message(exc: SettingError) -> str:
         return str(exc)
     shown = "" if exc.value is None else f" (got {exc.value!r})"
     return f"{setting.option} {exc.problem}{shown}; allowed: {exc.allowed}"
+
+
+#: The optional extra that brings each heavy dependency (pyproject.toml), for the message when it is missing.
+_EXTRAS = {"torch": "fit", "torchvision": "fit", "timm": "fit", "sklearn": "fit", "onnxruntime": "runtime",
+           "onnx": "export", "onnxscript": "export", "openvino": "openvino", "fastapi": "serve", "uvicorn": "serve",
+           "ray": "ray"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,6 +401,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except SpadeError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # a light install (runtime extra only) asked for the torch path
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        click.echo(f"error: this needs {exc.name}, which is not installed: pip install 'spade-ad[{extra}]' "
+                   f"(or score an exported bundle: `spade-ad predict BUNDLE`)", err=True)
         sys.exit(2)
     except OSError as exc:
         target = f" {exc.filename}" if exc.filename else ""

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from .store import FeatureStore
+from .numpy_search import topk_squared_distances
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
 
@@ -63,21 +62,20 @@ def strongest_region(anomaly_map: np.ndarray, threshold: float | None, cell: int
 
 
 def explain(
-    pyramid: list[torch.Tensor], strides: tuple[int, ...], store: FeatureStore, normal_index: int, normal_name: str,
-    region: Box,
+    pyramid: list[np.ndarray], strides: tuple[int, ...], normal_maps: list[np.ndarray], normal_index: int,
+    normal_name: str, region: Box,
 ) -> Explanation:
     """Match the region's cells (grown by one cell) at every level of the test `pyramid` [(C, h, w)] against the
-    normal image `normal_index` of the store."""
+    normal image's maps `normal_maps` [(C, h', w')] (training image `normal_index`, named `normal_name`)."""
     matches = []
-    for level, (fmap, stride) in enumerate(zip(pyramid, strides)):
-        normal = store.image_map(level, normal_index).to(fmap.device)  # (C, h', w')
+    for fmap, stride, normal in zip(pyramid, strides, normal_maps):
         _, height, width = fmap.shape
         left, top = max(0, region[0] // stride - 1), max(0, region[1] // stride - 1)
         right, bottom = min(width, -(-region[2] // stride) + 1), min(height, -(-region[3] // stride) + 1)
-        cells = fmap[:, top:bottom, left:right].float().flatten(1).T  # (n, C)
-        bank = normal.flatten(1).T  # (h' w', C)
-        distances = torch.cdist(cells, bank)
-        best = distances.argmin(1).cpu().numpy()
+        cells = np.asarray(fmap[:, top:bottom, left:right], dtype=np.float32).reshape(fmap.shape[0], -1).T  # (n, C)
+        bank = np.asarray(normal, dtype=np.float32).reshape(normal.shape[0], -1).T  # (h' w', C)
+        squared, nearest = topk_squared_distances(cells, bank, 1)
+        best = nearest[:, 0]
         ys, xs = np.divmod(best, normal.shape[2])
         grid_y, grid_x = np.mgrid[top:bottom, left:right]
         dy = int(np.median(ys - grid_y.ravel()))
@@ -85,6 +83,6 @@ def explain(
         normal_h, normal_w = normal.shape[1] * stride, normal.shape[2] * stride
         shifted = (region[0] + dx * stride, region[1] + dy * stride, region[2] + dx * stride, region[3] + dy * stride)
         clipped = (max(0, shifted[0]), max(0, shifted[1]), min(normal_w, shifted[2]), min(normal_h, shifted[3]))
-        matches.append(Match(stride, region, clipped, float(distances.min(1).values.median())))
-    size = (int(store.shapes[normal_index, 0, 0]) * strides[0], int(store.shapes[normal_index, 0, 1]) * strides[0])
+        matches.append(Match(stride, region, clipped, float(np.median(np.sqrt(np.maximum(squared[:, 0], 0))))))
+    size = (int(normal_maps[0].shape[1]) * strides[0], int(normal_maps[0].shape[2]) * strides[0])
     return Explanation(normal_index, normal_name, size, region, matches)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ImageTooLargeError
@@ -86,29 +84,12 @@ def _round_multiple(value: float) -> int:
     return max(_MULTIPLE, int(round(value / _MULTIPLE)) * _MULTIPLE)
 
 
-def image_to_tensor(image: Image.Image, geometry: Geometry) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, h, w) in [0, 1] at the geometry's input size (antialiased resize)."""
+def image_to_array(image: Image.Image, geometry: Geometry) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, h, w) in [0, 1] at the geometry's input size (antialiased resize): the
+    network input of both the torch path and the runtime."""
     left, top, right, bottom = geometry.crop_box
     height, width = geometry.input_size
     resized = image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, right, bottom),
                            reducing_gap=None)
-    array = np.asarray(resized, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def map_to_original(anomaly_map: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Resize a map at input resolution onto the whole original image; pixels outside the scored box are NaN."""
-    height, width = geometry.original_size
-    left, top, right, bottom = geometry.crop_box
-    box = (int(round(left)), int(round(top)), int(round(right)), int(round(bottom)))
-    inner = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None],
-        size=(box[3] - box[1], box[2] - box[0]),
-        mode="bilinear",
-        align_corners=False,
-    )[0, 0].numpy()
-    if box == (0, 0, width, height):
-        return inner
-    full = np.full((height, width), np.nan, dtype=np.float32)
-    full[box[1]:box[3], box[0]:box[2]] = inner
-    return full
+    array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1)
+    return np.ascontiguousarray(array) / np.float32(255.0)

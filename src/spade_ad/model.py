@@ -15,7 +15,7 @@ predict with explanations, score, save, load) belong together; the maths they ca
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +26,25 @@ from sklearn.base import BaseEstimator
 from . import calibration
 from . import settings as settings_table
 from .backbones import Backbone, build_backbone
-from .calibration import Calibration, normalized_scores, p_values
+from .calibration import Calibration
+from .detector import Detector
 from .errors import ImageReadError, ModelFileError, NoImagesError, NotFittedError, SettingError, WeightsError
 from .explain import explain as explain_region
 from .explain import strongest_region
-from .geometry import map_to_original
 from .inputs import ImageItem, collect_images
+from .maps import map_score, map_to_original, smooth
 from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
 from .pyramid import SkipCallback, extract, iter_batches, resolve_device, thumbnails
-from .scoring import knn_image_scores, leave_one_out, map_score, pixel_anomaly_map, smooth_map
-from .store import FeatureStoreWriter
+from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map
+from .store import FeatureStore, FeatureStoreWriter
 
 D = settings_table.DEFAULTS
+
+#: What `fit` stores per batch of training images: their names, pyramid [(B, C_l, h_l, w_l)], global features
+#: (B, D) and thumbnails; a FeatureSource yields them for a list of items (see `Spade._fit`).
+TrainingFeatures = tuple[list[str], list[torch.Tensor], torch.Tensor, list[np.ndarray]]
+FeatureSource = Callable[[list[ImageItem], bool, SkipCallback | None], Iterator[TrainingFeatures]]
 
 
 #: Map values kept per good image for the pixel threshold's quantiles (a regular subsample of each map).
@@ -47,7 +53,7 @@ PIXEL_SAMPLES_PER_IMAGE = 20_000
 __all__ = ["Prediction", "Region", "Spade", "load"]
 
 
-class Spade(BaseEstimator):
+class Spade(Detector, BaseEstimator):
     """SPADE anomaly detector, fitted on good images only.
 
     Every setting, its allowed values and its meaning is declared once in `spade_ad.settings.SETTINGS` (also the
@@ -147,6 +153,25 @@ class Spade(BaseEstimator):
         `train_names_`, `thumbnails_`, `skipped_`, `device_`, `calibration_`, `score_scale_`, `image_threshold_`
         and `pixel_threshold_` (None when not calibrated), `calibration_scores_` and `metrics_`. Returns self.
         """
+        return self._fit(images, validation=validation, skip_bad=skip_bad, on_skip=on_skip)
+
+    def _training_features(self, items: list[ImageItem], skip_bad: bool,
+                           on_skip: SkipCallback | None) -> Iterator[TrainingFeatures]:
+        """This process's feature extraction for `fit`: (names, pyramid, global features, thumbnails) per batch."""
+        for batch in self._batches(items, skip_bad, on_skip, "fit"):
+            pyramid, global_features = extract(self.backbone_, batch.inputs, self.patch_size)
+            yield [item.name for item in batch.items], pyramid, global_features, thumbnails(
+                batch.inputs, self.thumbnail_size)
+
+    def _fit(
+        self, images: Any, *, validation: Any = None, skip_bad: bool = False, on_skip: SkipCallback | None = None,
+        features: FeatureSource | None = None,
+    ) -> Spade:
+        """`fit`, with the training features from `features(items, skip_bad, on_skip)` when given instead of this
+        process's backbone (`spade_ad.distributed`: Ray actors). It must yield, in the items' order, (names, pyramid
+        [(B, C_l, h_l, w_l)], global features (B, D), thumbnails) per batch of images of one size, reporting an
+        unreadable item to `on_skip` with `skip_bad` (else raising its ImageReadError once everything before it was
+        yielded): everything after extraction (store, calibration) is this same code."""
         settings = self._settings()
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(settings["device"])
@@ -173,10 +198,11 @@ class Spade(BaseEstimator):
                 on_skip(item, error)
 
         try:
-            for batch in self._batches(items, skip_bad, record_skip, "fit"):
-                writer.add(*extract(self.backbone_, batch.inputs, self.patch_size))
-                self.train_names_.extend(item.name for item in batch.items)
-                self.thumbnails_.extend(thumbnails(batch.inputs, self.thumbnail_size))
+            for names, pyramid, global_features, small in (features or self._training_features)(
+                    items, skip_bad, record_skip):
+                writer.add(pyramid, global_features)
+                self.train_names_.extend(names)
+                self.thumbnails_.extend(small)
         finally:
             writer.close()
         if not self.train_names_:
@@ -244,8 +270,7 @@ class Spade(BaseEstimator):
             fusion=self.fusion, distance=self.distance, memory_budget=self.memory_budget,
             search_radius=self.search_radius, max_pairs=self.max_search_pairs, sigma=self.sigma, device=self.device_,
         ):
-            array = anomaly_map.cpu().numpy()
-            yield map_score(array, self.image_score), knn, array
+            yield map_score(anomaly_map, self.image_score), knn, anomaly_map
 
     def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
         """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
@@ -261,11 +286,6 @@ class Spade(BaseEstimator):
             false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
         )
         self._apply_calibration()
-
-    def _apply_calibration(self) -> None:
-        self.image_threshold_ = self.calibration_.image_threshold
-        self.pixel_threshold_ = self.calibration_.pixel_threshold
-        self.calibration_scores_ = list(self.calibration_.scores)
 
     def calibrate(self, good: Any, *, defect: Any = None, skip_bad: bool = False,
                   on_skip: SkipCallback | None = None) -> Spade:
@@ -283,30 +303,6 @@ class Spade(BaseEstimator):
             self.calibration_.note = (f"image threshold at the best F1 on {self.calibration_.n} good and "
                                       f"{len(defect_scores)} defective images; false-alarm rate not guaranteed")
             self._apply_calibration()
-        return self
-
-    def _combine(self, map_max: np.ndarray, knn: np.ndarray) -> np.ndarray:
-        return calibration.combine_scores(self.image_score, self.score_scale_, map_max, knn)
-
-    def set_thresholds(
-        self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,
-        pixel_false_alarm_rate: float | None = None,
-    ) -> Spade:
-        """Move the thresholds of a fitted model: to a score (`image`, `pixel`) or to a false-alarm rate, computed
-        from the good calibration scores kept at fit time. Returns self."""
-        self._check_fitted()
-        for name, first, second in (("threshold", image, false_alarm_rate),
-                                    ("pixel_threshold", pixel, pixel_false_alarm_rate)):
-            if first is not None and second is not None:
-                raise SettingError(name, "and its false-alarm rate cannot both be given", first, "one of them")
-        rates = {name: settings_table.BY_NAME[name].validate(value) for name, value in
-                 (("false_alarm_rate", false_alarm_rate), ("pixel_false_alarm_rate", pixel_false_alarm_rate))
-                 if value is not None}
-        try:
-            self.calibration_ = calibration.moved(self.calibration_, image=image, pixel=pixel, **rates)
-        except ValueError as exc:
-            raise SettingError(next(iter(rates)), str(exc), None, "a model fitted with calibration") from exc
-        self._apply_calibration()
         return self
 
     def _build_backbone(self) -> Backbone:
@@ -330,29 +326,19 @@ class Spade(BaseEstimator):
         `keep_images` attaches each decoded input image to its Prediction (for overlays); `explain` adds where the
         strongest region matched in the nearest normal image (`Prediction.explanation`)."""
         self._check_fitted()
-        cal = self.calibration_
         for part in self._predict_parts(images, original_size=original_size, keep_images=keep_images,
                                         skip_bad=skip_bad, on_skip=on_skip, full=True, explain=explain):
             map_max, knn, array, item, geometry, image, original, neighbours, why = part
-            score = float(self._combine(np.array([map_max]), np.array([knn]))[0])
-            threshold = cal.image_threshold
-            yield Prediction(
-                name=item.name, path=item.path, score=score, anomaly_map=array, geometry=geometry,
-                original_map=original, image=image,
-                is_anomalous=None if threshold is None else bool(score > threshold),
-                pixel_threshold=cal.pixel_threshold, image_threshold=threshold,
-                normalized_score=None if threshold is None or cal.median is None
-                else float(normalized_scores([score], cal.median, threshold)[0]),
-                p_value=float(p_values([score], cal.scores)[0]) if cal.scores else None,
-                neighbours=neighbours, explanation=why,
-            )
+            yield self._prediction(map_max, knn, name=item.name, path=item.path, anomaly_map=array,
+                                   geometry=geometry, original_map=original, image=image, neighbours=neighbours,
+                                   explanation=why)
 
     def _predict_parts(
         self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
         on_skip: SkipCallback | None = None, full: bool = False, explain: bool = False,
     ) -> Iterator[Any]:
         """The predict loop: (map score, kNN score, map) per image (the map score per `image_score`: see
-        `scoring.map_score`), and with `full` also the item, geometry, decoded image, original-size map, nearest
+        `maps.map_score`), and with `full` also the item, geometry, decoded image, original-size map, nearest
         normal images and explanation."""
         items = collect_images(images)
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
@@ -367,7 +353,7 @@ class Spade(BaseEstimator):
                     memory_budget=self.memory_budget, search_radius=self.search_radius,
                     max_pairs=self.max_search_pairs,
                 )
-                array = smooth_map(raw, self.sigma).cpu().numpy()
+                array = smooth(raw, self.sigma)
                 if not full:
                     yield map_score(array, self.image_score), float(knn_scores[i]), array
                     continue
@@ -377,8 +363,9 @@ class Spade(BaseEstimator):
                 if explain:
                     first = int(neighbours[i, 0])
                     region = strongest_region(array, self.pixel_threshold_, self.backbone_.strides[-1])
-                    why = explain_region([level[i] for level in pyramid], self.backbone_.strides, self.store_,
-                                         first, self.train_names_[first], region)
+                    normal = [self.store_.image_map(level, first).numpy() for level in range(len(pyramid))]
+                    why = explain_region([level[i].cpu().numpy() for level in pyramid], self.backbone_.strides,
+                                         normal, first, self.train_names_[first], region)
                 yield (map_score(array, self.image_score), float(knn_scores[i]), array, item, geometry,
                        batch.originals[i] if keep_images else None,
                        map_to_original(array, geometry) if original_size else None, nearest, why)
@@ -423,7 +410,7 @@ class Spade(BaseEstimator):
             },
             store=self.store_, train_names=self.train_names_,
             calibration={**self.calibration_.to_json(), "score_scale": self.score_scale_},
-            metrics=self.metrics_, thumbnails=self.thumbnails_,
+            metrics=self.metrics_, thumbnails=self.thumbnails_, versions={"torch": torch.__version__},
         )
 
 
@@ -455,7 +442,8 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
             f"(checksum {expected[:12]}, these are {model.backbone_.weights_sha256[:12]}): pass the original "
             f"weights file with weights=PATH (CLI: --weights PATH) or fit a new model"
         )
-    model.store_ = contents.store
+    stored = contents.store
+    model.store_ = FeatureStore(torch.from_numpy(stored.global_features), stored.levels, stored.shapes, stored.orders)
     model.train_names_ = contents.train_names
     model.thumbnails_ = contents.thumbnails
     model.skipped_ = []

@@ -7,8 +7,9 @@ features in memory: pyramid features are copied chunk by chunk when saving and m
 layout is plain safetensors (8-byte header length, JSON header, raw little-endian data), readable by any
 safetensors reader.
 
-This module knows the settings table and the feature store, never the estimator: `spade_ad.model` builds a `Spade`
-from the `ModelContents` read here.
+This module knows the settings table, never the estimator or torch: `spade_ad.model` builds a `Spade` (and its
+torch feature store) from the `ModelContents` read here, and the torch-free runtime (`spade_ad.runtime`) reads the
+same contents from a bundle.
 
 Over 300 lines: the streaming safetensors writer/reader and the checks that a loaded file can never fail
 later (every header field and every tensor's shape, dtype and range) belong together; the fuzz test exercises both.
@@ -30,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import __version__
 from . import settings as settings_table
 from .errors import ModelFileError, SettingError
-from .store import FeatureStore
 
 FORMAT = "spade-ad-model"
 #: 2: conformal calibration (leave-one-out scores, pixel quantiles, score scales) replaced the margin rule.
@@ -75,6 +74,18 @@ def content_sha256(header_json: str, arrays: dict[str, np.ndarray]) -> str:
 
 
 @dataclass
+class StoredArrays:
+    """The stored features as numpy arrays: global features (N, D) float32 in memory; per level, every spatial
+    vector of every image (n_vectors, C_l), memory-mapped; each image's map shape per level (N, L, 2); per level,
+    each image's rows in coreset order (int32, within-image)."""
+
+    global_features: np.ndarray
+    levels: list[np.ndarray]
+    shapes: np.ndarray
+    orders: list[np.ndarray]
+
+
+@dataclass
 class ModelContents:
     """What a model file holds: validated settings, the backbone's identity, training image names, calibration,
     metrics, versions and the feature store (pyramid levels memory-mapped)."""
@@ -85,28 +96,29 @@ class ModelContents:
     calibration: dict[str, Any]
     metrics: dict[str, Any]
     versions: dict[str, Any]
-    store: FeatureStore
+    store: StoredArrays
     thumbnails: list[np.ndarray]  # small uint8 RGB images (h, w, 3) of the training images, or []
 
 
-def store_arrays(store: FeatureStore) -> dict[str, np.ndarray]:
-    """The store's features as named arrays (levels stay memory-mapped)."""
-    arrays = {"global_features": store.global_features.numpy().astype("<f4"), "shapes": store.shapes.astype("<i8")}
+def store_arrays(store: Any) -> dict[str, np.ndarray]:
+    """A feature store's (`spade_ad.store.FeatureStore` or `StoredArrays`) features as named arrays (levels stay
+    memory-mapped)."""
+    arrays = {"global_features": np.asarray(store.global_features, dtype="<f4"), "shapes": store.shapes.astype("<i8")}
     arrays.update({f"level_{i}": level for i, level in enumerate(store.levels)})
     arrays.update({f"order_{i}": order.astype("<i4") for i, order in enumerate(store.orders or [])})
     return arrays
 
 
-def write_model(path: Path, *, settings: dict[str, Any], backbone: dict[str, Any], store: FeatureStore,
+def write_model(path: Path, *, settings: dict[str, Any], backbone: dict[str, Any], store: Any,
                 train_names: list[str], calibration: dict[str, Any], metrics: dict[str, Any],
-                thumbnails: list[np.ndarray] | None = None) -> Path:
+                thumbnails: list[np.ndarray] | None = None, versions: dict[str, str] | None = None) -> Path:
     """Write a fitted model to `path`, atomically: into a partial file first (see `partial_path`), renamed when
     complete. A crash never leaves a half-written file under that name, and a failed or interrupted write leaves no
     partial file either (a killed process's one is deleted by the next save of the same path on this host).
 
     `settings` are checked against the settings table first: a file is never written with settings it would refuse
     to load."""
-    versions = {"spade_ad": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    versions = {"spade_ad": __version__, **(versions or {}), "python": platform.python_version()}
     header = {"settings": settings_table.stored(settings_table.validate(settings)), "backbone": backbone,
               "train_names": train_names, "calibration": calibration, "metrics": metrics, "versions": versions}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +335,7 @@ def _header_problem(header: dict[str, Any]) -> str:
     return ""
 
 
-def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> FeatureStore:
+def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> StoredArrays:
     """The feature store, after checking every tensor's shape and dtype against the header and settings."""
     n_levels = len(settings["layers"])
     expected = {"global_features", "shapes", *(f"level_{i}" for i in range(n_levels)),
@@ -351,8 +363,8 @@ def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settin
         largest = int((shapes[:, i, 0] * shapes[:, i, 1]).max())
         if order.shape != (rows,) or order.dtype != np.int32 or (rows and (order.min() < 0 or order.max() >= largest)):
             raise ValueError(f"order_{i} is {order.shape} {order.dtype}, expected ({rows},) int32 within each image")
-    return FeatureStore(
-        torch.from_numpy(np.array(globals_)), [arrays[f"level_{i}"] for i in range(n_levels)], np.array(shapes),
+    return StoredArrays(
+        np.array(globals_), [arrays[f"level_{i}"] for i in range(n_levels)], np.array(shapes),
         [np.array(arrays[f"order_{i}"]) for i in range(n_levels)],
     )
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .errors import ImageReadError, SettingError
-from .geometry import Geometry, ResizeMode, image_to_tensor, plan_geometry
+from .geometry import Geometry, ResizeMode, image_to_array, plan_geometry
 from .inputs import ImageItem, iter_loaded
 
 SkipCallback = Callable[[ImageItem, ImageReadError], None]
@@ -31,6 +31,11 @@ class Batch:
     inputs: torch.Tensor  # (B, 3, h, w) on the model's device
     geometries: list[Geometry]
     originals: list[Image.Image | None]
+
+
+def image_to_tensor(image: Image.Image, geometry: Geometry) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, h, w) in [0, 1] at the geometry's input size (see `image_to_array`)."""
+    return torch.from_numpy(image_to_array(image, geometry))
 
 
 def extract(backbone: Backbone, inputs: torch.Tensor, patch_size: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -1,8 +1,9 @@
-"""Scores: per-level distance maps against a gallery, their fusion, Gaussian smoothing, and image scores.
+"""Scores on the torch path (CPU or GPU): per-level distance maps against a gallery and image kNN scores.
 
 Pixel stage: each test position scores the mean distance to its kappa nearest gallery vectors, per pyramid level
 ("mean" fusion: per-level maps upsampled to the input size and averaged) or over the channel-concatenated pyramid
-("concat" fusion, the paper's text). The map is smoothed with a Gaussian (sigma in input pixels).
+("concat" fusion, the paper's text). The search runs here in torch; everything after it (per-position scores,
+fusion, Gaussian smoothing, the map's image score) is `spade_ad.maps`, shared with the torch-free runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .gallery import gallery_fraction
+from .maps import fuse, position_scores, smooth, upsample
 from .search import topk_squared_distances, window_topk_squared_distances
 from .store import FeatureStore
 
@@ -33,8 +36,9 @@ def pixel_anomaly_map(
     memory_budget: int | None = None,
     search_radius: int | None = None,
     max_pairs: int | None = None,
-) -> torch.Tensor:
-    """Unsmoothed pixel anomaly map (H, W) of one test image against the gallery of training images `neighbours`.
+) -> np.ndarray:
+    """Unsmoothed pixel anomaly map (H, W), float32, of one test image against the gallery of training images
+    `neighbours`.
 
     With `max_pairs`, a level whose queries x gallery vectors exceed it (long or large images) searches a reduced
     gallery: the same share of every gallery image's vectors, taken in each image's coreset order (greedy k-centre,
@@ -45,41 +49,38 @@ def pixel_anomaly_map(
     nearest gallery vectors (only those within `search_radius` cells of the same position, if given); "mean" fusion
     averages the per-level maps after bilinear upsampling to `input_size`.
     """
-    def score(query_map: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    def score(query_map: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
         """(h, w) scores of a query map (C, h, w) against gallery maps (K, C, h, w), or rows (M, C) if unwindowed."""
         if search_radius is None:
             squared, _ = topk_squared_distances(query_map.flatten(1).T, gallery, kappa, memory_budget)
         else:
             squared = window_topk_squared_distances(query_map, gallery, kappa, search_radius)
-        per_position = (squared.clamp_min(0).sqrt() if distance == "euclidean" else squared).mean(1)
-        return per_position.reshape(1, *query_map.shape[1:])
+        return position_scores(squared.cpu().numpy(), distance).reshape(query_map.shape[1:])
 
-    def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def resample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
 
     device = maps[0].device
     if fusion == "mean":
         levels = []
         for level, fmap in enumerate(maps):
-            fraction = 1.0
-            if max_pairs is not None and search_radius is None:
-                sizes = store.shapes[neighbours.cpu().numpy(), level]
-                pairs = fmap.shape[1] * fmap.shape[2] * int((sizes[:, 0] * sizes[:, 1]).sum())
-                fraction = min(1.0, max_pairs / pairs)
+            shapes = store.shapes[neighbours.cpu().numpy(), level]
+            fraction = 1.0 if search_radius is not None else \
+                gallery_fraction(fmap.shape[1] * fmap.shape[2], shapes, max_pairs)
             gallery = store.gallery(level, neighbours, device, fraction)
             if search_radius is not None:
-                gallery = _rows_to_maps(gallery, store.shapes[neighbours.cpu().numpy(), level], tuple(fmap.shape))
-            levels.append(upsample(score(fmap, gallery), input_size)[0])
-        return torch.stack(levels).mean(0)
+                gallery = _rows_to_maps(gallery, shapes, tuple(fmap.shape))
+            levels.append(score(fmap, gallery))
+        return fuse(levels, input_size)
     size = tuple(maps[0].shape[1:])
-    query = torch.cat([upsample(m.float(), size) for m in maps], 0)
+    query = torch.cat([resample(m.float(), size) for m in maps], 0)
     gallery = torch.stack([
-        torch.cat([upsample(store.image_map(level, int(n)).to(device).float(), size) for level in range(len(maps))], 0)
+        torch.cat([resample(store.image_map(level, int(n)).to(device).float(), size) for level in range(len(maps))], 0)
         for n in neighbours
     ])  # (K, C, h, w): every training map resampled onto the test image's grid
     if search_radius is None:
         gallery = gallery.permute(0, 2, 3, 1).reshape(-1, query.shape[0])
-    return upsample(score(query, gallery), input_size)[0]
+    return upsample(score(query, gallery), input_size)
 
 
 def _rows_to_maps(rows: torch.Tensor, shapes: np.ndarray, query_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -92,41 +93,6 @@ def _rows_to_maps(rows: torch.Tensor, shapes: np.ndarray, query_shape: tuple[int
             f"training maps are {', '.join(f'{h}x{w}' for h, w in sizes)}; resize the images or use search_radius=None"
         )
     return rows.view(len(shapes), height, width, channels).permute(0, 3, 1, 2)
-
-
-def smooth_map(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing (kernel radius 4 sigma, reflected borders); sigma <= 0 returns the map unchanged.
-
-    Two 1-D passes (the Gaussian is separable): the same result as the 2-D kernel of torchvision's `gaussian_blur`
-    at 2 x 33 instead of 33 x 33 multiply-adds per pixel for sigma 4.
-    """
-    if sigma <= 0:
-        return anomaly_map
-    radius = int(4 * sigma + 0.5)
-    radius = min(radius, min(anomaly_map.shape) - 1)  # reflection padding needs the map to be larger than the radius
-    if radius < 1:
-        return anomaly_map
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=anomaly_map.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    smoothed = anomaly_map.float()[None, None]
-    smoothed = F.conv2d(F.pad(smoothed, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    smoothed = F.conv2d(F.pad(smoothed, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return smoothed[0, 0]
-
-
-#: Share of a map's highest values that image_score="map_top" averages (1%: a defect's area, not one pixel).
-TOP_SHARE = 0.01
-
-
-def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
-    """The map's part of the image score: its maximum, or with "map_top" the mean of its highest TOP_SHARE values
-    (less sensitive to one noisy peak on large, busy images such as long fabric strips)."""
-    if image_score != "map_top":
-        return float(anomaly_map.max())
-    flat = anomaly_map.ravel()
-    count = max(1, int(flat.size * TOP_SHARE))
-    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
 
 
 def knn_image_scores(squared_distances: torch.Tensor, k_image: int) -> torch.Tensor:
@@ -155,7 +121,7 @@ def leave_one_out(
     sigma: float = 4.0,
     device: torch.device | str = "cpu",
     batch: int = 32,
-) -> Iterator[tuple[int, float, torch.Tensor]]:
+) -> Iterator[tuple[int, float, np.ndarray]]:
     """Score every training image against the store without itself: its own global feature leaves its kNN, its own
     maps leave its gallery (the next nearest image takes its place). Yields (index, kNN image score, smoothed map at
     its input size). The queries are the stored features (float16 by default), so the scores differ from a fresh
@@ -179,4 +145,4 @@ def leave_one_out(
                 fusion=fusion, distance=distance, memory_budget=memory_budget, search_radius=search_radius,
                 max_pairs=max_pairs,
             )
-            yield index, float(d[:k_image].mean()), smooth_map(raw, sigma)
+            yield index, float(d[:k_image].mean()), smooth(raw, sigma)

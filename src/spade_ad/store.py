@@ -15,6 +15,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .gallery import gallery_row_indices, gallery_rows, image_offsets
 from .search import coreset_order, ranking_bank, topk_squared_distances
 
 #: Largest share of a GPU's free memory the stored pyramid features may take to be kept there (see FeatureStore).
@@ -42,8 +43,7 @@ class FeatureStore:
     _lock: threading.Lock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        sizes = self.shapes[..., 0] * self.shapes[..., 1]  # (N, L)
-        self._offsets = np.concatenate([np.zeros((1, sizes.shape[1]), dtype=np.int64), sizes.cumsum(0)], 0)
+        self._offsets = image_offsets(self.shapes)
         # Every prediction searches the global features: their ranking bank (which holds them), on the queries'
         # device, is made once per device rather than once per batch.
         self._ranking_on_device = {}
@@ -73,27 +73,19 @@ class FeatureStore:
         them, or with `fraction` < 1 the first ceil(fraction * h * w) of each image's coreset order (a reduced
         gallery that still covers every image's features)."""
         indices = image_indices.cpu().numpy()
-        starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
-        if fraction < 1.0 and self.orders is not None:
-            rows_np = np.concatenate([
-                start + self.orders[level][start:start + max(1, int(np.ceil(fraction * (stop - start))))]
-                for start, stop in zip(starts, stops)
-            ]).astype(np.int64)
-        else:
-            rows_np = None
+        order = self.orders[level] if self.orders is not None else None
         resident = self._device_levels(_with_index(torch.device(device)))
-        if resident is not None:
-            if rows_np is not None:
-                return resident[level][torch.from_numpy(rows_np).to(device)].float()
-            lengths = stops - starts
-            firsts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)  # row index minus output position
-            rows = torch.from_numpy(firsts).to(device) + torch.arange(int(lengths.sum()), device=device)
-            return resident[level][rows].float()
+        if resident is None:  # moved as stored (float16: half the bytes), then widened
+            return torch.from_numpy(gallery_rows(self.levels[level], self._offsets, order, level, indices,
+                                                 fraction)).to(device).float()
+        rows_np = gallery_row_indices(self._offsets, order, level, indices, fraction)
         if rows_np is not None:
-            rows_np.sort()  # a memory map reads fastest in file order; the gallery's order does not matter
-            return torch.from_numpy(np.asarray(self.levels[level][rows_np])).to(device).float()
-        rows = np.concatenate([self.levels[level][a:b] for a, b in zip(starts, stops)], 0)
-        return torch.from_numpy(rows).to(device).float()  # moved as stored (float16: half the bytes), then widened
+            return resident[level][torch.from_numpy(rows_np).to(device)].float()
+        starts, stops = self._offsets[indices, level], self._offsets[indices + 1, level]
+        lengths = stops - starts
+        firsts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)  # row index minus output position
+        rows = torch.from_numpy(firsts).to(device) + torch.arange(int(lengths.sum()), device=device)
+        return resident[level][rows].float()
 
     def _device_levels(self, device: torch.device) -> list[torch.Tensor] | None:
         """The levels as tensors on a GPU, copied on first use if they fit; None on CPU or if they do not fit."""

@@ -1,9 +1,10 @@
 """Render anomaly maps for people: colour heat maps, overlays on the inspected image, mask contours, and the
 annotations a person acts on (a box and peak score per defect region, the verdict in a corner label).
 
-Only numpy, Pillow (ImageDraw with its built-in default font: no font files) and matplotlib's colormap registry are
-used (no pyplot, no GUI backend), so these functions work in servers and tests.  NaN in an anomaly map means "not
-scored" and is shown as such (mid-grey in a heat map, the untouched image in an overlay) rather than as a low score.
+Only numpy and Pillow (ImageDraw with its built-in default font: no font files; a built-in copy of matplotlib's
+"jet" table) are used: no matplotlib, so these functions work in servers, tests and the light runtime install.
+NaN in an anomaly map means "not scored" and is shown as such (mid-grey in a heat map, the untouched image in an
+overlay) rather than as a low score.
 The writers and the service draw through `annotate` and `verdict_label` only, so files and web page look alike.
 """
 
@@ -246,16 +247,39 @@ def _bounds(scores: np.ndarray, vmin: float | None, vmax: float | None) -> tuple
     return low, high
 
 
+#: matplotlib's "jet" colour map as its segment data ((x, value) per channel, piecewise linear): the table is built
+#: here so that rendering needs no matplotlib (the light runtime install); a test checks it equals matplotlib's.
+_JET_SEGMENTS = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+)
+_LUT_SIZE = 256
+
+
+def _lookup_table(cmap: str) -> np.ndarray:
+    """(256, 3) uint8 colours of a colour map, as matplotlib's `Colormap(..., bytes=True)` gives them: "jet" built
+    in, any other matplotlib colour map when matplotlib is installed."""
+    if cmap != "jet":
+        try:
+            import matplotlib  # deferred: only other colour maps need it
+        except ImportError as exc:
+            raise ValueError(f"colour map {cmap!r} needs matplotlib (only 'jet' is built in)") from exc
+        return matplotlib.colormaps[cmap].resampled(_LUT_SIZE)(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+    x = np.linspace(0.0, 1.0, _LUT_SIZE)
+    channels = [np.interp(x, [p for p, _ in seg], [v for _, v in seg]) for seg in _JET_SEGMENTS]
+    return (np.clip(np.stack(channels, 1), 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def _colour(scores: np.ndarray, low: float, high: float, cmap: str) -> np.ndarray:
     """(H, W, 3) uint8 colours of `scores` scaled to [low, high]; NaN → mid-grey."""
-    import matplotlib  # deferred: only colormaps are needed, and importing matplotlib is slow
-
     missing = np.isnan(scores)
     if high > low:
         unit = np.clip((np.where(missing, low, scores) - low) / (high - low), 0.0, 1.0)
     else:
         unit = np.zeros(scores.shape)
-    rgb = matplotlib.colormaps[cmap](unit, bytes=True)[..., :3]
+    index = np.minimum((unit * _LUT_SIZE).astype(np.int64), _LUT_SIZE - 1)
+    rgb = _lookup_table(cmap)[index]
     rgb[missing] = NAN_GREY
     return rgb
 

@@ -44,8 +44,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from .detector import Detector
 from .errors import ImageReadError, OutputError
-from .model import Spade
 from .prediction import Prediction
 from .visualize import annotate, heatmap, overlay, save_png, threshold_color_range, verdict_label, why_picture
 
@@ -106,7 +106,7 @@ class PredictionWriter:
         self._skip_file: IO[str] | None = None
 
     @classmethod
-    def for_model(cls, model: Spade, out_dir: str | Path, *, save_maps: bool = False,
+    def for_model(cls, model: Detector, out_dir: str | Path, *, save_maps: bool = False,
                   overwrite: bool = True, explain: bool = False) -> PredictionWriter:
         """A writer set up for `model`: verdict and region columns, regions.jsonl and annotated overlays when it has
         thresholds; its shared heat-map scale; with `explain`, the "why" pictures from its training thumbnails."""

@@ -220,7 +220,7 @@ def create_app(
         return ModelInfo(
             version=__version__,
             model_file=shown_file,
-            backbone=model.backbone_.name,
+            backbone=model.backbone,
             settings=model_settings(model),
             image_threshold=model.image_threshold_,
             pixel_threshold=model.pixel_threshold_,

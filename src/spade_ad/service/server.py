@@ -21,14 +21,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .app import create_app
 from .config import MAX_HEADER_BYTES, ServiceSettings
 from .context import logger
-
-if TYPE_CHECKING:
-    from ..model import Spade
 
 __all__ = ["BODY_GRACE", "load_private_copy", "run_server", "timed_protocol"]
 
@@ -38,21 +35,34 @@ _TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnect
 
 
 def load_private_copy(
-    model_path: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None, device: str | None = None
-) -> Spade:
-    """`spade_ad.model.load` from a private copy of `model_path` whose name is removed once loaded (see the module's
-    description). Errors name `model_path`, not the copy."""
+    model_path: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None, device: str | None = None,
+    engine: str | None = None,
+) -> Any:
+    """The model (`spade_ad.loading.open_model`: a model file on torch, or a bundle folder on the torch-free runtime)
+    from a private copy of `model_path` whose name is removed once loaded (see the module's description). Errors
+    name `model_path`, not the copy."""
     from ..errors import ModelFileError
-    from ..model import load
+    from ..loading import open_model
+    from ..runtime.bundle import is_bundle
 
+    if is_bundle(model_path):
+        folder = tempfile.mkdtemp(prefix="spade-ad-serve-")
+        try:
+            copy = shutil.copytree(model_path, os.path.join(folder, "bundle"))
+            try:
+                return open_model(copy, weights=weights, device=device, engine=engine)
+            except ModelFileError as exc:
+                raise ModelFileError(str(exc).replace(copy, os.fspath(model_path))) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # open memory maps keep their data
     if not Path(model_path).is_file():
-        return load(model_path, weights=weights, device=device)  # the library's own "not found" error
+        return open_model(model_path, weights=weights, device=device, engine=engine)  # the library's "not found"
     handle, name = tempfile.mkstemp(prefix="spade-ad-serve-", suffix=".safetensors")
     try:
         with open(model_path, "rb") as source, os.fdopen(handle, "wb") as target:
             shutil.copyfileobj(source, target, 2**20)
         try:
-            return load(name, weights=weights, device=device)
+            return open_model(name, weights=weights, device=device, engine=engine)
         except ModelFileError as exc:
             raise ModelFileError(str(exc).replace(name, os.fspath(model_path))) from None
     finally:
@@ -136,12 +146,20 @@ def run_server(
     *,
     weights: str | os.PathLike[str] | None = None,
     device: str | None = None,
+    engine: str | None = None,
 ) -> None:
-    """Load the model once (from a private copy of its file) and serve it with uvicorn until interrupted."""
+    """Load the model once (from a private copy of its file, or of its bundle folder: then without torch) and serve
+    it with uvicorn until interrupted."""
     import uvicorn
 
+    from ..errors import SettingError
+    from ..runtime.bundle import is_bundle
+
     settings = settings or ServiceSettings()
-    model = load_private_copy(model_path, weights=weights, device=device)
+    if settings.allow_add and is_bundle(model_path):
+        raise SettingError("allow_add", "needs a model file: a bundle cannot learn new good images", True,
+                           "serve the model file, or leave out --allow-add")
+    model = load_private_copy(model_path, weights=weights, device=device, engine=engine)
     # `POST /v1/good` (with allow_add) saves the model to the user's file, not to the private copy.
     app = create_app(model, settings, model_file=os.path.basename(os.fspath(model_path)),
                      save_to=model_path if settings.allow_add else None)

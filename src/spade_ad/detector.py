@@ -1,0 +1,75 @@
+"""What every fitted detector does once it has a score: thresholds, verdicts and the Prediction it returns.
+
+Shared, torch-free, by the torch estimator (`spade_ad.model.Spade`) and the torch-free runtime
+(`spade_ad.runtime.Runtime`): both hold a `calibration_` (`spade_ad.calibration.Calibration`), a `score_scale_`
+and an `image_score` setting, and inherit from `Detector` how scores are combined, how thresholds move and how a
+Prediction is made, so the two paths cannot give different verdicts for the same score.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import calibration
+from . import settings as settings_table
+from .calibration import Calibration, normalized_scores, p_values
+from .errors import SettingError
+from .prediction import Prediction
+
+
+class Detector:
+    """Thresholds and verdicts of a fitted detector (a mixin: subclasses set `calibration_`, `score_scale_`,
+    `image_score` and define `_check_fitted`)."""
+
+    calibration_: Calibration
+    score_scale_: dict[str, tuple[float, float]]
+    image_score: str
+
+    def _check_fitted(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _apply_calibration(self) -> None:
+        self.image_threshold_ = self.calibration_.image_threshold
+        self.pixel_threshold_ = self.calibration_.pixel_threshold
+        self.calibration_scores_ = list(self.calibration_.scores)
+
+    def _combine(self, map_max: np.ndarray, knn: np.ndarray) -> np.ndarray:
+        """Image scores from their map part and kNN part, per the `image_score` setting."""
+        return calibration.combine_scores(self.image_score, self.score_scale_, map_max, knn)
+
+    def set_thresholds(
+        self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,
+        pixel_false_alarm_rate: float | None = None,
+    ) -> Any:
+        """Move the thresholds of a fitted model: to a score (`image`, `pixel`) or to a false-alarm rate, computed
+        from the good calibration scores kept at fit time. Returns self."""
+        self._check_fitted()
+        for name, first, second in (("threshold", image, false_alarm_rate),
+                                    ("pixel_threshold", pixel, pixel_false_alarm_rate)):
+            if first is not None and second is not None:
+                raise SettingError(name, "and its false-alarm rate cannot both be given", first, "one of them")
+        rates = {name: settings_table.BY_NAME[name].validate(value) for name, value in
+                 (("false_alarm_rate", false_alarm_rate), ("pixel_false_alarm_rate", pixel_false_alarm_rate))
+                 if value is not None}
+        try:
+            self.calibration_ = calibration.moved(self.calibration_, image=image, pixel=pixel, **rates)
+        except ValueError as exc:
+            raise SettingError(next(iter(rates)), str(exc), None, "a model fitted with calibration") from exc
+        self._apply_calibration()
+        return self
+
+    def _prediction(self, map_part: float, knn_part: float, **fields: Any) -> Prediction:
+        """The Prediction of one image from its score parts: score, verdict, normalised score and p-value at the
+        current thresholds; `fields` are the rest (name, path, maps, geometry, image, neighbours, explanation)."""
+        cal = self.calibration_
+        score = float(self._combine(np.array([map_part]), np.array([knn_part]))[0])
+        threshold = cal.image_threshold
+        return Prediction(
+            score=score, is_anomalous=None if threshold is None else bool(score > threshold),
+            pixel_threshold=cal.pixel_threshold, image_threshold=threshold,
+            normalized_score=None if threshold is None or cal.median is None
+            else float(normalized_scores([score], cal.median, threshold)[0]),
+            p_value=float(p_values([score], cal.scores)[0]) if cal.scores else None, **fields,
+        )

@@ -1,0 +1,92 @@
+"""Anomaly maps after the search, in numpy and scipy only: per-position scores from neighbour distances, fusion of
+the pyramid levels, Gaussian smoothing, the map's part of the image score and the map at the original image size.
+
+Written once for both scoring paths: the torch path (`spade_ad.scoring`, CPU or GPU search) hands its per-level
+distance maps here, and the torch-free runtime (`spade_ad.runtime`) does the same with its numpy search, so the
+two cannot drift apart. The maps here are small (a few hundred thousand values): numpy costs about as much as torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import Geometry
+
+#: Share of a map's highest values that image_score="map_top" averages (1%: a defect's area, not one pixel).
+TOP_SHARE = 0.01
+
+
+def position_scores(squared: np.ndarray, distance: str) -> np.ndarray:
+    """Each query position's score (Q,) from its kappa smallest squared distances (Q, kappa): the mean Euclidean
+    distance ("euclidean") or mean squared distance ("squared")."""
+    squared = np.asarray(squared, dtype=np.float32)
+    values = np.sqrt(np.maximum(squared, 0)) if distance == "euclidean" else squared
+    return values.mean(axis=1)
+
+
+def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D map to `size` (height, width) with half-pixel centres and clamped borders: the
+    convention of torch's `interpolate(..., mode="bilinear", align_corners=False)` (checked by a test). Separable:
+    rows, then columns, two source values per output value."""
+    grid = np.asarray(grid, dtype=np.float32)
+    rows = _linear_taps(grid.shape[0], size[0])
+    cols = _linear_taps(grid.shape[1], size[1])
+    tall = grid[rows[0]] * rows[2][:, None] + grid[rows[1]] * rows[3][:, None]
+    return tall[:, cols[0]] * cols[2] + tall[:, cols[1]] * cols[3]
+
+
+def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first index, second index, first weight, second weight) of each output position along one axis."""
+    if source == target:
+        index = np.arange(target)
+        return index, index, np.ones(target, np.float32), np.zeros(target, np.float32)
+    position = np.maximum((np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5, 0.0)
+    first = np.minimum(np.floor(position).astype(np.int64), source - 1)
+    second = np.minimum(first + 1, source - 1)
+    weight = (position - first).astype(np.float32)
+    return first, second, 1 - weight, weight
+
+
+def fuse(level_maps: list[np.ndarray], input_size: tuple[int, int]) -> np.ndarray:
+    """"mean" fusion: every level's (h_l, w_l) score map upsampled to the network input size and averaged."""
+    return np.mean([upsample(grid, input_size) for grid in level_maps], axis=0, dtype=np.float32)
+
+
+def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing: kernel radius 4 sigma (at most the map's shorter side minus one), mirrored borders
+    (d c b | a b c d), two 1-D passes (the Gaussian is separable); sigma <= 0 returns the map unchanged."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    if sigma <= 0:
+        return anomaly_map
+    radius = min(int(4 * sigma + 0.5), min(anomaly_map.shape) - 1)
+    if radius < 1:
+        return anomaly_map
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    smoothed = ndimage.correlate1d(anomaly_map, kernel, axis=1, mode="mirror")
+    return ndimage.correlate1d(smoothed, kernel, axis=0, mode="mirror")
+
+
+def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
+    """The map's part of the image score: its maximum, or with "map_top" the mean of its highest TOP_SHARE values
+    (less sensitive to one noisy peak on large, busy images such as long fabric strips)."""
+    if image_score != "map_top":
+        return float(anomaly_map.max())
+    flat = anomaly_map.ravel()
+    count = max(1, int(flat.size * TOP_SHARE))
+    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
+
+
+def map_to_original(anomaly_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Resize a map at input resolution onto the whole original image; pixels outside the scored box are NaN."""
+    height, width = geometry.original_size
+    left, top, right, bottom = geometry.crop_box
+    box = (int(round(left)), int(round(top)), int(round(right)), int(round(bottom)))
+    inner = upsample(anomaly_map, (box[3] - box[1], box[2] - box[0]))
+    if box == (0, 0, width, height):
+        return inner
+    full = np.full((height, width), np.nan, dtype=np.float32)
+    full[box[1]:box[3], box[0]:box[2]] = inner
+    return full
