@@ -63,6 +63,7 @@ skip_bad_option = click.option("--skip-bad", is_flag=True, help="Skip unreadable
                                "output) instead of stopping at the first one.")
 
 
+# The engines of `spade_ad.runtime.engines.ENGINES`, spelled out: importing it would load numpy for `--help`.
 engine_option = click.option("--engine", type=click.Choice(["onnxruntime", "openvino"]), default=None,
                              help="Inference engine for a bundle [default: onnxruntime]; model files run on torch.")
 

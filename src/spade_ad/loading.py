@@ -9,9 +9,6 @@ from typing import Any
 from .errors import SettingError
 from .runtime.bundle import is_bundle
 
-#: Inference engines for bundles (`--engine`); model files always run on torch.
-ENGINES = ("onnxruntime", "openvino")
-
 
 def open_model(path: str | Path, *, weights: str | Path | None = None, device: str | None = None,
                engine: str | None = None) -> Any:
