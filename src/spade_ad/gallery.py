@@ -51,3 +51,10 @@ def gallery_rows(level_rows: np.ndarray, offsets: np.ndarray, order: np.ndarray 
         return np.asarray(level_rows[rows])
     starts, stops = offsets[images, level], offsets[images + 1, level]
     return np.concatenate([level_rows[a:b] for a, b in zip(starts, stops)], 0)
+
+
+def image_map(level_rows: np.ndarray, offsets: np.ndarray, shapes: np.ndarray, level: int, index: int) -> np.ndarray:
+    """Training image `index`'s stored map at `level` as float32 (C, h, w)."""
+    h, w = (int(v) for v in shapes[index, level])
+    start = int(offsets[index, level])
+    return np.asarray(level_rows[start:start + h * w], dtype=np.float32).T.reshape(-1, h, w)

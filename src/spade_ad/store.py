@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .gallery import gallery_row_indices, gallery_rows, image_offsets
+from .gallery import gallery_row_indices, gallery_rows, image_map, image_offsets
 from .search import coreset_order, ranking_bank, topk_squared_distances
 
 #: Largest share of a GPU's free memory the stored pyramid features may take to be kept there (see FeatureStore).
@@ -100,10 +100,7 @@ class FeatureStore:
 
     def image_map(self, level: int, index: int) -> torch.Tensor:
         """Training image `index`'s feature map at `level` as float32 (C_l, h, w)."""
-        h, w = (int(v) for v in self.shapes[index, level])
-        start = int(self._offsets[index, level])
-        rows = torch.from_numpy(np.array(self.levels[level][start:start + h * w], dtype=np.float32))
-        return rows.T.reshape(-1, h, w)
+        return torch.from_numpy(image_map(self.levels[level], self._offsets, self.shapes, level, index))
 
 
 def _with_index(device: torch.device) -> torch.device:

@@ -21,7 +21,14 @@ from ..detector import Detector
 from ..errors import ImageReadError, SettingError
 from ..explain import explain as explain_region
 from ..explain import strongest_region
-from ..gallery import all_row_indices, gallery_fraction, gallery_row_indices, gallery_rows, image_offsets
+from ..gallery import (
+    all_row_indices,
+    gallery_fraction,
+    gallery_row_indices,
+    gallery_rows,
+    image_map,
+    image_offsets,
+)
 from ..geometry import image_to_array, plan_geometry
 from ..inputs import ImageItem, collect_images, iter_loaded
 from ..maps import fuse, map_score, map_to_original, position_scores, smooth
@@ -150,8 +157,8 @@ class Runtime(Detector):
         if explain:
             first = int(neighbours[0])
             region = strongest_region(anomaly_map, self.pixel_threshold_, self.strides[-1])
-            why = explain_region(levels, self.strides, [self._image_map(lv, first) for lv in range(len(levels))],
-                                 first, self.train_names_[first], region)
+            normal = [image_map(self.levels[lv], self._offsets, self.shapes, lv, first) for lv in range(len(levels))]
+            why = explain_region(levels, self.strides, normal, first, self.train_names_[first], region)
         return self._prediction(
             map_score(anomaly_map, self.image_score), float(distances[:self.k_image].mean()),
             name=item.name, path=item.path, anomaly_map=anomaly_map, geometry=geometry,
@@ -166,27 +173,20 @@ class Runtime(Detector):
         for level, fmap in enumerate(levels):
             positions = fmap.shape[1] * fmap.shape[2]
             fraction = gallery_fraction(positions, self.shapes[gallery, level], self.max_search_pairs)
-            queries = fmap.reshape(fmap.shape[0], -1).T
-            if self._rankings is None:
-                bank = gallery_rows(self.levels[level], self._offsets, self.orders[level], level, gallery, fraction)
-                squared, _ = topk_squared_distances(queries, bank, self.kappa, self.memory_budget)
-            else:
+            if self._rankings is None:  # widen this gallery only
+                ranking = ranking_bank(gallery_rows(self.levels[level], self._offsets, self.orders[level], level,
+                                                    gallery, fraction))
+            else:  # gather the gallery from the level widened once
                 if self._rankings[level] is None:
                     self._rankings[level] = ranking_bank(self.levels[level])
                 rows = gallery_row_indices(self._offsets, self.orders[level], level, gallery, fraction)
                 ranking = self._rankings[level][all_row_indices(self._offsets, level, gallery) if rows is None
                                                 else rows]
-                squared, _ = topk_squared_distances(queries, ranking[:, :-1], self.kappa, self.memory_budget,
-                                                    ranking=ranking)
+            queries = fmap.reshape(fmap.shape[0], -1).T
+            squared, _ = topk_squared_distances(queries, ranking[:, :-1], self.kappa, self.memory_budget,
+                                                ranking=ranking)
             level_maps.append(position_scores(squared, self.distance).reshape(fmap.shape[1:]))
         return fuse(level_maps, input_size)
-
-    def _image_map(self, level: int, index: int) -> np.ndarray:
-        """Training image `index`'s stored map at `level` as float32 (C, h, w)."""
-        h, w = (int(v) for v in self.shapes[index, level])
-        start = int(self._offsets[index, level])
-        return np.asarray(self.levels[level][start:start + h * w], dtype=np.float32).T.reshape(-1, h, w)
-
 
 def load_bundle(path: str | Path, *, engine: str = "onnxruntime", threads: int | None = None) -> Runtime:
     """Read and verify a bundle (`spade-ad export`) and open its graph: a `Runtime` ready to predict."""
