@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from spade_ad import numpy_search
 from spade_ad.scoring import pixel_anomaly_map
 from spade_ad.search import ranking_bank, topk_squared_distances, window_topk_squared_distances
 from spade_ad.store import FeatureStoreWriter
@@ -30,6 +31,27 @@ def test_topk_matches_brute_force(k: int, budget: int) -> None:
     chosen = np.take_along_axis(reference, indices.numpy(), axis=1)
     np.testing.assert_allclose(chosen, expected, rtol=RTOL)
     assert np.all(np.diff(distances.numpy(), axis=1) >= 0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("budget", [64, 4096, 2**24])
+@pytest.mark.parametrize("bank_dtype", [np.float32, np.float16])
+def test_numpy_search_matches_brute_force_and_the_torch_search(k: int, budget: int, bank_dtype: type) -> None:
+    # The CPU search of both scoring paths (the torch path's and the runtime's): the same neighbours and distances
+    # as a float64 brute force and as the torch search, with query blocks spread over worker threads.
+    rng = np.random.default_rng(10 + k)
+    queries = (rng.normal(size=(301, 11)) * 3 + 5).astype(np.float32)
+    bank = (rng.normal(size=(203, 11)) * 3 + 5).astype(bank_dtype)
+    distances, indices = numpy_search.topk_squared_distances(queries, bank, k, budget)
+    reference = _brute_force_sq(queries, bank)
+    expected = np.sort(reference, axis=1)[:, :k]
+    np.testing.assert_allclose(distances, expected, rtol=RTOL)
+    np.testing.assert_allclose(np.take_along_axis(reference, indices, axis=1), expected, rtol=RTOL)
+    torch_distances, torch_indices = topk_squared_distances(
+        torch.from_numpy(queries), torch.from_numpy(bank.astype(np.float32)), k, budget)
+    np.testing.assert_allclose(distances, torch_distances.numpy(), rtol=RTOL)
+    assert np.array_equal(indices, torch_indices.numpy())  # random data: no ties
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
 
 
 def test_ranking_bank_ranks_by_squared_distance_and_can_be_reused() -> None:

@@ -2,7 +2,9 @@
 
 Pixel stage: each test position scores the mean distance to its kappa nearest gallery vectors, per pyramid level
 ("mean" fusion: per-level maps upsampled to the input size and averaged) or over the channel-concatenated pyramid
-("concat" fusion, the paper's text). The search runs here in torch; everything after it (per-position scores,
+("concat" fusion, the paper's text). The search runs in torch on a GPU and in `spade_ad.numpy_search` on the CPU
+(the runtime's search: single-threaded BLAS in one worker thread per core, which holds up far better than torch's
+intra-op threads when other work shares the cores; see benchmarks/bench_long_images.py); everything after it (per-position scores,
 fusion, Gaussian smoothing, the map's image score) is `spade_ad.maps`, shared with the torch-free runtime.
 """
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import numpy_search
 from .gallery import gallery_fraction
 from .maps import fuse, position_scores, smooth, upsample
 from .search import topk_squared_distances, window_topk_squared_distances
@@ -51,6 +54,10 @@ def pixel_anomaly_map(
     """
     def score(query_map: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
         """(h, w) scores of a query map (C, h, w) against gallery maps (K, C, h, w), or rows (M, C) if unwindowed."""
+        if search_radius is None and query_map.device.type == "cpu":
+            squared, _ = numpy_search.topk_squared_distances(query_map.flatten(1).T.numpy(), gallery.numpy(), kappa,
+                                                             memory_budget)
+            return position_scores(squared, distance).reshape(query_map.shape[1:])
         if search_radius is None:
             squared, _ = topk_squared_distances(query_map.flatten(1).T, gallery, kappa, memory_budget)
         else:
