@@ -4,8 +4,9 @@ Pixel stage: each test position scores the mean distance to its kappa nearest ga
 ("mean" fusion: per-level maps upsampled to the input size and averaged) or over the channel-concatenated pyramid
 ("concat" fusion, the paper's text). The search runs in torch on a GPU and in `spade_ad.numpy_search` on the CPU
 (the runtime's search: single-threaded BLAS in one worker thread per core, which holds up far better than torch's
-intra-op threads when other work shares the cores; see benchmarks/bench_long_images.py); everything after it (per-position scores,
-fusion, Gaussian smoothing, the map's image score) is `spade_ad.maps`, shared with the torch-free runtime.
+intra-op threads when other work shares the cores; see benchmarks/bench_long_images.py); everything after it
+(per-position scores, fusion, Gaussian smoothing, the map's image score) is `spade_ad.maps`, shared with the
+torch-free runtime.
 """
 
 from __future__ import annotations
