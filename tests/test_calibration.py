@@ -75,10 +75,10 @@ def test_leave_one_out_score_is_the_score_without_the_image(synthetic_root: Path
     full = Spade(**settings, image_score="fused").fit(train)
     parts = list(full._leave_one_out_scores())
     for index in (0, 5):
-        without = Spade(**settings, calibration="none", image_score="map_max").fit(
+        without = Spade(**settings, calibration="none", image_score="map_top").fit(
             [p for i, p in enumerate(train) if i != index])
         [fresh] = list(without._predict_parts([train[index]]))
-        assert parts[index][0] == pytest.approx(fresh[0], rel=1e-3)  # map maximum
+        assert parts[index][0] == pytest.approx(fresh[0], rel=1e-3)  # the map part (fused: the top 1%)
         assert parts[index][1] == pytest.approx(fresh[1], rel=1e-3)  # kNN score
 
 
@@ -132,7 +132,7 @@ def test_holdout_and_validation_calibration(synthetic_root: Path) -> None:
     assert holdout.calibration_.source == "holdout" and holdout.calibration_.n == 3 and holdout.store_.n_images == 9
     validation = Spade(k_gallery=4, device="cpu", progress=False).fit(train[:8], validation=train[8:])
     assert validation.calibration_.source == "validation" and validation.calibration_.n == 4
-    none = Spade(k_gallery=4, device="cpu", progress=False, calibration="none").fit(train)
+    none = Spade(k_gallery=4, device="cpu", progress=False, calibration="none", image_score="map_top").fit(train)
     assert none.image_threshold_ is None and none.predict(train[:1])[0].is_anomalous is None
     with pytest.raises(SettingError, match="image_score"):
         Spade(calibration="none", image_score="fused", device="cpu").fit(train)
@@ -159,3 +159,20 @@ def test_adding_a_flagged_image_as_good(synthetic_root: Path) -> None:
         np.testing.assert_array_equal(after[str(path)].anomaly_map, before[str(path)].anomaly_map)
         unchanged += 1
     assert unchanged > 0
+
+
+def test_fused_score_without_calibration_scores_is_refused_in_one_line(synthetic_root: Path) -> None:
+    """image_score="fused" (the default) scales its parts by their spread on good calibration scores: a fit that
+    would have none (one training image, or holdout with too few to hold any out) is refused before any feature
+    is extracted, naming the setting; a fused model whose calibration was taken away fails the same way."""
+    train = list_images(synthetic_root / "train" / "good")
+    for settings, images in (({}, train[:1]), ({"calibration": "holdout"}, train[:5]), ({"calibration": "none"}, train)):
+        with pytest.raises(SettingError, match="image_score") as caught:
+            Spade(k_gallery=2, device="cpu", progress=False, **settings).fit(images)
+        assert "\n" not in str(caught.value)
+    assert Spade(k_gallery=2, device="cpu", progress=False, image_score="map_top").fit(train[:1]).predict(
+        train[:1])[0].is_anomalous is None  # the other image scores fit on one image, without thresholds
+    model = Spade(k_gallery=2, device="cpu", progress=False).fit(train[:3])
+    model.score_scale_ = {}
+    with pytest.raises(SettingError, match="calibrate"):
+        model.predict(train[:1])

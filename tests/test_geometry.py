@@ -90,3 +90,16 @@ def test_limits_are_module_constants(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(geometry, "MAX_INPUT_PIXELS", 224 * 224 - 1)
     with pytest.raises(ImageTooLargeError, match="50,176 pixels"):
         plan_geometry((224, 224), 224, "keep_aspect")
+
+
+def test_global_view_is_the_square_image_unless_the_input_already_is() -> None:
+    """global_view="square": a long input's global view is the same scored region squashed to image_size^2; a square
+    input is its own view (no second pass), and "input" never makes one."""
+    long_input = plan_geometry((256, 4096), 224, "keep_aspect")
+    view = geometry.global_view_geometry(long_input, 224, "square")
+    assert view is not None and view.input_size == (224, 224) and view.crop_box == long_input.crop_box
+    assert view.original_size == long_input.original_size
+    assert geometry.global_view_geometry(long_input, 224, "input") is None
+    for square in (plan_geometry((900, 900), 224, "keep_aspect"), plan_geometry((256, 4096), 224, "squash"),
+                   plan_geometry((600, 800), 224, "paper_crop")):
+        assert geometry.global_view_geometry(square, 224, "square") is None

@@ -76,7 +76,7 @@ def test_thresholds_come_from_normal_images_and_give_verdicts(fitted_model: Spad
 
 def test_calibration_can_be_disabled_or_use_a_validation_folder(synthetic_root: Path) -> None:
     train = synthetic_root / "train" / "good"
-    plain = Spade(k_gallery=3, calibration="none", progress=False).fit(train)
+    plain = Spade(k_gallery=3, calibration="none", image_score="map_top", progress=False).fit(train)
     assert plain.image_threshold_ is None and plain.store_.n_images == 12
     assert plain.predict(list_images(synthetic_root / "test" / "good")[:1])[0].is_anomalous is None
     with_validation = Spade(k_gallery=3, progress=False).fit(train, validation=synthetic_root / "test" / "good")
@@ -93,7 +93,11 @@ def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: 
         assert prediction.original_map.shape == (160, 224)
         assert np.isfinite(prediction.original_map).all() and prediction.original_map.min() >= 0
         top = np.sort(prediction.anomaly_map.ravel())[-int(prediction.anomaly_map.size * 0.01):]
-        assert prediction.score == pytest.approx(float(top.mean()))  # image_score="map_top": the top 1% of the map
+        knn = np.mean([distance for _, distance in prediction.neighbours])  # the k_image nearest global features
+        (map_median, map_spread), (knn_median, knn_spread) = (fitted_model.score_scale_[k] for k in ("map", "knn"))
+        # image_score="fused": the top 1% of the map and the kNN score, each scaled by its spread on good images
+        assert prediction.score == pytest.approx(
+            0.5 * ((float(top.mean()) - map_median) / map_spread + (knn - knn_median) / knn_spread), rel=1e-5)
     scores = [p.score for p in predictions]
     maps = [p.original_map for p in predictions]
     full_masks = [m if m is not None else np.zeros((160, 224), bool) for m in masks]
@@ -237,3 +241,23 @@ def test_upsample_equals_torch_bilinear(source: tuple[int, int], target: tuple[i
     expected = torch.nn.functional.interpolate(grid[None, None], size=target, mode="bilinear",
                                                align_corners=False)[0, 0]
     np.testing.assert_allclose(upsample(grid.numpy(), target), expected.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("global_view", ["square", "input"])
+def test_global_feature_comes_from_the_global_view(synthetic_root: Path, global_view: str) -> None:
+    """The stored global feature of a non-square training image is the backbone's pooled feature of the image
+    squashed to image_size x image_size (global_view="square"), or of the network input itself ("input")."""
+    from spade_ad.geometry import image_to_array, plan_geometry
+
+    train = list_images(synthetic_root / "train" / "good")[:3]
+    model = Spade(k_gallery=2, device="cpu", progress=False, global_view=global_view).fit(train)
+    image = Image.open(train[1]).convert("RGB")
+    views = {mode: torch.from_numpy(image_to_array(image, plan_geometry((image.height, image.width), 224, mode)))
+             for mode in ("squash", "keep_aspect")}
+    assert views["squash"].shape[1:] == (224, 224) and views["keep_aspect"].shape[1:] != (224, 224)
+    with torch.no_grad():
+        expected = {mode: model.backbone_(view[None])[1][0] for mode, view in views.items()}
+    stored = model.store_.global_features[model.train_names_.index(str(train[1]))]
+    same, other = ("squash", "keep_aspect") if global_view == "square" else ("keep_aspect", "squash")
+    assert torch.allclose(stored, expected[same], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(stored, expected[other], rtol=1e-2, atol=1e-2)

@@ -183,3 +183,16 @@ def test_leftover_feature_folders_do_not_break_a_fit(tmp_path: Path) -> None:
     fresh = [p for p in features.iterdir() if p != leftover]
     assert len(fresh) == 1 and fresh[0].name.startswith("spade-ad-features-")
     assert spade_ad.load(model.save(tmp_path / "m.safetensors")).store_.n_images == 4
+
+
+def test_format_2_files_are_refused_with_a_refit_message(saved_model: Path, tmp_path: Path) -> None:
+    """A format-2 file predates the square global view and the fused score: its scores would change meaning, so it
+    is refused in one line that says to refit, never scored differently."""
+    with safe_open(str(saved_model), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**metadata, "format_version": "2"})
+    with pytest.raises(ModelFileError, match=r"format 2.*re-fit it with `spade-ad fit`") as caught:
+        spade_ad.load(old)
+    assert "\n" not in str(caught.value)

@@ -118,7 +118,8 @@ def test_bundle_layout_and_checks(bundle: Path, model_file: Path, tmp_path: Path
 
 
 def test_export_refuses_what_the_runtime_does_not_implement(synthetic_root: Path, tmp_path: Path) -> None:
-    model = Spade(k_gallery=3, fusion="concat", progress=False, calibration="none", thumbnail_size=0)
+    model = Spade(k_gallery=3, fusion="concat", progress=False, calibration="none", image_score="map_top",
+                  thumbnail_size=0)
     model.fit(sorted((synthetic_root / "train" / "good").glob("*.png"))[:3])
     with pytest.raises(SettingError, match="fusion"):
         export_bundle(model, tmp_path / "b")

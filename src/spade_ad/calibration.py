@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SettingError
+
 #: Rates at which the good pixels' quantiles are kept (log-spaced from 1e-6 to 0.5), for `pixel_threshold_at`.
 PIXEL_RATES = np.geomspace(1e-6, 0.5, 121)
 
@@ -125,30 +127,33 @@ def robust_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
     return median, 1.0
 
 
-def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_max: np.ndarray,
+def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_part: np.ndarray,
                    knn: np.ndarray) -> np.ndarray:
-    """The image score from its two parts: the map's part (its maximum, or the mean of its top values with
-    "map_top"), the global kNN score, or ("fused") their average after each is scaled by its (median, spread) on
-    good images."""
-    map_max, knn = np.asarray(map_max, dtype=np.float64), np.asarray(knn, dtype=np.float64)
+    """The image score from its two parts: the map's part (the mean of its top values, or with "map_max" its
+    maximum: `spade_ad.maps.map_score`), the global kNN score, or ("fused") their average after each is scaled by
+    its (median, spread) on good images."""
+    map_part, knn = np.asarray(map_part, dtype=np.float64), np.asarray(knn, dtype=np.float64)
     if image_score in ("map_max", "map_top"):
-        return map_max
+        return map_part
     if image_score == "knn":
         return knn
-    (m1, s1), (m2, s2) = scale["map_max"], scale["knn"]
-    return 0.5 * ((map_max - m1) / s1 + (knn - m2) / s2)
+    if "map" not in scale or "knn" not in scale:
+        raise SettingError("image_score", "needs a calibrated model to scale its parts", image_score,
+                           "calibrate the model on good images (spade-ad calibrate --good DIR), or map_top")
+    (m1, s1), (m2, s2) = scale["map"], scale["knn"]
+    return 0.5 * ((map_part - m1) / s1 + (knn - m2) / s2)
 
 
 def calibrate(
-    map_maxima: Sequence[float], knn_scores: Sequence[float], pixel_samples: np.ndarray, *, image_score: str,
+    map_parts: Sequence[float], knn_scores: Sequence[float], pixel_samples: np.ndarray, *, image_score: str,
     false_alarm_rate: float, pixel_false_alarm_rate: float, source: str,
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
     """Thresholds and score scales from good images' score parts and a sample of their map values."""
-    if len(map_maxima) == 0:
+    if len(map_parts) == 0:
         return Calibration("none", [], false_alarm_rate, None, pixel_false_alarm_rate, None,
                            note="no thresholds: no good images to calibrate on"), {}
-    scale = {"map_max": robust_scale(map_maxima), "knn": robust_scale(knn_scores)}
-    scores = sorted(combine_scores(image_score, scale, np.asarray(map_maxima), np.asarray(knn_scores)).tolist())
+    scale = {"map": robust_scale(map_parts), "knn": robust_scale(knn_scores)}
+    scores = sorted(combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores)).tolist())
     threshold, note = conformal_threshold(scores, false_alarm_rate)
     quantiles = pixel_quantiles(pixel_samples)
     return Calibration(

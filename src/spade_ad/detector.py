@@ -35,9 +35,9 @@ class Detector:
         self.pixel_threshold_ = self.calibration_.pixel_threshold
         self.calibration_scores_ = list(self.calibration_.scores)
 
-    def _combine(self, map_max: np.ndarray, knn: np.ndarray) -> np.ndarray:
+    def _combine(self, map_part: np.ndarray, knn: np.ndarray) -> np.ndarray:
         """Image scores from their map part and kNN part, per the `image_score` setting."""
-        return calibration.combine_scores(self.image_score, self.score_scale_, map_max, knn)
+        return calibration.combine_scores(self.image_score, self.score_scale_, map_part, knn)
 
     def set_thresholds(
         self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,

@@ -8,6 +8,11 @@ Resize modes:
 - "paper_crop": the paper's protocol: squash to round(image_size * 8 / 7) (256 for 224), then centre-crop
   `image_size`. Pixels outside the crop are not scored: their value in a map at the original size is NaN.
 
+The global view (setting `global_view`) is the image whose pooled last-stage feature picks the gallery and gives the
+kNN image score: with "square" (default) the scored region squashed to `image_size` x `image_size`, so a long strip
+is summarised at once at a coarser scale along its length (as PatchCore and PaDiM see every image); for a square
+input it is the input itself and costs nothing. With "input" it is the network input.
+
 The network input is bounded whatever the file's size: an image whose planned input would hold more than
 `MAX_INPUT_PIXELS` pixels or be more elongated than `MAX_ASPECT_RATIO`:1 (a 2000 x 8 strip kept to scale becomes
 224 x 56,000) is refused with an `ImageTooLargeError`, and is then skipped or reported like an unreadable image.
@@ -25,6 +30,7 @@ from PIL import Image
 from .errors import ImageTooLargeError
 
 ResizeMode = Literal["keep_aspect", "squash", "paper_crop"]
+GlobalView = Literal["square", "input"]
 RESIZE_MODES: tuple[str, ...] = ("keep_aspect", "squash", "paper_crop")
 _MULTIPLE = 32
 #: Most pixels of one network input: 224 x 4096 x 2 (a 4096 x 256 fabric image at image_size 224 is 224 x 3584).
@@ -63,6 +69,15 @@ def plan_geometry(original_size: tuple[int, int], image_size: int, mode: ResizeM
         box = (margin * width, margin * height, (1 - margin) * width, (1 - margin) * height)
         return Geometry(original_size, (image_size, image_size), box)
     raise ValueError(f"unknown resize mode {mode!r}: use one of {RESIZE_MODES}")
+
+
+def global_view_geometry(geometry: Geometry, image_size: int, view: GlobalView) -> Geometry | None:
+    """The geometry of the image's global view, or None when that view is the network input itself (view "input",
+    or a square input): "square" squashes the scored region to `image_size` x `image_size`."""
+    height, width = geometry.input_size
+    if view == "input" or height == width:
+        return None
+    return Geometry(geometry.original_size, (image_size, image_size), geometry.crop_box)
 
 
 def _check_input_size(input_size: tuple[int, int], original_size: tuple[int, int], name: object) -> None:

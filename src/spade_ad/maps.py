@@ -70,9 +70,10 @@ def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
-    """The map's part of the image score: its maximum, or with "map_top" the mean of its highest TOP_SHARE values
-    (less sensitive to one noisy peak on large, busy images such as long fabric strips)."""
-    if image_score != "map_top":
+    """The map's part of the image score: with "map_max" its maximum, otherwise ("map_top", and the map part of
+    "fused") the mean of its highest TOP_SHARE values (less sensitive to one noisy peak on large, busy images such
+    as long fabric strips)."""
+    if image_score == "map_max":
         return float(anomaly_map.max())
     flat = anomaly_map.ravel()
     count = max(1, int(flat.size * TOP_SHARE))

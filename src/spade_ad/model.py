@@ -35,7 +35,7 @@ from .inputs import ImageItem, collect_images
 from .maps import map_score, map_to_original, smooth
 from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
-from .pyramid import SkipCallback, extract, iter_batches, resolve_device, thumbnails
+from .pyramid import SkipCallback, extract, global_view_features, iter_batches, resolve_device, thumbnails
 from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map
 from .store import FeatureStore, FeatureStoreWriter
 
@@ -46,6 +46,10 @@ D = settings_table.DEFAULTS
 TrainingFeatures = tuple[list[str], list[torch.Tensor], torch.Tensor, list[np.ndarray]]
 FeatureSource = Callable[[list[ImageItem], bool, SkipCallback | None], Iterator[TrainingFeatures]]
 
+
+#: Why image_score="fused" cannot be fitted without calibration scores (its parts are scaled by their spread).
+_FUSED_NEEDS = ("needs good images' calibration scores to scale its parts: leave-one-out over at least 2 training "
+                "images, held-out images (calibration=holdout, from 10 images) or validation images")
 
 #: Map values kept per good image for the pixel threshold's quantiles (a regular subsample of each map).
 PIXEL_SAMPLES_PER_IMAGE = 20_000
@@ -67,6 +71,7 @@ class Spade(Detector, BaseEstimator):
         weights: str | Path | None = D["weights"],
         image_size: int = D["image_size"],
         resize: str = D["resize"],
+        global_view: str = D["global_view"],
         layers: tuple[int, ...] = D["layers"],
         patch_size: int = D["patch_size"],
         k_gallery: int = D["k_gallery"],
@@ -95,6 +100,7 @@ class Spade(Detector, BaseEstimator):
         self.weights = weights
         self.image_size = image_size
         self.resize = resize
+        self.global_view = global_view
         self.layers = layers
         self.patch_size = patch_size
         self.k_gallery = k_gallery
@@ -159,7 +165,7 @@ class Spade(Detector, BaseEstimator):
                            on_skip: SkipCallback | None) -> Iterator[TrainingFeatures]:
         """This process's feature extraction for `fit`: (names, pyramid, global features, thumbnails) per batch."""
         for batch in self._batches(items, skip_bad, on_skip, "fit"):
-            pyramid, global_features = extract(self.backbone_, batch.inputs, self.patch_size)
+            pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
             yield [item.name for item in batch.items], pyramid, global_features, thumbnails(
                 batch.inputs, self.thumbnail_size)
 
@@ -176,15 +182,15 @@ class Spade(Detector, BaseEstimator):
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(settings["device"])
         self.backbone_ = self._build_backbone()
-        if settings["image_score"] == "fused" and settings["calibration"] == "none" and validation is None:
-            raise SettingError("image_score", "needs calibration to scale its parts", "fused",
-                               "map_max or knn with calibration=none")
         items = collect_images(images)
         held_out: list[ImageItem] = []
         if validation is not None:
             held_out = collect_images(validation)
         elif settings["calibration"] == "holdout":
             items, held_out = self._split_calibration(items)
+        if settings["image_score"] == "fused" and not held_out and (
+                settings["calibration"] != "leave_one_out" or len(items) < 2):
+            raise SettingError("image_score", _FUSED_NEEDS, "fused", "map_top, map_max or knn, or more good images")
         self._feature_tmp = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
         writer = FeatureStoreWriter(self._feature_tmp.name, self.feature_dtype)
         self.train_names_: list[str] = []
@@ -212,6 +218,8 @@ class Spade(Detector, BaseEstimator):
             self._calibrate(self._held_out_scores(held_out, skip_bad, record_skip), "validation"
                             if validation is not None else "holdout")
         elif settings["calibration"] == "leave_one_out":
+            if settings["image_score"] == "fused" and self.store_.n_images < 2:  # the rest were unreadable
+                raise SettingError("image_score", _FUSED_NEEDS, "fused", "map_top, map_max or knn, or more good images")
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")
         else:
             self._calibrate(iter(()), "none")
@@ -232,7 +240,7 @@ class Spade(Detector, BaseEstimator):
         try:
             writer.extend(self.store_)
             for batch in self._batches(items, skip_bad, on_skip, "add"):
-                writer.add(*extract(self.backbone_, batch.inputs, self.patch_size))
+                writer.add(*extract(self.backbone_, batch, self.patch_size))
                 added.extend(item.name for item in batch.items)
                 new_thumbnails.extend(thumbnails(batch.inputs, self.thumbnail_size))
         finally:
@@ -275,14 +283,14 @@ class Spade(Detector, BaseEstimator):
     def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
         """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
         `pixel_false_alarm_rate`, from good images' score parts and maps."""
-        map_maxima, knn_scores, pixels = [], [], []
-        for map_max, knn, anomaly_map in parts:
-            map_maxima.append(map_max)
+        map_parts, knn_scores, pixels = [], [], []
+        for map_part, knn, anomaly_map in parts:
+            map_parts.append(map_part)
             knn_scores.append(knn)
             step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
             pixels.append(anomaly_map[::step, ::step].ravel())
         self.calibration_, self.score_scale_ = calibration.calibrate(
-            map_maxima, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
+            map_parts, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
             false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
         )
         self._apply_calibration()
@@ -328,8 +336,8 @@ class Spade(Detector, BaseEstimator):
         self._check_fitted()
         for part in self._predict_parts(images, original_size=original_size, keep_images=keep_images,
                                         skip_bad=skip_bad, on_skip=on_skip, full=True, explain=explain):
-            map_max, knn, array, item, geometry, image, original, neighbours, why = part
-            yield self._prediction(map_max, knn, name=item.name, path=item.path, anomaly_map=array,
+            map_part, knn, array, item, geometry, image, original, neighbours, why = part
+            yield self._prediction(map_part, knn, name=item.name, path=item.path, anomaly_map=array,
                                    geometry=geometry, original_map=original, image=image, neighbours=neighbours,
                                    explanation=why)
 
@@ -342,7 +350,7 @@ class Spade(Detector, BaseEstimator):
         normal images and explanation."""
         items = collect_images(images)
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
-            pyramid, global_features = extract(self.backbone_, batch.inputs, self.patch_size)
+            pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
             # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
             distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
             knn_scores = knn_image_scores(distances, self.k_image)
@@ -378,7 +386,7 @@ class Spade(Detector, BaseEstimator):
             return np.array([self._combine(np.array([m]), np.array([k]))[0] for m, k, _ in parts], dtype=np.float64)
         scores: list[float] = []
         for batch in self._batches(collect_images(images), skip_bad, on_skip, "score"):
-            _, global_features = self.backbone_(batch.inputs)
+            global_features = global_view_features(self.backbone_, batch)
             distances, _ = self.store_.nearest_images(global_features, self.k_image)
             scores.extend(knn_image_scores(distances, self.k_image).tolist())
         return np.asarray(scores, dtype=np.float64)
@@ -388,7 +396,8 @@ class Spade(Detector, BaseEstimator):
         keep_images: bool = False,
     ) -> Iterator[Any]:
         return iter_batches(
-            items, image_size=self.image_size, resize=self.resize, batch_size=self.batch_size, device=self.device_,
+            items, image_size=self.image_size, resize=self.resize, global_view=self.global_view,
+            batch_size=self.batch_size, device=self.device_,
             skip_bad=skip_bad, on_skip=on_skip, desc=desc, keep_images=keep_images, progress=self.progress,
         )
 

@@ -38,7 +38,8 @@ from .errors import ModelFileError, SettingError
 
 FORMAT = "spade-ad-model"
 #: 2: conformal calibration (leave-one-out scores, pixel quantiles, score scales) replaced the margin rule.
-FORMAT_VERSION = 2
+#: 3: the global feature of the square view (setting global_view) and the fused image score (map_top + kNN).
+FORMAT_VERSION = 3
 _CHUNK_BYTES = 64 * 2**20
 _DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"),
            "I32": np.dtype("<i4"), "U8": np.dtype("u1")}
@@ -221,6 +222,11 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
     version = int(raw_version) if raw_version.isascii() and raw_version.isdigit() else -1
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} was written by a newer spade-ad (format {version}); upgrade spade-ad")
+    if version == 2:
+        raise ModelFileError(
+            f"{path} was written by an older spade-ad (format 2, before the square global view and the fused image "
+            f"score): its scores would not be computed as they were; re-fit it with `spade-ad fit`"
+        )
     if version < FORMAT_VERSION:
         raise ModelFileError(
             f"{path} was written by an older spade-ad (format {version}, thresholds by the old margin rule); "

@@ -1,7 +1,8 @@
 """Feature extraction: images -> batches of network inputs -> feature pyramids and global features.
 
 `iter_batches` decodes (in loader threads, via `spade_ad.images`), resizes (via `spade_ad.geometry`) and batches
-images of one input size; `extract` runs the backbone and the optional local aggregation (`patch_size`).
+images of one input size, with each image's square global view where that is not the input itself; `extract` runs
+the backbone and the optional local aggregation (`patch_size`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .errors import ImageReadError, SettingError
-from .geometry import Geometry, ResizeMode, image_to_array, plan_geometry
+from .geometry import Geometry, GlobalView, ResizeMode, global_view_geometry, image_to_array, plan_geometry
 from .inputs import ImageItem, iter_loaded
 
 SkipCallback = Callable[[ImageItem, ImageReadError], None]
@@ -25,12 +26,14 @@ SkipCallback = Callable[[ImageItem, ImageReadError], None]
 
 @dataclass
 class Batch:
-    """Images of one input size, ready for the backbone. `originals` holds the decoded images when asked for."""
+    """Images of one input size, ready for the backbone. `originals` holds the decoded images when asked for;
+    `global_inputs` their global views (`spade_ad.geometry.global_view_geometry`), None when those are the inputs."""
 
     items: list[ImageItem]
     inputs: torch.Tensor  # (B, 3, h, w) on the model's device
     geometries: list[Geometry]
     originals: list[Image.Image | None]
+    global_inputs: torch.Tensor | None = None  # (B, 3, s, s)
 
 
 def image_to_tensor(image: Image.Image, geometry: Geometry) -> torch.Tensor:
@@ -38,10 +41,12 @@ def image_to_tensor(image: Image.Image, geometry: Geometry) -> torch.Tensor:
     return torch.from_numpy(image_to_array(image, geometry))
 
 
-def extract(backbone: Backbone, inputs: torch.Tensor, patch_size: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Backbone pyramid [(B, C_l, h_l, w_l)] (averaged over `patch_size` x `patch_size` neighbourhoods when > 1:
-    PatchCore's locally aware features) and global features (B, D)."""
-    pyramid, global_features = backbone(inputs)
+def extract(backbone: Backbone, batch: Batch, patch_size: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Backbone pyramid [(B, C_l, h_l, w_l)] of the batch's inputs (averaged over `patch_size` x `patch_size`
+    neighbourhoods when > 1: PatchCore's locally aware features) and global features (B, D) of its global views."""
+    pyramid, global_features = backbone(batch.inputs)
+    if batch.global_inputs is not None:
+        global_features = global_view_features(backbone, batch)
     if patch_size > 1:
         pyramid = [
             F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False) for m in pyramid
@@ -49,11 +54,17 @@ def extract(backbone: Backbone, inputs: torch.Tensor, patch_size: int = 1) -> tu
     return pyramid, global_features
 
 
+def global_view_features(backbone: Backbone, batch: Batch) -> torch.Tensor:
+    """Global features (B, D) of the batch's global views (its inputs where those are the views)."""
+    return backbone(batch.inputs if batch.global_inputs is None else batch.global_inputs)[1]
+
+
 def iter_batches(
     items: list[ImageItem],
     *,
     image_size: int,
     resize: ResizeMode,
+    global_view: GlobalView = "input",
     batch_size: int,
     device: torch.device,
     skip_bad: bool = False,
@@ -68,21 +79,24 @@ def iter_batches(
     ImageReadError after the batch read before it has been yielded (nothing computed before the fault is lost),
     unless `skip_bad`. Progress bars show when `progress` is True, or on a terminal when
     None."""
-    pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]] = []
+    pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None, torch.Tensor | None]] = []
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=None if progress is None else not progress)
 
-    def prepare(item: ImageItem, image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry]:
+    def prepare(item: ImageItem, image: Image.Image) -> tuple[Image.Image | None, torch.Tensor, Geometry,
+                                                               torch.Tensor | None]:
         """Runs in the loader threads: resizing overlaps the backbone's compute. An image whose network input would
         be over the geometry's limits raises ImageTooLargeError here, before any memory is spent on it."""
         name = item.path if item.path is not None else item.name
         geometry = plan_geometry((image.height, image.width), image_size, resize, name=name)
-        return (image if keep_images else None), image_to_tensor(image, geometry), geometry
+        view = global_view_geometry(geometry, image_size, global_view)
+        return ((image if keep_images else None), image_to_tensor(image, geometry), geometry,
+                None if view is None else image_to_tensor(image, view))
 
     loaded = iter_loaded(items, skip_bad=skip_bad, on_skip=on_skip, prepare=prepare)
     try:
         while True:
             try:
-                item, (image, tensor, geometry) = next(loaded)
+                item, (image, tensor, geometry, view) = next(loaded)
             except StopIteration:
                 break
             except ImageReadError:
@@ -93,7 +107,7 @@ def iter_batches(
                 yield _stack(pending, device)
                 bar.update(len(pending))
                 pending = []
-            pending.append((item, tensor, geometry, image))
+            pending.append((item, tensor, geometry, image, view))
         if pending:
             yield _stack(pending, device)
             bar.update(len(pending))
@@ -102,9 +116,12 @@ def iter_batches(
         bar.close()
 
 
-def _stack(pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None]], device: torch.device) -> Batch:
-    items, tensors, geometries, images = zip(*pending)
-    return Batch(list(items), torch.stack(tensors).to(device), list(geometries), list(images))
+def _stack(pending: list[tuple[ImageItem, torch.Tensor, Geometry, Image.Image | None, torch.Tensor | None]],
+           device: torch.device) -> Batch:
+    """One batch; its images share an input size, so either all of them have a separate global view or none."""
+    items, tensors, geometries, images, views = zip(*pending)
+    global_inputs = None if views[0] is None else torch.stack(views).to(device)
+    return Batch(list(items), torch.stack(tensors).to(device), list(geometries), list(images), global_inputs)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -214,6 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
             "backbone", low=32, high=4096),
     Setting("resize", "keep_aspect", "str", "keep_aspect: whole image, aspect kept; squash; paper_crop: 256 -> 224 "
             "centre crop", "backbone", choices=("keep_aspect", "squash", "paper_crop")),
+    Setting("global_view", "square", "str", "the view whose pooled feature picks the gallery and gives the kNN "
+            "score: square: the image squashed to image_size x image_size (a long strip seen whole; the input "
+            "itself for square inputs); input: the network input", "backbone", choices=("square", "input")),
     # pyramid
     Setting("layers", (2, 3), "levels", "pyramid levels as stage indices: 1, 2, 3 = strides 4, 8, 16 (paper: 1,2,3)",
             "pyramid"),
@@ -238,10 +241,11 @@ SETTINGS: tuple[Setting, ...] = (
             "concatenated features (the paper's text)", "scoring", choices=("mean", "concat")),
     Setting("distance", "euclidean", "str", "pixel distances before the levels are fused; squared is the paper's",
             "scoring", choices=("euclidean", "squared")),
-    Setting("image_score", "map_top", "str", "map_top: mean of the highest 1% of the smoothed map; map_max: its "
-            "maximum; knn: the paper's mean squared distance to the k_image nearest global features; fused: map "
-            "maximum and knn, each scaled by its spread on good images (leave-one-out), averaged", "scoring",
-            choices=("map_top", "map_max", "knn", "fused")),
+    Setting("image_score", "fused", "str", "fused: map_top and knn, each scaled by its spread on the good "
+            "images' calibration scores, averaged (needs calibration); map_top: mean of the highest 1% of the "
+            "smoothed map; map_max: its maximum; knn: the paper's mean squared distance to the k_image nearest "
+            "global features", "scoring",
+            choices=("fused", "map_top", "map_max", "knn")),
     Setting("k_image", 3, "int", "neighbours of the global kNN image score", "scoring", low=1),
     Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
             low=0, high=64),

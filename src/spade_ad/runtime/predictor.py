@@ -29,7 +29,7 @@ from ..gallery import (
     image_map,
     image_offsets,
 )
-from ..geometry import image_to_array, plan_geometry
+from ..geometry import global_view_geometry, image_to_array, plan_geometry
 from ..inputs import ImageItem, collect_images, iter_loaded
 from ..maps import fuse, map_score, map_to_original, position_scores, smooth
 from ..numpy_search import ranking_bank, topk_squared_distances
@@ -114,18 +114,22 @@ class Runtime(Detector):
         on_skip: SkipCallback | None = None, explain: bool = False,
     ) -> Iterator[Prediction]:
         """Like `Spade.iter_predict`: results one by one, in input order."""
-        def prepare(item: ImageItem, image: Any) -> tuple[Any, np.ndarray, Any]:
+        def prepare(item: ImageItem, image: Any) -> tuple[Any, np.ndarray, Any, np.ndarray | None]:
             name = item.path if item.path is not None else item.name
             geometry = plan_geometry((image.height, image.width), self.image_size, self.resize, name=name)
-            return (image if keep_images else None), image_to_array(image, geometry), geometry
+            view = global_view_geometry(geometry, self.image_size, self.global_view)
+            return ((image if keep_images else None), image_to_array(image, geometry), geometry,
+                    None if view is None else image_to_array(image, view))
 
         loaded = iter_loaded(collect_images(images), skip_bad=skip_bad, on_skip=on_skip, prepare=prepare)
         for batch in self._batches(loaded):
-            pyramid, global_features = self.network(np.stack([array for _, _, array, _ in batch]))
+            pyramid, global_features = self.network(np.stack([array for _, _, array, _, _ in batch]))
+            if batch[0][4] is not None:  # one input size per batch: all of its images have a separate global view
+                _, global_features = self.network(np.stack([view for *_, view in batch]))
             k = max(self.k_gallery, self.k_image)
             distances, neighbours = topk_squared_distances(global_features, self.global_features, k,
                                                            ranking=self._global_ranking)
-            for i, (item, image, _, geometry) in enumerate(batch):
+            for i, (item, image, _, geometry, _) in enumerate(batch):
                 yield self._predict_one([level[i] for level in pyramid], distances[i], neighbours[i], item, image,
                                         geometry, original_size, explain)
 
@@ -134,11 +138,11 @@ class Runtime(Detector):
         batch read before it is scored first (nothing computed before the fault is lost)."""
         pending: list[tuple[Any, ...]] = []
         try:
-            for item, (image, array, geometry) in loaded:
+            for item, (image, array, geometry, view) in loaded:
                 if pending and (len(pending) == self.batch_size or pending[0][3].input_size != geometry.input_size):
                     yield pending
                     pending = []
-                pending.append((item, image, array, geometry))
+                pending.append((item, image, array, geometry, view))
         except ImageReadError:
             if pending:
                 yield pending
