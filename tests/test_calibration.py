@@ -166,7 +166,8 @@ def test_fused_score_without_calibration_scores_is_refused_in_one_line(synthetic
     would have none (one training image, or holdout with too few to hold any out) is refused before any feature
     is extracted, naming the setting; a fused model whose calibration was taken away fails the same way."""
     train = list_images(synthetic_root / "train" / "good")
-    for settings, images in (({}, train[:1]), ({"calibration": "holdout"}, train[:5]), ({"calibration": "none"}, train)):
+    cases = (({}, train[:1]), ({"calibration": "holdout"}, train[:5]), ({"calibration": "none"}, train))
+    for settings, images in cases:
         with pytest.raises(SettingError, match="image_score") as caught:
             Spade(k_gallery=2, device="cpu", progress=False, **settings).fit(images)
         assert "\n" not in str(caught.value)

@@ -47,9 +47,12 @@ TrainingFeatures = tuple[list[str], list[torch.Tensor], torch.Tensor, list[np.nd
 FeatureSource = Callable[[list[ImageItem], bool, SkipCallback | None], Iterator[TrainingFeatures]]
 
 
-#: Why image_score="fused" cannot be fitted without calibration scores (its parts are scaled by their spread).
-_FUSED_NEEDS = ("needs good images' calibration scores to scale its parts: leave-one-out over at least 2 training "
-                "images, held-out images (calibration=holdout, from 10 images) or validation images")
+def _unscaled_fused() -> SettingError:
+    """Why image_score="fused" cannot be fitted without calibration scores (its parts are scaled by their spread)."""
+    return SettingError("image_score", "needs good images' calibration scores to scale its parts: leave-one-out "
+                        "over at least 2 training images, held-out images (calibration=holdout, from 10 images) or "
+                        "validation images", "fused", "map_top, map_max or knn, or more good images")
+
 
 #: Map values kept per good image for the pixel threshold's quantiles (a regular subsample of each map).
 PIXEL_SAMPLES_PER_IMAGE = 20_000
@@ -180,8 +183,6 @@ class Spade(Detector, BaseEstimator):
         yielded): everything after extraction (store, calibration) is this same code."""
         settings = self._settings()
         torch.manual_seed(self.seed)
-        self.device_ = resolve_device(settings["device"])
-        self.backbone_ = self._build_backbone()
         items = collect_images(images)
         held_out: list[ImageItem] = []
         if validation is not None:
@@ -190,7 +191,9 @@ class Spade(Detector, BaseEstimator):
             items, held_out = self._split_calibration(items)
         if settings["image_score"] == "fused" and not held_out and (
                 settings["calibration"] != "leave_one_out" or len(items) < 2):
-            raise SettingError("image_score", _FUSED_NEEDS, "fused", "map_top, map_max or knn, or more good images")
+            raise _unscaled_fused()
+        self.device_ = resolve_device(settings["device"])
+        self.backbone_ = self._build_backbone()
         self._feature_tmp = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
         writer = FeatureStoreWriter(self._feature_tmp.name, self.feature_dtype)
         self.train_names_: list[str] = []
@@ -219,7 +222,7 @@ class Spade(Detector, BaseEstimator):
                             if validation is not None else "holdout")
         elif settings["calibration"] == "leave_one_out":
             if settings["image_score"] == "fused" and self.store_.n_images < 2:  # the rest were unreadable
-                raise SettingError("image_score", _FUSED_NEEDS, "fused", "map_top, map_max or knn, or more good images")
+                raise _unscaled_fused()
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")
         else:
             self._calibrate(iter(()), "none")
