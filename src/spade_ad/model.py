@@ -183,6 +183,8 @@ class Spade(Detector, BaseEstimator):
         yielded): everything after extraction (store, calibration) is this same code."""
         settings = self._settings()
         torch.manual_seed(self.seed)
+        self.device_ = resolve_device(settings["device"])
+        self.backbone_ = self._build_backbone()  # first: a bad backbone option is named before any data check
         items = collect_images(images)
         held_out: list[ImageItem] = []
         if validation is not None:
@@ -192,8 +194,6 @@ class Spade(Detector, BaseEstimator):
         if settings["image_score"] == "fused" and not held_out and (
                 settings["calibration"] != "leave_one_out" or len(items) < 2):
             raise _unscaled_fused()
-        self.device_ = resolve_device(settings["device"])
-        self.backbone_ = self._build_backbone()
         self._feature_tmp = tempfile.TemporaryDirectory(prefix="spade-ad-features-", dir=self.feature_dir)
         writer = FeatureStoreWriter(self._feature_tmp.name, self.feature_dtype)
         self.train_names_: list[str] = []
