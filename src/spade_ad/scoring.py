@@ -55,15 +55,14 @@ def pixel_anomaly_map(
     """
     def score(query_map: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
         """(h, w) scores of a query map (C, h, w) against gallery maps (K, C, h, w), or rows (M, C) if unwindowed."""
-        if search_radius is None and query_map.device.type == "cpu":
+        if search_radius is not None:
+            squared = window_topk_squared_distances(query_map, gallery, kappa, search_radius).cpu().numpy()
+        elif query_map.device.type == "cpu":
             squared, _ = numpy_search.topk_squared_distances(query_map.flatten(1).T.numpy(), gallery.numpy(), kappa,
                                                              memory_budget)
-            return position_scores(squared, distance).reshape(query_map.shape[1:])
-        if search_radius is None:
-            squared, _ = topk_squared_distances(query_map.flatten(1).T, gallery, kappa, memory_budget)
         else:
-            squared = window_topk_squared_distances(query_map, gallery, kappa, search_radius)
-        return position_scores(squared.cpu().numpy(), distance).reshape(query_map.shape[1:])
+            squared = topk_squared_distances(query_map.flatten(1).T, gallery, kappa, memory_budget)[0].cpu().numpy()
+        return position_scores(squared, distance).reshape(query_map.shape[1:])
 
     def resample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
