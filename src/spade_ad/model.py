@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from . import calibration
+from . import calibration, device_maps
 from . import settings as settings_table
 from .backbones import Backbone, build_backbone
 from .calibration import Calibration
@@ -66,6 +66,10 @@ class Spade(Detector, BaseEstimator):
     Every setting, its allowed values and its meaning is declared once in `spade_ad.settings.SETTINGS` (also the
     README's settings table); `__init__` only stores them, `fit` validates them. Fitted attributes end in `_`.
     """
+
+    #: The batched device pipeline for predict (`spade_ad.device_maps`): None uses it off the CPU only; True also
+    #: on the CPU (what the tests use to run the device code on CPU tensors), False never.
+    _device_pipeline: bool | None = None
 
     def __init__(
         self,
@@ -357,16 +361,33 @@ class Spade(Detector, BaseEstimator):
             # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
             distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
             knn_scores = knn_image_scores(distances, self.k_image)
+            # -- device pipeline (issue 23): off the CPU the whole batch's maps, map scores and original-size maps
+            # are made on the device (`spade_ad.device_maps`); the CPU keeps the per-image numpy search below.
+            on_device = None
+            if (self.device_.type != "cpu" if self._device_pipeline is None else self._device_pipeline) and \
+                    device_maps.supports(self.store_, neighbours[:, :self.k_gallery], pyramid, fusion=self.fusion,
+                                         search_radius=self.search_radius):
+                on_device = device_maps.predict_batch(
+                    pyramid, self.store_, neighbours[:, :self.k_gallery], batch.geometries, device_maps.SearchSettings(
+                        self.kappa, self.distance, self.sigma, self.image_score, self.memory_budget,
+                        self.max_search_pairs), original_size=original_size and full)
+                distances, neighbours, knn_scores = distances.cpu(), neighbours.cpu(), knn_scores.cpu()
             for i, (item, geometry) in enumerate(zip(batch.items, batch.geometries)):
-                raw = pixel_anomaly_map(
-                    [level[i] for level in pyramid], self.store_, neighbours[i, :self.k_gallery].cpu(),
-                    geometry.input_size, kappa=self.kappa, fusion=self.fusion, distance=self.distance,
-                    memory_budget=self.memory_budget, search_radius=self.search_radius,
-                    max_pairs=self.max_search_pairs,
-                )
-                array = smooth(raw, self.sigma)
+                original = None
+                if on_device is not None:
+                    map_part, array, original = on_device.image(i)
+                else:
+                    raw = pixel_anomaly_map(
+                        [level[i] for level in pyramid], self.store_, neighbours[i, :self.k_gallery].cpu(),
+                        geometry.input_size, kappa=self.kappa, fusion=self.fusion, distance=self.distance,
+                        memory_budget=self.memory_budget, search_radius=self.search_radius,
+                        max_pairs=self.max_search_pairs,
+                    )
+                    array = smooth(raw, self.sigma)
+                    map_part = map_score(array, self.image_score)
+                # -- end of the device pipeline's routing
                 if not full:
-                    yield map_score(array, self.image_score), float(knn_scores[i]), array
+                    yield map_part, float(knn_scores[i]), array
                     continue
                 nearest = [(self.train_names_[int(n)], float(d)) for n, d in
                            zip(neighbours[i, :self.k_image].tolist(), distances[i, :self.k_image].tolist())]
@@ -377,9 +398,10 @@ class Spade(Detector, BaseEstimator):
                     normal = [self.store_.image_map(level, first).numpy() for level in range(len(pyramid))]
                     why = explain_region([level[i].cpu().numpy() for level in pyramid], self.backbone_.strides,
                                          normal, first, self.train_names_[first], region)
-                yield (map_score(array, self.image_score), float(knn_scores[i]), array, item, geometry,
-                       batch.originals[i] if keep_images else None,
-                       map_to_original(array, geometry) if original_size else None, nearest, why)
+                if original is None and original_size:
+                    original = map_to_original(array, geometry)
+                yield (map_part, float(knn_scores[i]), array, item, geometry,
+                       batch.originals[i] if keep_images else None, original, nearest, why)
 
     def score(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> np.ndarray:
         """Image scores only. With image_score="knn" the pixel stage is skipped entirely (the fast path)."""
