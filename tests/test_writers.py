@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,12 +19,16 @@ from spade_ad.errors import ImageReadError, OutputError
 from spade_ad.prediction import Prediction
 from spade_ad.visualize import BOX_COLOR, overlay, threshold_color_range
 from spade_ad.writers import (
+    PARTIAL_SUFFIX,
     REGIONS_FILE,
     SCORE_COLUMNS,
     VERDICT_COLUMNS,
+    ImageFiles,
     PredictionWriter,
     check_output_dir,
+    output_stems,
     read_regions,
+    remove_partials,
 )
 
 
@@ -172,3 +178,73 @@ def test_output_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
             with PredictionWriter(target):
                 pass
     assert a_file.read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------- per-image files written where the image was scored
+
+
+def test_image_files_written_apart_from_the_rows_are_the_writer_s_files(
+        fitted_model: Spade, predictions: list[Prediction], written: Path, tmp_path: Path) -> None:
+    """Rows from one writer (`write_row`), pictures from a pickled `ImageFiles` (as a Ray actor holds it) under the
+    stems `output_stems` plans: the same files, byte for byte, as one PredictionWriter writing both."""
+    import pickle
+
+    out = tmp_path / "split"
+    names = [p.name for p in predictions]
+    with PredictionWriter.for_model(fitted_model, out) as writer:
+        files = pickle.loads(pickle.dumps(ImageFiles.for_model(fitted_model, out)))
+        for prediction, stem in zip(predictions, output_stems(names)):
+            writer.write_row(prediction)
+            files.write(prediction, stem)
+    assert (out / "scores.csv").read_bytes() == (written / "scores.csv").read_bytes()
+    assert (out / REGIONS_FILE).read_bytes() == (written / REGIONS_FILE).read_bytes()
+    mine = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(written).as_posix() for p in written.rglob("*") if p.is_file())
+    assert mine == theirs and any(name.startswith("overlays/") for name in mine)
+    for name in mine:
+        assert (out / name).read_bytes() == (written / name).read_bytes(), name
+
+
+def test_output_stems_number_names_as_the_writer_does() -> None:
+    names = ["/data/a/x.png", "/data/b/x.png", "x.tif", "X.png", "x~2.png", "sub/img.v2.png", "sub/img.v2.png"]
+    assert output_stems(names) == ["x", "x~2", "x~3", "X~4", "x~2~2", "sub/img.v2", "sub/img.v2~2"]
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(predictions: list[Prediction], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing a stem again (a retried batch) replaces its files; a write that fails half-way leaves the earlier
+    file as it was and no temporary file, and names the file it was writing."""
+    import errno
+
+    from spade_ad import writers
+
+    files = ImageFiles(tmp_path, verdicts=True, save_maps=True)
+    first, second = predictions[0], predictions[-1]
+    files.write(first, "x")
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("x.*")}
+    assert set(before) == {"x.png", "x.tiff"} and len(list(tmp_path.rglob("x.*"))) == 4
+    files.write(second, "x")  # replaced whole: the second prediction's map
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "maps" / "x.tiff"), second.original_map)
+    replaced = (tmp_path / "heatmaps" / "x.png").read_bytes()
+    real = writers.save_png
+
+    def half_then_full_disk(image: Any, path: Path) -> None:
+        Path(path).write_bytes(real(image, path).read_bytes()[:100])  # half a PNG on disk, then the disk fills
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writers, "save_png", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left") as raised:
+        files.write(first, "x")
+    assert raised.value.filename == str(tmp_path / "heatmaps" / "x.png")
+    assert (tmp_path / "heatmaps" / "x.png").read_bytes() == replaced  # untouched
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
+
+
+def test_partials_left_by_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    for name in ("heatmaps/.a.png.1-ab.partial", "overlays/sub/.b.png.2-cd.partial", "heatmaps/a.png",
+                 ".kept.partial", "other/.c.partial"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_partials(tmp_path) == 2
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [".kept.partial", "heatmaps/a.png", "other/.c.partial"]  # only the image folders' leftovers

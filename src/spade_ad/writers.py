@@ -19,6 +19,12 @@ one JSON document so that it can be appended and flushed per image like scores.c
 Rows and lines are flushed one at a time, so a crash at image 900 keeps the first 899 results; a write that fails
 (disk full, no permission) raises an OSError naming the file, and every row written before it stays in scores.csv.
 
+Per-image files (heat maps, overlays, masks, maps, explanations) are written by `ImageFiles`, which holds no open
+file and can be built wherever the image was scored (a Ray actor writes the files of the images it scored, the
+driver only the rows: `spade_ad.distributed`). Each file is written under a temporary name beside it
+(`.<name>.<pid>-<random>.partial`) and renamed into place (`os.replace`), so a file by its own name is always whole,
+and writing it again (a retried batch) replaces it whole; `remove_partials` clears what a killed writer left.
+
 Output names: each input's images are written under its name relative to the folder it was found in (an absolute
 name, or one climbing out with "..", keeps only its file name). Every input gets its own files: when that name is
 already taken in this run (two inputs `x.png` from different folders, `x.png` and `x.tif`, the same file given
@@ -35,6 +41,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -54,6 +62,11 @@ VERDICT_COLUMNS = ["normalized_score", "p_value", "is_anomalous", "regions", "la
 REGIONS_FILE = "regions.jsonl"
 SCORES_FILE = "scores.csv"
 SKIPPED_FILE = "skipped.csv"
+#: Writes one per-image file: (save(path), folder, stem, suffix).
+Saver = Callable[[Callable[[Path], object], str, str, str], None]
+#: The folders of per-image files, and how a file being written is named until it is renamed into place.
+IMAGE_FOLDERS = ("heatmaps", "overlays", "masks", "maps", "explain")
+PARTIAL_SUFFIX = ".partial"
 
 
 def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
@@ -70,6 +83,110 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
     return out_dir
 
 
+class ImageFiles:
+    """The per-image files of predictions in `out_dir`: heatmaps/<stem>.png, overlays/<stem>.png (annotated with
+    region boxes and a verdict label with `verdicts`), masks/<stem>.png (with `verdicts`), maps/<stem>.tiff (with
+    `save_maps`) and explain/<stem>.png (with `thumbnails`, for flagged images), each written whole (a temporary
+    file renamed into place). Holds no open file: one can be made in every process that scores images, and
+    `write` may be called again for the same stem (the files are replaced whole)."""
+
+    def __init__(self, out_dir: str | Path, *, save_maps: bool = False, value_range: tuple[float, float] | None = None,
+                 verdicts: bool = False, thumbnails: list[np.ndarray] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.save_maps = save_maps
+        self.value_range = value_range
+        self.verdicts = verdicts
+        self.thumbnails = thumbnails  # the model's training thumbnails: explain/<stem>.png when given
+
+    @classmethod
+    def for_model(cls, model: Detector, out_dir: str | Path, *, save_maps: bool = False,
+                  explain: bool = False) -> ImageFiles:
+        """Files set up for `model` (as `PredictionWriter.for_model` sets them up)."""
+        return cls(out_dir, save_maps=save_maps, value_range=threshold_color_range(model.pixel_threshold_),
+                   verdicts=model.image_threshold_ is not None, thumbnails=model.thumbnails_ if explain else None)
+
+    def write(self, prediction: Prediction, stem: str, *, saver: Saver | None = None) -> None:
+        """The files of one prediction under `stem` (nothing without its original-size map). A failed write raises
+        an OSError naming the file, and leaves no file by that name half-written. `saver(save, folder, stem,
+        suffix)` writes each file instead of `self._save` (a writer that also notes where the files went)."""
+        full_map = prediction.original_map
+        if full_map is None:
+            return
+        save_file = saver or self._save
+        if self.save_maps:
+            save_file(lambda target: tifffile.imwrite(target, full_map.astype(np.float32)), "maps", stem, ".tiff")
+        vmin, vmax = self.value_range if self.value_range else (None, None)
+        save_file(lambda target: save_png(heatmap(full_map, vmin, vmax), target), "heatmaps", stem)
+        mask = prediction.defect_mask if self.verdicts else None
+        if mask is not None:
+            mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
+            save_file(lambda target: save_png(mask_png, target), "masks", stem)
+        if prediction.image is not None:
+            shown = overlay(prediction.image, full_map, vmin, vmax, mask=mask)
+            if self.verdicts:
+                shown = annotate(
+                    shown, prediction.regions, verdict_label(prediction.is_anomalous, prediction.normalized_score),
+                    anomalous=prediction.is_anomalous, map_shape=full_map.shape,
+                )
+            save_file(lambda target: save_png(shown, target), "overlays", stem)
+            if prediction.is_anomalous and self.thumbnails:
+                why = why_picture(prediction, self.thumbnails)
+                save_file(lambda target: save_png(why, target), "explain", stem)
+
+    def _save(self, save: Callable[[Path], object], folder: str, stem: str, suffix: str = ".png") -> None:
+        """Write one file OUT/folder/<stem><suffix> whole (its folders made first); an OSError names the file."""
+        target = self.out_dir / folder / f"{stem}{suffix}"
+        with _naming(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_whole(target, save)
+
+
+def write_whole(target: Path, save: Callable[[Path], object]) -> None:
+    """`save(path)` to a temporary file beside `target`, then renamed onto it: `target` is never half-written, and
+    a file already there is replaced whole. On failure the temporary file is removed and the OSError names
+    `target` (not the temporary name)."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    try:
+        save(partial)
+        os.replace(partial, target)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is not None and Path(exc.filename) == partial:
+            named = OSError(exc.errno, exc.strerror or str(exc), str(target))
+            raise named from exc
+        raise
+
+
+def remove_partials(out_dir: str | Path) -> int:
+    """Remove the temporary files a killed writer left in the per-image folders of `out_dir`; how many."""
+    removed = 0
+    for folder in IMAGE_FOLDERS:
+        root = Path(out_dir) / folder
+        if root.is_dir():
+            for leftover in root.rglob(f".*{PARTIAL_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def output_stems(names: Iterable[str]) -> list[str]:
+    """The stem (relative path without extension) each of `names` gets when written in this order by one
+    `PredictionWriter`: its safe relative name, numbered when an earlier one took it (see the module docstring)."""
+    taken: set[str] = set()
+    return [_next_stem(name, taken) for name in names]
+
+
+def _next_stem(name: str, taken: set[str]) -> str:
+    relative = _safe_relative(name)
+    base = (relative.parent / relative.stem).as_posix()
+    stem, number = base, 1
+    while stem.casefold() in taken:
+        number += 1
+        stem = f"{base}~{number}"
+    taken.add(stem.casefold())
+    return stem
+
+
 class PredictionWriter:
     """Streams predictions into `out_dir`. Use as a context manager; `write` one Prediction at a time.
 
@@ -80,6 +197,8 @@ class PredictionWriter:
     so the output mirrors the input tree; every input gets its own files (numbered suffixes, see the module docstring).
     `value_range` fixes the heat maps' colour scale (see `threshold_color_range`). A folder holding an earlier run's
     scores.csv is refused unless `overwrite` (True by default here; the CLI's --overwrite is off by default).
+    The rows are this writer's; the per-image files are its `images` (`ImageFiles`), which another process may
+    write instead (`write_row` then writes the rows only).
     """
 
     def __init__(
@@ -93,11 +212,10 @@ class PredictionWriter:
         thumbnails: list[np.ndarray] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.thumbnails = thumbnails  # the model's training thumbnails: explain/<name>.png when given
+        self.images = ImageFiles(out_dir, save_maps=save_maps, value_range=value_range, verdicts=verdicts,
+                                 thumbnails=thumbnails)
         self.overwrite = overwrite
         self._taken: set[str] = set()
-        self.save_maps = save_maps
-        self.value_range = value_range
         self.verdicts = verdicts
         self.count = 0
         self.skipped: list[tuple[str, str]] = []
@@ -146,6 +264,28 @@ class PredictionWriter:
     def write(self, prediction: Prediction) -> None:
         """Append one result: its CSV row and regions line first (flushed), then its images. A failed write raises
         an OSError naming the file."""
+        self.write_row(prediction)
+        if prediction.original_map is not None:
+            self.images.write(prediction, self._output_stem(prediction.name), saver=self._save)
+
+    def _save(self, save: Callable[[Path], object], folder: str, stem: str, suffix: str = ".png") -> None:
+        """Write one per-image file whole (`ImageFiles`); a subclass may note where it went."""
+        self.images._save(save, folder, stem, suffix)
+
+    @property
+    def save_maps(self) -> bool:
+        return self.images.save_maps
+
+    @property
+    def value_range(self) -> tuple[float, float] | None:
+        return self.images.value_range
+
+    @property
+    def thumbnails(self) -> list[np.ndarray] | None:
+        return self.images.thumbnails
+
+    def write_row(self, prediction: Prediction) -> None:
+        """Append one result's CSV row and regions line (flushed), without its images (written elsewhere)."""
         assert self._csv_file is not None, "use PredictionWriter as a context manager"
         with _naming(self._csv_file.name):
             self._csv.writerow(self.row(prediction))
@@ -158,41 +298,6 @@ class PredictionWriter:
                 self._regions_file.write(json.dumps(line) + "\n")
                 self._regions_file.flush()
         self.count += 1
-        full_map = prediction.original_map
-        if full_map is None:
-            return
-        stem = self._output_stem(prediction.name)
-        if self.save_maps:
-            self._save(lambda target: tifffile.imwrite(target, full_map.astype(np.float32)), "maps", stem, ".tiff")
-        vmin, vmax = self.value_range if self.value_range else (None, None)
-        self._save(lambda target: save_png(heatmap(full_map, vmin, vmax), target), "heatmaps", stem)
-        mask = prediction.defect_mask if self.verdicts else None
-        if mask is not None:
-            mask_png = Image.fromarray(mask.astype(np.uint8) * 255)
-            self._save(lambda target: save_png(mask_png, target), "masks", stem)
-        if prediction.image is not None:
-            shown = overlay(prediction.image, full_map, vmin, vmax, mask=mask)
-            if self.verdicts:
-                shown = annotate(
-                    shown, prediction.regions, verdict_label(prediction.is_anomalous, prediction.normalized_score),
-                    anomalous=prediction.is_anomalous, map_shape=full_map.shape,
-                )
-            self._save(lambda target: save_png(shown, target), "overlays", stem)
-            why = self._why_picture(prediction)
-            if why is not None:
-                self._save(lambda target: save_png(why, target), "explain", stem)
-
-    def _why_picture(self, prediction: Prediction) -> Image.Image | None:
-        if not prediction.is_anomalous or not self.thumbnails:
-            return None
-        return why_picture(prediction, self.thumbnails)
-
-    def _save(self, save: Callable[[Path], object], folder: str, stem: str, suffix: str = ".png") -> None:
-        """Write one image file OUT/folder/<stem><suffix> (its folders made first); an OSError names the file."""
-        target = self.out_dir / folder / f"{stem}{suffix}"
-        with _naming(target):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save(target)
 
     def row(self, prediction: Prediction) -> list[str]:
         """The scores.csv row of `prediction` (columns as in the header this writer wrote)."""
@@ -209,14 +314,7 @@ class PredictionWriter:
     def _output_stem(self, name: str) -> str:
         """Where the input's images go (a relative path without extension): its safe relative name, numbered when
         this run already used it (compared ignoring case)."""
-        relative = _safe_relative(name)
-        base = (relative.parent / relative.stem).as_posix()
-        stem, number = base, 1
-        while stem.casefold() in self._taken:
-            number += 1
-            stem = f"{base}~{number}"
-        self._taken.add(stem.casefold())
-        return stem
+        return _next_stem(name, self._taken)
 
     def skip(self, name: str, error: ImageReadError) -> None:
         """Record an input that could not be read (skipped.csv in the output folder)."""
