@@ -24,7 +24,10 @@ import pytest
 import tifffile
 
 from spade_ad import Spade, distributed
-from spade_ad.distributed import ClusterError, _check_address, _in_input_order, _list_inputs, _Listing
+from spade_ad.distributed import ClusterError
+from spade_ad.distributed.driver import _in_input_order
+from spade_ad.distributed.listing import _list_inputs, _Listing
+from spade_ad.distributed.session import _check_address
 from spade_ad.errors import ImageReadError, SettingError
 from spade_ad.images import read_image
 from spade_ad.inputs import ImageItem, collect_images
