@@ -35,3 +35,25 @@ def bottle_root() -> Path:
             pytest.fail(f"real data missing in CI: {root}")
         pytest.skip(f"real MVTec AD bottle data not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throw-away PostgreSQL cluster for the session (tests/pg_cluster.py); skipped with the reason when none can
+    be started (PostgreSQL or psycopg not installed)."""
+    import pg_cluster
+
+    cluster = pg_cluster.start_cluster()
+    if isinstance(cluster, str):
+        pytest.skip(cluster)
+    yield cluster
+    pg_cluster.remove(cluster)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def record_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a record test writes: a new SQLite file, or a new database in the session's PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return str(tmp_path / "inspections.db")
+    cluster = request.getfixturevalue("postgres_cluster")
+    return cluster.database(f"t_{abs(hash(request.node.nodeid)) % 10**12}")

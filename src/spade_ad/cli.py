@@ -68,6 +68,34 @@ engine_option = click.option("--engine", type=click.Choice(["onnxruntime", "open
                              help="Inference engine for a bundle [default: onnxruntime]; model files run on torch.")
 
 
+record_option = click.option(
+    "--record", "record_target", metavar="DB", default=None,
+    help="Also write every prediction to this inspection record: a SQLite file (created when missing) or a "
+    "postgresql://user@host/db URL (pip install 'spade-ad[record]').")
+
+
+def _recorder(record_target: str | None, model: Any, model_path: Path | None, origin: str,
+              name: str | None = None) -> Any:
+    """A `spade_ad.recording.Recorder` on the record at `record_target` (None without one); a problem with the
+    record is a `RecordError` (one line, exit 2)."""
+    if record_target is None:
+        return None
+    from .record import open_record
+    from .recording import Recorder
+
+    return Recorder(open_record(record_target), model, model_path, origin=origin, name=name,
+                    on_failure=lambda problem: click.echo(f"warning: {problem}; going on without recording",
+                                                          err=True))
+
+
+def _check_record(record_target: str | None) -> None:
+    """Open and close the record once, before a model loads: a bad record is refused at no cost."""
+    if record_target is not None:
+        from .record import open_record
+
+        open_record(record_target).close()
+
+
 def ray_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--ray [ADDRESS] and --ray-workers N: run the command on Ray (`spade_ad.distributed`)."""
     command = click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -150,11 +178,13 @@ def _echo_calibration(model: Any) -> None:
               "training image with the matched area boxed (and the match in regions.jsonl).")
 @skip_bad_option
 @engine_option
+@record_option
 @ray_options
 def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: bool, weights: Path | None,
             device: str | None, threshold: float | None, false_alarm_rate: float | None,
             pixel_threshold: float | None, pixel_false_alarm_rate: float | None, overwrite: bool, explain: bool,
-            skip_bad: bool, engine: str | None, ray_address: str | None, ray_workers: int) -> None:
+            skip_bad: bool, engine: str | None, record_target: str | None, ray_address: str | None,
+            ray_workers: int) -> None:
     """Score images with a model file or an exported bundle (`spade-ad export`: no torch needed): OUT/scores.csv
     (row by row, with is_anomalous when the model has a threshold), heat maps, overlays and predicted defect masks
     per image. An output folder holding an earlier run's scores.csv is refused unless --overwrite; inputs with the
@@ -163,6 +193,9 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     from .writers import PredictionWriter, check_output_dir
 
     check_output_dir(output, overwrite=overwrite)  # before the model loads: a refusal costs nothing
+    if record_target is not None and ray_address is not None:
+        raise click.UsageError("--record does not apply with --ray (the Ray workers write Parquet); leave one out")
+    _check_record(record_target)
     if ray_address is not None:
         from .distributed import predict as predict_on_ray
 
@@ -180,18 +213,34 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     if any(v is not None for v in (threshold, false_alarm_rate, pixel_threshold, pixel_false_alarm_rate)):
         model.set_thresholds(image=threshold, false_alarm_rate=false_alarm_rate, pixel=pixel_threshold,
                              pixel_false_alarm_rate=pixel_false_alarm_rate)
-    writer = PredictionWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
-    with writer:
-        def on_skip(item: object, error: Exception) -> None:
-            writer.skip(getattr(item, "name", str(item)), error)
-            _report_skip(item, error)
+    recorder = _recorder(record_target, model, model_path, "predict")
+    if recorder is None:
+        writer = PredictionWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
+    else:
+        from .recording import RecordingWriter
 
-        source = inputs[0] if len(inputs) == 1 else list(inputs)  # one folder: names relative to it
-        writer.write_all(
-            model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad, on_skip=on_skip,
-                               explain=explain)
-        )
+        writer = RecordingWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
+        writer.attach(recorder)
+    try:
+        with writer:
+            def on_skip(item: object, error: Exception) -> None:
+                writer.skip(getattr(item, "name", str(item)), error)
+                _report_skip(item, error)
+
+            source = inputs[0] if len(inputs) == 1 else list(inputs)  # one folder: names relative to it
+            writer.write_all(
+                model.iter_predict(source, original_size=True, keep_images=True, skip_bad=skip_bad,
+                                   on_skip=on_skip, explain=explain)
+            )
+    finally:
+        if recorder is not None:  # what was predicted before a failure is recorded too
+            recorder.close()
     click.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
+    if recorder is not None:
+        listed = recorder.write_unrecorded(output)
+        click.echo(recorder.summary() + (f"; their names: {listed}" if listed else ""), err=listed is not None)
+        if listed is not None:
+            sys.exit(1)
 
 
 @app.command()
@@ -366,6 +415,86 @@ def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, 
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     run_server(model_path, settings, weights=weights, device=device, engine=engine)
+
+
+@app.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output folder (scores.csv, overlays, ... appended across runs; watch-state.jsonl).")
+@record_option
+@click.option("--move-to", type=click.Path(path_type=Path), default=None,
+              help="Move each scored file to DIR/good, DIR/defect or DIR/error (its folder below DIR kept).")
+@click.option("--poll", is_flag=True, help="Only scan the folder (network shares, where file events do not arrive).")
+@click.option("--poll-interval", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+              help="Seconds between scans of the folder.")
+@click.option("--settle", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="A file not renamed into place is complete once its size has not changed for this many seconds.")
+@click.option("--save-maps", is_flag=True, help="Also write raw float32 maps (maps/*.tiff).")
+@click.option("--explain", is_flag=True, help="For each flagged image, explain/<name>.png (see predict --explain).")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Stop after this many files (scored or refused).")
+@click.option("--idle-exit", type=click.FloatRange(min=0), default=None,
+              help="Stop once nothing new has arrived for this many seconds.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Backbone weights file, if not where it was at fit time.")
+@click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
+              help="Override the device stored in the model (cpu, cuda[:N], auto).")
+@engine_option
+def watch(model_path: Path, folder: Path, output: Path, record_target: str | None, move_to: Path | None, poll: bool,
+          poll_interval: float, settle: float, save_maps: bool, explain: bool, max_images: int | None,
+          idle_exit: float | None, weights: Path | None, device: str | None, engine: str | None) -> None:
+    """Score images as they appear in a folder (a camera's), each once it is complete, in arrival order, exactly
+    once across restarts (the record, or OUT/watch-state.jsonl, knows what was scored). Ctrl-C or SIGTERM finishes
+    the current image and exits; a broken file is logged and recorded as an error, and watching goes on."""
+    from .loading import open_model
+    from .watch import Watcher
+
+    if not folder.is_dir():
+        raise click.BadParameter(f"{folder} is not a folder; give the folder the camera writes into",
+                                 param_hint="DIR")
+    _check_record(record_target)
+    model = open_model(model_path, weights=weights, device=device, engine=engine)
+    model.set_params(progress=False)
+    recorder = _recorder(record_target, model, model_path, "watch")
+    watcher = Watcher(model, folder, output, recorder=recorder, move_to=move_to, poll=poll,
+                      poll_interval=poll_interval, settle=settle, save_maps=save_maps, explain=explain,
+                      max_images=max_images, idle_exit=idle_exit, log=lambda line: click.echo(line, err=True))
+    result = watcher.run()
+    click.echo(f"scored {result.scored} images ({result.flagged} flagged, {result.errors} unreadable, "
+               f"{result.already} already scored before): {output / 'scores.csv'}")
+    if recorder is not None:
+        listed = recorder.write_unrecorded(output)
+        click.echo(recorder.summary() + (f"; their names: {listed}" if listed else ""), err=listed is not None)
+        if listed is not None:
+            sys.exit(1)
+
+
+@app.command()
+@click.argument("record_target", metavar="DB")
+@click.option("--model", "model_id", default=None,
+              help="Model id (or its first characters) or name [default: the newest model with inspections].")
+@click.option("--window", type=click.IntRange(min=1), default=500, show_default=True,
+              help="The last this many inspections of the model.")
+@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Significance level of both tests.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (after the verdict line).")
+def drift(record_target: str, model_id: str | None, window: int, alpha: float, as_json: bool) -> None:
+    """Has the line drifted? The flag rate of the last WINDOW inspections against the calibrated false-alarm rate
+    (binomial test), and their good-looking scores against the model's calibration scores (Mann-Whitney). One line;
+    exit code 1 when drifted, 0 when not, 2 for a bad record or model."""
+    import json
+
+    from .drift import check_drift
+    from .record import open_record
+
+    with open_record(record_target, create=False) as record:
+        report = check_drift(record, model_id, window=window, alpha=alpha)
+    click.echo(report.verdict)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    if report.drifted:
+        sys.exit(1)
 
 
 def _setting_message(exc: SettingError) -> str:

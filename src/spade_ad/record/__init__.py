@@ -1,0 +1,12 @@
+"""The inspection record: every prediction of `predict`, `watch` and the service in a database (SQLite file by
+default, PostgreSQL by URL), with its review label (`schema` the tables and migrations, `store` the `Record`,
+`identity` model and file hashes). SQLAlchemy 2 Core; imported only when a record is asked for."""
+
+from __future__ import annotations
+
+from .identity import file_sha256, model_identity, settings_digest
+from .schema import SCHEMA_VERSION
+from .store import BORDERLINE, LABELS, Record, RecordError, RecordUnavailable, now_ms, open_record, shown
+
+__all__ = ["BORDERLINE", "LABELS", "SCHEMA_VERSION", "Record", "RecordError", "RecordUnavailable", "file_sha256",
+           "model_identity", "now_ms", "open_record", "settings_digest", "shown"]

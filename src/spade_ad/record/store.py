@@ -1,0 +1,407 @@
+"""Opening an inspection record and reading and writing it: `Record`.
+
+Where: a file path is a SQLite database (created when missing) in WAL mode with a busy timeout, so that several
+processes (a watcher, the service, `drift`) can write and read one file at once; a URL `postgresql://...` is a
+PostgreSQL database (driver psycopg 3), `sqlite:///path` a SQLite file by URL.
+
+Opening checks the record and brings it to this release's schema (`schema.MIGRATIONS`, in one transaction that
+takes the write lock first, so two processes opening one new file do not both build it). What is refused, as a
+`RecordError` naming the record and what to do: a file that is not a SQLite database, a database that holds other
+tables but no record, a record of a newer schema than this release, a file or folder without write permission, a
+server that cannot be reached.
+
+Writes are transactional: `add` inserts a list of rows in one transaction (all or none), so a crash loses at most the
+batch being written and never leaves half a batch; `spade_ad.recording.RecordBatcher` gathers predictions into such
+batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from .. import __version__
+from ..errors import SpadeError
+from .schema import INDEXES, MIGRATIONS, SCHEMA_VERSION, inspections, metadata, models, versions
+
+__all__ = ["BORDERLINE", "LABELS", "Record", "RecordError", "RecordUnavailable", "now_ms", "open_record"]
+
+BUSY_TIMEOUT_MS = 15_000
+"""How long a SQLite writer waits for another process's transaction before giving up."""
+BORDERLINE = 0.8
+"""Normalised score (1 = the threshold) from which an image that passed still goes to the review queue."""
+LABELS = ("good", "defect")
+_VERDICTS = ("good", "defect", "none", "error")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_EMPTY_ROW = {column.name: None for column in inspections.columns if column.name != "id"}
+
+
+class RecordError(SpadeError):
+    """A record that cannot be used as it is (not a database, newer schema, read-only, unreachable)."""
+
+
+class RecordUnavailable(RecordError):
+    """The record went away while in use (a server stopped, a disk failed): what was written before stays."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_url(target: str) -> bool:
+    return "://" in target
+
+
+def shown(target: str | os.PathLike[str]) -> str:
+    """The record as messages show it: a file path as given, a URL without its password."""
+    text = os.fspath(target)
+    if not _is_url(text):
+        return text
+    try:
+        return make_url(text).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return text
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, before SQLite touches it, a file that cannot become or be a record."""
+    where = shown(path)
+    if path.is_dir():
+        raise RecordError(f"record {where} is a folder; give a file name for the record (e.g. inspections.db)")
+    if not path.parent.is_dir():
+        raise RecordError(f"record {where}: folder {path.parent} does not exist; create it or give another path")
+    if path.exists():
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if head and head != _SQLITE_MAGIC:
+            raise RecordError(f"record {where} is not a database (not a SQLite file); give a new file name or an "
+                              f"existing inspection record")
+        # Read-only by its mode: refused even for root (whom the system would let write), as the owner meant it.
+        if not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK):
+            raise RecordError(f"record {where} is read-only; make it writable (chmod u+w) or give another file")
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK) or not folder.stat().st_mode & stat.S_IWUSR:
+        raise RecordError(f"record {where}: folder {folder} is read-only (SQLite writes its journal beside the file); "
+                          f"make it writable or give another path")
+
+
+def _engine(target: str) -> sa.Engine:
+    if not _is_url(target):
+        path = Path(target).expanduser()
+        _check_file(path)
+        url = sa.URL.create("sqlite+pysqlite", database=str(path.resolve()))
+    else:
+        try:
+            url = make_url(target)
+        except sa.exc.ArgumentError as exc:
+            raise RecordError(f"record {target!r} is neither a file path nor a database URL "
+                              f"(postgresql://user@host/db, sqlite:///file.db)") from exc
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        elif url.drivername == "sqlite" and url.database:
+            _check_file(Path(url.database))
+        elif not url.drivername.startswith(("postgresql", "sqlite")):
+            raise RecordError(f"record {shown(target)}: only SQLite files and PostgreSQL URLs are supported")
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+        @sa.event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: Any, _: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(connection: sa.Connection) -> None:
+            # A transaction that writes takes the lock at once (waiting up to the busy timeout), so that two
+            # processes never both read, then both fail to upgrade to writing.
+            immediate = connection.get_execution_options().get("write", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+
+
+def _problem(exc: BaseException) -> str:
+    """A driver error in one line."""
+    original = getattr(exc, "orig", None) or exc
+    return " ".join(str(original).split()) or type(original).__name__
+
+
+class Record:
+    """An open inspection record (see the module's description). Use `open_record`; close with `close` (or as a
+    context manager)."""
+
+    def __init__(self, target: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.target = os.fspath(target)
+        self.shown = shown(self.target)
+        if not create and not _is_url(self.target) and not Path(self.target).expanduser().exists():
+            raise RecordError(f"record {self.shown} does not exist; give the record that predict, watch or serve "
+                              f"wrote (--record)")
+        self.engine = _engine(self.target)
+        self.backend = self.engine.url.get_backend_name()
+        self.schema_version = self._migrate()
+
+    # -- opening --------------------------------------------------------------------------------------------------
+    def _writing(self) -> sa.Connection:
+        return self.engine.connect().execution_options(write=True)
+
+    def _migrate(self) -> int:
+        try:
+            with self._writing() as connection, connection.begin():
+                inspector = sa.inspect(connection)
+                tables = set(inspector.get_table_names())
+                if versions.name in tables:
+                    found = connection.execute(sa.select(sa.func.max(versions.c.version))).scalar() or 0
+                elif tables:
+                    raise RecordError(f"record {self.shown} is a database that holds other tables but no inspection "
+                                      f"record; give a new file (or an empty database)")
+                else:
+                    found = 0
+                if found > SCHEMA_VERSION:
+                    raise RecordError(f"record {self.shown} has schema version {found}, newer than this spade-ad "
+                                      f"({__version__}, schema {SCHEMA_VERSION}) knows; upgrade spade-ad to use it")
+                for version, step in MIGRATIONS:
+                    if version > found:
+                        step(connection)
+                        connection.execute(versions.insert().values(version=version, applied_ms=now_ms(),
+                                                                    release=__version__))
+                return SCHEMA_VERSION
+        except RecordError:
+            self.engine.dispose()
+            raise
+        except sa.exc.DatabaseError as exc:
+            self.engine.dispose()
+            problem = _problem(exc)
+            if "not a database" in problem or "malformed" in problem:
+                raise RecordError(f"record {self.shown} is not a database ({problem}); give a new file name or an "
+                                  f"existing inspection record") from None
+            if "readonly" in problem or "read-only" in problem:
+                raise RecordError(f"record {self.shown} is read-only ({problem}); make it writable or give another "
+                                  f"file") from None
+            raise RecordError(f"cannot open record {self.shown}: {problem}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Record:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def register_model(self, identity: Mapping[str, Any]) -> str:
+        """Make sure the model `identity` (`spade_ad.record.identity.model_identity`) has its row; returns its id."""
+        row = dict(identity)
+        try:
+            with self._writing() as connection, connection.begin():
+                known = connection.execute(sa.select(models.c.id).where(models.c.id == row["id"])).first()
+                if known is None:
+                    connection.execute(models.insert().values(first_seen_ms=now_ms(), **row))
+        except sa.exc.DBAPIError as exc:
+            raise RecordUnavailable(f"record {self.shown}: cannot write ({_problem(exc)})") from None
+        return str(row["id"])
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Insert rows (columns of `schema.inspections`; `at_ms` defaults to now) in one transaction; their ids."""
+        if not rows:
+            return []
+        stamp = now_ms()
+        values = [{**_EMPTY_ROW, "at_ms": stamp, **row} for row in rows]  # every column: one executemany
+        for row in values:
+            if row.get("verdict") not in _VERDICTS:
+                raise ValueError(f"verdict must be one of {_VERDICTS}, got {row.get('verdict')!r}")
+            if isinstance(row.get("regions"), list):
+                row["regions"] = json.dumps(row["regions"])
+        try:
+            with self._writing() as connection, connection.begin():
+                if self.backend == "postgresql" or len(values) == 1:
+                    result = connection.execute(inspections.insert().returning(inspections.c.id), values)
+                    return [int(i) for i in result.scalars()]
+                connection.execute(inspections.insert(), values)  # executemany: one statement, many rows
+                last = connection.execute(sa.select(sa.func.max(inspections.c.id))).scalar_one()
+                return list(range(int(last) - len(values) + 1, int(last) + 1))
+        except sa.exc.DBAPIError as exc:
+            raise RecordUnavailable(f"record {self.shown}: {len(values)} inspections not written "
+                                    f"({_problem(exc)})") from None
+
+    def set_label(self, inspection_id: int, label: str, by: str) -> dict[str, Any]:
+        """Label one inspection good or defect (who and when kept); the updated row."""
+        if label not in LABELS:
+            raise RecordError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        with self._writing() as connection, connection.begin():
+            done = connection.execute(inspections.update().where(inspections.c.id == inspection_id)
+                                      .values(label=label, label_by=by, label_ms=now_ms()))
+            if done.rowcount == 0:
+                raise KeyError(inspection_id)
+        row = self.get(inspection_id)
+        assert row is not None
+        return row
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def _rows(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+    def get(self, inspection_id: int) -> dict[str, Any] | None:
+        rows = self._rows(sa.select(inspections).where(inspections.c.id == inspection_id))
+        return rows[0] if rows else None
+
+    def count(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(inspections)).scalar_one())
+
+    def inspections(self, *, model: str | None = None, origin: str | None = None) -> list[dict[str, Any]]:
+        """Every inspection, oldest first (for tests and exports; the views below page and aggregate)."""
+        query = sa.select(inspections).order_by(inspections.c.id)
+        if model is not None:
+            query = query.where(inspections.c.model_id == model)
+        if origin is not None:
+            query = query.where(inspections.c.origin == origin)
+        return self._rows(query)
+
+    def was_scored(self, source: str, sha256: str) -> bool:
+        """Whether this file (its name and content) is already in the record: the watcher's exactly-once."""
+        query = sa.select(inspections.c.id).where(inspections.c.sha256 == sha256,
+                                                  inspections.c.source == source).limit(1)
+        with self.engine.connect() as connection:
+            return connection.execute(query).first() is not None
+
+    def models(self) -> list[dict[str, Any]]:
+        """The models seen, newest first, each with its number of inspections."""
+        counts = (sa.select(inspections.c.model_id, sa.func.count().label("inspections"))
+                  .group_by(inspections.c.model_id).subquery())
+        query = (sa.select(models, sa.func.coalesce(counts.c.inspections, 0).label("inspections"))
+                 .select_from(models.outerjoin(counts, counts.c.model_id == models.c.id))
+                 .order_by(models.c.first_seen_ms.desc()))
+        found = self._rows(query)
+        for row in found:
+            row["calibration_scores"] = json.loads(row["calibration_scores"] or "[]")
+        return found
+
+    def model(self, model_id: str | None = None) -> dict[str, Any]:
+        """One model's row (`model_id` its id, a prefix of it, or its name; None: the newest model with
+        inspections); a RecordError naming what is known when there is none."""
+        found = self.models()
+        if model_id is None:
+            used = [m for m in found if m["inspections"]]
+            if not used:
+                raise RecordError(f"record {self.shown} holds no inspections yet")
+            return used[0]
+        matches = [m for m in found if m["id"].startswith(model_id) or m["name"] == model_id]
+        if not matches:
+            known = ", ".join(f"{m['name']} ({m['id'][:12]})" for m in found) or "none"
+            raise RecordError(f"record {self.shown} has no model {model_id!r}; known: {known}")
+        return matches[0]
+
+    def queue(self, *, verdict: str | None = None, model: str | None = None, since_ms: int | None = None,
+              until_ms: int | None = None, labelled: bool = False, limit: int = 50, before_id: int | None = None,
+              borderline: float = BORDERLINE) -> list[dict[str, Any]]:
+        """The review queue, newest first: flagged images and those that passed with a normalised score of at
+        least `borderline`, not yet labelled (`labelled`: the labelled ones instead); filtered by verdict
+        ("defect", "good": the borderline ones, "error"), model, time; paged by `before_id`."""
+        c = inspections.c
+        if verdict is None:
+            wanted = sa.or_(c.verdict.in_(("defect", "error")),
+                            sa.and_(c.verdict == "good", c.normalized_score >= borderline))
+        elif verdict == "good":
+            wanted = sa.and_(c.verdict == "good", c.normalized_score >= borderline)
+        else:
+            wanted = c.verdict == verdict
+        query = sa.select(inspections).where(wanted, c.label.is_not(None) if labelled else c.label.is_(None))
+        if model is not None:
+            query = query.where(c.model_id == model)
+        if since_ms is not None:
+            query = query.where(c.at_ms >= since_ms)
+        if until_ms is not None:
+            query = query.where(c.at_ms < until_ms)
+        if before_id is not None:
+            query = query.where(c.id < before_id)
+        return self._rows(query.order_by(c.at_ms.desc(), c.id.desc()).limit(limit))
+
+    def labelled(self, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """The labelled inspections by label ({"good": [...], "defect": [...]}), oldest first."""
+        query = sa.select(inspections).where(inspections.c.label.is_not(None)).order_by(inspections.c.id)
+        if model is not None:
+            query = query.where(inspections.c.model_id == model)
+        found: dict[str, list[dict[str, Any]]] = {label: [] for label in LABELS}
+        for row in self._rows(query):
+            found[row["label"]].append(row)
+        return found
+
+    def recent(self, model: str, window: int) -> list[dict[str, Any]]:
+        """The last `window` scored inspections of `model` (errors left out), newest first."""
+        c = inspections.c
+        query = (sa.select(c.id, c.at_ms, c.score, c.normalized_score, c.verdict, c.image_threshold)
+                 .where(c.model_id == model, c.verdict != "error")
+                 .order_by(c.at_ms.desc(), c.id.desc()).limit(window))
+        return self._rows(query)
+
+    def history(self, model: str, *, bucket: str = "hour", since_ms: int | None = None) -> list[dict[str, Any]]:
+        """Per hour or day (UTC) for `model`: inspections, flagged ones, and the mean, lowest and highest score."""
+        size = {"hour": 3_600_000, "day": 86_400_000}[bucket]
+        c = inspections.c
+        slot = (c.at_ms // size).label("slot")  # floor division in SQL, on both back ends
+        query = (sa.select(slot, sa.func.count().label("n"),
+                           sa.func.sum(sa.case((c.verdict == "defect", 1), else_=0)).label("flagged"),
+                           sa.func.avg(c.score).label("mean_score"), sa.func.min(c.score).label("min_score"),
+                           sa.func.max(c.score).label("max_score"))
+                 .where(c.model_id == model, c.verdict != "error").group_by(slot).order_by(slot))
+        if since_ms is not None:
+            query = query.where(c.at_ms >= since_ms)
+        rows = self._rows(query)
+        for row in rows:
+            row["start_ms"] = int(row.pop("slot")) * size
+            row["flagged"] = int(row["flagged"] or 0)
+            row["rate"] = row["flagged"] / row["n"] if row["n"] else None
+        return rows
+
+    def scores(self, model: str, *, limit: int = 2000) -> list[dict[str, Any]]:
+        """The last `limit` scores of `model` with their time and threshold, oldest first (the score-over-time plot)."""
+        c = inspections.c
+        query = (sa.select(c.id, c.at_ms, c.score, c.image_threshold, c.verdict, c.label)
+                 .where(c.model_id == model, c.verdict != "error").order_by(c.at_ms.desc(), c.id.desc()).limit(limit))
+        return self._rows(query)[::-1]
+
+    def table_info(self) -> dict[str, Any]:
+        """Columns and indexes of the record's tables, as the database reports them (tests compare migrations)."""
+        with self.engine.connect() as connection:
+            inspector = sa.inspect(connection)
+            return {
+                table: {"columns": sorted(col["name"] for col in inspector.get_columns(table)),
+                        "indexes": sorted(index["name"] for index in inspector.get_indexes(table))}
+                for table in sorted(metadata.tables)
+            }
+
+
+def open_record(target: str | os.PathLike[str], *, create: bool = True) -> Record:
+    """Open (create unless not `create`, migrate) the record at `target`: a SQLite file path or a database URL."""
+    return Record(target, create=create)
+
+
+def index_names() -> list[str]:
+    return sorted(str(index.name) for index in INDEXES)
+
+
+def plain_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts: regions decoded."""
+    out = []
+    for row in rows:
+        item = dict(row)
+        if isinstance(item.get("regions"), str):
+            item["regions"] = json.loads(item["regions"])
+        out.append(item)
+    return out
