@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -180,6 +181,7 @@ class Watcher:
                     watcher._renamed(Path(os.fsdecode(event.dest_path)))
                 watcher._wake.set()
 
+        logging.getLogger("watchdog").setLevel(logging.ERROR)  # its stop-time chatter is not the user's
         observer = Observer()
         try:
             observer.schedule(Wake(), str(self.folder), recursive=True)
