@@ -63,11 +63,20 @@ def inputs_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def plain_out(model_file: Path, inputs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A plain (single-process) `spade-ad predict --save-maps --skip-bad` of the inputs: the reference."""
+    """A plain (single-process) `spade-ad predict --save-maps --skip-bad` of the inputs: the reference. With the
+    actors' torch thread count (one): CPU convolutions sum in a thread-count-dependent order, and with the same
+    count the floats, hence every file, are the same."""
+    import torch
+
     from cli_run import run_cli
 
     out = tmp_path_factory.mktemp("plain") / "out"
-    assert run_cli(["predict", model_file, inputs_dir, "-o", out, "--save-maps", "--skip-bad"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(["predict", model_file, inputs_dir, "-o", out, "--save-maps", "--skip-bad"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -92,6 +101,14 @@ def _files(out: Path) -> set[str]:
     return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
 
 
+def _assert_same_files(out: Path, plain: Path) -> None:
+    """Every file of the plain run, byte for byte (scores.csv, regions.jsonl, skipped.csv, every picture and map),
+    plus scores.parquet, and nothing else (no temporary file left)."""
+    assert _files(out) == _files(plain) | {"scores.parquet"}
+    for name in sorted(_files(plain)):
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+
+
 # ---------------------------------------------------------------- same answers
 
 
@@ -106,13 +123,9 @@ def test_predict_on_ray_gives_the_files_and_scores_of_plain_predict(cluster: Any
     plain = _rows(plain_out)
     assert run.count == len(plain) == 12 and skipped == [BROKEN]
     _assert_same_rows(_rows(out), plain)
-    assert _files(out) == _files(plain_out) | {"scores.parquet"}
-    assert (out / "skipped.csv").read_text() == (plain_out / "skipped.csv").read_text()
-    # Maps (float32 at the original size) within float32 noise: the actors run torch on one thread each, the plain
-    # run on this process's threads (CPU convolutions sum in a thread-count-dependent order).
+    _assert_same_files(out, plain_out)  # the actors wrote the pictures and maps, the driver the rows
     for tiff in sorted(p for p in _files(plain_out) if p.endswith(".tiff")):
-        np.testing.assert_allclose(tifffile.imread(out / tiff), tifffile.imread(plain_out / tiff), rtol=1e-5,
-                                   atol=1e-5, equal_nan=True, err_msg=tiff)
+        np.testing.assert_array_equal(tifffile.imread(out / tiff), tifffile.imread(plain_out / tiff), err_msg=tiff)
     # The regions file: the same boxes and areas per image, in the same order.
     plain_regions = (plain_out / "regions.jsonl").read_text().splitlines()
     ray_regions = (out / "regions.jsonl").read_text().splitlines()
@@ -162,6 +175,46 @@ def test_killed_actor_loses_and_doubles_no_row(cluster: Any, model_file: Path, i
     assert run.count == len(rows) == 12
     _assert_same_rows(rows, _rows(plain_out))
     assert (tmp_path / "ray" / "skipped.csv").read_text().splitlines()[1].startswith(f"{BROKEN},")
+
+
+@pytest.mark.slow
+def test_actor_killed_while_writing_a_picture_leaves_every_file_whole(cluster: Any, model_file: Path,
+                                                                      inputs_dir: Path, plain_out: Path,
+                                                                      tmp_path: Path) -> None:
+    """An actor exits half-way through a file (half of it in its temporary name, not renamed) after 5 images;
+    its batch is retried, which writes that batch's files again whole: every file is the plain run's, byte for
+    byte, each row is there once, and no temporary file is left."""
+    marker = tmp_path / "crashed"
+    run = distributed.predict(model_file, inputs_dir, tmp_path / "ray", save_maps=True, skip_bad=True,
+                              _crash_once=(str(marker), 5, "write"))
+    assert marker.exists(), "no actor was killed: the test did not test anything"
+    assert run.count == 12
+    _assert_same_files(tmp_path / "ray", plain_out)
+
+
+@pytest.mark.slow
+def test_inputs_sharing_a_name_get_the_plain_run_s_numbered_files(cluster: Any, model_file: Path,
+                                                                  inputs_dir: Path, tmp_path: Path) -> None:
+    """Two inputs with one output name: the numbered names depend on the order of writing, so the driver writes
+    the pictures (as a plain run); the same files as a plain predict of the same list."""
+    import torch
+
+    from spade_ad import load
+    from spade_ad.writers import PredictionWriter
+
+    image = inputs_dir / "good" / "000.png"
+    given = [image, inputs_dir / "good" / "001.png", image]
+    run = distributed.predict(model_file, [str(p) for p in given], tmp_path / "ray")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load(model_file)
+        with PredictionWriter.for_model(model, tmp_path / "plain") as writer:
+            writer.write_all(model.iter_predict(given, original_size=True, keep_images=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert run.count == 3 and "heatmaps/000~2.png" in _files(tmp_path / "ray")
+    _assert_same_files(tmp_path / "ray", tmp_path / "plain")
 
 
 @pytest.mark.slow
@@ -289,3 +342,18 @@ def test_import_and_commands_work_without_ray(model_file: Path, synthetic_root: 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: distributed runs need Ray, which is not installed: pip install 'spade-ad[ray]'"]
     assert len(_rows(tmp_path / "out")) == 4
+
+
+def test_actors_write_the_pictures_unless_two_inputs_share_a_name(inputs_dir: Path, tmp_path: Path) -> None:
+    """The actors get each path's stems (a plain run's names); with numbered names the driver writes instead."""
+    from spade_ad.distributed.driver import _worker_files
+    from spade_ad.writers import output_stems
+
+    listing = _list_inputs(inputs_dir)
+    files = _worker_files(listing, tmp_path, True, output_stems)
+    assert files is not None and files["out_dir"] == str(tmp_path.resolve()) and files["save_maps"]
+    assert files["stems"][listing.keys[0]] == [listing.items[0].name.rsplit(".", 1)[0]]
+    assert sorted(stem for stems in files["stems"].values() for stem in stems) == sorted(
+        output_stems([item.name for item in listing.items]))
+    image = str(inputs_dir / "good" / "000.png")
+    assert _worker_files(_list_inputs([image, image]), tmp_path, False, output_stems) is None

@@ -41,34 +41,72 @@ def _set_threads(threads: int) -> None:
 
 class _CrashOnce:
     """Test hook: the actor process exits (os._exit) once it has handled `after` images in all, if `marker` does
-    not exist yet (it is created first, so the actor Ray restarts does not exit again): a worker dying mid-run."""
+    not exist yet (it is created first, so the actor Ray restarts does not exit again): a worker dying mid-run.
+    With a third item "write" in the spec, it exits instead while writing the first file after that point: with
+    half of the file in its temporary name, before the rename (`while_writing`)."""
 
-    def __init__(self, spec: tuple[str, int] | None) -> None:
+    def __init__(self, spec: tuple[Any, ...] | None) -> None:
         self.marker, self.after = (Path(spec[0]), int(spec[1])) if spec else (None, 0)
+        self.in_write = bool(spec and len(spec) > 2 and spec[2] == "write")
         self.count = 0
+
+    def _due(self) -> bool:
+        return self.marker is not None and self.count >= self.after and not self.marker.exists()
+
+    def _exit(self) -> None:
+        assert self.marker is not None
+        self.marker.write_text(str(os.getpid()))
+        os._exit(1)
 
     def __call__(self, handled: int) -> None:
         self.count += handled
-        if self.marker is not None and self.count >= self.after and not self.marker.exists():
-            self.marker.write_text(str(os.getpid()))
-            os._exit(1)
+        if not self.in_write and self._due():
+            self._exit()
+
+    def while_writing(self, save: Any) -> Any:
+        """`save(path)`, or, when due, half of what it writes left at `path` and the process gone."""
+        if not (self.in_write and self._due()):
+            return save
+
+        def half_then_exit(path: Path) -> None:
+            save(path)
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[:len(data) // 2])
+            self._exit()
+
+        return half_then_exit
 
 
 class _Scorer:
     """A Ray actor: opens the model once and scores decoded batches with its own `iter_predict`. Each result is
     the pickled Prediction (its regions computed here; without `images`, its image and original-size map left
-    out)."""
+    out).
+
+    With `files` ({"out_dir", "save_maps", "stems": {path: [stem, ...]}}), the actor writes the per-image files of
+    the images it scored itself (`spade_ad.writers.ImageFiles`, each file whole: a retried batch replaces them
+    whole) under the stems the driver planned, and returns the Prediction without its maps and image: the driver
+    then only writes rows."""
 
     def __init__(self, model_path: str, *, weights: str | None, device: str | None, engine: str | None,
                  thresholds: dict[str, float], explain: bool, images: bool, threads: int,
-                 crash: tuple[str, int] | None = None) -> None:
+                 files: dict[str, Any] | None = None, crash: tuple[Any, ...] | None = None) -> None:
         from ..loading import open_model
+        from ..writers import ImageFiles
 
         self.model = open_model(model_path, weights=weights, device=device, engine=engine)
         _set_threads(threads)
         if thresholds:
             self.model.set_thresholds(**thresholds)
         self.explain, self.images, self.crash = explain, images, _CrashOnce(crash)
+        self.files = self.stems = None
+        if files is not None:
+            self.files = ImageFiles.for_model(self.model, files["out_dir"], save_maps=files["save_maps"],
+                                              explain=explain)
+            self.stems = files["stems"]
+
+    def _save(self, save: Any, folder: str, stem: str, suffix: str = ".png") -> None:
+        assert self.files is not None
+        self.files._save(self.crash.while_writing(save), folder, stem, suffix)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         items, failed = _batch_items(batch)
@@ -80,7 +118,10 @@ class _Scorer:
         for prediction in self.model.iter_predict(items, original_size=True, keep_images=self.images,
                                                   skip_bad=True, on_skip=on_skip, explain=self.explain):
             _ = prediction.regions  # cached on the Prediction, so the driver does not redo it
-            if not self.images:
+            if self.files is not None:
+                for stem in self.stems[prediction.name]:
+                    self.files.write(prediction, stem, saver=self._save)
+            if not self.images or self.files is not None:
                 prediction.original_map = prediction.image = None
             results[prediction.name] = pickle.dumps(prediction, protocol=5)
         self.crash(len(batch["path"]))

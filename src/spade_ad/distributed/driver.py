@@ -144,7 +144,8 @@ def predict(
     false_alarm_rate: float | None = None, pixel_threshold: float | None = None,
     pixel_false_alarm_rate: float | None = None, overwrite: bool = False, explain: bool = False,
     skip_bad: bool = False, on_skip: SkipCallback | None = None, images: bool = True, filesystem: Any = None,
-    progress: bool | None = None, _crash_once: tuple[str, int] | None = None,
+    progress: bool | None = None, write_in_workers: bool | None = None,
+    _crash_once: tuple[Any, ...] | None = None,
 ) -> PredictRun:
     """Score `inputs` on a Ray cluster into the folder `output`: the files of `spade-ad predict` (scores.csv in
     input order, regions.jsonl, heat maps, overlays, masks, with `save_maps` maps/*.tiff, with `explain`
@@ -159,11 +160,19 @@ def predict(
     runs of millions of images). An unreadable image stops the run (after every row before it was written), or
     with `skip_bad` is listed in skipped.csv and passed to `on_skip`. Progress shows on a terminal (`progress`
     None) or when True. A dead actor is started again and its batches retried (Ray Data's fault tolerance); no
-    row is lost or written twice. `_crash_once=(marker, n)` is the fault test's hook (see `_CrashOnce`)."""
+    row is lost or written twice.
+
+    Who writes the per-image files: the actors, each for the images it scored (`write_in_workers`; None: when the
+    cluster is this machine's, since on a remote cluster the output folder is only shared if you say so), unless
+    two inputs would share an output name (the numbered names of a plain run depend on the order they are
+    written in; the driver then writes them, as a plain run does). The driver writes the rows either way. Files
+    are written whole (a temporary name, then renamed), so a retried batch replaces its files, and the temporary
+    files of a killed actor are removed at the end. `_crash_once=(marker, n[, "write"])` is the fault tests' hook
+    (see `_CrashOnce`)."""
     from tqdm.auto import tqdm
 
     from ..loading import open_model
-    from ..writers import PredictionWriter, check_output_dir
+    from ..writers import PredictionWriter, check_output_dir, output_stems, remove_partials
 
     _check_counts(workers, cpus_per_worker)
     if not images and (save_maps or explain):
@@ -185,38 +194,61 @@ def predict(
     constructor = {"model_path": str(Path(model_path).resolve()), "weights": None if weights is None else
                    str(Path(weights).resolve()), "device": device, "engine": engine, "thresholds": thresholds,
                    "explain": explain, "images": images, "threads": _threads(cpus_per_worker), "crash": _crash_once}
+    if write_in_workers is None:
+        write_in_workers = address in (None, "local")
+    files = _worker_files(listing, output, save_maps, output_stems) if images and write_in_workers else None
+    constructor["files"] = files
     keys = list(dict.fromkeys(listing.keys))
-    with ray_session(address, workers=workers) as ray:
-        pool = _pool(ray, workers=workers, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
-                     device=device, gpu_capable=gpu_capable)
-        ds = _dataset(ray, listing, keys, pool, _Scorer, constructor)
-        bar = tqdm(total=len(listing.items), desc="predict (ray)", unit="img",
-                   disable=None if progress is None else not progress)
-        complete = False
-        with writer:
-            table = _ParquetScores(output / PARQUET_FILE)
-            try:
-                for index, row in _in_input_order(ds, listing):
-                    item = listing.items[index]
-                    error = _read_error(listing, index, row)
-                    if error is not None:
-                        if not skip_bad:
-                            raise error
-                        writer.skip(item.name, error)
-                        if on_skip is not None:
-                            on_skip(item, error)
-                    else:
-                        prediction = pickle.loads(row["result"])
-                        prediction.name, prediction.path = item.name, item.path if listing.local else None
-                        writer.write(prediction)
-                        table.add(prediction)
-                    bar.update(1)
-                complete = True
-            finally:
-                table.close(complete)
-                bar.close()
+    write = writer.write if files is None else writer.write_row  # rows only when the actors wrote the files
+    try:
+        with ray_session(address, workers=workers) as ray:
+            pool = _pool(ray, workers=workers, cpus_per_worker=cpus_per_worker, batch_size=batch_size,
+                         device=device, gpu_capable=gpu_capable)
+            ds = _dataset(ray, listing, keys, pool, _Scorer, constructor)
+            bar = tqdm(total=len(listing.items), desc="predict (ray)", unit="img",
+                       disable=None if progress is None else not progress)
+            complete = False
+            with writer:
+                table = _ParquetScores(output / PARQUET_FILE)
+                try:
+                    for index, row in _in_input_order(ds, listing):
+                        item = listing.items[index]
+                        error = _read_error(listing, index, row)
+                        if error is not None:
+                            if not skip_bad:
+                                raise error
+                            writer.skip(item.name, error)
+                            if on_skip is not None:
+                                on_skip(item, error)
+                        else:
+                            prediction = pickle.loads(row["result"])
+                            prediction.name, prediction.path = item.name, item.path if listing.local else None
+                            write(prediction)
+                            table.add(prediction)
+                        bar.update(1)
+                    complete = True
+                finally:
+                    table.close(complete)
+                    bar.close()
+    finally:
+        if files is not None:
+            remove_partials(output)  # what a killed actor was writing (its batch was written again whole)
     return PredictRun(writer.count, list(writer.skipped), output / "scores.csv", output / PARQUET_FILE, workers,
                       pool.gpus_per_worker)
+
+
+def _worker_files(listing: _Listing, output: Path, save_maps: bool, stems_of: Callable[[list[str]], list[str]]
+                  ) -> dict[str, Any] | None:
+    """What the actors need to write the per-image files themselves: the output folder and each path's stems
+    (a plain run's names); None when two inputs share a name (numbered names: the driver writes those runs)."""
+    names = [item.name for item in listing.items]
+    stems = stems_of(names)
+    if any(stem != stems_of([name])[0] for stem, name in zip(stems, names)):
+        return None
+    by_key: dict[str, list[str]] = {}
+    for key, stem in zip(listing.keys, stems):
+        by_key.setdefault(key, []).append(stem)
+    return {"out_dir": str(output.resolve()), "save_maps": save_maps, "stems": by_key}
 
 
 def _threads(cpus_per_worker: float) -> int:
