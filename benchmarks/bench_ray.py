@@ -15,9 +15,15 @@ pictures are not wanted. Measured from outside each process:
 - the cost of each stage per image on one thread (decode, resize, backbone, search and maps, writing the files),
   in-process on 16 of the images: the figures behind the README's scale note.
 
-Results: benchmarks/results/ray.json and ray.md.
+With `--save-maps` every run also writes maps/*.tiff (and the Ray actors write the pictures and maps of the images
+they scored; the driver the rows). With `--plain-one-thread` the plain run is repeated with one torch thread (the
+actors' count), against which the Ray runs' scores.csv must be byte-identical (CPU convolutions sum in a
+thread-count-dependent order, so with another count a 6-digit score can differ in its last digit).
 
-    python benchmarks/bench_ray.py [--images 200] [--workers 1 2] [--model MODEL] [--no-scores-only]
+Results: benchmarks/results/ray.json and ray.md (`--results NAME` for NAME.json and NAME.md).
+
+    python benchmarks/bench_ray.py [--images 200] [--workers 1 2] [--model MODEL] [--no-scores-only] [--save-maps]
+                                   [--plain-one-thread] [--no-stages]
 
 Without --model, a default-settings CPU model is fitted on bottle train/good first (minutes on 2 cores).
 """
@@ -45,15 +51,20 @@ MIB = 2**20
 # ---------------------------------------------------------------- child: one configuration
 
 
-def run_child(mode: str, model: Path, inputs: Path, out: Path, workers: int, images: bool) -> None:
+def run_child(mode: str, model: Path, inputs: Path, out: Path, workers: int, images: bool,
+              save_maps: bool = False, threads: int | None = None) -> None:
     """One configuration. Without `images`, only scores.csv and regions.jsonl (regions at the original size, as
-    `distributed.predict(images=False)` writes them)."""
+    `distributed.predict(images=False)` writes them). `threads`: the plain run's torch threads."""
     if mode == "plain":
+        import torch
+
         from spade_ad import load
         from spade_ad.writers import PredictionWriter
 
+        if threads:
+            torch.set_num_threads(threads)
         loaded = load(model, device="cpu")
-        with PredictionWriter.for_model(loaded, out, overwrite=True) as writer:
+        with PredictionWriter.for_model(loaded, out, overwrite=True, save_maps=save_maps) as writer:
             for prediction in loaded.iter_predict(inputs, original_size=True, keep_images=images):
                 if not images:
                     _ = prediction.regions  # at the original size, then the picture-making parts dropped
@@ -63,7 +74,7 @@ def run_child(mode: str, model: Path, inputs: Path, out: Path, workers: int, ima
         from spade_ad import distributed
 
         distributed.predict(model, inputs, out, workers=workers, device="cpu", overwrite=True, progress=False,
-                            images=images)
+                            images=images, save_maps=save_maps)
 
 
 def run_stages(model_path: Path, inputs: Path, out: Path, count: int = 16) -> dict[str, float]:
@@ -92,7 +103,7 @@ def run_stages(model_path: Path, inputs: Path, out: Path, count: int = 16) -> di
     resize = time.perf_counter() - start
     start = time.perf_counter()
     for batch in batches:
-        extract(model.backbone_, batch.inputs, model.patch_size)
+        extract(model.backbone_, batch, model.patch_size)
     backbone = time.perf_counter() - start
     start = time.perf_counter()
     predictions = list(model.iter_predict(items, original_size=True, keep_images=True))
@@ -154,10 +165,11 @@ def _rows(scores: Path) -> int:
 
 
 def measure(mode: str, workers: int, model: Path, inputs: Path, out: Path, images: int,
-            pictures: bool) -> dict[str, Any]:
+            pictures: bool, save_maps: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Run one configuration in a child process and watch it: rows as they appear, memory of its process tree."""
     command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--inputs", str(inputs),
-               "--out", str(out), "--workers", str(workers)] + ([] if pictures else ["--scores-only"])
+               "--out", str(out), "--workers", str(workers)] + ([] if pictures else ["--scores-only"]) + (
+                   ["--save-maps"] if save_maps else []) + (["--threads", str(threads)] if threads else [])
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = last = quarter = None  # when the first row, the last row and a quarter of the rows were on disk
@@ -197,8 +209,9 @@ def measure(mode: str, workers: int, model: Path, inputs: Path, out: Path, image
     steady_rows = rows - rows_at_quarter
     steady_s = (last - quarter) if last is not None and quarter is not None else 0.0
     return {
-        "config": ("plain" if mode == "plain" else f"ray x{workers}") + ("" if pictures else ", scores only"),
-        "workers": workers if mode == "ray" else 0, "pictures": pictures,
+        "config": ("plain" if mode == "plain" else f"ray x{workers}") + ("" if pictures else ", scores only")
+        + (f", {threads} torch thread" if threads else ""),
+        "workers": workers if mode == "ray" else 0, "pictures": pictures, "threads": threads,
         "images": rows, "wall_s": round(wall, 1), "images_per_s": round(rows / wall, 3),
         "first_row_s": round(first or 0.0, 1), "steady_s": round(steady_s, 1),
         "steady_images_per_s": round(steady_rows / steady_s, 3) if steady_s > 0 else None,
@@ -219,12 +232,13 @@ def compare(plain: Path, other: Path) -> dict[str, Any]:
     assert [r["path"] for r in a] == [r["path"] for r in b], "rows differ in order or names"
     worst = max(abs(float(x["score"]) - float(y["score"])) / abs(float(x["score"])) for x, y in zip(a, b))
     verdicts = sum(x.get("is_anomalous") != y.get("is_anomalous") for x, y in zip(a, b))
-    return {"max_relative_score_difference": float(f"{worst:.3g}"), "verdicts_differing": verdicts}
+    return {"max_relative_score_difference": float(f"{worst:.3g}"), "verdicts_differing": verdicts,
+            "scores_csv_byte_identical": (plain / "scores.csv").read_bytes() == (other / "scores.csv").read_bytes()}
 
 
 def _ratios(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, float]:
     """Throughput of a Ray run over the plain run that writes the same files."""
-    plain = next(r for r in runs if r["workers"] == 0 and r["pictures"] == run["pictures"])
+    plain = next(r for r in runs if r["workers"] == 0 and r["pictures"] == run["pictures"] and not r["threads"])
     return {"wall": round(run["images_per_s"] / plain["images_per_s"], 3),
             "steady": round((run["steady_images_per_s"] or 0) / (plain["steady_images_per_s"] or 1), 3)}
 
@@ -255,7 +269,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        plain = next(r for r in runs if r["workers"] == 0 and r["pictures"] == run["pictures"])
+        plain = next(r for r in runs if r["workers"] == 0 and r["pictures"] == run["pictures"] and not r["threads"])
         actors = ", ".join(f"{r} / {u}" for r, u in zip(run["actor_rss_mib"], run["actor_uss_mib"])) or "-"
         steady = run["steady_images_per_s"]
         lines.append(
@@ -266,11 +280,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "Same answers (scores.csv of each Ray run against the plain run's):", ""]
     lines += [f"- {name}: largest relative score difference {c['max_relative_score_difference']}, verdicts "
-              f"differing: {c['verdicts_differing']}" for name, c in report["same_answers"].items()]
+              f"differing: {c['verdicts_differing']}, scores.csv byte-identical: {c['scores_csv_byte_identical']}"
+              for name, c in report["same_answers"].items()]
     stages = report["seconds_per_image_one_thread"]
-    lines += ["", "Seconds per image of each stage on one thread (16 images, in-process):", "",
-              "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages),
-              "| " + " | ".join(str(v) for v in stages.values()) + " |"]
+    if stages:
+        lines += ["", "Seconds per image of each stage on one thread (16 images, in-process):", "",
+                  "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages),
+                  "| " + " | ".join(str(v) for v in stages.values()) + " |"]
     lines += ["", "Wall time includes imports, the model load and, for Ray, starting and stopping the local cluster "
               "and its actors (the fixed cost: wall time minus images / steady rate). Steady throughput counts the "
               "rows written from a quarter of them to the last one (a Ray run's first rows come in a burst). "
@@ -286,6 +302,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--no-scores-only", dest="scores_only_runs", action="store_false",
                         help="Skip the runs that write scores and regions only (no per-image pictures).")
+    parser.add_argument("--save-maps", action="store_true", help="Every run also writes maps/*.tiff.")
+    parser.add_argument("--plain-one-thread", action="store_true",
+                        help="Also the plain run on one torch thread (the actors' count): the byte-identity check.")
+    parser.add_argument("--no-stages", dest="stages", action="store_false", help="Skip the per-stage costs.")
+    parser.add_argument("--results", default="ray", help="Write benchmarks/results/NAME.json and NAME.md.")
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scores-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["plain", "ray", "stages"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, default=None, help=argparse.SUPPRESS)
@@ -295,7 +317,8 @@ def main() -> None:
         print(json.dumps(run_stages(args.model, args.inputs, args.out)))
         return
     if args.child:
-        run_child(args.child, args.model, args.inputs, args.out, args.workers[0], not args.scores_only)
+        run_child(args.child, args.model, args.inputs, args.out, args.workers[0], not args.scores_only,
+                  args.save_maps, args.threads)
         return
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         work = Path(tmp)
@@ -307,22 +330,33 @@ def main() -> None:
             model = Spade(device="cpu").fit(BOTTLE / "train" / "good").save(work / "bottle.safetensors")
         inputs = prepare_inputs(work / "images", args.images)
         runs = []
-        configs = [("plain", 1)] + [("ray", w) for w in args.workers]
+        configs = [("plain", 1, None)] + [("ray", w, None) for w in args.workers]
+        if args.plain_one_thread:
+            configs.insert(1, ("plain", 1, 1))
         for pictures in (True, False) if args.scores_only_runs else (True,):
-            for mode, workers in configs:
+            for mode, workers, threads in configs:
                 print(f"{mode} x{workers}{'' if pictures else ' scores only'} ...", flush=True)
-                out = work / f"out_{mode}_{workers}_{int(pictures)}"
-                runs.append(measure(mode, workers, model, inputs, out, args.images, pictures))
+                out = work / f"out_{mode}_{workers}_{int(pictures)}{'_t1' if threads else ''}"
+                runs.append(measure(mode, workers, model, inputs, out, args.images, pictures, args.save_maps,
+                                    threads))
                 print(json.dumps(runs[-1]), flush=True)
-        print("stages ...", flush=True)
-        stages = json.loads(subprocess.run(
-            [sys.executable, __file__, "--child", "stages", "--model", str(model), "--inputs", str(inputs), "--out",
-             str(work / "stages")], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        stages: dict[str, float] = {}
+        if args.stages:
+            print("stages ...", flush=True)
+            stages = json.loads(subprocess.run(
+                [sys.executable, __file__, "--child", "stages", "--model", str(model), "--inputs", str(inputs),
+                 "--out", str(work / "stages")], check=True, capture_output=True, text=True
+            ).stdout.strip().splitlines()[-1])
         same = {run["config"]: compare(work / f"out_plain_1_{int(run['pictures'])}",
                                        work / f"out_ray_{run['workers']}_{int(run['pictures'])}")
                 for run in runs if run["workers"]}
+        if args.plain_one_thread:
+            same.update({f"{run['config']} vs plain on 1 torch thread": compare(
+                work / f"out_plain_1_{int(run['pictures'])}_t1",
+                work / f"out_ray_{run['workers']}_{int(run['pictures'])}") for run in runs if run["workers"]})
         report = {
-            "images": args.images, "model": f"default settings (efficientnet_lite0, layers 2,3), "
+            "images": args.images, "save_maps": args.save_maps,
+            "model": f"default settings (efficientnet_lite0, layers 2,3), "
             f"{model.stat().st_size / MIB:.0f} MB file" if args.model is None else str(args.model.name),
             "seconds_per_image_one_thread": stages,
             "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
@@ -330,8 +364,8 @@ def main() -> None:
             "ratios_vs_plain": {run["config"]: _ratios(run, runs) for run in runs if run["workers"]},
         }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ray.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "ray.md").write_text(markdown(report))
+    (RESULTS / f"{args.results}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.results}.md").write_text(markdown(report))
     print(markdown(report))
 
 
