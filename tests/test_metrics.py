@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from spade_ad.evaluation.metrics import au_pro, best_f1, f1_at_threshold, image_auroc, pixel_auroc, pro_curve
+from spade_ad.evaluation.metrics import (
+    au_pro,
+    best_f1,
+    f1_at_threshold,
+    image_auroc,
+    pixel_auroc,
+    pro_curve,
+    recall_at_false_alarm_rate,
+)
 
 # --- slow, obviously correct reference for the PRO curve ------------------------------------------------
 
@@ -332,3 +340,15 @@ def test_best_f1_is_the_best_threshold(scores, seed):
         {k: v for k, v in best.items() if k != "threshold"}
     )
     assert all(f1_at_threshold(scores, labels, t)["f1"] <= best["f1"] + 1e-12 for t in scores)
+
+
+def test_recall_at_a_false_alarm_rate_by_hand():
+    """20 good images: at 5% one of them may lie above the threshold, at 1% none."""
+    good = np.arange(20, dtype=float)  # 0..19
+    defects = np.array([18.5, 19.5, 25.0, 30.0])
+    scores, labels = np.r_[good, defects], np.r_[np.zeros(20, bool), np.ones(4, bool)]
+    assert recall_at_false_alarm_rate(scores, labels, 0.01) == 0.75  # above 19: 19.5, 25, 30
+    assert recall_at_false_alarm_rate(scores, labels, 0.05) == 1.0  # above 18 (19 flagged): all four
+    assert recall_at_false_alarm_rate(scores, labels, 1.0) == 1.0
+    with pytest.raises(ValueError, match="good and defective"):
+        recall_at_false_alarm_rate(good, np.zeros(20, bool), 0.05)

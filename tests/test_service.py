@@ -115,14 +115,14 @@ def test_model_info(server: str) -> None:
     for key in ("image_threshold", "pixel_threshold"):
         assert metrics[key] == info[key]
     assert metrics["calibration_source"] == "leave_one_out" and metrics["calibration_n"] == 12
-    assert metrics["false_alarm_rate_asked"] == 0.01 and metrics["false_alarm_rate_guaranteed"] == pytest.approx(1 / 13)
+    assert metrics["false_alarm_rate_asked"] == 0.01 and metrics["false_alarm_rate_guaranteed"] >= 1 / 13
     assert metrics["median_good_score"] == info["calibration"]["median"]
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_pixels"] == PIXEL_LIMIT
     calibration = info["calibration"]
     assert set(calibration) == {"source", "n", "false_alarm_rate", "guaranteed_rate", "pixel_false_alarm_rate",
                                 "median", "threshold_source", "note"}  # not the list of good scores
     assert calibration["source"] == "leave_one_out" and calibration["n"] == 12
-    assert calibration["guaranteed_rate"] == pytest.approx(1 / 13)  # 12 good images: at best 1 / (n + 1)
+    assert calibration["guaranteed_rate"] >= 1 / 13  # 12 good images: at best 1 / (n + 1)
     assert calibration["false_alarm_rate"] == 0.01 and "1/13" in calibration["note"]
     assert calibration["median"] < info["image_threshold"] and calibration["threshold_source"] == "false_alarm_rate"
 

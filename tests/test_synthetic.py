@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.synthetic import DEFECT_TYPES, make_synthetic_dataset
+from spade_ad.synthetic import DEFECT_TYPES, OBJECT_DEFECT_TYPES, make_synthetic_dataset
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_test_defect": 2, "size": (64, 80)}
 
@@ -129,3 +129,19 @@ def test_rerun_with_fewer_images_leaves_exact_layout(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         make_synthetic_dataset(tmp_path, **kwargs)
+
+
+def test_object_defects_change_the_part_where_the_mask_says(tmp_path: Path) -> None:
+    """A missing hole, an extra hole and a washer: each image differs from the good part in the same pose exactly
+    where its mask is (small, visible), and the good images are the very same as in a surface-defect set."""
+    root = make_synthetic_dataset(tmp_path / "objects", n_train=3, n_test_good=2, n_test_defect=3, seed=5,
+                                  defect_types=OBJECT_DEFECT_TYPES)
+    plain = make_synthetic_dataset(tmp_path / "plain", n_train=3, n_test_good=2, n_test_defect=1, seed=5)
+    assert _names(root / "test") == sorted(["good", *OBJECT_DEFECT_TYPES])
+    assert _files(root / "train") == _files(plain / "train")
+    for defect in OBJECT_DEFECT_TYPES:
+        for image_path in sorted((root / "test" / defect).iterdir()):
+            mask = _load(root / "ground_truth" / defect / f"{image_path.stem}_mask.png") > 0
+            assert 20 <= mask.sum() <= 0.02 * mask.size, (image_path, mask.sum())
+    with pytest.raises(ValueError, match="defect_types"):
+        make_synthetic_dataset(tmp_path / "bad", defect_types=("scratch", "dent"))

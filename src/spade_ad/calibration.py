@@ -44,8 +44,12 @@ class Calibration:
     pixel_threshold: float | None
     pixel_quantiles: list[float] = field(default_factory=list)  # good-pixel quantiles at 1 - PIXEL_RATES
     median: float | None = None
-    threshold_source: str = "false_alarm_rate"  # or "user", "best_f1"
+    threshold_source: str = "false_alarm_rate"  # or "user", "best_f1", "recall"
     note: str = ""
+    #: Held-out good scores against the training images' leave-one-out ones (`compare_good_scores`), when both
+    #: exist; `warning` says in words when the two differ enough that the threshold would not hold.
+    check: dict[str, Any] = field(default_factory=dict)
+    warning: str = ""
 
     @property
     def n(self) -> int:
@@ -68,19 +72,54 @@ class Calibration:
         return cls(**known)
 
 
+#: Fewest good scores an upper tail is fitted to (below, a too-small n keeps the largest good score).
+TAIL_MIN_SCORES = 8
+#: The tail is fitted to the good scores above this quantile.
+TAIL_QUANTILE = 0.75
+
+
+def tail_threshold(values: np.ndarray, alpha: float) -> float | None:
+    """The score exceeded by a share `alpha` of good parts, extrapolated from the upper tail of `values` (sorted):
+    an exponential tail fitted to the scores above their 75th percentile (peaks over a threshold, as in
+    extreme-value statistics), its scale from the median excess (median / ln 2) so that one unusual good image
+    does not stretch it as it would the mean. None when there are too few scores or no spread above it."""
+    if len(values) < TAIL_MIN_SCORES:
+        return None
+    start = float(np.quantile(values, TAIL_QUANTILE))
+    excess = values[values > start] - start
+    if excess.size == 0 or np.median(excess) <= 0:
+        return None
+    scale = float(np.median(excess)) / math.log(2)
+    return start + scale * math.log(excess.size / len(values) / alpha)
+
+
 def conformal_threshold(scores: Sequence[float], alpha: float) -> tuple[float, str]:
     """The threshold t such that flagging s > t keeps the false-alarm rate at most `alpha` on good images
-    exchangeable with `scores`; and a note when n is too small for `alpha` (then t = the largest score)."""
+    exchangeable with `scores`; and a note when n is too small for `alpha`.
+
+    With too few scores for `alpha` (n + 1 < 1 / alpha) no threshold guarantees it. The largest good score would
+    guarantee 1 / (n + 1), but one unusual good image then sets it, and with it the recall (on a 54-image metal
+    plate, 30% of the defects against 77% at the next good score). Instead the threshold is extrapolated from the
+    upper tail of the scores (`tail_threshold`), never above the largest score; the note says that the rate is
+    estimated, not guaranteed, and the guarantee the threshold does give (`Calibration.guaranteed_rate`)."""
     values = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(values)
     if n == 0:
         raise ValueError("no calibration scores")
     allowed = math.floor(alpha * (n + 1) + 1e-9) - 1  # calibration scores that may lie at or above a flagged score
-    if allowed < 0:
+    if allowed >= 0:
+        return float(values[n - 1 - allowed]), ""
+    tail = tail_threshold(values, alpha)
+    if tail is None or tail >= values[-1]:
         note = (f"{n} good images can only guarantee a false-alarm rate of 1/{n + 1} = {1 / (n + 1):.3g}, above the "
                 f"{alpha:g} asked for; the threshold is the largest good score (add good images for a lower rate)")
         return float(values[-1]), note
-    return float(values[n - 1 - allowed]), ""
+    above = int((values > tail).sum())
+    note = (f"{n} good images can guarantee a false-alarm rate of 1/{n + 1} at best, above the {alpha:g} asked for: "
+            f"the threshold is extrapolated from the upper tail of their scores, so {alpha:g} is an estimate "
+            f"({above} of the {n} lie above it; guaranteed: {1 + above}/{n + 1} = {(1 + above) / (n + 1):.3g}); add "
+            f"good images, or calibrate on good images from the line")
+    return tail, note
 
 
 def p_values(scores: np.ndarray | Sequence[float], calibration_scores: Sequence[float]) -> np.ndarray:
@@ -128,10 +167,10 @@ def robust_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
 
 
 def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_part: np.ndarray,
-                   knn: np.ndarray) -> np.ndarray:
+                   knn: np.ndarray, map_weight: float = 0.5) -> np.ndarray:
     """The image score from its two parts: the map's part (the mean of its top values, or with "map_max" its
-    maximum: `spade_ad.maps.map_score`), the global kNN score, or ("fused") their average after each is scaled by
-    its (median, spread) on good images."""
+    maximum: `spade_ad.maps.map_score`), the global kNN score, or ("fused") their weighted average after each is
+    scaled by its (median, spread) on good images: `map_weight` for the map, the rest for the kNN."""
     map_part, knn = np.asarray(map_part, dtype=np.float64), np.asarray(knn, dtype=np.float64)
     if image_score in ("map_max", "map_top"):
         return map_part
@@ -141,25 +180,61 @@ def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_
         raise SettingError("image_score", "needs a calibrated model to scale its parts", image_score,
                            "calibrate the model on good images (spade-ad calibrate --good DIR), or map_top")
     (m1, s1), (m2, s2) = scale["map"], scale["knn"]
-    return 0.5 * ((map_part - m1) / s1 + (knn - m2) / s2)
+    return map_weight * (map_part - m1) / s1 + (1.0 - map_weight) * (knn - m2) / s2
 
 
 def calibrate(
     map_parts: Sequence[float], knn_scores: Sequence[float], pixel_samples: np.ndarray, *, image_score: str,
-    false_alarm_rate: float, pixel_false_alarm_rate: float, source: str,
+    false_alarm_rate: float, pixel_false_alarm_rate: float, source: str, map_weight: float = 0.5,
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
     """Thresholds and score scales from good images' score parts and a sample of their map values."""
     if len(map_parts) == 0:
         return Calibration("none", [], false_alarm_rate, None, pixel_false_alarm_rate, None,
                            note="no thresholds: no good images to calibrate on"), {}
     scale = {"map": robust_scale(map_parts), "knn": robust_scale(knn_scores)}
-    scores = sorted(combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores)).tolist())
+    scores = sorted(combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores),
+                                   map_weight).tolist())
     threshold, note = conformal_threshold(scores, false_alarm_rate)
     quantiles = pixel_quantiles(pixel_samples)
     return Calibration(
         source, scores, false_alarm_rate, threshold, pixel_false_alarm_rate,
         pixel_threshold_at(quantiles, pixel_false_alarm_rate), quantiles, float(np.median(scores)), note=note,
     ), scale
+
+
+def compare_good_scores(reference: Sequence[float], new: Sequence[float], *, threshold: float, rate: float,
+                        reference_name: str, new_name: str, advice: str) -> dict[str, Any]:
+    """Do `new` good scores sit above the `reference` good scores a threshold came from? A one-sided Mann-Whitney
+    test (scipy) and the share of `new` above `threshold`. `warning` is set, in words, when the test says so
+    (p < 0.05) and that share exceeds twice the `rate` plus one image (what a threshold at `rate` can miss by
+    chance on len(new) images); `advice` says what to do about it."""
+    from scipy.stats import mannwhitneyu
+
+    ref, fresh = np.asarray(reference, dtype=np.float64), np.asarray(new, dtype=np.float64)
+    if len(ref) < 2 or len(fresh) < 2:
+        return {}
+    p_value = float(mannwhitneyu(fresh, ref, alternative="greater").pvalue)
+    flagged = float((fresh > threshold).mean())
+    shifted = p_value < 0.05 and flagged > 2 * rate + 1 / len(fresh)
+    result = {"test": "mann-whitney u, one-sided", "p_value": p_value, "n_reference": len(ref),
+              "n_new": len(fresh), "flagged": flagged, "rate": rate, "shifted": shifted, "warning": ""}
+    if shifted:
+        result["warning"] = (f"the {new_name} score above the {reference_name} (Mann-Whitney p = {p_value:.2g}): "
+                             f"{100 * flagged:.0f}% of them lie above the threshold, against "
+                             f"{100 * rate:g}% asked; {advice}")
+    return result
+
+
+def recall_threshold(good_scores: Sequence[float], defect_scores: Sequence[float], recall: float) -> float:
+    """The highest threshold t (flag s > t) that flags at least a share `recall` of the labelled defects: midway
+    between the defect score that must still be flagged and the next lower score of either kind."""
+    defects = np.sort(np.asarray(defect_scores, dtype=np.float64))[::-1]
+    if defects.size == 0:
+        raise ValueError("a recall needs labelled defect scores")
+    needed = defects[max(0, math.ceil(recall * defects.size - 1e-9) - 1)]  # the weakest defect still flagged
+    others = np.concatenate([np.asarray(good_scores, dtype=np.float64), defects])
+    below = others[others < needed]
+    return float((needed + below.max()) / 2) if below.size else float(needed - 1.0)
 
 
 def best_f1_threshold(good_scores: Sequence[float], defect_scores: Sequence[float]) -> float:

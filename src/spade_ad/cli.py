@@ -115,8 +115,9 @@ def app() -> None:
 @app.command()
 @click.argument("train_dir", type=click.Path())  # a str: a URI (s3://...) stays one with --ray
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Model file to write.")
-@click.option("--validation", type=click.Path(path_type=Path), default=None,
-              help="Folder of other good images to calibrate thresholds on (none held out).")
+@click.option("--holdout-good", "--validation", "validation", type=click.Path(path_type=Path), default=None,
+              help="Folder of other good images (never in the gallery) to calibrate the thresholds on; the "
+              "training images' leave-one-out scores are checked against them and a shift is reported.")
 @click.option("--preset", type=click.Choice(list(settings_table.PRESETS)), default="default", show_default=True,
               help="Named settings (fast, default, quality, paper); options below override it.")
 @skip_bad_option
@@ -154,6 +155,8 @@ def _echo_calibration(model: Any) -> None:
                f"{cal.pixel_false_alarm_rate:g})".replace("  ", " "))
     if cal.note:
         click.echo(f"note: {cal.note}", err=True)
+    if cal.warning:
+        click.echo(f"warning: {cal.warning}", err=True)
 
 
 @app.command()
@@ -245,10 +248,13 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
 
 @app.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option("--good", type=click.Path(path_type=Path), required=True,
-              help="Folder of good images (not the training images) to calibrate the thresholds on.")
+@click.option("--good", type=click.Path(path_type=Path), default=None,
+              help="Folder of good images (not the training images) to calibrate the thresholds on (or --record).")
 @click.option("--defect", type=click.Path(path_type=Path), default=None,
               help="Folder of a few defective images: the image threshold moves to the best F1 (no rate guarantee).")
+@click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --defect: the highest image threshold that flags this share of the defects (e.g. 0.95); "
+              "the recall and false-alarm rate it gives on these images are reported.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Model file to write [default: overwrite MODEL].")
 @click.option("--false-alarm-rate", "false_alarm_rate", type=_SettingType(settings_table.BY_NAME["false_alarm_rate"]),
@@ -257,16 +263,26 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
               type=_SettingType(settings_table.BY_NAME["pixel_false_alarm_rate"]),
               help="Share of good pixels allowed to be flagged [default: the model's].")
 @skip_bad_option
-def calibrate(model_path: Path, good: Path, defect: Path | None, output: Path | None,
-              false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, skip_bad: bool) -> None:
+@click.option("--record", "record_target", metavar="DB", default=None,
+              help="Also (or instead of --good/--defect) the images labelled good and defect in this inspection "
+              "record for this model (the review page's buttons).")
+def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: float | None, output: Path | None,
+              false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, skip_bad: bool,
+              record_target: str | None) -> None:
     """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
     from .model import load
 
+    if good is None and record_target is None:
+        raise click.UsageError("give the good images: --good FOLDER, or --record DB (its images labelled good)")
     model = load(model_path)
+    if record_target is not None:
+        good, defect = _labelled_inputs(record_target, model, model_path, good, defect)
     rates = {k: v for k, v in (("false_alarm_rate", false_alarm_rate),
                                 ("pixel_false_alarm_rate", pixel_false_alarm_rate)) if v is not None}
     model.set_params(**rates)
-    model.calibrate(good, defect=defect, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None)
+    if recall is not None and defect is None:
+        raise click.UsageError("--recall needs --defect DIR: the defects whose share it sets")
+    model.calibrate(good, defect=defect, recall=recall, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None)
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
     _echo_calibration(model)
@@ -363,7 +379,7 @@ def demo(output: Path, seed: int, device: str) -> None:
 
 
 @app.command()
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (loopback by default: not reachable from elsewhere).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
@@ -397,14 +413,26 @@ def demo(output: Path, seed: int, device: str) -> None:
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
               help="Override the device stored in the model (cpu, cuda[:N], auto).")
 @engine_option
+@record_option
+@click.option("--record-files", type=click.Path(path_type=Path), default=None,
+              help="With --record: folder for the recorded uploads, overlays and why pictures [default: DB.files "
+              "beside a SQLite record, ./spade-ad-record-files for a URL].")
+@click.option("--models", "models_dir", type=click.Path(path_type=Path), default=None,
+              help="Serve every model file (*.safetensors) and bundle folder in this folder, one per product, named "
+              "by its file name without extension: /v1/models/NAME/predict; the page lets the user choose.")
+@click.option("--model", "named_models", multiple=True, metavar="NAME=PATH",
+              help="Serve this model as product NAME (repeatable); instead of MODEL or --models.")
 def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, max_upload_mb: float,
           max_pixels: int, max_uploads: int, max_connections: int, read_timeout: float, header_timeout: float,
           allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], allow_add: bool, weights: Path | None,
-          device: str | None, engine: str | None) -> None:
+          device: str | None, engine: str | None, record_target: str | None, record_files: Path | None,
+          models_dir: Path | None, named_models: tuple[str, ...]) -> None:
     """Serve a model file or an exported bundle (no torch needed) over HTTP: JSON API at /v1, a web page at /,
-    OpenAPI docs at /docs. See SECURITY.md."""
+    OpenAPI docs at /docs. Several products: --models DIR or --model NAME=PATH (repeatable). With --record, every
+    prediction is recorded and the page gets its review queue, history and drift. See SECURITY.md."""
     from .service import ServiceSettings, run_server
 
+    products = _served_products(model_path, models_dir, named_models)
     try:
         settings = ServiceSettings(
             host=host, port=port, workers=workers, max_queue=max_queue, max_upload_bytes=int(max_upload_mb * 2**20),
@@ -414,7 +442,41 @@ def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, 
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    run_server(model_path, settings, weights=weights, device=device, engine=engine)
+    if record_files is not None and record_target is None:
+        raise click.UsageError("--record-files needs --record DB")
+    run_server(model_path, settings, weights=weights, device=device, engine=engine, record=record_target,
+               record_files=record_files, products=products)
+
+
+def _served_products(model_path: Path | None, models_dir: Path | None,
+                     named_models: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(name, path) per product of `serve --models DIR` / `--model NAME=PATH`; [] for the one MODEL."""
+    given = sum(x is not None and x != () for x in (model_path, models_dir, named_models))
+    if given != 1:
+        raise click.UsageError("give one of MODEL, --models DIR or --model NAME=PATH (repeatable)")
+    if model_path is not None:
+        return []
+    if models_dir is not None:
+        from .runtime.bundle import is_bundle
+
+        if not models_dir.is_dir():
+            raise click.BadParameter(f"{models_dir} is not a folder of models", param_hint="--models")
+        found = sorted((p.stem if p.is_file() else p.name, p) for p in models_dir.iterdir()
+                       if (p.is_file() and p.suffix == ".safetensors") or (p.is_dir() and is_bundle(p)))
+        if not found:
+            raise click.BadParameter(f"{models_dir} holds no model file (*.safetensors) nor bundle folder",
+                                     param_hint="--models")
+        return found
+    products: list[tuple[str, Path]] = []
+    for item in named_models:
+        name, equals, path = item.partition("=")
+        if not equals or not name or not path or not all(c.isalnum() or c in "-_." for c in name):
+            raise click.BadParameter(f"{item!r} is not NAME=PATH (NAME: letters, digits, - _ .)",
+                                     param_hint="--model")
+        if name in dict(products):
+            raise click.BadParameter(f"product {name!r} given twice", param_hint="--model")
+        products.append((name, Path(path)))
+    return products
 
 
 @app.command()
@@ -495,6 +557,24 @@ def drift(record_target: str, model_id: str | None, window: int, alpha: float, a
         click.echo(json.dumps(report.to_json(), indent=2))
     if report.drifted:
         sys.exit(1)
+
+
+def _labelled_inputs(record_target: str, model: Any, model_path: Path, good: Path | None,
+                     defect: Path | None) -> tuple[Any, Any]:
+    """The --good/--defect inputs of `calibrate` with the record's labelled images added."""
+    from .record import RecordError, open_record
+    from .recording import labelled_images
+
+    with open_record(record_target, create=False) as record:
+        goods, defects, missing = labelled_images(record, model, model_path)
+    if not goods and good is None:
+        raise RecordError(f"record {record_target} holds no image labelled good for {model_path.name} (that is not "
+                          f"already a training image); label some on the review page, or give --good FOLDER")
+    click.echo(f"from the record: {len(goods)} good and {len(defects)} defect images"
+               + (f" ({missing} labelled images no longer on disk)" if missing else ""))
+    good_inputs = ([good] if good is not None else []) + goods
+    defect_inputs = ([defect] if defect is not None else []) + defects
+    return good_inputs, defect_inputs or None
 
 
 def _setting_message(exc: SettingError) -> str:

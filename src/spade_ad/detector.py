@@ -26,6 +26,7 @@ class Detector:
     calibration_: Calibration
     score_scale_: dict[str, tuple[float, float]]
     image_score: str
+    map_weight: float
 
     def _check_fitted(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -37,7 +38,7 @@ class Detector:
 
     def _combine(self, map_part: np.ndarray, knn: np.ndarray) -> np.ndarray:
         """Image scores from their map part and kNN part, per the `image_score` setting."""
-        return calibration.combine_scores(self.image_score, self.score_scale_, map_part, knn)
+        return calibration.combine_scores(self.image_score, self.score_scale_, map_part, knn, self.map_weight)
 
     def set_thresholds(
         self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,

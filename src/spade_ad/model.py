@@ -90,6 +90,7 @@ class Spade(Detector, BaseEstimator):
         fusion: str = D["fusion"],
         distance: str = D["distance"],
         image_score: str = D["image_score"],
+        map_weight: float = D["map_weight"],
         k_image: int = D["k_image"],
         sigma: float = D["sigma"],
         calibration: str = D["calibration"],
@@ -119,6 +120,7 @@ class Spade(Detector, BaseEstimator):
         self.fusion = fusion
         self.distance = distance
         self.image_score = image_score
+        self.map_weight = map_weight
         self.k_image = k_image
         self.sigma = sigma
         self.calibration = calibration
@@ -224,6 +226,11 @@ class Spade(Detector, BaseEstimator):
         if validation is not None or settings["calibration"] == "holdout":
             self._calibrate(self._held_out_scores(held_out, skip_bad, record_skip), "validation"
                             if validation is not None else "holdout")
+            if self.calibration_.scores and self.store_.n_images >= 2:
+                self._check_calibration(self._scores_of(self._leave_one_out_scores()), self.calibration_.scores,
+                                        "training images' leave-one-out scores", "held-out good images",
+                                        "the thresholds come from the held-out images; refit with good images "
+                                        "like them")
         elif settings["calibration"] == "leave_one_out":
             if settings["image_score"] == "fused" and self.store_.n_images < 2:  # the rest were unreadable
                 raise _unscaled_fused()
@@ -299,24 +306,70 @@ class Spade(Detector, BaseEstimator):
         self.calibration_, self.score_scale_ = calibration.calibrate(
             map_parts, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
             false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
+            map_weight=self.map_weight,
         )
         self._apply_calibration()
 
-    def calibrate(self, good: Any, *, defect: Any = None, skip_bad: bool = False,
+    def _scores_of(self, parts: Iterator[tuple[float, float, np.ndarray]]) -> list[float]:
+        """Image scores (at the current score scales) of (map part, kNN part, map) triples."""
+        return [float(self._combine(np.array([m]), np.array([k]))[0]) for m, k, _ in parts]
+
+    def _check_calibration(self, reference: list[float], new: list[float], reference_name: str, new_name: str,
+                           advice: str) -> None:
+        """Compare `new` good scores with `reference` good scores on the same scale (`calibration.
+        compare_good_scores`, at the threshold the reference alone would give) and keep the outcome in
+        `calibration_.check` and `calibration_.warning`."""
+        if len(reference) < 2:
+            return
+        cal = self.calibration_
+        threshold, _ = calibration.conformal_threshold(reference, cal.false_alarm_rate)
+        cal.check = calibration.compare_good_scores(
+            reference, new, threshold=threshold, rate=cal.false_alarm_rate, reference_name=reference_name,
+            new_name=new_name, advice=advice)
+        cal.warning = cal.check.get("warning", "")
+
+    def calibrate(self, good: Any, *, defect: Any = None, recall: float | None = None, skip_bad: bool = False,
                   on_skip: SkipCallback | None = None) -> Spade:
-        """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates), and with
-        a few labelled `defect` images move the image threshold to the best F1 on good + defect images (as other
-        tools do; the false-alarm rate is then no longer guaranteed, and `calibration_.threshold_source` says
-        "best_f1"). The stored features are not changed. Returns self."""
+        """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates). With a few
+        labelled `defect` images, move the image threshold to the best F1 on good + defect images (as other tools
+        do), or with `recall` to the highest threshold that catches that share of them; the false-alarm rate is then
+        no longer guaranteed: `calibration_.threshold_source` says "best_f1" or "recall" and `calibration_.note`
+        gives the recall and false-alarm rate measured on these images. When the new good images score above the
+        previous calibration scores, `calibration_.warning` says so. The stored features are not changed."""
         self._check_fitted()
-        self._calibrate(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip), "validation")
+        if recall is not None:
+            recall = float(recall)
+            if defect is None or not 0 < recall <= 1:
+                raise SettingError("recall", "needs labelled defect images and a share in (0, 1]", recall,
+                                   "e.g. --defect DIR --recall 0.95")
+        before, on_old_scale = list(self.calibration_.scores), []
+
+        def scored_on_old_scale(parts: Iterator[Any]) -> Iterator[Any]:
+            for part in parts:  # the scales change only once every part was read
+                on_old_scale.extend(self._scores_of(iter([part])))
+                yield part
+
+        self._calibrate(scored_on_old_scale(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)),
+                        "validation")
+        self._check_calibration(before, on_old_scale, "previous calibration scores", "new good images",
+                                "the new thresholds come from the new images")
         if defect is not None:
-            parts = self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)
-            defect_scores = [float(self._combine(np.array([m]), np.array([k]))[0]) for m, k, _ in parts]
-            threshold = calibration.best_f1_threshold(self.calibration_.scores, defect_scores)
-            self.calibration_ = calibration.moved(self.calibration_, image=threshold, source="best_f1")
-            self.calibration_.note = (f"image threshold at the best F1 on {self.calibration_.n} good and "
-                                      f"{len(defect_scores)} defective images; false-alarm rate not guaranteed")
+            defect_scores = self._scores_of(self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip))
+            good_scores = self.calibration_.scores
+            if recall is None:
+                threshold, source = calibration.best_f1_threshold(good_scores, defect_scores), "best_f1"
+            else:
+                threshold, source = calibration.recall_threshold(good_scores, defect_scores, recall), "recall"
+            self.calibration_ = calibration.moved(self.calibration_, image=threshold, source=source)
+            caught = float(np.mean(np.asarray(defect_scores) > threshold))
+            flagged = float(np.mean(np.asarray(good_scores) > threshold))
+            self.calibration_.check = {**self.calibration_.check, "recall": caught, "false_alarms": flagged,
+                                       "n_defect": len(defect_scores)}
+            self.calibration_.note = (
+                f"image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} on "
+                f"{self.calibration_.n} good and {len(defect_scores)} defective images: it flags "
+                f"{100 * caught:.1f}% of these defects and {100 * flagged:.1f}% of these good images; the "
+                f"false-alarm rate is measured, not guaranteed")
             self._apply_calibration()
         return self
 

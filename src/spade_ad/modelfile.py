@@ -271,13 +271,17 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
     header, arrays = read_model_file(path)
     try:
         raw = dict(header["settings"])
+        # a file from before a setting existed behaves as it did then, not as today's default
+        raw.update({s.name: s.before for s in settings_table.SETTINGS
+                    if s.stored and s.before is not ... and s.name not in raw})
         raw.update(overrides or {})
         settings = settings_table.validate(raw)
     except SettingError as exc:
         raise ModelFileError(f"{path} holds an invalid setting: {exc}. Re-create it with `spade-ad fit`") from exc
     except (LookupError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         raise ModelFileError(f"{path} has no valid settings in its header ({exc}); re-create it") from exc
-    missing = [s.name for s in settings_table.SETTINGS if s.stored and s.name not in header["settings"]]
+    missing = [s.name for s in settings_table.SETTINGS if s.stored and s.name not in header["settings"]
+               and s.before is ...]
     if missing:
         raise ModelFileError(f"{path} has a damaged header: setting {missing[0]} is missing; re-create it")
     problem = _header_problem(header)

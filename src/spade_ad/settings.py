@@ -46,6 +46,8 @@ class Setting:
     runtime: bool = False
     cli: bool = True
     check: Callable[[Any], str | None] | None = None
+    #: The value a model file written before this setting existed behaves as (absent: such a file is refused).
+    before: Any = ...
 
     @property
     def option(self) -> str:
@@ -144,7 +146,10 @@ class Setting:
 
 
 def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    short = f"{value:.4g}"
+    return short if abs(float(short) - value) <= 1e-9 * max(1.0, abs(value)) or len(repr(value)) > 12 else repr(value)
 
 
 def _to_int(value: Any) -> int:
@@ -242,11 +247,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("distance", "euclidean", "str", "pixel distances before the levels are fused; squared is the paper's",
             "scoring", choices=("euclidean", "squared")),
     Setting("image_score", "fused", "str", "fused: map_top and knn, each scaled by its spread on the good "
-            "images' calibration scores, averaged (needs calibration); map_top: mean of the highest 1% of the "
-            "smoothed map; map_max: its maximum; knn: the paper's mean squared distance to the k_image nearest "
-            "global features", "scoring",
+            "images' calibration scores, then weighted by map_weight (needs calibration); map_top: mean of the "
+            "highest 1% of the smoothed map; map_max: its maximum; knn: the paper's mean squared distance to the "
+            "k_image nearest global features", "scoring",
             choices=("fused", "map_top", "map_max", "knn")),
-    Setting("k_image", 3, "int", "neighbours of the global kNN image score", "scoring", low=1),
+    Setting("map_weight", 2 / 3, "float", "share of the map part in the fused image score (the kNN part has the "
+            "rest): 2/3 counts the map twice the kNN", "scoring", low=0, high=1, before=0.5),
+    Setting("k_image", 1, "int", "neighbours of the global kNN image score (paper: 3 in its public code)",
+            "scoring", low=1),
     Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
             low=0, high=64),
     # calibration

@@ -5,12 +5,19 @@ The demo and the tests need data that exists offline, is generated in a couple o
 woven conveyor belt; good images differ by small shifts, rotations, lighting/brightness jitter and fresh
 noise, so that a detector has normal variation to learn. Defect images add a scratch (thin polyline) or a spot
 (irregular stain) to the disc, and the ground-truth mask is exactly the set of pixels the defect was drawn on.
+
+`OBJECT_DEFECT_TYPES` are the defects of an assembled object rather than of a surface: a bolt hole that is missing
+(the face is smooth where it should be), one drilled in the wrong place, and a foreign part (a washer) lying on the
+face. Each looks locally like something a good image has elsewhere (a hole, a plain face, a bright ring), which is
+what separates detectors that compare a part with similar good parts as a whole from those that only look for
+unusual texture. The mask is the area where the image differs from the good part.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +25,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-__all__ = ["DEFECT_TYPES", "make_synthetic_dataset"]
+__all__ = ["DEFECT_TYPES", "OBJECT_DEFECT_TYPES", "make_synthetic_dataset"]
 
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "spot")
+OBJECT_DEFECT_TYPES: tuple[str, ...] = ("missing_hole", "extra_hole", "foreign_part")
 
 # Seed-stream tags, so that e.g. train image 3 is the same whatever the other counts are.
-_STREAM = {"train": 0, "good": 1, "scratch": 2, "spot": 3}
+_STREAM = {"train": 0, "good": 1, "scratch": 2, "spot": 3, "missing_hole": 4, "extra_hole": 5, "foreign_part": 6}
 _OWN_FILE = re.compile(r"^\d{3,}(_mask)?\.png$")
 _MIN_SIDE = 32
 
@@ -46,11 +54,13 @@ def make_synthetic_dataset(
     n_test_defect: int = 10,
     size: tuple[int, int] = (256, 256),
     seed: int = 0,
+    defect_types: Sequence[str] = DEFECT_TYPES,
 ) -> Path:
     """Write a synthetic dataset under `root` in the MVTec AD layout and return `root`.
 
     Layout: ``train/good/000.png…``, ``test/good/…``, ``test/<defect>/…`` (``n_test_defect`` per type in
-    `DEFECT_TYPES`) and ``ground_truth/<defect>/000_mask.png…`` (uint8 0/255 single-channel masks).
+    `defect_types`: any of `DEFECT_TYPES` and `OBJECT_DEFECT_TYPES`) and ``ground_truth/<defect>/000_mask.png…``
+    (uint8 0/255 single-channel masks).
     `size` is (height, width).  The same arguments give byte-identical files; numbered PNGs left in these
     folders by an earlier, larger run are removed so that the layout is exact.
     """
@@ -62,6 +72,10 @@ def make_synthetic_dataset(
             f"need n_train >= 1 and n_test_good, n_test_defect >= 0; "
             f"got {n_train}, {n_test_good}, {n_test_defect}"
         )
+    unknown = [d for d in defect_types if d not in DEFECT_TYPES + OBJECT_DEFECT_TYPES]
+    if unknown or len(set(defect_types)) != len(defect_types):
+        raise ValueError(f"defect_types must be distinct names from {DEFECT_TYPES + OBJECT_DEFECT_TYPES}, "
+                         f"got {tuple(defect_types)}")
     root = Path(root)
     grid = _Grid(height, width)
 
@@ -74,22 +88,50 @@ def make_synthetic_dataset(
 
     write_good(root / "train" / "good", "train", n_train)
     write_good(root / "test" / "good", "good", n_test_good)
-    for defect in DEFECT_TYPES:
+    for defect in defect_types:
         image_dir, mask_dir = root / "test" / defect, root / "ground_truth" / defect
         _prepare(image_dir)
         _prepare(mask_dir)
         for i in range(n_test_defect):
             rng = np.random.default_rng([seed, _STREAM[defect], i])
-            image, part = _render_part(rng, grid)
-            draw = _draw_scratch if defect == "scratch" else _draw_spot
-            alpha, colour = draw(rng, grid, part)
-            image = image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+            if defect in OBJECT_DEFECT_TYPES:
+                image, mask = _object_defect(rng, grid, defect)
+            else:
+                image, part = _render_part(rng, grid)
+                draw = _draw_scratch if defect == "scratch" else _draw_spot
+                alpha, colour = draw(rng, grid, part)
+                image = image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+                mask = alpha > 0
             name = _name(i, n_test_defect)
             _save_rgb(_finish(rng, image), image_dir / f"{name}.png")
-            Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8)).save(
+            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
                 mask_dir / f"{name}_mask.png", compress_level=1
             )
     return root
+
+
+def _object_defect(rng: np.random.Generator, g: _Grid, defect: str) -> tuple[np.ndarray, np.ndarray]:
+    """A part with a missing hole, an extra hole or a washer lying on it, and the mask of where it differs."""
+    if defect == "foreign_part":
+        image, part = _render_part(rng, g)
+        cy, cx = _point_on_disc(rng, part, 0.7)
+        outer = rng.uniform(0.09, 0.14) * part.radius
+        ring = _norm(g.y - cy, g.x - cx)
+        coverage = np.clip(outer - ring + 0.5, 0.0, 1.0) * np.clip(ring - 0.45 * outer + 0.5, 0.0, 1.0)
+        tone = 200.0 + 40.0 * np.clip((g.x - cx - (g.y - cy)) / outer, -1.0, 1.0)  # lit from the upper left
+        image = image * (1.0 - coverage[..., None]) + (tone * coverage)[..., None] * np.ones(3, np.float32)
+        return image, coverage > 0
+    if defect == "missing_hole":
+        gone = int(rng.integers(4))
+        holes = tuple(h for k, h in enumerate(_HOLES) if k != gone)
+    else:  # extra_hole: between two of the four, nearer the hub or the rim
+        holes = (*_HOLES, (int(rng.integers(4)) * np.pi / 2, float(rng.choice([0.35, 0.78]))))
+    state = rng.bit_generator.state
+    good, _ = _render_part(rng, g)  # the good part in the same pose, to compare against
+    rng.bit_generator.state = state
+    image, _ = _render_part(rng, g, holes)
+    mask = np.abs(image - good).max(axis=2) > 8.0
+    return image, mask
 
 
 class _Grid:
@@ -101,8 +143,14 @@ class _Grid:
         self.y, self.x = np.mgrid[0:height, 0:width].astype(np.float32)
 
 
-def _render_part(rng: np.random.Generator, g: _Grid) -> tuple[np.ndarray, _Part]:
-    """One good product image as float RGB in [0, 255] (before sensor noise), and where its disc lies."""
+#: The bolt holes of a good part: (angle from the part's orientation, distance from the centre / radius).
+_HOLES: tuple[tuple[float, float], ...] = tuple((np.pi / 4 + k * np.pi / 2, 0.6) for k in range(4))
+
+
+def _render_part(rng: np.random.Generator, g: _Grid,
+                 holes: tuple[tuple[float, float], ...] = _HOLES) -> tuple[np.ndarray, _Part]:
+    """One product image as float RGB in [0, 255] (before sensor noise), and where its disc lies; good with the
+    default `holes`."""
     s = g.scale
     cy = g.height / 2 + rng.uniform(-0.03, 0.03) * s
     cx = g.width / 2 + rng.uniform(-0.03, 0.03) * s
@@ -138,9 +186,9 @@ def _render_part(rng: np.random.Generator, g: _Grid) -> tuple[np.ndarray, _Part]
     metal = np.where(r < hub, 95.0 + 50.0 * np.clip(lit * (radius / hub), -1.0, 1.0), metal)
     metal -= 60.0 * _bump(r - hub, 1.5)
     reach = int(0.075 * radius + 4)
-    for k in range(4):
-        angle = theta + np.pi / 4 + k * np.pi / 2
-        hy, hx = cy + 0.6 * radius * np.sin(angle), cx + 0.6 * radius * np.cos(angle)
+    for offset, distance in holes:
+        angle = theta + offset
+        hy, hx = cy + distance * radius * np.sin(angle), cx + distance * radius * np.cos(angle)
         win = np.s_[max(int(hy) - reach, 0) : int(hy) + reach, max(int(hx) - reach, 0) : int(hx) + reach]
         rh = _norm(g.y[win] - hy, g.x[win] - hx)
         hole = np.clip(0.065 * radius - rh + 0.5, 0.0, 1.0)

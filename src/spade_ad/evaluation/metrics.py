@@ -49,6 +49,20 @@ def image_auroc(scores: Scores, labels: Labels) -> float:
     return float(roc_auc_score(y, s))
 
 
+
+def recall_at_false_alarm_rate(scores: Scores, labels: Labels, rate: float) -> float:
+    """Recall (TPR) at the lowest threshold that flags at most a share `rate` of the good images (FPR <= rate):
+    whether any threshold can catch the defects at that false-alarm rate. With n good images, a rate below 1 / n
+    allows none of them above the threshold."""
+    s, y = _binary_labels(scores, labels)
+    if y.all() or not y.any():
+        raise ValueError(f"recall at a false-alarm rate needs good and defective images; got {int(y.sum())} "
+                         f"defective of {y.size}")
+    good = np.sort(s[~y])[::-1]
+    allowed = int(np.floor(rate * good.size + 1e-9))
+    threshold = good[allowed] if allowed < good.size else -np.inf
+    return float((s[y] > threshold).mean())
+
 def _checked_maps(
     maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

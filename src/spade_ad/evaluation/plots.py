@@ -25,6 +25,7 @@ from .metrics import image_auroc
 __all__ = [
     "plot_cases",
     "plot_image_roc",
+    "plot_low_false_alarm_roc",
     "plot_pixel_roc",
     "plot_pro_curve",
     "plot_score_histogram",
@@ -43,6 +44,38 @@ def plot_image_roc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] |
     fig, ax = _roc_axes(title or "Image-level ROC")
     ax.plot(fpr, tpr, lw=2, label=f"AUROC = {auroc:.4f}")
     ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_low_false_alarm_roc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                             path: str | Path, threshold: float | None = None, rate: float | None = None,
+                             title: str = "") -> Path:
+    """The image ROC where a line works: recall against the false-alarm rate on a log axis (from one good image in
+    the set to 100%), the calibrated operating point (`threshold`: its measured false-alarm rate and recall) and
+    the rate asked (`rate`), and the recall any threshold reaches at 1% and 5% false alarms."""
+    from .metrics import recall_at_false_alarm_rate
+
+    image_auroc(scores, labels)  # checks the inputs and that both classes are present
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    fpr, tpr, _ = roc_curve(y, s)
+    floor = 1.0 / (2 * (~y).sum())  # a false-alarm rate of 0 sits here, half a good image
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    ax.step(np.maximum(fpr, floor), tpr, where="post", lw=2, color="tab:blue", label="ROC")
+    for level, style in ((0.01, ":"), (0.05, "-.")):
+        recall = recall_at_false_alarm_rate(s, y, level)
+        ax.axvline(level, color="grey", ls=style, lw=1, label=f"{100 * level:g}% false alarms: recall {recall:.0%}")
+    if rate is not None:
+        ax.axvline(rate, color="tab:orange", ls="--", lw=1.2, label=f"rate asked: {100 * rate:g}%")
+    if threshold is not None:
+        measured, recall = float((s[~y] > threshold).mean()), float((s[y] > threshold).mean())
+        ax.plot([max(measured, floor)], [recall], "o", color="black", ms=8,
+                label=f"threshold: {measured:.1%} false alarms, recall {recall:.0%}")
+    ax.set_xscale("log")
+    ax.set(xlim=(floor * 0.8, 1.0), ylim=(0, 1.02), xlabel="false-alarm rate on good images (log)",
+           ylabel="recall (defects caught)", title=title or "Recall at low false-alarm rates")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 

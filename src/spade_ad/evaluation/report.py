@@ -32,7 +32,8 @@ def build_report(
     }
 
 
-_MEAN_KEYS = ("image_auroc", "pixel_auroc", "au_pro", "fit_seconds", "predict_ms_per_image")
+_MEAN_KEYS = ("image_auroc", "pixel_auroc", "au_pro", "recall_at_1_percent", "recall_at_5_percent", "fit_seconds",
+              "predict_ms_per_image")
 
 
 def _mean_row(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -62,7 +63,8 @@ def _fmt(value: float | None, percent: bool = True) -> str:
 
 
 TABLE_HEADER = ["category", "image AUROC", "pixel AUROC", "AU-PRO", "paper pixel AUROC", "diff", "paper PRO", "diff",
-                "F1 @ threshold", "best F1", "recall @ threshold", "false alarms asked", "measured", "ms / image"]
+                "recall @ 1% FPR", "recall @ 5% FPR", "F1 @ threshold", "best F1", "recall @ threshold",
+                "false alarms asked", "measured", "ms / image"]
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -75,7 +77,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         at = m.get("at_threshold")
         rows.append([
             name, _fmt(m.get("image_auroc")), _fmt(m.get("pixel_auroc")), _fmt(m.get("au_pro")), _fmt(paper_pix),
-            _fmt(diff_pix), _fmt(paper_pro), _fmt(diff_pro), _fmt(at["f1"]) if at else "-",
+            _fmt(diff_pix), _fmt(paper_pro), _fmt(diff_pro), _fmt(m.get("recall_at_1_percent")),
+            _fmt(m.get("recall_at_5_percent")), _fmt(at["f1"]) if at else "-",
             _fmt(m["best_f1"]["f1"]) if m.get("best_f1") else "-", _fmt(at["recall"]) if at else "-",
             _fmt(m.get("false_alarm_rate_asked")), _fmt(m.get("false_alarm_rate_measured")),
             _fmt(m.get("predict_ms_per_image"), False),
@@ -111,13 +114,20 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "F1 @ threshold: image-level F1 at the threshold calibrated on held-out good images only; best F1: the best "
         "achievable image-level F1 over all thresholds (an upper bound that peeks at the labels).",
     ]
+    warnings = [(name, m["threshold_check"]["warning"]) for name, m in report["categories"].items()
+                if (m.get("threshold_check") or {}).get("warning")]
+    if warnings:
+        lines += ["", "## Warnings: thresholds that will not hold", ""]
+        lines += [f"- **{name}**: {text}" for name, text in warnings]
+    lines += ["", "recall @ 1% / 5% FPR: the share of defective images any threshold catches while flagging at most "
+              "1% / 5% of the good test images (with n good images, below 1/n that means none)."]
     if any(m.get("pixel_auroc") is None for m in report["categories"].values()):
         lines += ["", "Some categories have no ground-truth masks: only image-level metrics are reported for them."]
     lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2), "```", ""]
     for name in report["categories"]:
         if (out / name / "image_roc.png").exists():
             lines += [f"## {name}", ""]
-            plots = ("image_roc", "pixel_roc", "pro_curve", "score_histogram", "cases")
+            plots = ("image_roc", "low_false_alarm_roc", "pixel_roc", "pro_curve", "score_histogram", "cases")
             lines += [f"![{plot}]({name}/{plot}.png)" for plot in plots if (out / name / f"{plot}.png").exists()]
             lines.append("")
     (out / "report.md").write_text("\n".join(lines))

@@ -20,10 +20,11 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
+from ..calibration import compare_good_scores
 from ..datasets import CategoryData, TestSample, load_dataset
 from ..images import read_image
 from ..model import Spade
-from .metrics import au_pro, best_f1, f1_at_threshold, image_auroc, pixel_auroc, pro_curve
+from .metrics import au_pro, best_f1, f1_at_threshold, image_auroc, pixel_auroc, pro_curve, recall_at_false_alarm_rate
 from .report import build_report, write_report
 
 __all__ = ["PAPER_PIXEL_RESULTS", "CategoryResult", "evaluate", "evaluate_category"]
@@ -114,7 +115,22 @@ def evaluate_category(
             if model.image_threshold_ is not None and (~labels).any() else None
         ),
         "calibration": model.calibration_.source,
+        "recall_at_1_percent": recall_at_false_alarm_rate(score_array, labels, 0.01),
+        "recall_at_5_percent": recall_at_false_alarm_rate(score_array, labels, 0.05),
+        "threshold_check": {},
     }
+    if model.image_threshold_ is not None and (~labels).sum() >= 2:
+        # do the good test images score like the good images behind the threshold? if not, it will not hold
+        check = compare_good_scores(
+            model.calibration_.scores, score_array[~labels].tolist(), threshold=model.image_threshold_,
+            rate=model.calibration_.false_alarm_rate, reference_name="calibration scores",
+            new_name="good test images", advice="the threshold will not hold on them: calibrate on good images "
+            "from the line (spade-ad calibrate MODEL --good DIR) or fit with --holdout-good DIR")
+        metrics["threshold_check"] = check
+        if check.get("warning"):
+            log(f"warning: {category.name}: {check['warning']}")
+    if model.calibration_.warning:
+        log(f"warning: {category.name}: {model.calibration_.warning}")
     pro = None
     if category.has_masks:
         metrics["pixel_auroc"] = pixel_auroc(maps, masks)
@@ -200,10 +216,21 @@ def evaluate(
 
 
 def _write_plots(result: CategoryResult, folder: Path, model: Spade, pro_limit: float) -> None:
-    from .plots import plot_cases, plot_image_roc, plot_pixel_roc, plot_pro_curve, plot_score_histogram, select_cases
+    from .plots import (
+        plot_cases,
+        plot_image_roc,
+        plot_low_false_alarm_roc,
+        plot_pixel_roc,
+        plot_pro_curve,
+        plot_score_histogram,
+        select_cases,
+    )
 
     name = result.name
     plot_image_roc(result.scores, result.labels, folder / "image_roc.png", title=f"{name}: image ROC")
+    plot_low_false_alarm_roc(result.scores, result.labels, folder / "low_false_alarm_roc.png",
+                             threshold=model.image_threshold_, rate=result.metrics.get("false_alarm_rate_asked"),
+                             title=f"{name}: recall at low false-alarm rates")
     plot_score_histogram(
         result.scores, result.labels, folder / "score_histogram.png", threshold=model.image_threshold_,
         title=f"{name}: image scores",

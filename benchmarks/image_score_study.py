@@ -1,0 +1,253 @@
+"""Image-score study: fit once per product, keep every image's per-level distance maps (leave-one-out for the
+training images, plain for the test images) and global features, then compare image-score variants offline on the
+same numbers: image AUROC, recall at 1% / 5% false alarms on the good test images, and the verdict at the
+conformal threshold from the leave-one-out scores (recall and false alarms at the 1% rate).
+
+    .venv/bin/python benchmarks/image_score_study.py collect                 # writes benchmarks/results/study/*.npz
+    .venv/bin/python benchmarks/image_score_study.py compare                 # the table of variants
+
+Every product of ../shared/data plus the synthetic sets (see bench_accuracy.categories). Caches are per product
+and settings tag, so `collect --tag levels123 --set layers:1;2;3` adds another feature configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_accuracy import categories, parse_config  # noqa: E402
+
+from spade_ad import Spade, scoring  # noqa: E402
+from spade_ad.calibration import conformal_threshold, robust_scale  # noqa: E402
+from spade_ad.evaluation.metrics import image_auroc  # noqa: E402
+from spade_ad.evaluation.metrics import recall_at_false_alarm_rate as recall_at_fpr  # noqa: E402
+from spade_ad.maps import fuse, smooth  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / "results" / "study"
+
+
+def collect(category: Any, settings: dict[str, Any], path: Path) -> None:
+    captured: list[list[np.ndarray]] = []
+    original = scoring.fuse
+
+    def capture(level_maps: list[np.ndarray], input_size: tuple[int, int]) -> np.ndarray:
+        captured.append([np.asarray(m, np.float32) for m in level_maps])
+        return original(level_maps, input_size)
+
+    scoring.fuse = capture
+    try:
+        model = Spade(progress=False, **settings).fit(category.train)
+        loo = list(captured)
+        captured.clear()
+        queries: list[np.ndarray] = []
+        nearest = model.store_.nearest_images
+
+        def record(q: Any, k: int) -> Any:
+            queries.append(q.float().cpu().numpy())
+            return nearest(q, k)
+
+        model.store_.nearest_images = record
+        test_paths = [s.path for s in category.test]
+        sizes = []
+        for part in model._predict_parts(test_paths, full=True):
+            sizes.append(part[4].input_size)
+        test = list(captured)
+    finally:
+        scoring.fuse = original
+    train_sizes = [scoring.training_input_size(model.store_, i, model.backbone_.strides[0])
+                   for i in range(model.store_.n_images)]
+    arrays: dict[str, np.ndarray] = {
+        "train_global": model.store_.global_features.float().numpy(),
+        "test_global": np.concatenate(queries),
+        "labels": np.array([s.is_anomalous for s in category.test], bool),
+        "train_sizes": np.array(train_sizes), "test_sizes": np.array(sizes),
+    }
+    for name, levels in (("loo", loo), ("test", test)):
+        for i, image_levels in enumerate(levels):
+            for level, grid in enumerate(image_levels):
+                arrays[f"{name}_{i}_{level}"] = grid
+    arrays["n_loo"], arrays["n_test"] = np.array(len(loo)), np.array(len(test))
+    arrays["n_levels"] = np.array(len(loo[0]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+# ---------------------------------------------------------------- offline variants
+
+
+def knn_scores(train: np.ndarray, queries: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
+    d = ((queries[:, None, :] - train[None]) ** 2).sum(-1)
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    return np.sort(d, axis=1)[:, :k].mean(1)
+
+
+def top_mean(m: np.ndarray, share: float) -> float:
+    flat = m.ravel()
+    count = max(1, int(flat.size * share))
+    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
+
+
+class Product:
+    def __init__(self, path: Path, sigma: float = 4.0) -> None:
+        z = np.load(path)
+        self.name = path.stem
+        self.labels = z["labels"]
+        n_levels = int(z["n_levels"])
+        self.loo_levels = [[z[f"loo_{i}_{lv}"] for lv in range(n_levels)] for i in range(int(z["n_loo"]))]
+        self.test_levels = [[z[f"test_{i}_{lv}"] for lv in range(n_levels)] for i in range(int(z["n_test"]))]
+        self.train_sizes = [tuple(s) for s in z["train_sizes"]]
+        self.test_sizes = [tuple(s) for s in z["test_sizes"]]
+        self.train_global, self.test_global = z["train_global"], z["test_global"]
+        self.sigma = sigma
+        self._maps: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+
+    def maps(self, variant: str = "plain") -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Smoothed fused maps (loo, test) for a level treatment."""
+        if variant not in self._maps:
+            weights = None
+            if variant == "levelnorm":  # each level divided by its median over the good (leave-one-out) maps
+                weights = [1.0 / float(np.median(np.concatenate([lv[j].ravel() for lv in self.loo_levels])))
+                           for j in range(len(self.loo_levels[0]))]
+            def build(levels: list[list[np.ndarray]], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+                out = []
+                for image_levels, size in zip(levels, sizes):
+                    if weights is not None:
+                        image_levels = [g * w for g, w in zip(image_levels, weights)]
+                    out.append(smooth(fuse(image_levels, size), self.sigma))
+                return out
+            self._maps[variant] = (build(self.loo_levels, self.train_sizes), build(self.test_levels, self.test_sizes))
+        return self._maps[variant]
+
+    def part(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """(leave-one-out scores, test scores) of one score part."""
+        if kind.startswith("knn"):
+            k = int(kind[3:] or 3)
+            return (knn_scores(self.train_global, self.train_global, k, True),
+                    knn_scores(self.train_global, self.test_global, k, False))
+        treatment, _, what = kind.partition(":")
+        loo, test = self.maps(treatment)
+        if what == "max":
+            f = lambda m: float(m.max())  # noqa: E731
+        else:
+            share = float(what)
+            f = lambda m: top_mean(m, share)  # noqa: E731
+        return np.array([f(m) for m in loo]), np.array([f(m) for m in test])
+
+
+def combine(product: Product, parts: list[tuple[str, float]], how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    loo_sum, test_sum, total = 0.0, 0.0, 0.0
+    loo_list, test_list = [], []
+    for kind, weight in parts:
+        loo, test = product.part(kind)
+        if len(parts) == 1:
+            return loo, test
+        median, spread = robust_scale(loo)
+        loo_list.append((loo - median) / spread)
+        test_list.append((test - median) / spread)
+        loo_sum = loo_sum + weight * loo_list[-1]
+        test_sum = test_sum + weight * test_list[-1]
+        total += weight
+    if how == "max":
+        return np.max(loo_list, 0), np.max(test_list, 0)
+    return loo_sum / total, test_sum / total
+
+
+def evaluate(loo: np.ndarray, test: np.ndarray, labels: np.ndarray, rate: float = 0.01) -> dict[str, float]:
+    threshold, _ = conformal_threshold(loo, rate)
+    flagged = test > threshold
+    return {
+        "auroc": image_auroc(test, labels), "r1": recall_at_fpr(test, labels, 0.01),
+        "r5": recall_at_fpr(test, labels, 0.05), "recall_thr": float(flagged[labels].mean()),
+        "fa_thr": float(flagged[~labels].mean()),
+    }
+
+
+VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
+    "map_top (1%)": ([("plain:0.01", 1)], "mean"),
+    "map_top 0.1%": ([("plain:0.001", 1)], "mean"),
+    "map_top 0.3%": ([("plain:0.003", 1)], "mean"),
+    "map_max": ([("plain:max", 1)], "mean"),
+    "knn3": ([("knn3", 1)], "mean"),
+    "knn1": ([("knn1", 1)], "mean"),
+    "fused (today)": ([("plain:0.01", 1), ("knn3", 1)], "mean"),
+    "fused max": ([("plain:0.01", 1), ("knn3", 1)], "max"),
+    "fused map 2:1": ([("plain:0.01", 2), ("knn3", 1)], "mean"),
+    "multi-top (max, 0.1%, 1%)": ([("plain:max", 1), ("plain:0.001", 1), ("plain:0.01", 1)], "mean"),
+    "multi-top + knn": ([("plain:max", 1), ("plain:0.001", 1), ("plain:0.01", 1), ("knn3", 1)], "mean"),
+    "multi-top + knn (3:1)": ([("plain:max", 1), ("plain:0.001", 1), ("plain:0.01", 1), ("knn3", 1)], "mean"),
+    "0.1% + knn": ([("plain:0.001", 1), ("knn3", 1)], "mean"),
+    "0.1% + 1% + knn": ([("plain:0.001", 1), ("plain:0.01", 1), ("knn3", 1)], "mean"),
+    "map_top 2%": ([("plain:0.02", 1)], "mean"),
+    "map_top 5%": ([("plain:0.05", 1)], "mean"),
+    "1% + knn1": ([("plain:0.01", 1), ("knn1", 1)], "mean"),
+    "1% + knn1 (2:1)": ([("plain:0.01", 2), ("knn1", 1)], "mean"),
+    "1% + knn1 (3:1)": ([("plain:0.01", 3), ("knn1", 1)], "mean"),
+    "1% + knn3 (3:1)": ([("plain:0.01", 3), ("knn3", 1)], "mean"),
+    "2% + knn1 (2:1)": ([("plain:0.02", 2), ("knn1", 1)], "mean"),
+    "1% + 5% + knn1": ([("plain:0.01", 1), ("plain:0.05", 1), ("knn1", 1)], "mean"),
+    "levelnorm map_top": ([("levelnorm:0.01", 1)], "mean"),
+    "levelnorm fused": ([("levelnorm:0.01", 1), ("knn3", 1)], "mean"),
+    "levelnorm 0.1% + 1% + knn": ([("levelnorm:0.001", 1), ("levelnorm:0.01", 1), ("knn3", 1)], "mean"),
+}
+
+
+def compare(paths: list[Path], names: list[str] | None) -> str:
+    products = [Product(p) for p in paths]
+    rows = []
+    header = "| variant | " + " | ".join(p.name for p in products) + " | mean | worst |"
+    lines = ["Image AUROC / recall at 1% FPR / recall at 5% FPR / recall at the 1% threshold (false alarms)", "",
+             header, "|" + "---|" * (len(products) + 3)]
+    for variant, (parts, how) in VARIANTS.items():
+        if names and variant not in names:
+            continue
+        results = [evaluate(*combine(p, parts, how), p.labels) for p in products]
+        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / "
+                 f"{100 * r['recall_thr']:.0f} ({100 * r['fa_thr']:.0f})" for r in results]
+        mean = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        worst = {k: float(np.min([r[k] for r in results])) for k in results[0]}
+        cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
+                     f"{100 * mean['recall_thr']:.0f}")
+        cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        rows.append({"variant": variant, "results": results})
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["collect", "compare"])
+    parser.add_argument("--category", action="append")
+    parser.add_argument("--tag", default="default")
+    parser.add_argument("--set", default="", help="setting:value,... on top of the defaults")
+    parser.add_argument("--variant", action="append")
+    args = parser.parse_args()
+    if args.action == "collect":
+        _, settings = parse_config(f"x={args.set}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for category in categories(args.category, Path(tmp)):
+                path = CACHE / args.tag / f"{category.name}.npz"
+                if path.exists():
+                    continue
+                print("collect", category.name, file=sys.stderr, flush=True)
+                collect(category, settings, path)
+        return
+    paths = sorted((CACHE / args.tag).glob("*.npz"))
+    if args.category:
+        paths = [p for p in paths if p.stem in args.category]
+    text = compare(paths, args.variant)
+    print(text)
+    (CACHE / args.tag / "compare.md").write_text(text + "\n")
+    json.dumps({})
+
+
+if __name__ == "__main__":
+    main()
