@@ -97,9 +97,35 @@ class Recorder:
         self._queue({"source": source, "path": None if path is None else str(Path(path).resolve()),
                      "sha256": sha256, "verdict": "error", "error": reason})
 
-    def _queue(self, row: dict[str, Any]) -> None:
+    def row(self, prediction: Prediction, **fields: Any) -> dict[str, Any]:
+        """The complete row of one prediction (its model's columns included), to `write` at once."""
+        return self._complete(prediction_row(prediction, **fields))
+
+    def _complete(self, row: dict[str, Any]) -> dict[str, Any]:
         row.update(origin=self.origin, model_id=self.model_id, model_name=self.model_name,
                    settings_digest=self.settings_digest)
+        return row
+
+    def write(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Write `rows` (from `row`) now, in one transaction, after what is waiting; their ids ([] when the record
+        has failed: the rows are then counted in `unrecorded`)."""
+        self.flush()
+        with self._lock:
+            if self.problem is None:
+                try:
+                    ids = self.record.add(rows)
+                except RecordUnavailable as exc:
+                    self.problem = str(exc)
+                else:
+                    self.recorded += len(rows)
+                    return ids
+            self.unrecorded.extend(row["source"] for row in rows)
+        if self.on_failure is not None:
+            self.on_failure(str(self.problem))
+        return []
+
+    def _queue(self, row: dict[str, Any]) -> None:
+        self._complete(row)
         with self._lock:
             if self.problem is not None:
                 self.unrecorded.append(row["source"])
@@ -182,3 +208,30 @@ class RecordingWriter(PredictionWriter):
         if self.recorder is not None:
             path = error.path if Path(error.path).is_file() else None
             self.recorder.add_error(name, error, path=path)
+
+
+def labelled_images(record: Record, model: Any, model_path: str | os.PathLike[str]) -> tuple[list[Path], list[Path],
+                                                                                            int]:
+    """The images labelled in `record` for this model, for `calibrate --record`: (good, defect, missing).
+
+    "This model" is any version of it: rows recorded under its file's content hash or under its name (the file
+    name, or the service's product name; `add` changes the hash, not the name). Good images that are now in the
+    model's training set (added with "good" and --allow-add) are left out: their scores would be leave-one-in.
+    `missing` counts labelled images whose file is no longer on disk."""
+    identity = model_identity(model, model_path)
+    names = {identity["name"], Path(model_path).stem}
+    training = {str(Path(name).resolve()) for name in model.train_names_ if name}
+    found: dict[str, list[Path]] = {"good": [], "defect": []}
+    missing = 0
+    for label, rows in record.labelled().items():
+        for row in rows:
+            if row["model_id"] != identity["id"] and row["model_name"] not in names:
+                continue
+            path = row["path"]
+            if not path or not Path(path).is_file():
+                missing += 1
+                continue
+            if label == "good" and str(Path(path).resolve()) in training:
+                continue
+            found[label].append(Path(path))
+    return found["good"], found["defect"], missing

@@ -49,9 +49,10 @@ def settings_digest(model: Any) -> str:
 
 def model_identity(model: Any, path: str | os.PathLike[str] | None, name: str | None = None) -> dict[str, Any]:
     """The `spade_models` row of a fitted model (a `Spade` or a `Runtime`) loaded from `path` (a model file or a
-    bundle folder; None for a model only in memory, then identified by its settings and calibration scores)."""
+    bundle folder; None, or a path that is not there, for a model only in memory: then identified by its settings and
+    calibration scores)."""
     cal = model.calibration_
-    if path is not None:
+    if path is not None and Path(path).exists():
         model_id, kind = content_hash(path)
         shown = name or Path(path).name
     else:

@@ -294,13 +294,18 @@ class Record:
 
     def model(self, model_id: str | None = None) -> dict[str, Any]:
         """One model's row (`model_id` its id, a prefix of it, or its name; None: the newest model with
-        inspections); a RecordError naming what is known when there is none."""
-        found = self.models()
+        inspections); a RecordError naming what is known when there is none. Answered from the indexes (no count
+        over the inspections)."""
+        found = self._rows(sa.select(models).order_by(models.c.first_seen_ms.desc()))
+        for row in found:
+            row["calibration_scores"] = json.loads(row["calibration_scores"] or "[]")
         if model_id is None:
-            used = [m for m in found if m["inspections"]]
-            if not used:
-                raise RecordError(f"record {self.shown} holds no inspections yet")
-            return used[0]
+            with self.engine.connect() as connection:
+                for row in found:
+                    used = sa.select(inspections.c.id).where(inspections.c.model_id == row["id"]).limit(1)
+                    if connection.execute(used).first() is not None:
+                        return row
+            raise RecordError(f"record {self.shown} holds no inspections yet")
         matches = [m for m in found if m["id"].startswith(model_id) or m["name"] == model_id]
         if not matches:
             known = ", ".join(f"{m['name']} ({m['id'][:12]})" for m in found) or "none"

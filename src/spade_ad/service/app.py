@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,14 @@ from .context import REQUEST_ID_HEADER, RequestContext
 from .errors import ApiError
 from .guard import HostOriginGuard, HostPolicy, OriginPolicy
 from .predictor import Predictor
+from .review import ReviewStore, add_review_routes
 from .schemas import AddResponse, CalibrationInfo, ErrorBody, Health, ModelInfo, PredictResponse, public_name
 from .uploads import FIELD
 
 if TYPE_CHECKING:
     from ..model import Spade
 
-__all__ = ["calibration_info", "create_app", "model_metrics", "model_settings"]
+__all__ = ["ServedModel", "calibration_info", "create_app", "model_metrics", "model_settings"]
 
 STATIC_DIR = Path(__file__).with_name("static")
 DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")
@@ -147,24 +149,75 @@ def _query_problem(exc: RequestValidationError) -> str:
     return "; ".join(problems) or "bad request parameters"
 
 
+@dataclass
+class ServedModel:
+    """One product's model in a service: `name` (in `/v1/models/{name}/...`), the fitted `model`, `model_file` (shown
+    by name only), `save_to` (where `POST .../good` saves it, with allow_add) and `identity_file` (the file whose
+    content hash identifies the model in the record; default `save_to`)."""
+
+    name: str
+    model: Any
+    model_file: str | os.PathLike[str] | None = None
+    save_to: str | os.PathLike[str] | None = None
+    identity_file: str | os.PathLike[str] | None = None
+
+
 def create_app(
-    model: Spade, settings: ServiceSettings | None = None, *, model_file: str | os.PathLike[str] | None = None,
-    save_to: str | os.PathLike[str] | None = None,
+    model: Spade | None, settings: ServiceSettings | None = None, *, model_file: str | os.PathLike[str] | None = None,
+    save_to: str | os.PathLike[str] | None = None, review: ReviewStore | None = None,
+    identity_file: str | os.PathLike[str] | None = None, products: Sequence[ServedModel] = (),
 ) -> FastAPI:
     """The FastAPI application serving the fitted `model` (shared by every request; its progress bars are turned
     off); `model_file`: the model's file, shown by `/v1/model` as its name only; `save_to`: where `POST /v1/good`
-    saves the model after adding images (with `settings.allow_add`; default `model_file`). The worker pool is shut
-    down when the app's lifespan ends."""
+    saves the model after adding images (with `settings.allow_add`; default `model_file`). `products`: several
+    models instead of `model` (each under `/v1/models/{name}/...`; the first also under `/v1/predict`, `/v1/good`,
+    `/v1/model`). `review`: the inspection record (`spade_ad.service.review`): every prediction recorded, and the
+    review, history and drift routes. The worker pools are shut down when the app's lifespan ends."""
     settings = settings or ServiceSettings()
-    shown_file = os.path.basename(os.fspath(model_file)) if model_file is not None else None
-    model.set_params(progress=False)
-    predictor = Predictor(model, settings, save_to=save_to if save_to is not None else model_file)
-    allow_add = settings.allow_add and predictor.save_to is not None
+    entries = list(products) or [ServedModel("default", model, model_file, save_to, identity_file)]
+    served: dict[str, tuple[ServedModel, Predictor]] = {}
+    for entry in entries:
+        if entry.name in served:
+            raise ValueError(f"two served models are named {entry.name!r}")
+        entry.model.set_params(progress=False)
+        target = entry.save_to if entry.save_to is not None else entry.model_file
+        recorder = None if review is None else review.recorder(
+            entry.name, entry.model, entry.identity_file if entry.identity_file is not None else target)
+        served[entry.name] = (entry, Predictor(entry.model, settings, save_to=target, recorder=recorder,
+                                               review=review, identity_file=entry.identity_file or target))
+    default_entry, predictor = next(iter(served.values()))
+
+    def product(name: str) -> tuple[ServedModel, Predictor]:
+        if name not in served:
+            raise ApiError(404, f"no model named {name!r} is served; served: {', '.join(served)}")
+        return served[name]
+
+    def describe(entry: ServedModel, served_predictor: Predictor) -> ModelInfo:
+        served_model = served_predictor.model
+        return ModelInfo(
+            version=__version__,
+            model_file=os.path.basename(os.fspath(entry.model_file)) if entry.model_file is not None else None,
+            backbone=served_model.backbone,
+            settings=model_settings(served_model),
+            image_threshold=served_model.image_threshold_,
+            pixel_threshold=served_model.pixel_threshold_,
+            color_scale=served_predictor.color_scale,
+            calibration=calibration_info(served_model),
+            metrics=model_metrics(served_model),
+            n_train_images=len(served_model.train_names_),
+            limits=settings.limits,
+            allow_add=settings.allow_add and served_predictor.save_to is not None,
+            name=entry.name,
+            record=review is not None,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncGenerator[None, None]:
         yield
-        predictor.executor.shutdown(wait=False, cancel_futures=True)
+        for _, each in served.values():
+            each.executor.shutdown(wait=False, cancel_futures=True)
+        if review is not None:
+            review.close()
 
     app = FastAPI(
         title="spade-ad",
@@ -190,26 +243,26 @@ def create_app(
     async def disconnected(_: Request, exc: ClientDisconnect) -> JSONResponse:
         return JSONResponse({"error": "the upload was interrupted", "file": None}, 400)
 
+    threshold_query = Query(
+        None, description="Judge this request by this image threshold (a raw score) instead of the model's.",
+    )
+    rate_query = Query(
+        None, description="Judge this request by the threshold that keeps this share of good images flagged "
+        "(conformal, from the model's good calibration scores; 1e-6 to 0.5). At most one of the two.",
+    )
+    good_errors = {**_PREDICT_ERRORS, 403: {"model": ErrorBody, "description": "Adding good images is off (start "
+                   "the service with --allow-add); or a cross-origin request."}}
+
     @app.post(
         "/v1/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY, responses=_PREDICT_ERRORS,
         summary="Score images: anomaly score, verdict, defect regions, heat map and overlay per image",
     )
-    async def predict(
-        request: Request,
-        threshold: float | None = Query(
-            None, description="Judge this request by this image threshold (a raw score) instead of the model's.",
-        ),
-        false_alarm_rate: float | None = Query(
-            None, description="Judge this request by the threshold that keeps this share of good images flagged "
-            "(conformal, from the model's good calibration scores; 1e-6 to 0.5). At most one of the two.",
-        ),
-    ) -> PredictResponse:
+    async def predict(request: Request, threshold: float | None = threshold_query,
+                      false_alarm_rate: float | None = rate_query) -> PredictResponse:
         return await predictor(request, threshold, false_alarm_rate)
 
     @app.post(
-        "/v1/good", response_model=AddResponse, openapi_extra=_PREDICT_BODY,
-        responses={**_PREDICT_ERRORS, 403: {"model": ErrorBody, "description": "Adding good images is off (start "
-                   "the service with --allow-add); or a cross-origin request."}},
+        "/v1/good", response_model=AddResponse, openapi_extra=_PREDICT_BODY, responses=good_errors,
         summary="Add images to the model as good ones (only with --allow-add) and save the model to its file",
     )
     async def add_good(request: Request) -> AddResponse:
@@ -217,26 +270,38 @@ def create_app(
 
     @app.get("/v1/model", response_model=ModelInfo, summary="The served model and the service limits")
     async def model_info() -> ModelInfo:
-        return ModelInfo(
-            version=__version__,
-            model_file=shown_file,
-            backbone=model.backbone,
-            settings=model_settings(model),
-            image_threshold=model.image_threshold_,
-            pixel_threshold=model.pixel_threshold_,
-            color_scale=predictor.color_scale,
-            calibration=calibration_info(model),
-            metrics=model_metrics(model),
-            n_train_images=len(model.train_names_),
-            limits=settings.limits,
-            allow_add=allow_add,
-        )
+        return describe(default_entry, predictor)
+
+    @app.get("/v1/models", response_model=list[ModelInfo], summary="Every served model (one per product)")
+    async def models_info() -> list[ModelInfo]:
+        return [describe(entry, each) for entry, each in served.values()]
+
+    @app.post(
+        "/v1/models/{name}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
+        responses={**_PREDICT_ERRORS, 404: {"model": ErrorBody, "description": "No model of that name is served."}},
+        summary="Score images with the model of one product",
+    )
+    async def predict_with(name: str, request: Request, threshold: float | None = threshold_query,
+                           false_alarm_rate: float | None = rate_query) -> PredictResponse:
+        return await product(name)[1](request, threshold, false_alarm_rate)
+
+    @app.post("/v1/models/{name}/good", response_model=AddResponse, openapi_extra=_PREDICT_BODY,
+              responses=good_errors, summary="Add good images to the model of one product (only with --allow-add)")
+    async def add_good_to(name: str, request: Request) -> AddResponse:
+        return await product(name)[1].add_good(request)
+
+    @app.get("/v1/models/{name}", response_model=ModelInfo, summary="The model of one product")
+    async def model_info_of(name: str) -> ModelInfo:
+        return describe(*product(name))
 
     @app.get("/healthz", response_model=Health, summary="Liveness and load")
     async def healthz() -> Health:
-        capacity, uploads = predictor.capacity, predictor.uploads
-        return Health(status="ok", in_flight=capacity.in_flight, capacity=capacity.limit, uploads=uploads.in_flight,
-                      max_uploads=uploads.limit)
+        each = [p for _, p in served.values()]
+        return Health(status="ok", in_flight=sum(p.capacity.in_flight for p in each),
+                      capacity=sum(p.capacity.limit for p in each),
+                      uploads=sum(p.uploads.in_flight for p in each), max_uploads=sum(p.uploads.limit for p in each))
+
+    add_review_routes(app, review, served)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

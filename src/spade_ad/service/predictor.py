@@ -45,6 +45,8 @@ from .uploads import Capacity, check_request, receive_files
 
 if TYPE_CHECKING:
     from ..model import Prediction, Spade
+    from ..recording import Recorder
+    from .review import ReviewStore
 
 __all__ = ["ADD_OFF", "Predictor", "RequestThreshold"]
 
@@ -118,8 +120,13 @@ class RequestThreshold:
 class Predictor:
     """Scores uploads with the shared model in the worker pool, one image at a time per worker."""
 
-    def __init__(self, model: Spade, settings: ServiceSettings, save_to: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, model: Spade, settings: ServiceSettings, save_to: str | os.PathLike[str] | None = None, *,
+                 recorder: Recorder | None = None, review: ReviewStore | None = None,
+                 identity_file: str | os.PathLike[str] | None = None) -> None:
         self.model = model
+        self.recorder = recorder  # with --record: every prediction recorded (`review.keep`)
+        self.review = review
+        self.identity_file = identity_file
         self.settings = settings
         self.save_to = save_to  # where `add_good` saves the model (the file the service was started with)
         self.capacity = Capacity(settings.workers + settings.max_queue, settings.workers)
@@ -181,19 +188,32 @@ class Predictor:
                 images.append(decode_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS))
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
+        return self.add_images(images)
+
+    def add_images(self, images: list[Any]) -> AddResponse:
+        """Add images (decoded, or files) to the model as good ones and save it, under the model lock; with a
+        record, the next predictions are recorded under the model's new identity."""
         assert self.save_to is not None
         with self._model_lock:
             self.model.add(images)
             self.model.save(self.save_to)  # atomic: written beside the file, then renamed over it
             shared = threshold_color_range(self.model.pixel_threshold_)
             self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
+            if self.recorder is not None:
+                self.recorder.set_model(self.model, self.identity_file or self.save_to,
+                                        name=self.recorder.model_name)
             return AddResponse(added=len(images), n_train_images=len(self.model.train_names_),
                                image_threshold=self.model.image_threshold_)
+
+    @property
+    def can_add(self) -> bool:
+        return self.settings.allow_add and self.save_to is not None
 
     def _score(self, files: list[tuple[str, bytes]], applied: RequestThreshold) -> PredictResponse:
         """Worker-thread job: decode, score and render each file in turn."""
         started = time.perf_counter()
         results = []
+        rows: list[dict[str, Any]] = []
         for name, data in files:
             try:
                 image = decode_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS)
@@ -204,7 +224,15 @@ class Predictor:
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
             applied.apply(prediction, self.model)
-            results.append(self._render(name, prediction, thumbs))
+            pictures: dict[str, Image.Image | None] = {}
+            results.append(self._render(name, prediction, thumbs, pictures))
+            if self.recorder is not None and self.review is not None:
+                overlay_image = pictures["overlay"]
+                assert overlay_image is not None
+                rows.append(self.review.keep(self.recorder, name, data, prediction, overlay_image, pictures["why"]))
+        if rows and self.recorder is not None:  # one transaction per request
+            for result, inspection_id in zip(results, self.recorder.write(rows), strict=False):
+                result.inspection_id = inspection_id
         seconds = time.perf_counter() - started
         self.capacity.record(seconds)
         return PredictResponse(
@@ -212,7 +240,8 @@ class Predictor:
             note=applied.note,
         )
 
-    def _render(self, name: str, prediction: Prediction, thumbs: Sequence[np.ndarray]) -> ImageResult:
+    def _render(self, name: str, prediction: Prediction, thumbs: Sequence[np.ndarray],
+                pictures: dict[str, Image.Image | None] | None = None) -> ImageResult:
         full_map = prediction.original_map
         assert full_map is not None and prediction.image is not None
         vmin, vmax, fixed = color_range(full_map, self.model.pixel_threshold_)
@@ -223,6 +252,8 @@ class Predictor:
             verdict_label(prediction.is_anomalous, prediction.normalized_score, prediction.score),
             anomalous=prediction.is_anomalous, map_shape=full_map.shape,
         )
+        if pictures is not None:  # kept by the record
+            pictures.update(overlay=shown, why=picture)
         return ImageResult(
             file=name,
             width=prediction.image.width,

@@ -76,6 +76,7 @@ class ImageResult(BaseModel):
     overlay: str
     explanation: dict[str, Any] | None = None
     why: str | None = None
+    inspection_id: int | None = None  # its row in the inspection record (`--record`), once written
 
 
 class PredictResponse(BaseModel):
@@ -113,7 +114,9 @@ class ModelInfo(BaseModel):
     `calibration_n`, `false_alarm_rate_asked`, `false_alarm_rate_guaranteed`, `pixel_false_alarm_rate`,
     `median_good_score`, then whatever the model file recorded, e.g. the evaluation's `image_auroc`, `pixel_auroc`,
     `au_pro`, `false_alarm_rate_measured`; numbers that are not finite as null), and the service's limits and
-    timeouts. `allow_add`: whether `POST /v1/good` may add images to the model (`--allow-add`)."""
+    timeouts. `allow_add`: whether `POST /v1/good` may add images to the model (`--allow-add`). `name`: the product's
+    name in `/v1/models/{name}/...` ("default" for a service of one model); `record`: whether the service keeps an
+    inspection record (`--record`: the review, history and drift routes)."""
 
     version: str
     model_file: str | None = None
@@ -127,6 +130,8 @@ class ModelInfo(BaseModel):
     n_train_images: int
     limits: dict[str, int | float]
     allow_add: bool = False
+    name: str = "default"
+    record: bool = False
 
 
 class AddResponse(BaseModel):

@@ -20,6 +20,7 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,28 +142,49 @@ def _log_config() -> dict[str, Any]:
 
 
 def run_server(
-    model_path: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None,
     settings: ServiceSettings | None = None,
     *,
     weights: str | os.PathLike[str] | None = None,
     device: str | None = None,
     engine: str | None = None,
+    record: str | None = None,
+    record_files: str | os.PathLike[str] | None = None,
+    products: Sequence[tuple[str, str | os.PathLike[str]]] = (),
 ) -> None:
     """Load the model once (from a private copy of its file, or of its bundle folder: then without torch) and serve
-    it with uvicorn until interrupted."""
+    it with uvicorn until interrupted. `products`: (name, path) of several models instead of `model_path`, each
+    loaded once. `record`: the inspection record (a SQLite file or a database URL; `spade_ad.service.review`),
+    `record_files`: where the recorded uploads are kept."""
     import uvicorn
 
     from ..errors import SettingError
     from ..runtime.bundle import is_bundle
+    from .app import ServedModel
 
     settings = settings or ServiceSettings()
-    if settings.allow_add and is_bundle(model_path):
-        raise SettingError("allow_add", "needs a model file: a bundle cannot learn new good images", True,
-                           "serve the model file, or leave out --allow-add")
-    model = load_private_copy(model_path, weights=weights, device=device, engine=engine)
-    # `POST /v1/good` (with allow_add) saves the model to the user's file, not to the private copy.
-    app = create_app(model, settings, model_file=os.path.basename(os.fspath(model_path)),
-                     save_to=model_path if settings.allow_add else None)
+    paths = list(products) or [("default", model_path)]
+    for _, path in paths:
+        if settings.allow_add and is_bundle(path):
+            raise SettingError("allow_add", f"needs a model file: a bundle cannot learn new good images ({path})",
+                               True, "serve the model file, or leave out --allow-add")
+    review = None
+    if record is not None:
+        from .review import ReviewStore
+
+        review = ReviewStore(record, record_files)  # before the models load: a bad record costs nothing
+    # `POST /v1/good` (with allow_add) saves the model to the user's file, not to the private copy; the record
+    # identifies it by the user's file's content.
+    served = [ServedModel(name, load_private_copy(path, weights=weights, device=device, engine=engine),
+                          model_file=os.path.basename(os.fspath(path)),
+                          save_to=path if settings.allow_add else None, identity_file=path)
+              for name, path in paths]
+    if products:
+        app = create_app(None, settings, review=review, products=served)
+    else:
+        [only] = served
+        app = create_app(only.model, settings, model_file=only.model_file, save_to=only.save_to, review=review,
+                         identity_file=only.identity_file)
     uvicorn.run(
         app, host=settings.host, port=settings.port, limit_concurrency=settings.max_connections,
         http=timed_protocol(settings.header_timeout, settings.read_timeout + BODY_GRACE), ws="none",

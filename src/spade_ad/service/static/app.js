@@ -15,7 +15,13 @@ const state = {
   allowAdd: false, // whether /v1/good may add images to the model (--allow-add)
   results: [], // {card, score, normalized, verdict (element)} per scored image
   queue: Promise.resolve(), // uploads run one after another
+  base: "/v1", // the routes of the chosen product: /v1 (one model) or /v1/models/NAME
+  record: false, // whether the service keeps an inspection record (--record): review and history views
+  reviewBefore: null, // the review queue's next page
 };
+
+// The chosen product's routes: /v1/predict, /v1/good and /v1/model, or /v1/models/NAME/{predict,good} and itself.
+const route = (what) => (state.base === "/v1" ? `/v1/${what}` : what === "model" ? state.base : `${state.base}/${what}`);
 
 const byId = (id) => document.getElementById(id);
 const fmt = (x) => Number(x).toPrecision(4);
@@ -40,10 +46,32 @@ async function readJson(response) {
   }
 }
 
+async function loadProducts() {
+  let listed = [];
+  try {
+    const response = await fetch("/v1/models");
+    if (response.ok) listed = await readJson(response);
+  } catch {
+    listed = [];
+  }
+  const chooser = byId("product");
+  if (Array.isArray(listed) && listed.length > 1) {
+    chooser.replaceChildren(...listed.map((info) => {
+      const option = document.createElement("option");
+      option.value = info.name;
+      option.textContent = `${info.name} (${info.model_file || "model"})`;
+      return option;
+    }));
+    byId("product-choice").hidden = false;
+    state.base = `/v1/models/${encodeURIComponent(listed[0].name)}`;
+  }
+  await loadModel();
+}
+
 async function loadModel() {
   let response;
   try {
-    response = await fetch("/v1/model");
+    response = await fetch(route("model"));
   } catch {
     showError("Cannot reach the spade-ad server. Is it still running?");
     return;
@@ -57,6 +85,8 @@ async function loadModel() {
   state.median = info.calibration ? info.calibration.median : null;
   state.limits = info.limits;
   state.allowAdd = info.allow_add === true;
+  state.record = info.record === true;
+  byId("view-tabs").hidden = !state.record;
   const cal = info.calibration;
   let threshold = "it has no calibrated threshold: set one with the slider.";
   if (info.image_threshold !== null) {
@@ -220,7 +250,7 @@ async function addGood(card, file, button) {
   form.append("files", file, file.name);
   let response;
   try {
-    response = await fetch("/v1/good", { method: "POST", body: form });
+    response = await fetch(route("good"), { method: "POST", body: form });
   } catch {
     done("Not added: cannot reach the spade-ad server. Is it still running?");
     button.disabled = false;
@@ -260,7 +290,7 @@ async function scoreFile(file, card, note) {
     form.append("files", file, file.name);
     let response;
     try {
-      response = await fetch("/v1/predict", { method: "POST", body: form });
+      response = await fetch(route("predict"), { method: "POST", body: form });
     } catch {
       showCardError(card, "Cannot reach the spade-ad server. Is it still running?");
       return;
@@ -364,7 +394,290 @@ function setUp() {
     byId("threshold").value = modelMark();
     redraw();
   });
-  loadModel();
+  byId("product").addEventListener("change", () => {
+    state.base = `/v1/models/${encodeURIComponent(byId("product").value)}`;
+    state.results = [];
+    byId("results").replaceChildren();
+    byId("summary").textContent = "";
+    byId("threshold").disabled = true;
+    loadModel();
+  });
+  for (const tab of document.querySelectorAll("#view-tabs button")) {
+    tab.addEventListener("click", () => showView(tab.dataset.view));
+  }
+  byId("review-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadReview(false);
+  });
+  byId("review-more").addEventListener("click", () => loadReview(true));
+  byId("history-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadHistory();
+  });
+  loadProducts();
+}
+
+// -- the record's views: review queue and history (only with --record) ---------------------------------------------
+
+function showView(name) {
+  for (const tab of document.querySelectorAll("#view-tabs button")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.view === name));
+  }
+  for (const view of ["inspect", "review", "history"]) byId(`${view}-view`).hidden = view !== name;
+  if (name === "review") {
+    loadRecordModels().then(() => loadReview(false));
+  } else if (name === "history") {
+    loadRecordModels().then(loadHistory);
+  }
+}
+
+async function loadRecordModels() {
+  const response = await fetch("/v1/record/models");
+  const models = response.ok ? await readJson(response) : [];
+  for (const id of ["review-model", "history-model"]) {
+    const chooser = byId(id);
+    const chosen = chooser.value;
+    const options = models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.id;
+      option.textContent = `${m.name} · ${m.id.slice(0, 8)} (${m.inspections} inspections, since ${m.first_seen})`;
+      return option;
+    });
+    if (id === "review-model") {
+      const all = document.createElement("option");
+      all.value = "";
+      all.textContent = "every model";
+      options.unshift(all);
+    }
+    chooser.replaceChildren(...options);
+    if (chosen && models.some((m) => m.id === chosen)) chooser.value = chosen;
+  }
+}
+
+function reviewQuery() {
+  const query = new URLSearchParams();
+  const verdict = byId("review-verdict").value;
+  if (verdict) query.set("verdict", verdict);
+  if (byId("review-since").value) query.set("since", byId("review-since").value);
+  if (byId("review-until").value) {
+    const until = new Date(`${byId("review-until").value}T00:00:00Z`);
+    until.setUTCDate(until.getUTCDate() + 1); // the whole day chosen
+    query.set("until", until.toISOString().slice(0, 10));
+  }
+  if (byId("review-model").value) query.set("model", byId("review-model").value);
+  query.set("limit", "20");
+  return query;
+}
+
+async function loadReview(more) {
+  const list = byId("review-list");
+  const query = reviewQuery();
+  if (more && state.reviewBefore !== null) query.set("before", String(state.reviewBefore));
+  const response = await fetch(`/v1/review?${query}`);
+  const body = await readJson(response);
+  if (!response.ok) {
+    byId("review-status").textContent = `The queue could not be read: ${body.error || response.statusText}.`;
+    return;
+  }
+  if (!more) list.replaceChildren();
+  for (const item of body.items) list.append(reviewCard(item));
+  state.reviewBefore = body.next_before;
+  byId("review-more").hidden = body.next_before === null;
+  byId("review-empty").hidden = list.children.length > 0;
+}
+
+function reviewCard(item) {
+  const card = document.createElement("article");
+  card.className = "result review-item";
+  card.dataset.id = String(item.id);
+  const title = document.createElement("p");
+  title.className = "name";
+  title.textContent = item.source;
+  card.append(title);
+  if (item.overlay) {
+    const image = document.createElement("img");
+    image.className = "overlay";
+    image.src = item.overlay;
+    image.alt = `Overlay of ${item.source}`;
+    card.append(image);
+  }
+  const verdict = document.createElement("p");
+  const flagged = item.verdict === "defect";
+  verdict.className = `verdict ${flagged ? "anomalous" : item.verdict === "error" ? "error" : "normal"}`;
+  verdict.textContent = flagged ? "Anomalous" : item.verdict === "error" ? "Not readable" : "Borderline";
+  const score = document.createElement("p");
+  score.className = "score";
+  score.textContent = item.verdict === "error" ? item.error :
+    `Score ${fmt(item.score)}` + (item.normalized_score !== null ? ` · normalised ${fmt2(item.normalized_score)}` : "");
+  const when = document.createElement("p");
+  when.className = "p-value";
+  when.textContent = `${item.at.replace("T", " ").replace("+00:00", " UTC")} · ${item.model_name} · ${item.origin}`;
+  card.append(verdict, score, when);
+  if (item.regions.length || item.why) {
+    const why = document.createElement("details");
+    why.className = "why";
+    const summary = document.createElement("summary");
+    summary.textContent = "Why?";
+    const regions = document.createElement("ol");
+    regions.className = "regions";
+    for (const region of item.regions) {
+      regions.append(listItem(`box ${region.box.join(", ")} · area ${region.area} px · peak ${fmt(region.peak)}`));
+    }
+    why.append(summary, regions);
+    if (item.why) {
+      const picture = document.createElement("img");
+      picture.className = "why-picture";
+      picture.src = item.why;
+      picture.alt = `Strongest region of ${item.source} next to the nearest good training image`;
+      why.append(picture);
+    }
+    card.append(why);
+  }
+  const buttons = document.createElement("p");
+  buttons.className = "label-buttons";
+  for (const label of ["good", "defect"]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `label-${label}`;
+    button.textContent = label === "good" ? "Good" : "Defect";
+    button.title = label === "good"
+      ? (state.allowAdd ? "A false alarm: label it good and add it to the model" : "A false alarm: label it good")
+      : "A real defect: label it (kept for calibrate --record)";
+    button.addEventListener("click", () => labelItem(card, item, label));
+    buttons.append(button);
+  }
+  card.append(buttons);
+  return card;
+}
+
+async function labelItem(card, item, label) {
+  for (const button of card.querySelectorAll("button")) button.disabled = true;
+  const status = byId("review-status");
+  status.textContent = `Labelling ${item.source} ${label}…`;
+  let response;
+  try {
+    response = await fetch(`/v1/inspections/${item.id}/label`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ label }),
+    });
+  } catch {
+    status.textContent = "Cannot reach the spade-ad server. Is it still running?";
+    for (const button of card.querySelectorAll("button")) button.disabled = false;
+    return;
+  }
+  const body = await readJson(response);
+  if (!response.ok) {
+    status.textContent = `Not labelled: ${body.error || response.statusText}.`;
+    for (const button of card.querySelectorAll("button")) button.disabled = false;
+    return;
+  }
+  card.remove();
+  byId("review-empty").hidden = byId("review-list").children.length > 0;
+  let line = `Labelled ${item.source} ${label}.`;
+  if (body.added) {
+    line += ` Added to the model as a good image (it now has ${body.added.n_train_images} good images).`;
+    state.modelThreshold = body.added.image_threshold;
+  } else if (body.note) {
+    line += ` ${body.note.charAt(0).toUpperCase()}${body.note.slice(1)}.`;
+  }
+  status.textContent = line;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// A small chart: points or bars over time, with a horizontal reference line; no library.
+function chart(target, { xs, ys, kinds, bars, reference, referenceLabel, yLabel, stepLine }) {
+  const width = 900;
+  const height = 240;
+  const pad = { left: 60, right: 20, top: 16, bottom: 30 };
+  const svg = svgElement("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", role: "img" });
+  svg.append(svgElement("title", {}, yLabel));
+  const finite = ys.filter((y) => y !== null && Number.isFinite(y));
+  const values = finite.concat(reference !== null && reference !== undefined ? [reference] : [])
+    .concat(stepLine ? stepLine.filter((y) => y !== null) : []);
+  if (!xs.length || !values.length) {
+    svg.append(svgElement("text", { x: width / 2, y: height / 2, "text-anchor": "middle" }, "Nothing recorded yet"));
+    target.replaceChildren(svg);
+    return;
+  }
+  const x0 = Math.min(...xs);
+  const x1 = Math.max(...xs) + (bars ? bars : 0);
+  const y0 = bars ? 0 : Math.min(...values);
+  const y1 = Math.max(...values) * 1.05 || 1;
+  const sx = (x) => pad.left + (x1 > x0 ? ((x - x0) / (x1 - x0)) * (width - pad.left - pad.right) : 0);
+  const sy = (y) => height - pad.bottom - ((y - y0) / (y1 - y0 || 1)) * (height - pad.top - pad.bottom);
+  svg.append(svgElement("line", { x1: pad.left, y1: sy(y0), x2: width - pad.right, y2: sy(y0), class: "axis" }));
+  svg.append(svgElement("line", { x1: pad.left, y1: pad.top, x2: pad.left, y2: sy(y0), class: "axis" }));
+  for (const y of [y0, (y0 + y1) / 2, y1]) {
+    svg.append(svgElement("text", { x: pad.left - 6, y: sy(y) + 4, "text-anchor": "end", class: "tick" },
+      bars ? `${(100 * y).toFixed(1)}%` : fmt(y)));
+  }
+  for (const x of [x0, x1]) {
+    svg.append(svgElement("text", { x: sx(x), y: height - 8, "text-anchor": x === x0 ? "start" : "end",
+      class: "tick" }, new Date(x).toISOString().slice(0, 16).replace("T", " ")));
+  }
+  xs.forEach((x, i) => {
+    if (ys[i] === null) return;
+    if (bars) {
+      const left = sx(x);
+      const right = sx(x + bars);
+      svg.append(svgElement("rect", { x: left + 1, y: sy(ys[i]), width: Math.max(1, right - left - 2),
+        height: sy(y0) - sy(ys[i]), class: "bar" }));
+    } else {
+      svg.append(svgElement("circle", { cx: sx(x), cy: sy(ys[i]), r: 2.5, class: `point ${kinds[i]}` }));
+    }
+  });
+  if (stepLine) {
+    const points = xs.map((x, i) => (stepLine[i] === null ? null : `${sx(x)},${sy(stepLine[i])}`)).filter(Boolean);
+    svg.append(svgElement("polyline", { points: points.join(" "), class: "reference" }));
+  }
+  if (reference !== null && reference !== undefined) {
+    svg.append(svgElement("line", { x1: pad.left, y1: sy(reference), x2: width - pad.right, y2: sy(reference),
+      class: "reference" }));
+    svg.append(svgElement("text", { x: width - pad.right, y: sy(reference) - 4, "text-anchor": "end",
+      class: "tick" }, referenceLabel));
+  }
+  target.replaceChildren(svg);
+}
+
+async function loadHistory() {
+  const model = byId("history-model").value;
+  const bucket = byId("history-bucket").value;
+  const query = new URLSearchParams({ bucket });
+  if (model) query.set("model", model);
+  const [historyResponse, driftResponse] = await Promise.all([
+    fetch(`/v1/history?${query}`), fetch(`/v1/drift?${new URLSearchParams(model ? { model } : {})}`),
+  ]);
+  const history = await readJson(historyResponse);
+  const drift = await readJson(driftResponse);
+  if (!historyResponse.ok) {
+    byId("drift-line").textContent = history.error || "Nothing recorded yet.";
+    return;
+  }
+  byId("drift-line").textContent = driftResponse.ok ? drift.verdict : drift.error || "";
+  byId("drift-line").className = driftResponse.ok && drift.drifted ? "drifted" : "";
+  const points = history.scores;
+  chart(byId("score-chart"), {
+    xs: points.map((p) => p.at_ms), ys: points.map((p) => p.score),
+    kinds: points.map((p) => p.verdict), stepLine: points.map((p) => p.threshold),
+    yLabel: "Score of each inspection, with the threshold in force",
+  });
+  const size = bucket === "day" ? 86400000 : 3600000;
+  const rate = history.calibrated_rate;
+  chart(byId("rate-chart"), {
+    xs: history.buckets.map((b) => b.start_ms), ys: history.buckets.map((b) => b.rate), bars: size,
+    reference: rate, referenceLabel: rate === null ? "" : `calibrated ${(100 * rate).toFixed(1)}%`,
+    yLabel: `Flag rate per ${bucket} against the calibrated false-alarm rate`,
+  });
+  byId("history-caption").textContent = `${history.model.name} (${history.model.id.slice(0, 12)}): ` +
+    `${points.length} latest scores (dots: green passed, red flagged) and the threshold line; ` +
+    `flag rate per ${bucket} (bars) against the calibrated rate (line).`;
 }
 
 document.addEventListener("DOMContentLoaded", setUp);

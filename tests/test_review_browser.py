@@ -1,0 +1,80 @@
+"""The review view in headless Chromium (`serve MODEL --allow-add --record DB`): a flagged image shows up in the
+queue with its overlay and why; labelling it "good" takes it out of the queue and adds it to the model, and the next
+prediction of the same image passes; the history view draws its charts and the drift line. Needs Debian's chromium
+and chromium-driver (scripts/install-browser-deps.sh): skipped without them, except in CI, where it fails."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from child_server import serve_in_subprocess
+from spade_ad import Spade
+from spade_ad.record import open_record
+from spade_ad.synthetic import make_synthetic_dataset
+from test_browser import browser  # noqa: F401  (the fixture: a headless Chromium)
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("review-page") / "disc", n_train=12, n_test_good=1,
+                                  n_test_defect=1, size=(128, 128), seed=0)
+    Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good").save(root / "model.safetensors")
+    db = root / "inspections.db"
+    with serve_in_subprocess(root / "model.safetensors", "--allow-add", "--record", str(db)) as child:
+        yield child.url, root, db
+
+
+def _upload(driver, path: Path, count: int) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.ID, "file-input").send_keys(str(path))
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result .verdict")) == count)
+    return driver.find_elements(By.CSS_SELECTOR, "#results .result .verdict")[-1].text
+
+
+def test_label_a_flagged_image_good_then_it_passes(browser, served) -> None:  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, root, db = served
+    spot = root / "test" / "spot" / "000.png"
+    browser.get(url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "threshold").is_enabled())
+    assert browser.find_element(By.ID, "view-tabs").is_displayed()  # the service keeps a record
+    assert _upload(browser, spot, 1) == "Anomalous"
+
+    browser.find_element(By.CSS_SELECTOR, '#view-tabs [data-view="review"]').click()
+    item = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#review-list .review-item"))
+    assert item.find_element(By.CSS_SELECTOR, ".name").text == "000.png"
+    assert item.find_element(By.CSS_SELECTOR, ".verdict").text == "Anomalous"
+    overlay = item.find_element(By.CSS_SELECTOR, "img.overlay")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
+    assert browser.execute_script("return arguments[0].naturalWidth", overlay) == 128
+    item.find_element(By.CSS_SELECTOR, "details.why summary").click()
+    assert item.find_element(By.CSS_SELECTOR, "img.why-picture").is_displayed()
+
+    item.find_element(By.CSS_SELECTOR, "button.label-good").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#review-list .review-item"))
+    status = browser.find_element(By.ID, "review-status").text
+    assert "Labelled 000.png good" in status and "Added to the model" in status
+    assert browser.find_element(By.ID, "review-empty").is_displayed()
+
+    browser.find_element(By.CSS_SELECTOR, '#view-tabs [data-view="inspect"]').click()
+    assert _upload(browser, spot, 2) == "Normal"  # the next prediction of the same image passes
+
+    browser.find_element(By.CSS_SELECTOR, '#view-tabs [data-view="history"]').click()
+    wait.until(lambda d: d.find_element(By.ID, "drift-line").text)
+    assert browser.find_element(By.ID, "drift-line").text.startswith("not enough inspections")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#score-chart circle.point")) >= 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#rate-chart rect.bar")) >= 1
+    with open_record(db) as record:
+        rows = record.inspections()
+    assert [r["label"] for r in rows] == ["good", None] and [r["verdict"] for r in rows] == ["defect", "good"]
