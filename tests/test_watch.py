@@ -191,3 +191,51 @@ def test_sigterm_finishes_the_current_image_and_exits_cleanly(watching, small, c
     assert "scored 1 images" in stdout and "Traceback" not in stderr
     with open_record(tmp_path / "r.db") as record:
         assert [r["source"] for r in record.inspections()] == ["a.png"]  # the waiting batch was written
+
+
+@pytest.mark.slow
+def test_bottle_images_dropped_while_watching_match_predict(bottle_root: Path, tmp_path: Path) -> None:
+    """100 real bottle images copied into the folder while the watcher runs: each scored exactly once, in the
+    record, with the scores `predict` gives them; a restart records nothing twice."""
+    from cli_run import run_cli
+
+    train = sorted((bottle_root / "train" / "good").glob("*.png"))
+    model = Spade(k_gallery=5, image_size=128, device="cpu", progress=False).fit(train[:10])
+    model_path = tmp_path / "bottle.safetensors"
+    model.save(model_path)
+    images = (sorted((bottle_root / "test").rglob("*.png")) + train[10:])[:100]
+    camera, out, db = tmp_path / "camera", tmp_path / "out", tmp_path / "line.db"
+    camera.mkdir()
+
+    def watcher() -> Watcher:
+        recorder = Recorder(open_record(db), model, model_path, origin="watch")
+        return Watcher(model, camera, out, recorder=recorder, poll_interval=0.1, settle=0.3, log=lambda _: None)
+
+    running = watcher()
+    thread, results = _run(running)
+    names = []
+    for index, path in enumerate(images):
+        name = f"{index:03d}-{path.parent.name}-{path.name}"
+        shutil.copy(path, camera / f".{name}")  # written under a hidden name, then renamed into place
+        os.rename(camera / f".{name}", camera / name)
+        names.append(name)
+    wait_until(lambda: len(_scored(out)) == 100, timeout=600, what="100 images scored")
+    running.stop()
+    thread.join(timeout=60)
+    assert results[0].scored == 100 and sorted(_scored(out)) == sorted(names)
+    with open_record(db) as record:
+        watched = {r["source"]: r["score"] for r in record.inspections()}
+    assert sorted(watched) == sorted(names)
+
+    assert run_cli(["predict", model_path, camera, "-o", tmp_path / "predicted"]) == 0
+    lines = (tmp_path / "predicted" / "scores.csv").read_text().splitlines()[1:]
+    predicted = {line.split(",")[0]: float(line.split(",")[1]) for line in lines}
+    assert predicted.keys() == watched.keys()
+    for name, score in watched.items():
+        assert score == pytest.approx(predicted[name], rel=1e-4), name
+
+    again = watcher()
+    again.idle_exit = 0.5
+    assert again.run().scored == 0
+    with open_record(db) as record:
+        assert record.count() == 100

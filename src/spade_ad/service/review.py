@@ -201,7 +201,9 @@ class ReviewStore:
             raise ApiError(422, str(exc)) from None
         return {"inspection": self.item(updated), "added": added}
 
-    def history(self, model: str | None, bucket: str, limit: int) -> dict[str, Any]:
+    def history(self, model: str | None, bucket: str, limit: int, days: float | None = None) -> dict[str, Any]:
+        """The history view's figures: per `bucket` over the last `days` (default 7 per hour, 90 per day, counted
+        back from the model's latest inspection), and its latest `limit` scores."""
         if bucket not in ("hour", "day"):
             raise ApiError(422, f"bad query parameter bucket: must be hour or day (got {bucket!r})")
         self.flush()
@@ -214,19 +216,21 @@ class ReviewStore:
         rate = None
         if threshold is not None and scores:
             rate = (1 + sum(1 for s in scores if s > threshold)) / (len(scores) + 1)
-        buckets = self.record.history(row["id"], bucket=bucket)
+        points = self.record.scores(row["id"], limit=limit)
+        latest = points[-1]["at_ms"] if points else now_ms()
+        span = days if days is not None else (7 if bucket == "hour" else 90)
+        buckets = self.record.history(row["id"], bucket=bucket, since_ms=int(latest - span * 86_400_000))
         for item in buckets:
             item["start"] = _iso(item["start_ms"])
         points = [{"id": p["id"], "at": _iso(p["at_ms"]), "at_ms": p["at_ms"], "score": p["score"],
-                   "threshold": p["image_threshold"], "verdict": p["verdict"], "label": p["label"]}
-                  for p in self.record.scores(row["id"], limit=limit)]
+                   "threshold": p["image_threshold"], "verdict": p["verdict"], "label": p["label"]} for p in points]
         versions = [{"id": m["id"], "name": m["name"], "inspections": m["inspections"],
                      "first_seen": _iso(m["first_seen_ms"]), "image_threshold": m["image_threshold"]}
                     for m in self.record.models()]
         return {"model": {"id": row["id"], "name": row["name"], "image_threshold": threshold,
                           "false_alarm_rate": row["false_alarm_rate"]},
-                "calibrated_rate": rate, "bucket": bucket, "buckets": buckets, "scores": points, "models": versions,
-                "now": _iso(now_ms())}
+                "calibrated_rate": rate, "bucket": bucket, "days": span, "buckets": buckets, "scores": points,
+                "models": versions, "now": _iso(now_ms())}
 
 
 class LabelBody(BaseModel):
@@ -304,9 +308,11 @@ def add_review_routes(app: FastAPI, review: ReviewStore | None, served: dict[str
              "the recent scores with their thresholds")
     async def history(model: str | None = Query(None, description="Model id or name [default: the newest used]"),
                       bucket: str = Query("hour", description="hour or day"),
-                      limit: int = Query(2000, ge=1, le=20000)) -> dict[str, Any]:
+                      limit: int = Query(2000, ge=1, le=20000, description="The latest this many scores"),
+                      days: float | None = Query(None, gt=0, le=3660, description="Buckets over the last this "
+                                                 "many days [default: 7 per hour, 90 per day]")) -> dict[str, Any]:
         store = need()
-        return await run_in_threadpool(store.history, model, bucket, limit)
+        return await run_in_threadpool(store.history, model, bucket, limit, days)
 
     @app.get("/v1/drift", summary="Has the line drifted? (the figures of `spade-ad drift`)")
     async def drift(model: str | None = Query(None, description="Model id or name [default: the newest used]"),
