@@ -174,3 +174,15 @@ def test_serve_cli_refuses_bad_product_options(tmp_path: Path, capsys: pytest.Ca
     assert run_cli(["serve", "m.safetensors", "--record", notes]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"record {notes} is not a database" in err
+
+
+def test_models_folder_lists_each_model_file_by_name(tmp_path: Path, fitted: Path) -> None:
+    from spade_ad.cli import _served_products
+
+    for name in ("bottle", "plate"):
+        shutil.copy(fitted / "model.safetensors", tmp_path / f"{name}.safetensors")
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert _served_products(None, tmp_path, ()) == [("bottle", tmp_path / "bottle.safetensors"),
+                                                    ("plate", tmp_path / "plate.safetensors")]
+    assert _served_products(None, None, ("a=x.safetensors", "b=y")) == [("a", Path("x.safetensors")), ("b", Path("y"))]
+    assert _served_products(Path("m.safetensors"), None, ()) == []

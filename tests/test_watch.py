@@ -239,3 +239,18 @@ def test_bottle_images_dropped_while_watching_match_predict(bottle_root: Path, t
     assert again.run().scored == 0
     with open_record(db) as record:
         assert record.count() == 100
+
+
+def test_watch_cli_refuses_a_missing_folder_and_a_bad_record(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from cli_run import run_cli
+
+    assert run_cli(["watch", "m.safetensors", tmp_path / "nowhere", "-o", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "nowhere is not a folder" in err
+    (tmp_path / "camera").mkdir()
+    (tmp_path / "bad.db").write_text("not a database, only text " * 4)
+    assert run_cli(["watch", "m.safetensors", tmp_path / "camera", "-o", tmp_path / "out", "--record",
+                    tmp_path / "bad.db"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "bad.db is not a database" in err
