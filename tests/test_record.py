@@ -275,3 +275,21 @@ def test_postgres_url_without_server_is_one_line(tmp_path: Path, model_file: Pat
     assert "record postgresql://spade:***@127.0.0.1" in err and "secret" not in err
 
 
+
+
+def test_two_processes_opening_one_new_record_build_it_once(record_target: str) -> None:
+    """Both migrate under the back end's write lock (BEGIN IMMEDIATE; an advisory lock on PostgreSQL): no error,
+    one set of tables, each version applied once."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {SRC!r})
+        from spade_ad.record import open_record
+        open_record(sys.argv[1]).add([{{"origin": "test", "source": sys.argv[2], "verdict": "good"}}])
+    """)
+    openers = [subprocess.Popen([sys.executable, "-c", script, record_target, name]) for name in "abc"]
+    assert [p.wait(timeout=120) for p in openers] == [0, 0, 0]
+    with open_record(record_target) as record:
+        assert sorted(r["source"] for r in record.inspections()) == ["a", "b", "c"]
+        with record.engine.connect() as connection:
+            applied = connection.execute(sa.select(record_schema.versions.c.version)).scalars().all()
+        assert sorted(applied) == [1, 2]

@@ -161,6 +161,8 @@ class Record:
     def _migrate(self) -> int:
         try:
             with self._writing() as connection, connection.begin():
+                if self.backend == "postgresql":  # SQLite: BEGIN IMMEDIATE; here, a lock held to the commit
+                    connection.execute(sa.text("SELECT pg_advisory_xact_lock(7221600)"))
                 inspector = sa.inspect(connection)
                 tables = set(inspector.get_table_names())
                 if versions.name in tables:
