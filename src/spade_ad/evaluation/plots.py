@@ -52,13 +52,14 @@ def plot_low_false_alarm_roc(scores: Sequence[float] | np.ndarray, labels: Seque
                              title: str = "") -> Path:
     """The image ROC where a line works: recall against the false-alarm rate on a log axis (from one good image in
     the set to 100%), the calibrated operating point (`threshold`: its measured false-alarm rate and recall) and
-    the rate asked (`rate`), and the recall any threshold reaches at 1% and 5% false alarms."""
+    the rate asked (`rate`), and the recall any threshold reaches at 1% and 5% false alarms. No false alarm at all
+    is drawn at the left edge."""
     from .metrics import recall_at_false_alarm_rate
 
     image_auroc(scores, labels)  # checks the inputs and that both classes are present
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
     fpr, tpr, _ = roc_curve(y, s)
-    floor = 1.0 / (2 * (~y).sum())  # a false-alarm rate of 0 sits here, half a good image
+    floor = min(1.0 / (2 * (~y).sum()), 0.002)  # a false-alarm rate of 0 is drawn here, left of the 1% line
     fig = _figure(6.0, 4.5)
     ax = fig.add_subplot()
     ax.step(np.maximum(fpr, floor), tpr, where="post", lw=2, color="tab:blue", label="ROC")
