@@ -151,10 +151,11 @@ class DeviceMaps:
             self._ready = True
 
     def image(self, index: int) -> tuple[float, np.ndarray, np.ndarray | None]:
-        """(map score, smoothed map at the input size, map at the original size or None) of image `index`."""
+        """(map score, smoothed map at the input size, map at the original size or None) of image `index`: copies,
+        so that a kept Prediction holds neither the batch's buffer nor pinned memory."""
         self._wait()
-        array = self._arrays[0][index]
-        original = self._arrays[1 + index] if self._count else None
+        array = self._arrays[0][index].copy()
+        original = self._arrays[1 + index].copy() if self._count else None
         score = float(self._arrays[-1][index]) if self._has_scores else maps.map_score(array, self.image_score)
         return score, array, original
 
