@@ -97,6 +97,78 @@ def one_round(model_path: Path, files: list[Path], device: str, batch_sizes: lis
     return out
 
 
+def old_package(rev: str, folder: Path) -> Any:
+    """The spade_ad of commit `rev`, imported beside this one as `spade_ad_old` (its few absolute imports renamed)."""
+    import importlib
+
+    source = Path(_old_source(rev, folder)) / "spade_ad"
+    target = folder / "packages" / "spade_ad_old"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    for module in target.rglob("*.py"):
+        text = module.read_text()
+        module.write_text(text.replace("from spade_ad.", "from spade_ad_old.").replace("from spade_ad import",
+                                                                                     "from spade_ad_old import"))
+    sys.path.insert(0, str(target.parent))
+    return importlib.import_module("spade_ad_old")
+
+
+def cpu_old_and_new(model_new: Path, model_old: Path, files: list[Path], batch_sizes: list[int], rounds: int,
+                    old: Any) -> dict[str, Any]:
+    """The CPU path before and after, in this one process, alternating (new, old / old, new) batch size by batch
+    size in every round, so that both meet the same load: seconds per image from decoded images and from files
+    (median and best of the rounds) and the network alone once per round."""
+    import importlib
+
+    from PIL import Image
+
+    new = importlib.import_module("spade_ad")
+    packages = {"new": (new, model_new), "old": (old, model_old)}
+    images = [Image.open(f).convert("RGB") for f in files]
+    setups = {}
+    for name, (package, path) in packages.items():
+        inputs = importlib.import_module(f"{package.__name__}.inputs")
+        pyramid = importlib.import_module(f"{package.__name__}.pyramid")
+        model = package.load(path, device="cpu")
+        model.progress = False
+        setups[name] = (model, pyramid, [inputs.ImageItem(f"{i:04d}.png", image=im) for i, im in enumerate(images)],
+                        [inputs.ImageItem(f"{i:04d}.png", path=f) for i, f in enumerate(files)])
+        list(model.iter_predict(setups[name][2][:8], original_size=True))  # warm-up
+    times: dict[str, dict[str, dict[str, list[float]]]] = {
+        name: {str(b): {"network": [], "decoded": [], "files": []} for b in batch_sizes} for name in packages}
+    for round_ in range(rounds):
+        for batch_size in batch_sizes:
+            for name in (("new", "old") if round_ % 2 == 0 else ("old", "new")):
+                model, pyramid, decoded, paths = setups[name]
+                model.batch_size = batch_size
+                batches = list(pyramid.iter_batches(decoded, image_size=model.image_size, resize=model.resize,
+                                                    global_view=model.global_view, batch_size=batch_size,
+                                                    device=model.device_, progress=False))
+                start = time.perf_counter()
+                for batch in batches:
+                    pyramid.extract(model.backbone_, batch, model.patch_size)
+                times[name][str(batch_size)]["network"].append((time.perf_counter() - start) / len(files))
+                for source, items in (("decoded", decoded), ("files", paths)):
+                    start = time.perf_counter()
+                    for _ in model.iter_predict(items, original_size=True):
+                        pass
+                    times[name][str(batch_size)][source].append((time.perf_counter() - start) / len(files))
+        print(f"cpu old and new, round {round_ + 1} of {rounds}", flush=True)
+    report: dict[str, Any] = {}
+    for name, by_batch in times.items():
+        report[name] = {batch: {source: {"median_ms": round(statistics.median(v) * 1000, 1),
+                                         "best_ms": round(min(v) * 1000, 1),
+                                         "images_per_s_median": round(1 / statistics.median(v), 2)}
+                                for source, v in row.items()} for batch, row in by_batch.items()}
+    report["new_over_old_images_per_s"] = {
+        batch: {source: {"median": round(statistics.median(times["old"][batch][source])
+                                         / statistics.median(times["new"][batch][source]), 3),
+                         "best": round(min(times["old"][batch][source]) / min(times["new"][batch][source]), 3)}
+                for source in ("decoded", "files")} for batch in map(str, batch_sizes)}
+    report["code"] = {"new": str(Path(new.__file__).parent), "old": str(Path(old.__file__).parent)}
+    return report
+
+
 def compare_maps(model_path: Path, files: list[Path], device: str) -> dict[str, Any]:
     """Maps on `device` against the CPU path's: largest |difference| / range, and verdicts that differ."""
     import numpy as np
@@ -207,6 +279,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--old", default=OLD_REV, help="Commit whose CPU path is measured alongside ('' for none).")
     parser.add_argument("--ray", action="store_true", help="Also the Ray runs (bench_ray.py, --save-maps).")
+    parser.add_argument("--cpu-old-and-new", type=Path, default=None, metavar="OLD_MODEL",
+                        help="Only the CPU comparison of old and new code in one process (the old code's model file "
+                        "is fitted into OLD_MODEL when missing); merged into --out.")
     parser.add_argument("--ray-images", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     parser.add_argument("--child", choices=["round", "forced", "compare", "fit"], default=None,
@@ -233,6 +308,19 @@ def main() -> None:
     if not sources:
         raise SystemExit(f"no PNG images under {args.test}")
     files = [sources[i % len(sources)] for i in range(args.images)]
+    if args.cpu_old_and_new is not None:
+        with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+            old = old_package(args.old, Path(tmp))
+            if not args.cpu_old_and_new.exists():
+                print(f"fitting the old code's model ({args.old}) ...", flush=True)
+                old.Spade(device="cpu", progress=False).fit(args.train).save(args.cpu_old_and_new)
+            found = cpu_old_and_new(args.model, args.cpu_old_and_new, files, args.batch_sizes, args.rounds, old)
+        report = json.loads(args.out.read_text()) if args.out.exists() else {}
+        report["cpu_old_and_new_one_process"] = {"images": args.images, "rounds": args.rounds, "old_code": args.old,
+                                                 **found}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(found["new_over_old_images_per_s"], indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         work = Path(tmp)
         model = args.model
