@@ -80,3 +80,26 @@ def test_add_a_good_image_from_the_command_line(model_file: Path, synthetic_root
     assert added.store_.n_images == model.store_.n_images + 1
     assert added.score([flagged])[0] <= added.image_threshold_
     assert run_cli(["add", str(model_file), str(tmp_path / "missing.png"), "-o", str(out)]) == 2
+
+
+def test_calibrate_for_a_recall_says_what_it_measured(model_file: Path, synthetic_root: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "recall.safetensors"
+    test = synthetic_root / "test"
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--defect", str(test / "spot"),
+                    "--recall", "0.75", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "for a recall of 0.75" in captured.err and "measured, not guaranteed" in captured.err
+    assert load(out).calibration_.threshold_source == "recall"
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--recall", "0.9"]) == 2
+    assert "--recall needs --defect" in capsys.readouterr().err
+
+
+def test_fit_with_holdout_good_images_checks_them(synthetic_root: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "held.safetensors"
+    assert run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(out), "--k-gallery", "4",
+                    "--device", "cpu", "--holdout-good", str(synthetic_root / "test" / "good")]) == 0
+    assert "from 4 good images" in capsys.readouterr().out
+    model = load(out)
+    assert model.calibration_.source == "validation" and model.calibration_.check["n_reference"] == 12
