@@ -5,10 +5,17 @@ local paths, so names and order are a plain predict's; `pyarrow.fs` for URIs suc
 file://, or for paths inside a given pyarrow or fsspec filesystem). Ray Data's own reader
 (`ray.data.read_binary_files`) reads their bytes, Ray tasks decode them with `spade_ad.images.decode_bytes` (the
 checks and errors of `read_image`), and a pool of actors, each opening the model once (a model file or an exported
-bundle, `spade_ad.loading.open_model`), scores them with the model's own `iter_predict`. The driver writes the
-results as they arrive, in input order, with `spade_ad.writers.PredictionWriter` (the files of a plain predict:
-scores.csv, regions.jsonl, heat maps, overlays, masks, maps, skipped.csv) and adds `scores.parquet` (typed scores,
-written when the run completes).
+bundle, `spade_ad.loading.open_model`), scores them with the model's own `iter_predict`. Each actor writes the
+per-image files of the images it scored (heat maps, overlays, masks, maps, explanations: `spade_ad.writers.
+ImageFiles`, each file whole, under the names the driver planned); the driver writes the rows as they arrive, in
+input order, with `spade_ad.writers.PredictionWriter` (scores.csv, regions.jsonl, skipped.csv), and adds
+`scores.parquet` (typed scores, written when the run completes). Together: the files of a plain predict. The
+driver writes the pictures itself when two inputs share an output name, and on a remote cluster unless the output
+folder is said to be shared (`predict(..., write_in_workers=True)`).
+
+Modules: `session` (Ray, the cluster, quiet logs), `listing` (listing and decoding the inputs), `actors` (what runs
+on the cluster and the dataset feeding it), `driver` (predict: results in input order, once each, the rows),
+`fit`.
 
 Exactly once: results are keyed by file. The driver keeps the first result of each file and drops a repeat (a
 batch run again after its actor died: Ray restarts the actor and retries the batch), and a file without a result
@@ -26,7 +33,8 @@ Cluster: with no address (or "local"), Ray starts in this process with `workers 
 one CPU for reading and decoding) and is shut down at the end; with an address ("host:port", "ray://host:port" or
 "auto"), the run connects to that cluster, which must see the model file (and local inputs) at the same paths.
 Actors get a GPU each (a share of one when there are fewer GPUs than workers) when the cluster has GPUs and the
-model can use them. Ray is imported inside functions only: `import spade_ad` and every command without `--ray`
+model can use them (an actor on a GPU scores with the batched device pipeline, `spade_ad.device_maps`, as any
+model on a GPU does). Ray is imported inside functions only: `import spade_ad` and every command without `--ray`
 work without Ray installed.
 """
 
