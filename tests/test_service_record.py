@@ -137,24 +137,25 @@ def test_without_a_record_the_review_routes_say_how_to_get_one(model_file: Path,
 
 
 def test_several_products(fitted: Path, tmp_path: Path) -> None:
-    other = make_synthetic_dataset(tmp_path / "plate", n_train=10, n_test_good=1, n_test_defect=1,
-                                   size=(96, 128), seed=4)
-    Spade(k_gallery=3, device="cpu", progress=False).fit(other / "train" / "good").save(tmp_path / "plate.st")
+    shutil.copy(fitted / "model.safetensors", tmp_path / "plate.st")  # routing is the point: one model, two names
+    plate_model = load(tmp_path / "plate.st")
+    plate_model.set_thresholds(image=-1e6)  # everything flagged: tells the products apart
     products = [ServedModel("disc", load(fitted / "model.safetensors"), "model.safetensors",
                             identity_file=fitted / "model.safetensors"),
-                ServedModel("plate", load(tmp_path / "plate.st"), "plate.st", identity_file=tmp_path / "plate.st")]
+                ServedModel("plate", plate_model, "plate.st", identity_file=tmp_path / "plate.st")]
     review = ReviewStore(str(tmp_path / "r.db"), tmp_path / "files")
     app = create_app(None, ServiceSettings(), review=review, products=products)
     with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         listed = client.get("/v1/models").json()
         assert [m["name"] for m in listed] == ["disc", "plate"]
         assert client.get("/v1/models/plate").json()["model_file"] == "plate.st"
-        image = other / "test" / "good" / "000.png"
+        image = fitted / "test" / "good" / "000.png"
         plate = _predict(client, image, "/v1/models/plate/predict")
-        disc = _predict(client, fitted / "test" / "good" / "000.png", "/v1/models/disc/predict")
-        first = _predict(client, fitted / "test" / "good" / "000.png")  # the single-model route: the first one
-        assert first["score"] == pytest.approx(disc["score"])
-        assert plate["width"] == 128
+        disc = _predict(client, image, "/v1/models/disc/predict")
+        first = _predict(client, image)  # the single-model route: the first product
+        assert plate["is_anomalous"] is True and plate["threshold"] == -1e6
+        assert disc["is_anomalous"] is False and disc["threshold"] > -1e6
+        assert first["threshold"] == pytest.approx(disc["threshold"]) and first["score"] == pytest.approx(disc["score"])
         missing = client.post("/v1/models/nothing/predict", files=[("files", ("a.png", image.read_bytes()))])
         assert missing.status_code == 404 and "served: disc, plate" in missing.json()["error"]
     with open_record(tmp_path / "r.db") as record:
