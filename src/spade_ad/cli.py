@@ -88,6 +88,16 @@ def _recorder(record_target: str | None, model: Any, model_path: Path | None, or
                                                           err=True))
 
 
+def _report_unrecorded(recorder: Any, output: Path) -> None:
+    """After a run with --record: how much was recorded; exit 1 (names listed in OUT) if some rows were not."""
+    if recorder is None:
+        return
+    listed = recorder.write_unrecorded(output)
+    click.echo(recorder.summary() + (f"; their names: {listed}" if listed else ""), err=listed is not None)
+    if listed is not None:
+        sys.exit(1)
+
+
 def _check_record(record_target: str | None) -> None:
     """Open and close the record once, before a model loads: a bad record is refused at no cost."""
     if record_target is not None:
@@ -239,11 +249,7 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
         if recorder is not None:  # what was predicted before a failure is recorded too
             recorder.close()
     click.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
-    if recorder is not None:
-        listed = recorder.write_unrecorded(output)
-        click.echo(recorder.summary() + (f"; their names: {listed}" if listed else ""), err=listed is not None)
-        if listed is not None:
-            sys.exit(1)
+    _report_unrecorded(recorder, output)
 
 
 @app.command()
@@ -525,11 +531,7 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
     result = watcher.run()
     click.echo(f"scored {result.scored} images ({result.flagged} flagged, {result.errors} unreadable, "
                f"{result.already} already scored before): {output / 'scores.csv'}")
-    if recorder is not None:
-        listed = recorder.write_unrecorded(output)
-        click.echo(recorder.summary() + (f"; their names: {listed}" if listed else ""), err=listed is not None)
-        if listed is not None:
-            sys.exit(1)
+    _report_unrecorded(recorder, output)
 
 
 @app.command()
