@@ -78,3 +78,34 @@ def test_label_a_flagged_image_good_then_it_passes(browser, served) -> None:  # 
     with open_record(db) as record:
         rows = record.inspections()
     assert [r["label"] for r in rows] == ["good", None] and [r["verdict"] for r in rows] == ["defect", "good"]
+
+
+def test_the_page_serves_the_product_chosen(browser, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
+    """`serve --models DIR`: the page lists the products, and a prediction goes to the one chosen. Two models of one
+    part, the second with its threshold out of reach: the same defective image is flagged by the first and passes
+    the second, so the verdict shows which model answered."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("products") / "disc", n_train=12, n_test_good=1,
+                                  n_test_defect=1, size=(128, 128), seed=0)
+    models = root / "models"
+    models.mkdir()
+    model = Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good")
+    model.save(models / "disc.safetensors")
+    model.set_thresholds(image=1e9).save(models / "lenient.safetensors")
+    spot = root / "test" / "spot" / "000.png"
+    with serve_in_subprocess(f"--models={models}") as child:  # in place of MODEL
+        browser.get(child.url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.ID, "product-choice").is_displayed())
+        chooser = Select(browser.find_element(By.ID, "product"))
+        assert sorted(option.get_attribute("value") for option in chooser.options) == ["disc", "lenient"]
+        chooser.select_by_value("disc")
+        wait.until(lambda d: d.find_element(By.ID, "threshold").is_enabled())
+        assert _upload(browser, spot, 1) == "Anomalous"
+        before = browser.find_element(By.ID, "model-info").text
+        chooser.select_by_value("lenient")
+        wait.until(lambda d: d.find_element(By.ID, "model-info").text not in ("", before))  # its own threshold
+        wait.until(lambda d: d.find_element(By.ID, "threshold").is_enabled())
+        assert _upload(browser, spot, 1) == "Normal"  # the results were cleared when the product changed
