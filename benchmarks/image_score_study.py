@@ -7,7 +7,9 @@ conformal threshold from the leave-one-out scores (recall and false alarms at th
     .venv/bin/python benchmarks/image_score_study.py compare                 # the table of variants
 
 Every product of ../shared/data plus the synthetic sets (see bench_accuracy.categories). Caches are per product
-and settings tag, so `collect --tag levels123 --set layers:1;2;3` adds another feature configuration.
+and settings tag (benchmarks/results/study/TAG/, not committed: about 10 MB), so `collect --tag radius2 --set
+search_radius:2` adds another feature configuration; `compare --tag radius2` scores it. The README's image-score
+table is `compare` on the default tag.
 """
 
 from __future__ import annotations
@@ -183,7 +185,6 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     "fused map 2:1": ([("plain:0.01", 2), ("knn3", 1)], "mean"),
     "multi-top (max, 0.1%, 1%)": ([("plain:max", 1), ("plain:0.001", 1), ("plain:0.01", 1)], "mean"),
     "multi-top + knn": ([("plain:max", 1), ("plain:0.001", 1), ("plain:0.01", 1), ("knn3", 1)], "mean"),
-    "multi-top + knn (3:1)": ([("plain:max", 1), ("plain:0.001", 1), ("plain:0.01", 1), ("knn3", 1)], "mean"),
     "0.1% + knn": ([("plain:0.001", 1), ("knn3", 1)], "mean"),
     "0.1% + 1% + knn": ([("plain:0.001", 1), ("plain:0.01", 1), ("knn3", 1)], "mean"),
     "map_top 2%": ([("plain:0.02", 1)], "mean"),
@@ -200,7 +201,8 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
 }
 
 
-def compare(paths: list[Path], names: list[str] | None) -> str:
+def compare(paths: list[Path], names: list[str] | None) -> tuple[str, list[dict[str, Any]]]:
+    """The Markdown table of the variants (or those `names`) over the cached products, and its rows."""
     products = [Product(p) for p in paths]
     rows = []
     header = "| variant | " + " | ".join(p.name for p in products) + " | mean | worst |"
@@ -219,7 +221,7 @@ def compare(paths: list[Path], names: list[str] | None) -> str:
         cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         rows.append({"variant": variant, "results": results})
-    return "\n".join(lines)
+    return "\n".join(lines), rows
 
 
 def main() -> None:
@@ -243,10 +245,11 @@ def main() -> None:
     paths = sorted((CACHE / args.tag).glob("*.npz"))
     if args.category:
         paths = [p for p in paths if p.stem in args.category]
-    text = compare(paths, args.variant)
+    text, rows = compare(paths, args.variant)
     print(text)
     (CACHE / args.tag / "compare.md").write_text(text + "\n")
-    json.dumps({})
+    (CACHE / args.tag / "compare.json").write_text(json.dumps(
+        {"products": [p.stem for p in paths], "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
