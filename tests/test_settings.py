@@ -146,3 +146,12 @@ def test_bad_cli_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and option in lines[0] and "Traceback" not in result.stderr
+
+
+def test_every_preset_is_valid_settings_with_an_evaluation_size() -> None:
+    from spade_ad.settings import PRESET_EVAL_SIZE, PRESETS, validate
+
+    assert set(PRESETS) == set(PRESET_EVAL_SIZE)
+    for name, preset in PRESETS.items():
+        assert validate(preset, partial=True) == {k: validate({k: v}, partial=True)[k] for k, v in preset.items()}, name
+    assert PRESETS["objects"] == {"patch_size": 3}

@@ -129,7 +129,7 @@ def app() -> None:
               help="Folder of other good images (never in the gallery) to calibrate the thresholds on; the "
               "training images' leave-one-out scores are checked against them and a shift is reported.")
 @click.option("--preset", type=click.Choice(list(settings_table.PRESETS)), default="default", show_default=True,
-              help="Named settings (fast, default, quality, paper); options below override it.")
+              help="Named settings (fast, default, quality, objects, paper); options below override it.")
 @skip_bad_option
 @ray_options
 @setting_options
