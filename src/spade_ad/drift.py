@@ -76,13 +76,14 @@ def check_drift(record: Record, model: str | None = None, *, window: int = 500, 
     good = [float(r["score"]) for r in recent if r["verdict"] == "good" and r["score"] is not None]
     cal_good = [s for s in calibration if threshold is None or s <= threshold]
     calibrated_rate = None
+    above = 0  # calibration scores above the threshold
     if threshold is not None and calibration:
-        calibrated_rate = (1 + sum(1 for s in calibration if s > threshold)) / (len(calibration) + 1)
+        above = sum(1 for s in calibration if s > threshold)
+        calibrated_rate = (1 + above) / (len(calibration) + 1)
     reasons: list[str] = []
     notes: list[str] = []
     flag_p = score_p = binomial_p = None
     if calibrated_rate is not None and n >= min_n:
-        above = sum(1 for s in calibration if s > threshold)
         flag_p = float(stats.betabinom.sf(flagged - 1, n, above + 1, len(calibration) - above))
         binomial_p = float(stats.binomtest(flagged, n, calibrated_rate, alternative="greater").pvalue)
         if flag_p < alpha:

@@ -15,7 +15,7 @@ predict with explanations, score, save, load) belong together; the maths they ca
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,12 +310,15 @@ class Spade(Detector, BaseEstimator):
         )
         self._apply_calibration()
 
-    def _scores_of(self, parts: Iterator[tuple[float, float, np.ndarray]]) -> list[float]:
-        """Image scores (at the current score scales) of (map part, kNN part, map) triples."""
-        return [float(self._combine(np.array([m]), np.array([k]))[0]) for m, k, _ in parts]
+    def _scores_of(self, parts: Iterable[tuple[Any, ...]], scale: dict[str, tuple[float, float]] | None = None
+                   ) -> np.ndarray:
+        """Image scores of (map part, kNN part, ...) tuples, at the current score scales or at `scale`."""
+        pairs = np.array([(m, k) for m, k, *_ in parts], dtype=np.float64).reshape(-1, 2)
+        return calibration.combine_scores(self.image_score, self.score_scale_ if scale is None else scale,
+                                          pairs[:, 0], pairs[:, 1], self.map_weight)
 
-    def _check_calibration(self, reference: list[float], new: list[float], reference_name: str, new_name: str,
-                           advice: str) -> None:
+    def _check_calibration(self, reference: Sequence[float] | np.ndarray, new: Sequence[float] | np.ndarray,
+                           reference_name: str, new_name: str, advice: str) -> None:
         """Compare `new` good scores with `reference` good scores on the same scale (`calibration.
         compare_good_scores`, at the threshold the reference alone would give) and keep the outcome in
         `calibration_.check` and `calibration_.warning`."""
@@ -342,17 +345,16 @@ class Spade(Detector, BaseEstimator):
             if defect is None or not 0 < recall <= 1:
                 raise SettingError("recall", "needs labelled defect images and a share in (0, 1]", recall,
                                    "e.g. --defect DIR --recall 0.95")
-        before, on_old_scale = list(self.calibration_.scores), []
+        before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
 
-        def scored_on_old_scale(parts: Iterator[Any]) -> Iterator[Any]:
-            for part in parts:  # the scales change only once every part was read
-                on_old_scale.extend(self._scores_of(iter([part])))
+        def kept(parts: Iterator[Any]) -> Iterator[Any]:
+            for part in parts:
+                new_parts.append(part[:2])  # the score parts only, not the maps
                 yield part
 
-        self._calibrate(scored_on_old_scale(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)),
-                        "validation")
-        self._check_calibration(before, on_old_scale, "previous calibration scores", "new good images",
-                                "the new thresholds come from the new images")
+        self._calibrate(kept(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)), "validation")
+        self._check_calibration(before, self._scores_of(new_parts, old_scale), "previous calibration scores",
+                                "new good images", "the new thresholds come from the new images")
         if defect is not None:
             defect_scores = self._scores_of(self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip))
             good_scores = self.calibration_.scores
@@ -460,8 +462,7 @@ class Spade(Detector, BaseEstimator):
         """Image scores only. With image_score="knn" the pixel stage is skipped entirely (the fast path)."""
         self._check_fitted()
         if self.image_score != "knn":
-            parts = self._predict_parts(images, skip_bad=skip_bad, on_skip=on_skip)
-            return np.array([self._combine(np.array([m]), np.array([k]))[0] for m, k, _ in parts], dtype=np.float64)
+            return self._scores_of(self._predict_parts(images, skip_bad=skip_bad, on_skip=on_skip))
         scores: list[float] = []
         for batch in self._batches(collect_images(images), skip_bad, on_skip, "score"):
             global_features = global_view_features(self.backbone_, batch)
