@@ -14,6 +14,7 @@ predict with explanations, score, save, load) belong together; the maths they ca
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -63,8 +64,10 @@ __all__ = ["Prediction", "Region", "Spade", "load"]
 class Spade(Detector, BaseEstimator):
     """SPADE anomaly detector, fitted on good images only.
 
-    Every setting, its allowed values and its meaning is declared once in `spade_ad.settings.SETTINGS` (also the
-    README's settings table); `__init__` only stores them, `fit` validates them. Fitted attributes end in `_`.
+    `fit` stores the good images' features and calibrates thresholds on them; `predict` gives each image a score,
+    a verdict against the threshold, a heat map of where the defect is and its regions. A scikit-learn estimator:
+    `__init__` only stores the settings, `fit` validates them and returns the model, fitted attributes end in `_`.
+    The parameters below are generated from the settings table, `spade_ad.settings.SETTINGS` (docs/settings.md).
     """
 
     #: The batched device pipeline for predict (`spade_ad.device_maps`): None uses it off the CPU only; True also
@@ -332,13 +335,16 @@ class Spade(Detector, BaseEstimator):
         cal.warning = cal.check.get("warning", "")
 
     def calibrate(self, good: Any, *, defect: Any = None, recall: float | None = None, skip_bad: bool = False,
-                  on_skip: SkipCallback | None = None) -> Spade:
+                  on_skip: SkipCallback | None = None, combine: bool = False) -> Spade:
         """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates). With a few
         labelled `defect` images, move the image threshold to the best F1 on good + defect images (as other tools
         do), or with `recall` to the highest threshold that catches that share of them; the false-alarm rate is then
         no longer guaranteed: `calibration_.threshold_source` says "best_f1" or "recall" and `calibration_.note`
         gives the recall and false-alarm rate measured on these images. When the new good images score above the
-        previous calibration scores, `calibration_.warning` says so. The stored features are not changed."""
+        previous calibration scores, `calibration_.warning` says so. With `combine`, the new good images' scores
+        are added to the calibration scores the model has (at its score scales; its pixel threshold kept) instead of
+        replacing them: a few labelled images then refine the threshold rather than set it alone. The stored
+        features are not changed."""
         self._check_fitted()
         if recall is not None:
             recall = float(recall)
@@ -346,6 +352,7 @@ class Spade(Detector, BaseEstimator):
                 raise SettingError("recall", "needs labelled defect images and a share in (0, 1]", recall,
                                    "e.g. --defect DIR --recall 0.95")
         before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
+        previous = self.calibration_
 
         def kept(parts: Iterator[Any]) -> Iterator[Any]:
             for part in parts:
@@ -355,6 +362,8 @@ class Spade(Detector, BaseEstimator):
         self._calibrate(kept(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)), "validation")
         self._check_calibration(before, self._scores_of(new_parts, old_scale), "previous calibration scores",
                                 "new good images", "the new thresholds come from the new images")
+        if combine and before:
+            self._combine_calibration(previous, before, self._scores_of(new_parts, old_scale), old_scale)
         if defect is not None:
             defect_scores = self._scores_of(self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip))
             good_scores = self.calibration_.scores
@@ -374,6 +383,18 @@ class Spade(Detector, BaseEstimator):
                 f"false-alarm rate is measured, not guaranteed")
             self._apply_calibration()
         return self
+
+    def _combine_calibration(self, previous: calibration.Calibration, before: Sequence[float],
+                             new: np.ndarray, scale: dict[str, tuple[float, float]]) -> None:
+        """`calibrate(combine=True)`: the previous calibration with the new good scores added (same scales)."""
+        merged = calibration.Calibration.from_json(previous.to_json())
+        merged.scores = sorted([*map(float, before), *map(float, new)])
+        merged.source = previous.source if previous.source.endswith("+labelled") else f"{previous.source}+labelled"
+        merged.check, merged.warning = self.calibration_.check, self.calibration_.warning
+        merged = calibration.moved(merged, false_alarm_rate=previous.false_alarm_rate)
+        merged.median = float(np.median(merged.scores))
+        self.calibration_, self.score_scale_ = merged, scale
+        self._apply_calibration()
 
     def _build_backbone(self) -> Backbone:
         return build_backbone(self.backbone, self.weights, tuple(self.layers)).to(self.device_)
@@ -500,6 +521,28 @@ class Spade(Detector, BaseEstimator):
             calibration={**self.calibration_.to_json(), "score_scale": self.score_scale_},
             metrics=self.metrics_, thumbnails=self.thumbnails_, versions={"torch": torch.__version__},
         )
+
+
+#: `help(Spade)` lists every setting: the Parameters section is generated from the settings table.
+Spade.__doc__ = f"{inspect.cleandoc(Spade.__doc__ or '')}\n\n{settings_table.numpydoc_parameters()}\n\n" + \
+    """Attributes
+----------
+image_threshold_, pixel_threshold_ : float
+    The calibrated thresholds (a score above image_threshold_ is flagged).
+calibration_ : Calibration
+    Where the thresholds come from: N good scores, the rate asked and guaranteed, a note or warning.
+store_ : FeatureStore
+    The good images' stored features (memory-mapped).
+train_names_ : list of str
+    The training images, in stored order.
+
+Examples
+--------
+>>> from spade_ad import Spade, load
+>>> model = Spade().fit("bottle/train/good")  # doctest: +SKIP
+>>> [r.is_anomalous for r in model.predict("bottle/test")]  # doctest: +SKIP
+>>> model.save("bottle.safetensors")  # doctest: +SKIP
+"""
 
 
 def load(path: str | Path, *, weights: str | Path | None = None, device: str | None = None) -> Spade:

@@ -13,6 +13,7 @@ Over 300 lines: the table itself, one declaration per setting with its help text
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -325,6 +326,22 @@ def markdown_table() -> str:
     for s in SETTINGS:
         cells = [f"`{s.name}`", s.group, f"`{s.display_default()}`", s.allowed(), s.help]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+_DOC_TYPES = {"int": "int", "float": "float", "str": "str", "bool": "bool", "path": "str or Path",
+              "levels": "tuple of int"}
+
+
+def numpydoc_parameters(width: int = 116) -> str:
+    """The numpydoc "Parameters" section of `Spade`, generated from the table (so `help(Spade)` cannot drift)."""
+    lines = ["Parameters", "----------"]
+    for s in SETTINGS:
+        kind = _DOC_TYPES[s.kind] + (" or None" if s.nullable else "")
+        default = _num(s.default) if isinstance(s.default, float) else repr(s.default)
+        lines.append(f"{s.name} : {kind}, default={default}")
+        text = f"{s.help}. Allowed: {s.allowed().replace(' | ', ', ')}. Group: {s.group}."
+        lines += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
     return "\n".join(lines)
 
 
