@@ -1,4 +1,4 @@
-"""Accuracy benchmark: every category of ../shared/data/mvtec_ad and ../shared/data/aitex (and the synthetic set),
+"""Accuracy benchmark: every category of ../shared/data/mvtec_ad and ../shared/data/aitex (and the synthetic sets),
 one grid of presets / settings, one table: image AUROC, pixel AUROC and AU-PRO at the original size and at 256 x 256,
 F1 at the calibrated threshold vs the best F1, recall, false alarms asked vs measured on good test images, ms per
 image, fit seconds. Written to benchmarks/results/accuracy.{json,md}; the README keeps the latest table.
@@ -33,7 +33,7 @@ from spade_ad.evaluation.metrics import (
     recall_at_false_alarm_rate,
 )
 from spade_ad.evaluation.runner import resize_for_eval
-from spade_ad.synthetic import OBJECT_DEFECT_TYPES, make_synthetic_dataset
+from spade_ad.synthetic import OBJECT_DEFECT_TYPES, make_line_dataset, make_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,6 +63,8 @@ def categories(names: list[str] | None, synthetic_root: Path) -> list[CategoryDa
     found.append(load_mvtec_category(make_synthetic_dataset(synthetic_root / "synthetic", seed=0)))
     found.append(load_mvtec_category(make_synthetic_dataset(  # an assembled object: missing, extra, foreign parts
         synthetic_root / "synthetic_objects", seed=0, defect_types=OBJECT_DEFECT_TYPES)))
+    # the line: rare good variants, subtle defects, two defective parts in the training folder, a second session
+    found.append(load_mvtec_category(make_line_dataset(synthetic_root / "synthetic_line", seed=0)))
     return [c for c in found if not names or c.name in names]
 
 

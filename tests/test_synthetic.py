@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.synthetic import DEFECT_TYPES, OBJECT_DEFECT_TYPES, make_synthetic_dataset
+from spade_ad.synthetic import (
+    DEFECT_TYPES,
+    LINE_DEFECT_TYPES,
+    OBJECT_DEFECT_TYPES,
+    SUBTLE_DEFECT_TYPES,
+    make_line_dataset,
+    make_synthetic_dataset,
+    read_variants,
+)
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_test_defect": 2, "size": (64, 80)}
 
@@ -144,4 +152,47 @@ def test_object_defects_change_the_part_where_the_mask_says(tmp_path: Path) -> N
             mask = _load(root / "ground_truth" / defect / f"{image_path.stem}_mask.png") > 0
             assert 20 <= mask.sum() <= 0.02 * mask.size, (image_path, mask.sum())
     with pytest.raises(ValueError, match="defect_types"):
-        make_synthetic_dataset(tmp_path / "bad", defect_types=("scratch", "dent"))
+        make_synthetic_dataset(tmp_path / "bad", defect_types=("scratch", "crack"))
+
+
+def test_line_product_has_rare_goods_slipped_defects_and_a_second_session(tmp_path: Path) -> None:
+    """The third product: the same good parts as the plain set except where variants.json says (rare variants,
+    defective parts in the training folder), and every test image from a dimmer, warmer second session."""
+    small = {"n_train": 80, "n_test_good": 40, "n_test_defect": 1, "size": (64, 64), "seed": 3}
+    line = make_line_dataset(tmp_path / "line", **small)
+    plain = make_synthetic_dataset(tmp_path / "plain", **{**small, "n_test_defect": 0})
+    variants = read_variants(line)
+    assert read_variants(plain) == {} and not (plain / "variants.json").exists()
+    assert sorted(variants["train"].values()) == sorted(
+        ["defect:scratch", "defect:spot"] + [f"rare:{k}" for k in ("colour", "pose", "print") for _ in range(2)])
+    assert sorted(variants["test"].values()) == ["rare:colour", "rare:pose", "rare:print"]
+    assert variants["session"] == {"train": "first", "test": "second"}
+    assert _names(line / "test") == sorted(["good", *LINE_DEFECT_TYPES])
+    line_files, plain_files = _files(line / "train"), _files(plain / "train")
+    assert line_files.keys() == plain_files.keys()
+    changed = {f"train/{name}" for name in line_files if line_files[name] != plain_files[name]}
+    assert changed == set(variants["train"])  # 6 rare (2.5% per kind) and 2 defective of 80, nothing else
+    # the second session: every good test image darker than the same part captured in the first
+    for name in _names(line / "test" / "good"):
+        if f"test/good/{name}" in variants["test"]:
+            continue
+        second, first = _load(line / "test" / "good" / name), _load(plain / "test" / "good" / name)
+        assert 0.80 < second.mean() / first.mean() < 0.97, name
+        assert second[..., 2].mean() / second[..., 0].mean() < first[..., 2].mean() / first[..., 0].mean()
+
+
+def test_subtle_defects_are_small_and_fainter_than_the_plain_ones(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path, n_train=1, n_test_good=0, n_test_defect=4, seed=2,
+                                  defect_types=(*SUBTLE_DEFECT_TYPES, "scratch"))
+    contrast = {}
+    for defect in (*SUBTLE_DEFECT_TYPES, "scratch"):
+        values = []
+        for image_path in sorted((root / "test" / defect).iterdir()):
+            mask = _load(root / "ground_truth" / defect / f"{image_path.stem}_mask.png") > 0
+            assert 5 <= mask.sum() <= 0.03 * mask.size, (image_path, mask.sum())
+            grey = _load(image_path).mean(axis=-1)
+            ring = (np.abs(np.gradient(mask.astype(np.float32))[0]) + np.abs(np.gradient(mask.astype(np.float32))[1])
+                    ) > 0
+            values.append(abs(grey[mask].mean() - grey[ring & ~mask].mean()))
+        contrast[defect] = float(np.median(values))
+    assert contrast["faint_scratch"] < contrast["scratch"], contrast

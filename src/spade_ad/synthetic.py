@@ -11,27 +11,51 @@ noise, so that a detector has normal variation to learn. Defect images add a scr
 face. Each looks locally like something a good image has elsewhere (a hole, a plain face, a bright ring), which is
 what separates detectors that compare a part with similar good parts as a whole from those that only look for
 unusual texture. The mask is the area where the image differs from the good part.
+
+`make_line_dataset` is the third generated product, made to show what a production line shows and the other two
+do not (issue 27): rare good variants (a few percent of the good parts, in training and test, turned 45 degrees, of
+another alloy's colour, or printed with a batch label: good parts a kNN score finds in a sparse region), subtle
+defects (`SUBTLE_DEFECT_TYPES`: a faint scratch, a shallow dent, an undersized bolt hole), two defective parts
+slipped into its training folder, and a second capture session (the light turned a little, dimmer, warmer) for
+every test image. `variants.json` at its root names the rare, the defective training images and the session.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-__all__ = ["DEFECT_TYPES", "OBJECT_DEFECT_TYPES", "make_synthetic_dataset"]
+__all__ = ["DEFECT_TYPES", "LINE_DEFECT_TYPES", "OBJECT_DEFECT_TYPES", "RARE_KINDS", "SUBTLE_DEFECT_TYPES",
+           "make_line_dataset", "make_synthetic_dataset", "read_variants"]
 
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "spot")
 OBJECT_DEFECT_TYPES: tuple[str, ...] = ("missing_hole", "extra_hole", "foreign_part")
+#: Defects a little above the good parts' own variation: low-contrast scratch, a dent seen only by its shading, a
+#: bolt hole drilled about 30% too small.
+SUBTLE_DEFECT_TYPES: tuple[str, ...] = ("faint_scratch", "dent", "small_hole")
+#: The line product's test defects: the subtle ones and one object defect.
+LINE_DEFECT_TYPES: tuple[str, ...] = (*SUBTLE_DEFECT_TYPES, "missing_hole")
+#: Rare good variants: an unusual pose (turned 45 degrees, off centre), colour (brass) and print (a batch label).
+RARE_KINDS: tuple[str, ...] = ("pose", "colour", "print")
+_ALL_DEFECTS = DEFECT_TYPES + OBJECT_DEFECT_TYPES + SUBTLE_DEFECT_TYPES
+#: One good part in `_RARE_CYCLE` of each rare kind, at these positions of the cycle (2.5% each, 7.5% in all).
+_RARE_CYCLE = 40
+_RARE_AT = {7: "pose", 19: "colour", 31: "print"}
+#: The surface defects slipped into a training folder, in turn.
+_SLIPPED = ("spot", "scratch")
 
 # Seed-stream tags, so that e.g. train image 3 is the same whatever the other counts are.
-_STREAM = {"train": 0, "good": 1, "scratch": 2, "spot": 3, "missing_hole": 4, "extra_hole": 5, "foreign_part": 6}
+_STREAM = {"train": 0, "good": 1, "scratch": 2, "spot": 3, "missing_hole": 4, "extra_hole": 5, "foreign_part": 6,
+           "faint_scratch": 7, "dent": 8, "small_hole": 9, "print": 10}
 _OWN_FILE = re.compile(r"^\d{3,}(_mask)?\.png$")
 _MIN_SIDE = 32
 
@@ -44,6 +68,25 @@ class _Part:
     cx: float
     radius: float
     scale: float  # min(height, width): the unit every size is expressed in
+    theta: float = 0.0  # its orientation (radians)
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How one image departs from the usual good part and capture: extra turn (radians) and shift (share of the
+    image) of the part, the metal's colour, the light's direction (degrees) and the overall brightness and tint."""
+
+    turn: float = 0.0
+    shift: float = 0.0
+    metal: tuple[float, float, float] = (1.0, 1.01, 1.04)
+    light: float = 0.0
+
+
+_USUAL = _Look()
+_RARE_LOOKS = {"pose": _Look(turn=float(np.deg2rad(45.0)), shift=0.06), "colour": _Look(metal=(1.12, 0.93, 0.62)),
+               "print": _USUAL}
+#: The second capture session: the light turned 25 degrees, 8% dimmer and a little warmer.
+_SESSION_TWO = {"light": 25.0, "gain": (0.95, 0.92, 0.86)}
 
 
 def make_synthetic_dataset(
@@ -55,14 +98,22 @@ def make_synthetic_dataset(
     size: tuple[int, int] = (256, 256),
     seed: int = 0,
     defect_types: Sequence[str] = DEFECT_TYPES,
+    rare_goods: bool = False,
+    train_defects: int = 0,
+    second_session: bool = False,
 ) -> Path:
     """Write a synthetic dataset under `root` in the MVTec AD layout and return `root`.
 
     Layout: ``train/good/000.png…``, ``test/good/…``, ``test/<defect>/…`` (``n_test_defect`` per type in
-    `defect_types`: any of `DEFECT_TYPES` and `OBJECT_DEFECT_TYPES`) and ``ground_truth/<defect>/000_mask.png…``
-    (uint8 0/255 single-channel masks).
+    `defect_types`: any of `DEFECT_TYPES`, `OBJECT_DEFECT_TYPES` and `SUBTLE_DEFECT_TYPES`) and
+    ``ground_truth/<defect>/000_mask.png…`` (uint8 0/255 single-channel masks).
     `size` is (height, width).  The same arguments give byte-identical files; numbered PNGs left in these
     folders by an earlier, larger run are removed so that the layout is exact.
+
+    `rare_goods`: one good part in 40 of each `RARE_KINDS` (turned, brass-coloured, printed), in training and test
+    alike. `train_defects`: that many training images are defective parts (a spot, a scratch, in turn) slipped in
+    among the good ones. `second_session`: every test image is captured in a second session (light turned 25
+    degrees, dimmer and warmer). With any of them, ``variants.json`` names the rare and defective images.
     """
     height, width = (int(v) for v in size)
     if min(height, width) < _MIN_SIDE:
@@ -72,48 +123,123 @@ def make_synthetic_dataset(
             f"need n_train >= 1 and n_test_good, n_test_defect >= 0; "
             f"got {n_train}, {n_test_good}, {n_test_defect}"
         )
-    unknown = [d for d in defect_types if d not in DEFECT_TYPES + OBJECT_DEFECT_TYPES]
+    unknown = [d for d in defect_types if d not in _ALL_DEFECTS]
     if unknown or len(set(defect_types)) != len(defect_types):
-        raise ValueError(f"defect_types must be distinct names from {DEFECT_TYPES + OBJECT_DEFECT_TYPES}, "
-                         f"got {tuple(defect_types)}")
+        raise ValueError(f"defect_types must be distinct names from {_ALL_DEFECTS}, got {tuple(defect_types)}")
+    if not 0 <= train_defects <= n_train // 2:
+        raise ValueError(f"train_defects must be between 0 and half of n_train ({n_train // 2}), got {train_defects}")
     root = Path(root)
     grid = _Grid(height, width)
+    slipped = _slipped_positions(n_train, train_defects, rare_goods)
+    session = _SESSION_TWO if second_session else {}
+    manifest: dict[str, dict[str, str]] = {"train": {}, "test": {}}
 
-    def write_good(folder: Path, stream: str, count: int) -> None:
+    def write_good(folder: Path, stream: str, count: int, split: str, look: dict[str, Any]) -> None:
         _prepare(folder)
         for i in range(count):
+            name = _name(i, count)
             rng = np.random.default_rng([seed, _STREAM[stream], i])
-            image, _ = _render_part(rng, grid)
-            _save_rgb(_finish(rng, image), folder / f"{_name(i, count)}.png")
+            if split == "train" and i in slipped:  # a defective part in the good folder
+                defect = _SLIPPED[slipped.index(i) % len(_SLIPPED)]
+                pixels, _ = _defect_image(np.random.default_rng([seed, _STREAM[defect], 1000 + i]), grid, defect,
+                                          look)
+                _save_rgb(pixels, folder / f"{name}.png")
+                manifest[split][f"{split}/good/{name}.png"] = f"defect:{defect}"
+                continue
+            kind = _RARE_AT.get(i % _RARE_CYCLE) if rare_goods else None
+            image, part = _render_part(rng, grid, look=_looks(kind, look))
+            if kind == "print":
+                image = _draw_print(np.random.default_rng([seed, _STREAM["print"], i]), grid, part, image)
+            if kind is not None:
+                manifest[split][f"{split}/good/{name}.png"] = f"rare:{kind}"
+            _save_rgb(_finish(rng, _captured(image, look)), folder / f"{name}.png")
 
-    write_good(root / "train" / "good", "train", n_train)
-    write_good(root / "test" / "good", "good", n_test_good)
+    write_good(root / "train" / "good", "train", n_train, "train", {})
+    write_good(root / "test" / "good", "good", n_test_good, "test", session)
     for defect in defect_types:
         image_dir, mask_dir = root / "test" / defect, root / "ground_truth" / defect
         _prepare(image_dir)
         _prepare(mask_dir)
         for i in range(n_test_defect):
-            rng = np.random.default_rng([seed, _STREAM[defect], i])
-            if defect in OBJECT_DEFECT_TYPES:
-                image, mask = _object_defect(rng, grid, defect)
-            else:
-                image, part = _render_part(rng, grid)
-                draw = _draw_scratch if defect == "scratch" else _draw_spot
-                alpha, colour = draw(rng, grid, part)
-                image = image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
-                mask = alpha > 0
+            pixels, mask = _defect_image(np.random.default_rng([seed, _STREAM[defect], i]), grid, defect, session)
             name = _name(i, n_test_defect)
-            _save_rgb(_finish(rng, image), image_dir / f"{name}.png")
+            _save_rgb(pixels, image_dir / f"{name}.png")
             Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
                 mask_dir / f"{name}_mask.png", compress_level=1
             )
+    notes = root / "variants.json"
+    if rare_goods or train_defects or second_session:
+        manifest["session"] = {"train": "first", "test": "second" if second_session else "first"}
+        notes.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    elif notes.is_file():
+        notes.unlink()
     return root
 
 
-def _object_defect(rng: np.random.Generator, g: _Grid, defect: str) -> tuple[np.ndarray, np.ndarray]:
-    """A part with a missing hole, an extra hole or a washer lying on it, and the mask of where it differs."""
+def make_line_dataset(root: str | Path, *, n_train: int = 80, n_test_good: int = 40, n_test_defect: int = 10,
+                      size: tuple[int, int] = (256, 256), seed: int = 0, train_defects: int = 2) -> Path:
+    """The third generated product (`bench_accuracy`'s ``synthetic_line``): the disc as a line sees it. Rare good
+    variants in training and test, `LINE_DEFECT_TYPES` (subtle defects and a missing hole), `train_defects`
+    defective parts in the training folder and every test image from a second capture session; see
+    `make_synthetic_dataset`. 80 training and 40 good test images, so that 1% and 5% false alarms differ."""
+    return make_synthetic_dataset(root, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
+                                  size=size, seed=seed, defect_types=LINE_DEFECT_TYPES, rare_goods=True,
+                                  train_defects=train_defects, second_session=True)
+
+
+def read_variants(root: str | Path) -> dict[str, Any]:
+    """The ``variants.json`` of a dataset made with rare goods, slipped defects or a second session ({} if none)."""
+    notes = Path(root) / "variants.json"
+    return json.loads(notes.read_text()) if notes.is_file() else {}
+
+
+def _slipped_positions(n_train: int, count: int, rare_goods: bool) -> list[int]:
+    """Training indices that hold a defective part: evenly spread, never on a rare good variant."""
+    taken: list[int] = []
+    for j in range(count):
+        index = int((j + 1) * n_train / (count + 1))
+        while index in taken or (rare_goods and index % _RARE_CYCLE in _RARE_AT):
+            index = (index + 1) % n_train
+        taken.append(index)
+    return taken
+
+
+def _looks(kind: str | None, session: dict[str, Any]) -> _Look:
+    """The look of a good part of rare `kind` (None: usual) captured in `session`."""
+    base = _RARE_LOOKS[kind] if kind else _USUAL
+    return _Look(base.turn, base.shift, base.metal, session.get("light", 0.0))
+
+
+def _defect_image(rng: np.random.Generator, g: _Grid, defect: str, session: dict[str, Any]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A defective part of type `defect` (finished: noise and uint8) and its mask."""
+    look = _looks(None, session)
+    if defect in OBJECT_DEFECT_TYPES or defect in ("dent", "small_hole"):
+        image, mask = _object_defect(rng, g, defect, look)
+    else:
+        image, part = _render_part(rng, g, look=look)
+        if defect == "spot":
+            alpha, colour = _draw_spot(rng, g, part)
+        else:
+            alpha, colour = _draw_scratch(rng, g, part, faint=defect == "faint_scratch")
+        image = image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+        mask = alpha > 0
+    return _finish(rng, _captured(image, session)), mask
+
+
+def _captured(image: np.ndarray, session: dict[str, Any]) -> np.ndarray:
+    """The image as the camera of `session` sees it: its brightness and tint (the light's turn is rendered)."""
+    if "gain" not in session:
+        return image
+    return image * np.asarray(session["gain"], np.float32)
+
+
+def _object_defect(rng: np.random.Generator, g: _Grid, defect: str,
+                   look: _Look = _USUAL) -> tuple[np.ndarray, np.ndarray]:
+    """A part with a missing hole, an extra hole, a washer lying on it, a dent or an undersized hole, and the mask
+    of where it differs from the good part in the same pose."""
     if defect == "foreign_part":
-        image, part = _render_part(rng, g)
+        image, part = _render_part(rng, g, look=look)
         cy, cx = _point_on_disc(rng, part, 0.7)
         outer = rng.uniform(0.09, 0.14) * part.radius
         ring = _norm(g.y - cy, g.x - cx)
@@ -121,15 +247,33 @@ def _object_defect(rng: np.random.Generator, g: _Grid, defect: str) -> tuple[np.
         tone = 200.0 + 40.0 * np.clip((g.x - cx - (g.y - cy)) / outer, -1.0, 1.0)  # lit from the upper left
         image = image * (1.0 - coverage[..., None]) + (tone * coverage)[..., None] * np.ones(3, np.float32)
         return image, coverage > 0
+    if defect == "dent":
+        state = rng.bit_generator.state
+        good, part = _render_part(rng, g, look=look)
+        rng.bit_generator.state = state
+        image, _ = _render_part(rng, g, look=look)
+        cy, cx = _point_on_disc(rng, part, 0.72)
+        size = rng.uniform(0.025, 0.04) * part.scale
+        bump = np.exp(-0.5 * _norm(g.y - cy, g.x - cx) ** 2 / size**2)
+        # a dent is seen by its shading: darker on the side facing the light, brighter on the other
+        light = np.deg2rad(225.0 + look.light)
+        slope = ((g.x - cx) * np.cos(light) + (g.y - cy) * np.sin(light)) / size
+        shade = rng.uniform(16.0, 26.0) * slope * bump * _on_part(g, part)
+        image = image + shade[..., None]
+        return image, np.abs(image - good).max(axis=2) > 5.0
     if defect == "missing_hole":
         gone = int(rng.integers(4))
         holes = tuple(h for k, h in enumerate(_HOLES) if k != gone)
+    elif defect == "small_hole":
+        which = int(rng.integers(4))
+        factor = float(rng.uniform(0.6, 0.75))
+        holes = tuple((a, d, factor if k == which else 1.0) for k, (a, d, *_) in enumerate(_HOLES))
     else:  # extra_hole: between two of the four, nearer the hub or the rim
         holes = (*_HOLES, (int(rng.integers(4)) * np.pi / 2, float(rng.choice([0.35, 0.78]))))
     state = rng.bit_generator.state
-    good, _ = _render_part(rng, g)  # the good part in the same pose, to compare against
+    good, _ = _render_part(rng, g, look=look)  # the good part in the same pose, to compare against
     rng.bit_generator.state = state
-    image, _ = _render_part(rng, g, holes)
+    image, _ = _render_part(rng, g, holes, look=look)
     mask = np.abs(image - good).max(axis=2) > 8.0
     return image, mask
 
@@ -143,20 +287,24 @@ class _Grid:
         self.y, self.x = np.mgrid[0:height, 0:width].astype(np.float32)
 
 
-#: The bolt holes of a good part: (angle from the part's orientation, distance from the centre / radius).
-_HOLES: tuple[tuple[float, float], ...] = tuple((np.pi / 4 + k * np.pi / 2, 0.6) for k in range(4))
+#: The bolt holes of a good part: (angle from the part's orientation, distance from the centre / radius[, size
+#: factor of the hole]).
+_HOLES: tuple[tuple[float, ...], ...] = tuple((np.pi / 4 + k * np.pi / 2, 0.6) for k in range(4))
 
 
-def _render_part(rng: np.random.Generator, g: _Grid,
-                 holes: tuple[tuple[float, float], ...] = _HOLES) -> tuple[np.ndarray, _Part]:
+def _render_part(rng: np.random.Generator, g: _Grid, holes: tuple[tuple[float, ...], ...] = _HOLES, *,
+                 look: _Look = _USUAL) -> tuple[np.ndarray, _Part]:
     """One product image as float RGB in [0, 255] (before sensor noise), and where its disc lies; good with the
-    default `holes`."""
+    default `holes`. `look`: a rare variant's pose or colour, another session's light."""
     s = g.scale
     cy = g.height / 2 + rng.uniform(-0.03, 0.03) * s
     cx = g.width / 2 + rng.uniform(-0.03, 0.03) * s
     theta = np.deg2rad(rng.uniform(-12.0, 12.0))
     radius = 0.36 * s * rng.uniform(0.98, 1.02)
     light = np.deg2rad(225.0 + rng.uniform(-10.0, 10.0))  # light from the upper left, slightly varying
+    if look is not _USUAL:
+        theta, light = theta + look.turn, light + np.deg2rad(look.light)
+        cy, cx = cy + look.shift * s, cx - look.shift * s
 
     dy, dx = g.y - cy, g.x - cx
     cos_t, sin_t = np.cos(theta), np.sin(theta)
@@ -186,39 +334,64 @@ def _render_part(rng: np.random.Generator, g: _Grid,
     metal = np.where(r < hub, 95.0 + 50.0 * np.clip(lit * (radius / hub), -1.0, 1.0), metal)
     metal -= 60.0 * _bump(r - hub, 1.5)
     reach = int(0.075 * radius + 4)
-    for offset, distance in holes:
+    for offset, distance, *size in holes:
         angle = theta + offset
+        factor = size[0] if size else 1.0
+        bore = 0.065 * radius * factor
         hy, hx = cy + distance * radius * np.sin(angle), cx + distance * radius * np.cos(angle)
         win = np.s_[max(int(hy) - reach, 0) : int(hy) + reach, max(int(hx) - reach, 0) : int(hx) + reach]
         rh = _norm(g.y[win] - hy, g.x[win] - hx)
-        hole = np.clip(0.065 * radius - rh + 0.5, 0.0, 1.0)
-        metal[win] = metal[win] * (1.0 - 0.75 * hole) + 45.0 * _bump(rh - 0.075 * radius, 1.8)
+        hole = np.clip(bore - rh + 0.5, 0.0, 1.0)
+        metal[win] = metal[win] * (1.0 - 0.75 * hole) + 45.0 * _bump(rh - 0.075 * radius * factor, 1.8)
 
     on_disc = np.clip(radius - r + 0.5, 0.0, 1.0)
     gain = rng.uniform(0.9, 1.1) * rng.uniform(0.97, 1.03, size=3).astype(np.float32)
-    belt_rgb, metal_rgb = gain * np.array([[62.0, 70.0, 80.0], [1.0, 1.01, 1.04]], np.float32)
+    belt_rgb, metal_rgb = gain * np.array([[62.0, 70.0, 80.0], look.metal], np.float32)
     image = (belt * (1.0 - on_disc))[..., None] * belt_rgb + (metal * on_disc)[..., None] * metal_rgb
-    return image, _Part(cy=cy, cx=cx, radius=radius, scale=s)
+    return image, _Part(cy=cy, cx=cx, radius=radius, scale=s, theta=float(theta))
 
 
-def _draw_scratch(rng: np.random.Generator, g: _Grid, part: _Part) -> tuple[np.ndarray, np.ndarray]:
-    """Coverage (0..1, anti-aliased) and colour of a thin polyline scratch on the disc face."""
+def _draw_scratch(rng: np.random.Generator, g: _Grid, part: _Part,
+                  faint: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage (0..1, anti-aliased) and colour of a thin polyline scratch on the disc face; a `faint` one is
+    shorter, thinner and close to the metal's own tone."""
     s = part.scale
     start = _point_on_disc(rng, part, 0.7)
     heading = rng.uniform(0.0, 2 * np.pi)
     n_segments = int(rng.integers(1, 4))
     points = [start]
-    for length in rng.uniform(0.18, 0.32) * s * rng.dirichlet(np.ones(n_segments)):
+    for length in rng.uniform(0.18, 0.32) * (0.5 if faint else 1.0) * s * rng.dirichlet(np.ones(n_segments)):
         heading += rng.uniform(-0.6, 0.6)
         points.append(points[-1] + length * np.array([np.sin(heading), np.cos(heading)]))
     dist = np.full((g.height, g.width), np.inf)
     for (y0, x0), (y1, x1) in itertools.pairwise(points):
         dist = np.minimum(dist, _segment_distance(g, y0, x0, y1, x1))
-    half_width = rng.uniform(0.8, 1.4)
+    half_width = rng.uniform(0.8, 1.4) * (0.6 if faint else 1.0)
     fade = 0.8 + 0.2 * _smooth_noise(rng, g, sigma=0.03 * s).clip(-1, 1)
     alpha = np.clip(half_width + 0.5 - dist, 0.0, 1.0) * fade * _on_part(g, part)
     tone = rng.uniform(35.0, 70.0) if rng.random() < 0.6 else rng.uniform(235.0, 255.0)
+    if faint:  # a third of the way from the metal's tone to a clear scratch's
+        tone = 172.0 + (tone - 172.0) / 3.0
     return alpha, np.full(3, tone) * rng.uniform(0.95, 1.05, size=3)
+
+
+def _draw_print(rng: np.random.Generator, g: _Grid, part: _Part, image: np.ndarray) -> np.ndarray:
+    """A printed batch label on the face between two bolt holes: a dark ink frame with rows of code marks, turned
+    with the part (a good part: some batches are printed)."""
+    cos_t, sin_t = np.cos(part.theta), np.sin(part.theta)
+    dy, dx = g.y - part.cy, g.x - part.cx
+    u, v = cos_t * dx + sin_t * dy, -sin_t * dx + cos_t * dy  # part-fixed coordinates
+    r0 = 0.42 * part.radius  # the label's centre, between the hub and the holes, on the part's own x axis
+    half_u, half_v = 0.2 * part.radius, 0.08 * part.radius
+    inside = (np.abs(u - r0) < half_u) & (np.abs(v) < half_v)
+    frame = inside & ((np.abs(u - r0) > half_u - 1.5) | (np.abs(v) > half_v - 1.5))
+    cells = int(rng.integers(5, 9))
+    code = rng.random((2, cells)) < 0.6
+    row = np.clip(((v + half_v) / (2 * half_v) * 2).astype(int), 0, 1)
+    column = np.clip(((u - r0 + half_u) / (2 * half_u) * cells).astype(int), 0, cells - 1)
+    marks = inside & code[row, column] & (np.abs(((u - r0 + half_u) / (2 * half_u) * cells) % 1 - 0.5) < 0.3)
+    ink = (frame | marks).astype(np.float32) * _on_part(g, part)
+    return image * (1.0 - 0.7 * ink[..., None]) + (0.7 * 30.0) * ink[..., None]
 
 
 def _draw_spot(rng: np.random.Generator, g: _Grid, part: _Part) -> tuple[np.ndarray, np.ndarray]:
