@@ -8,7 +8,8 @@ Opening checks the record and brings it to this release's schema (`schema.MIGRAT
 takes the write lock first, so two processes opening one new file do not both build it). What is refused, as a
 `RecordError` naming the record and what to do: a file that is not a SQLite database, a database that holds other
 tables but no record, a record of a newer schema than this release, a file or folder without write permission, a
-server that cannot be reached.
+server that cannot be reached. `open_record(target, readonly=True)` opens an existing record for reading only (the
+commands that only read: drift, record list/export): a read-only file, folder or mount is fine, nothing is written.
 
 Writes are transactional: `add` inserts a list of rows in one transaction (all or none), so a crash loses at most the
 batch being written and never leaves half a batch; `spade_ad.recording.RecordBatcher` gathers predictions into such
@@ -21,6 +22,7 @@ import json
 import os
 import stat
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from sqlalchemy.engine import make_url
 
 from .. import __version__
 from ..errors import SpadeError
-from .schema import INDEXES, MIGRATIONS, SCHEMA_VERSION, inspections, metadata, models, versions
+from .schema import INDEXES, MIGRATIONS, SCHEMA_VERSION, inspections, labels, metadata, models, versions
 
 __all__ = ["BORDERLINE", "LABELS", "Record", "RecordError", "RecordUnavailable", "now_ms", "open_record"]
 
@@ -71,9 +73,12 @@ def shown(target: str | os.PathLike[str]) -> str:
         return text
 
 
-def _check_file(path: Path) -> None:
-    """Refuse, before SQLite touches it, a file that cannot become or be a record."""
+def _check_file(path: Path, readonly: bool = False) -> None:
+    """Refuse, before SQLite touches it, a file that cannot become or be a record (`readonly`: that cannot be read)."""
     where = shown(path)
+    if readonly:
+        _check_readable(path)
+        return
     if path.is_dir():
         raise RecordError(f"record {where} is a folder; give a file name for the record (e.g. inspections.db)")
     if not path.parent.is_dir():
@@ -93,11 +98,37 @@ def _check_file(path: Path) -> None:
                           f"make it writable or give another path")
 
 
-def _engine(target: str) -> sa.Engine:
+def _check_readable(path: Path) -> None:
+    """Refuse, for a read-only opening, a path that is not an existing SQLite file."""
+    where = shown(path)
+    if path.is_dir():
+        raise RecordError(f"record {where} is a folder; give the record's file (e.g. inspections.db)")
+    if not path.is_file():
+        raise RecordError(f"record {where} does not exist; give the record that predict, watch or serve wrote "
+                          f"(--record)")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head != _SQLITE_MAGIC:
+        raise RecordError(f"record {where} is not a database (not a SQLite file); give an existing inspection record")
+
+
+def _readonly_url(path: Path) -> sa.URL:
+    """A SQLite URI that opens `path` read-only (`mode=ro`: nothing is written, a read-only file or folder is
+    fine). Without write access to the folder and no `-wal` file beside it (no writer has it open: one always keeps
+    its `-wal`), SQLite cannot make the shared-memory file a WAL database needs: then `immutable=1`."""
+    resolved = path.resolve()
+    folder_writable = os.access(resolved.parent, os.W_OK | os.X_OK) and resolved.parent.stat().st_mode & stat.S_IWUSR
+    wal = Path(f"{resolved}-wal")
+    parameters = "mode=ro" if folder_writable or wal.exists() else "mode=ro&immutable=1"
+    return sa.URL.create("sqlite+pysqlite", database=f"file:{urllib.parse.quote(str(resolved))}?{parameters}",
+                         query={"uri": "true"})
+
+
+def _engine(target: str, readonly: bool = False) -> sa.Engine:
     if not _is_url(target):
         path = Path(target).expanduser()
-        _check_file(path)
-        url = sa.URL.create("sqlite+pysqlite", database=str(path.resolve()))
+        _check_file(path, readonly)
+        url = _readonly_url(path) if readonly else sa.URL.create("sqlite+pysqlite", database=str(path.resolve()))
     else:
         try:
             url = make_url(target)
@@ -107,7 +138,9 @@ def _engine(target: str) -> sa.Engine:
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         elif url.drivername == "sqlite" and url.database:
-            _check_file(Path(url.database))
+            _check_file(Path(url.database), readonly)
+            if readonly:
+                url = _readonly_url(Path(url.database))
         elif not url.drivername.startswith(("postgresql", "sqlite")):
             raise RecordError(f"record {shown(target)}: only SQLite files and PostgreSQL URLs are supported")
     if url.get_backend_name() == "sqlite":
@@ -118,6 +151,10 @@ def _engine(target: str) -> sa.Engine:
             dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's
             cursor = dbapi_connection.cursor()
             cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if readonly:  # mode=ro: a WAL record is read as WAL; nothing to set (setting would write)
+                cursor.execute("PRAGMA query_only = ON")
+                cursor.close()
+                return
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
             cursor.execute("PRAGMA foreign_keys = ON")
@@ -131,7 +168,8 @@ def _engine(target: str) -> sa.Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    options = {"options": "-c default_transaction_read_only=on"} if readonly else {}
+    return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10, **options})
 
 
 def _problem(exc: BaseException) -> str:
@@ -144,15 +182,63 @@ class Record:
     """An open inspection record (see the module's description). Use `open_record`; close with `close` (or as a
     context manager)."""
 
-    def __init__(self, target: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(self, target: str | os.PathLike[str], *, create: bool = True, readonly: bool = False) -> None:
         self.target = os.fspath(target)
         self.shown = shown(self.target)
-        if not create and not _is_url(self.target) and not Path(self.target).expanduser().exists():
+        self.readonly = readonly
+        if (not create or readonly) and not _is_url(self.target) and not Path(self.target).expanduser().exists():
             raise RecordError(f"record {self.shown} does not exist; give the record that predict, watch or serve "
                               f"wrote (--record)")
-        self.engine = _engine(self.target)
+        self.engine = _engine(self.target, readonly)
         self.backend = self.engine.url.get_backend_name()
-        self.schema_version = self._migrate()
+        self.schema_version = self._check_version() if readonly else self._migrate()
+        self._file = self._sqlite_file()
+        self._inode = self._file_identity()
+
+    # -- the file under a SQLite record ---------------------------------------------------------------------------
+    def _sqlite_file(self) -> Path | None:
+        if self.backend != "sqlite":
+            return None
+        database = self.engine.url.database or ""
+        if database.startswith("file:"):
+            return None  # a read-only URI opening: never written
+        return Path(database) if database and database != ":memory:" else None
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self._file is None:
+            return None
+        try:
+            info = self._file.stat()
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def _check_alive(self) -> None:
+        """Before a write: a SQLite file deleted or replaced since it was opened is noticed (SQLite would go on
+        writing into the deleted file) and reported as unavailable; `reopen` takes up a file put back."""
+        if self._file is None:
+            return
+        identity = self._file_identity()
+        if identity is None:
+            raise RecordUnavailable(f"record {self.shown} was deleted while in use; put it back (or give a new one "
+                                    f"to `spade-ad record backfill`)")
+        if identity != self._inode:
+            raise RecordUnavailable(f"record {self.shown} was replaced by another file while in use")
+
+    def reopen(self) -> None:
+        """After an outage: a SQLite file that was replaced (or put back) is opened anew and checked; a server is
+        reconnected by the pool by itself. Raises RecordUnavailable while the record is still not there."""
+        if self._file is None or self._file_identity() == self._inode:
+            return
+        if self._file_identity() is None:
+            self._check_alive()
+        self.engine.dispose()
+        try:
+            self.engine = _engine(self.target)
+            self._migrate()
+        except RecordError as exc:
+            raise RecordUnavailable(str(exc)) from None
+        self._inode = self._file_identity()
 
     # -- opening --------------------------------------------------------------------------------------------------
     def _writing(self) -> sa.Connection:
@@ -195,6 +281,31 @@ class Record:
                                   f"file") from None
             raise RecordError(f"cannot open record {self.shown}: {problem}") from None
 
+    def _check_version(self) -> int:
+        """A read-only opening: the record's schema, which must be this release's (no migration is written)."""
+        try:
+            with self.engine.connect() as connection:
+                tables = set(sa.inspect(connection).get_table_names())
+                if versions.name not in tables:
+                    raise RecordError(f"record {self.shown} holds no inspection record; give the record that "
+                                      f"predict, watch or serve wrote (--record)")
+                found = connection.execute(sa.select(sa.func.max(versions.c.version))).scalar() or 0
+        except RecordError:
+            self.engine.dispose()
+            raise
+        except sa.exc.DBAPIError as exc:
+            self.engine.dispose()
+            raise RecordError(f"cannot read record {self.shown}: {_problem(exc)}") from None
+        if found != SCHEMA_VERSION:
+            self.engine.dispose()
+            newer = found > SCHEMA_VERSION
+            raise RecordError(f"record {self.shown} has schema version {found}, "
+                              + (f"newer than this spade-ad ({__version__}, schema {SCHEMA_VERSION}) knows; upgrade "
+                                 f"spade-ad to read it" if newer else
+                                 f"older than this spade-ad's {SCHEMA_VERSION} and opened read-only, so not migrated; "
+                                 f"open it once with a command that writes (watch, serve --record) to migrate it"))
+        return found
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -209,6 +320,7 @@ class Record:
         """Make sure the model `identity` (`spade_ad.record.identity.model_identity`) has its row; returns its id."""
         row = dict(identity)
         try:
+            self._check_alive()
             with self._writing() as connection, connection.begin():
                 known = connection.execute(sa.select(models.c.id).where(models.c.id == row["id"])).first()
                 if known is None:
@@ -217,8 +329,12 @@ class Record:
             raise RecordUnavailable(f"record {self.shown}: cannot write ({_problem(exc)})") from None
         return str(row["id"])
 
-    def add(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Insert rows (columns of `schema.inspections`; `at_ms` defaults to now) in one transaction; their ids."""
+    def add(self, rows: Sequence[Mapping[str, Any]], *, wait: float | None = None) -> list[int]:
+        """Insert rows (columns of `schema.inspections`; `at_ms` defaults to now) in one transaction; their ids.
+
+        A row whose `uid` is already in the record is not inserted again (a batch retried after its commit was not
+        acknowledged), and its id is returned as if it had been. `wait`: on SQLite, how long to wait for another
+        process's lock (seconds; default `BUSY_TIMEOUT_MS`), so that a retry in an outage does not stall its caller."""
         if not rows:
             return []
         stamp = now_ms()
@@ -229,29 +345,69 @@ class Record:
             if isinstance(row.get("regions"), list):
                 row["regions"] = json.dumps(row["regions"])
         try:
-            with self._writing() as connection, connection.begin():
-                if self.backend == "postgresql" or len(values) == 1:
-                    result = connection.execute(inspections.insert().returning(inspections.c.id), values)
-                    return [int(i) for i in result.scalars()]
-                connection.execute(inspections.insert(), values)  # executemany: one statement, many rows
-                last = connection.execute(sa.select(sa.func.max(inspections.c.id))).scalar_one()
-                return list(range(int(last) - len(values) + 1, int(last) + 1))
+            self._check_alive()
+            with self._writing() as connection:
+                if wait is not None and self.backend == "sqlite":
+                    connection.connection.dbapi_connection.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+                try:
+                    with connection.begin():
+                        return self._insert(connection, values)
+                finally:
+                    if wait is not None and self.backend == "sqlite":
+                        connection.connection.dbapi_connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sa.exc.DBAPIError as exc:
             raise RecordUnavailable(f"record {self.shown}: {len(values)} inspections not written "
                                     f"({_problem(exc)})") from None
 
+    def _insert(self, connection: sa.Connection, values: list[dict[str, Any]]) -> list[int]:
+        uids = [row["uid"] for row in values if row.get("uid")]
+        if not uids:  # rows without uids (callers of release 2): plain inserts
+            if self.backend == "postgresql" or len(values) == 1:
+                result = connection.execute(inspections.insert().returning(inspections.c.id), values)
+                return [int(i) for i in result.scalars()]
+            connection.execute(inspections.insert(), values)  # executemany: one statement, many rows
+            last = connection.execute(sa.select(sa.func.max(inspections.c.id))).scalar_one()
+            return list(range(int(last) - len(values) + 1, int(last) + 1))
+        known = dict(connection.execute(sa.select(inspections.c.uid, inspections.c.id)
+                                        .where(inspections.c.uid.in_(uids))).tuples().all())
+        new = [row for row in values if row.get("uid") not in known]
+        if new:
+            connection.execute(inspections.insert(), new)
+            known.update(connection.execute(sa.select(inspections.c.uid, inspections.c.id)
+                                            .where(inspections.c.uid.in_([r["uid"] for r in new]))).tuples().all())
+        return [int(known[row["uid"]]) for row in values]
+
     def set_label(self, inspection_id: int, label: str, by: str) -> dict[str, Any]:
-        """Label one inspection good or defect (who and when kept); the updated row."""
+        """Label one inspection good or defect: the label is added to its history (`label_history`: every label,
+        who gave it and when) and becomes the current one; the updated row. An inspection that could not be scored
+        (verdict "error") has nothing to label: a RecordError."""
         if label not in LABELS:
             raise RecordError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
-        with self._writing() as connection, connection.begin():
-            done = connection.execute(inspections.update().where(inspections.c.id == inspection_id)
-                                      .values(label=label, label_by=by, label_ms=now_ms()))
-            if done.rowcount == 0:
-                raise KeyError(inspection_id)
+        stamp = now_ms()
+        try:
+            self._check_alive()
+            with self._writing() as connection, connection.begin():
+                verdict = connection.execute(sa.select(inspections.c.verdict)
+                                             .where(inspections.c.id == inspection_id)).scalar()
+                if verdict is None:
+                    raise KeyError(inspection_id)
+                if verdict == "error":
+                    raise RecordError(f"inspection {inspection_id} could not be scored (an unreadable file): there is "
+                                      f"nothing to label")
+                connection.execute(labels.insert().values(inspection_id=inspection_id, label=label, label_by=by,
+                                                          label_ms=stamp))
+                connection.execute(inspections.update().where(inspections.c.id == inspection_id)
+                                   .values(label=label, label_by=by, label_ms=stamp))
+        except sa.exc.DBAPIError as exc:
+            raise RecordUnavailable(f"record {self.shown}: label not written ({_problem(exc)})") from None
         row = self.get(inspection_id)
         assert row is not None
         return row
+
+    def label_history(self, inspection_id: int) -> list[dict[str, Any]]:
+        """Every label given to one inspection, oldest first (the last one is its current label)."""
+        return self._rows(sa.select(labels.c.label, labels.c.label_by, labels.c.label_ms)
+                          .where(labels.c.inspection_id == inspection_id).order_by(labels.c.id))
 
     # -- reading --------------------------------------------------------------------------------------------------
     def _rows(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
@@ -279,8 +435,11 @@ class Record:
         """Whether this file (its name and content) is already in the record: the watcher's exactly-once."""
         query = sa.select(inspections.c.id).where(inspections.c.sha256 == sha256,
                                                   inspections.c.source == source).limit(1)
-        with self.engine.connect() as connection:
-            return connection.execute(query).first() is not None
+        try:
+            with self.engine.connect() as connection:
+                return connection.execute(query).first() is not None
+        except sa.exc.DBAPIError as exc:
+            raise RecordUnavailable(f"record {self.shown}: cannot read ({_problem(exc)})") from None
 
     def models(self) -> list[dict[str, Any]]:
         """The models seen, newest first, each with its number of inspections."""
@@ -319,10 +478,11 @@ class Record:
               borderline: float = BORDERLINE) -> list[dict[str, Any]]:
         """The review queue, newest first: flagged images and those that passed with a normalised score of at
         least `borderline`, not yet labelled (`labelled`: the labelled ones instead); filtered by verdict
-        ("defect", "good": the borderline ones, "error"), model, time; paged by `before_id`."""
+        ("defect", "good": the borderline ones, "error": the files that could not be scored, only there), model,
+        time; paged by `before_id`."""
         c = inspections.c
         if verdict is None:
-            wanted = sa.or_(c.verdict.in_(("defect", "error")),
+            wanted = sa.or_(c.verdict == "defect",
                             sa.and_(c.verdict == "good", c.normalized_score >= borderline))
         elif verdict == "good":
             wanted = sa.and_(c.verdict == "good", c.normalized_score >= borderline)
@@ -352,7 +512,7 @@ class Record:
     def recent(self, model: str, window: int) -> list[dict[str, Any]]:
         """The last `window` scored inspections of `model` (errors left out), newest first."""
         c = inspections.c
-        query = (sa.select(c.id, c.at_ms, c.score, c.normalized_score, c.verdict, c.image_threshold)
+        query = (sa.select(c.id, c.at_ms, c.score, c.normalized_score, c.verdict, c.image_threshold, c.label)
                  .where(c.model_id == model, c.verdict != "error")
                  .order_by(c.at_ms.desc(), c.id.desc()).limit(window))
         return self._rows(query)
@@ -394,9 +554,11 @@ class Record:
             }
 
 
-def open_record(target: str | os.PathLike[str], *, create: bool = True) -> Record:
-    """Open (create unless not `create`, migrate) the record at `target`: a SQLite file path or a database URL."""
-    return Record(target, create=create)
+def open_record(target: str | os.PathLike[str], *, create: bool = True, readonly: bool = False) -> Record:
+    """Open (create unless not `create`, migrate) the record at `target`: a SQLite file path or a database URL.
+    `readonly`: open an existing record for reading only (SQLite `mode=ro`, PostgreSQL read-only transactions):
+    a read-only file, folder or mount is fine; nothing is written, so a record that needs migrating is refused."""
+    return Record(target, create=create, readonly=readonly)
 
 
 def index_names() -> list[str]:
