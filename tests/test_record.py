@@ -70,10 +70,11 @@ def test_rows_queue_labels_and_history(record_target: str) -> None:
                           _row("d.png", "error", None, error="not an image file", at_ms=4_000)])
         assert len(ids) == 4 and ids == sorted(ids)
         queue = record.queue()
-        assert [r["source"] for r in queue] == ["d.png", "c.png", "b.png"]  # newest first; a.png is clearly good
+        assert [r["source"] for r in queue] == ["c.png", "b.png"]  # newest first; a.png is clearly good, d.png an error
+        assert [r["source"] for r in record.queue(verdict="error")] == ["d.png"]  # errors: their own filter
         assert [r["source"] for r in record.queue(verdict="defect")] == ["b.png"]
         assert [r["source"] for r in record.queue(verdict="good")] == ["c.png"]  # borderline
-        assert [r["source"] for r in record.queue(since_ms=2_500)] == ["d.png", "c.png"]
+        assert [r["source"] for r in record.queue(since_ms=2_500)] == ["c.png"]
         assert json.loads(record.get(ids[1])["regions"])[0]["box"] == [1, 2, 3, 4]
         labelled = record.set_label(ids[1], "good", "ann")
         assert (labelled["label"], labelled["label_by"]) == ("good", "ann") and labelled["label_ms"] > 0
