@@ -85,9 +85,71 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert run_cli(["drift", tmp_path / "good.db"]) == 0
     assert capsys.readouterr().out.startswith("no drift: bottle.safetensors (aaaaaaaaaaaa)")
     assert run_cli(["drift", tmp_path / "bad.db", "--window", "100", "--json"]) == 1
-    out = capsys.readouterr().out
-    assert out.startswith("DRIFTED: ") and json.loads(out.split("\n", 1)[1])["drifted"] is True
+    captured = capsys.readouterr()
+    figures = json.loads(captured.out)  # stdout is the JSON alone: a script parses it
+    assert figures["drifted"] is True and figures["verdict"].startswith("DRIFTED: ")
+    assert captured.err.strip() == figures["verdict"]  # the human line on stderr
     assert run_cli(["drift", tmp_path / "good.db", "--model", "nope"]) == 2
     err = capsys.readouterr().err
     assert "has no model 'nope'; known: bottle.safetensors (aaaaaaaaaaaa)" in err and len(err.splitlines()) == 1
     assert run_cli(["drift", tmp_path / "good.db", "--window", "0"]) == 2
+
+
+def test_inspections_labelled_defect_are_not_false_alarms(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A line making real defects (10% of 300, labelled defect on the review page) has not drifted: they are left
+    out of the false-alarm count, and the report says how many."""
+    rng = np.random.default_rng(5)
+    defects = rng.random(300) < 0.1
+    _fill(tmp_path / "r.db", np.where(defects, THRESHOLD + 1, rng.normal(1.0, 0.2, 300)))
+    with open_record(tmp_path / "r.db") as record:
+        assert check_drift(record, window=300).drifted  # unlabelled, the defects look like false alarms
+        for row in record.inspections():
+            if row["verdict"] == "defect" and defects[int(row["source"].split(".")[0])]:
+                record.set_label(row["id"], "defect", "ann")
+        report = check_drift(record, window=300)
+    left_out = int(defects.sum())
+    assert not report.drifted, report.verdict
+    assert report.labelled_defects == left_out and report.n == 300 - left_out
+    assert f"last {300 - left_out} inspections ({left_out} labelled defects left out)" in report.verdict
+    assert run_cli(["drift", tmp_path / "r.db", "--window", "300", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labelled_defects"] == left_out
+
+
+def test_drift_reads_a_read_only_record_and_writes_nothing(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "mount"
+    folder.mkdir()
+    _fill(folder / "r.db", np.random.default_rng(6).normal(1.0, 0.2, 100))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+    (folder / "r.db").chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        assert run_cli(["drift", folder / "r.db", "--window", "100"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.startswith("no drift: ")
+        after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+        assert {name: after[name] for name in before} == before  # the record itself untouched
+    finally:
+        folder.chmod(0o755)
+
+
+def test_drift_refuses_a_record_that_needs_migrating_in_one_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlalchemy as sa
+
+    from spade_ad.record import schema
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as connection:  # a release-1 record, as the first release wrote it
+        schema.MIGRATIONS[0][1](connection)
+        connection.execute(schema.versions.insert().values(version=1, applied_ms=0, release="0.1"))
+    engine.dispose()
+    assert run_cli(["drift", tmp_path / "old.db"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "has schema version 1, older than" in err and "opened read-only, so not migrated" in err
+    with engine.connect() as connection:  # nothing migrated
+        assert connection.execute(sa.select(schema.versions.c.version)).scalars().all() == [1]
+    engine.dispose()
+    assert run_cli(["drift", tmp_path / "missing.db"]) == 2
+    assert "does not exist" in capsys.readouterr().err

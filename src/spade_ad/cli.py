@@ -542,19 +542,22 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
               help="The last this many inspections of the model.")
 @click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="Significance level of both tests.")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (after the verdict line).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the figures as JSON on stdout (the verdict line, also in the JSON, goes to stderr).")
 def drift(record_target: str, model_id: str | None, window: int, alpha: float, as_json: bool) -> None:
     """Has the line drifted? The flag rate of the last WINDOW inspections against the calibrated false-alarm rate
-    (binomial test), and their good-looking scores against the model's calibration scores (Mann-Whitney). One line;
-    exit code 1 when drifted, 0 when not, 2 for a bad record or model."""
+    (beta-binomial test), and their good-looking scores against the model's calibration scores (Mann-Whitney);
+    inspections labelled defect (real defects, not false alarms) are left out and counted. One line; exit code 1
+    when drifted, 0 when not, 2 for a bad record or model. The record is opened read-only (a read-only file, folder
+    or mount is fine)."""
     import json
 
     from .drift import check_drift
     from .record import open_record
 
-    with open_record(record_target, create=False) as record:
+    with open_record(record_target, readonly=True) as record:
         report = check_drift(record, model_id, window=window, alpha=alpha)
-    click.echo(report.verdict)
+    click.echo(report.verdict, err=as_json)  # --json: stdout holds the JSON only, for scripts
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     if report.drifted:

@@ -13,6 +13,10 @@ calibrated on (its good images' leave-one-out or validation scores, kept in the 
   threshold (both sides conditioned alike), two-sided Mann-Whitney U test (`scipy.stats.mannwhitneyu`): new lighting
   or a new batch of material moves the scores of good parts before it makes them flagged.
 
+Inspections labelled "defect" on the review page (real defects) are left out of both tests: the calibrated rate is
+a false-alarm rate, the rate of good parts flagged, and a real defect is not a false alarm (the report says how many
+were left out). Those labelled "good" stay in (a flagged one is a false alarm indeed).
+
 The line has drifted when either p-value is below `alpha`. With fewer than `min_n` inspections in the window (or
 fewer than `min_n` good-looking ones for the second test) a test is not made, and the report says so.
 """
@@ -45,6 +49,7 @@ class DriftReport:
     binomial_p_value: float | None
     n_good: int
     n_calibration: int
+    labelled_defects: int
     median_good_score: float | None
     median_calibration_score: float | None
     score_p_value: float | None
@@ -61,14 +66,20 @@ def _median(values: list[float]) -> float | None:
     return float(np.median(values)) if values else None
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def check_drift(record: Record, model: str | None = None, *, window: int = 500, alpha: float = 0.01,
                 min_n: int = 20) -> DriftReport:
     """The drift report of `model` (id, id prefix or name; default the newest model with inspections) over its last
-    `window` inspections in `record`."""
+    `window` inspections in `record` (less those labelled "defect": real defects are not false alarms)."""
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     row = record.model(model)
-    recent = record.recent(row["id"], window)
+    window_rows = record.recent(row["id"], window)
+    recent = [r for r in window_rows if r.get("label") != "defect"]
+    labelled_defects = len(window_rows) - len(recent)
     threshold = row["image_threshold"]
     calibration = [float(s) for s in row["calibration_scores"]]
     n = len(recent)
@@ -97,10 +108,12 @@ def check_drift(record: Record, model: str | None = None, *, window: int = 500, 
             reasons.append(f"good-looking scores moved: median {np.median(good):.4g} against the calibration's "
                            f"{np.median(cal_good):.4g} (Mann-Whitney p = {score_p:.2g})")
     name = f"{row['name']} ({row['id'][:12]})"
+    left_out = f" ({_count(labelled_defects, 'labelled defect')} left out)" if labelled_defects else ""
+    last = f"last {_count(n, 'inspection')}{left_out}"
     if n < min_n:
-        verdict = f"not enough inspections to tell for {name}: {n} in the window, {min_n} needed"
+        verdict = f"not enough inspections to tell for {name}: {n} in the window, {min_n} needed{left_out}"
     elif reasons:
-        verdict = f"DRIFTED: {name}, last {n} inspections: " + "; ".join(reasons)
+        verdict = f"DRIFTED: {name}, {last}: " + "; ".join(reasons)
     else:
         tested = []
         if flag_p is not None:
@@ -110,11 +123,12 @@ def check_drift(record: Record, model: str | None = None, *, window: int = 500, 
             tested.append(f"good-looking scores like the calibration's (p = {score_p:.2g})")
         else:
             notes.append(f"{len(good)} good-looking scores: too few to compare ({min_n} needed)")
-        verdict = f"no drift: {name}, last {n} inspections: " + "; ".join(tested + notes)
+        verdict = f"no drift: {name}, {last}: " + "; ".join(tested + notes)
     return DriftReport(
         model_id=row["id"], model_name=row["name"], window=window, n=n, flagged=flagged,
         flag_rate=flagged / n if n else None, calibrated_rate=calibrated_rate, flag_p_value=flag_p,
-        binomial_p_value=binomial_p, n_good=len(good), n_calibration=len(cal_good), median_good_score=_median(good),
+        binomial_p_value=binomial_p, n_good=len(good), n_calibration=len(cal_good),
+        labelled_defects=labelled_defects, median_good_score=_median(good),
         median_calibration_score=_median(cal_good), score_p_value=score_p, alpha=alpha, drifted=bool(reasons),
         reasons=reasons, verdict=verdict,
     )
