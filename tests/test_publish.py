@@ -1,0 +1,325 @@
+"""Verdicts out (spade_ad.publish): real inspections published to a real Mosquitto broker that is stopped mid-run
+and to a local webhook that refuses for a while; every message arrives once by id, nothing is left in the outbox."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mqtt_broker
+from spade_ad.publish import (
+    SCHEMA_FILE,
+    Outbox,
+    Publisher,
+    PublishError,
+    Publishers,
+    error_message,
+    inspection_message,
+    message_id,
+    outbox_file,
+    parse_target,
+)
+from spade_ad.record import file_sha256
+
+TOPIC = "spade/line1"
+
+
+@pytest.fixture(scope="module")
+def inspections(fitted_model: Any, synthetic_root: Path) -> list[tuple[Any, str, str]]:
+    """Real predictions of the fitted synthetic model on its test images: (prediction, source, sha256)."""
+    paths = sorted((synthetic_root / "test").rglob("*.png"))
+    predictions = list(fitted_model.iter_predict(paths, original_size=True, keep_images=True))
+    return [(p, path.relative_to(synthetic_root).as_posix(), file_sha256(path)) for p, path in zip(predictions, paths)]
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    started = mqtt_broker.start_broker(tmp_path / "broker")
+    if isinstance(started, str):
+        pytest.skip(started)
+    yield started
+    started.stop()
+
+
+class Subscriber:
+    """A paho subscriber with a persistent session (QoS 1): keeps every message it gets, duplicates included."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.received: list[tuple[str, dict[str, Any]]] = []  # (Idempotency-Key, payload)
+        self.subscribed = threading.Event()
+        self.lock = threading.Lock()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-subscriber", protocol=mqtt.MQTTv5)
+        client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+
+        def on_connect(c: Any, _u: Any, flags: Any, reason_code: Any, _p: Any) -> None:
+            if not reason_code.is_failure:
+                c.subscribe(TOPIC, qos=1)
+
+        def on_subscribe(*_: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(_c: Any, _u: Any, message: Any) -> None:
+            key = dict(message.properties.UserProperty).get("Idempotency-Key", "")
+            with self.lock:
+                self.received.append((key, json.loads(message.payload)))
+
+        client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600  # the broker keeps our subscription and queue across its restart
+        client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+        client.loop_start()
+        assert self.subscribed.wait(10), "the subscriber could not subscribe"
+        self.client = client
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [payload["id"] for _, payload in self.received]
+
+    def wait_for(self, expected: set[str], timeout: float) -> set[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not expected <= set(self.ids()):
+            time.sleep(0.05)
+        return set(self.ids())
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _messages(inspections: list[tuple[Any, str, str]], n: int, model_id: str = "m" * 64,
+              first: int = 0) -> list[dict[str, Any]]:
+    """n messages of distinct inspections: the real predictions, each image seen under several camera names."""
+    out = []
+    for i in range(first, first + n):
+        prediction, source, sha256 = inspections[i % len(inspections)]
+        out.append(inspection_message(prediction, source=f"cam{i // len(inspections)}/{source}", sha256=sha256,
+                                      model_name="widget.safetensors", model_id=model_id, at=1_800_000_000 + i))
+    return out
+
+
+# -- the message ---------------------------------------------------------------------------------------------------
+def test_messages_of_real_predictions_follow_the_schema(inspections: list[tuple[Any, str, str]]) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    verdicts = Counter()
+    for prediction, source, sha256 in inspections:
+        message = inspection_message(prediction, source=source, sha256=sha256, model_name="widget.safetensors",
+                                     model_id="a" * 64, at=1_800_000_000.25)
+        validator.validate(json.loads(json.dumps(message, allow_nan=False)))
+        assert message["id"] == message_id(source, sha256, "a" * 64)
+        assert message["time"] == "2027-01-15T08:00:00.250Z"
+        assert message["score"] == pytest.approx(prediction.score)
+        assert message["verdict"] == ("defect" if prediction.is_anomalous else "good")
+        assert (message["width"], message["height"]) == (prediction.image.width, prediction.image.height)
+        assert message["map_size"] == [prediction.image.width, prediction.image.height]  # boxes in image pixels
+        assert len(message["regions"]) == message["regions_total"] == len(prediction.regions)
+        if message["regions"]:
+            assert message["regions"][0]["box"] == list(prediction.regions[0].box)
+        verdicts[message["verdict"]] += 1
+    assert verdicts["defect"] >= 1 and verdicts["good"] >= 1, verdicts
+    validator.validate(error_message(source="x.png", sha256="b" * 64, reason="not an image", model_name="m",
+                                     model_id=None))
+    # the id: stable, and different for another file content, another model, another recorded inspection
+    ids = {message_id("a.png", "1" * 64, "m"), message_id("a.png", "2" * 64, "m"), message_id("a.png", "1" * 64, "n"),
+           message_id("a.png", "1" * 64, "m", inspection_id=7), message_id("b.png", "1" * 64, "m")}
+    assert len(ids) == 5 and message_id("a.png", "1" * 64, "m") == message_id("a.png", "1" * 64, "m")
+
+
+def test_bad_targets_are_one_line_errors(tmp_path: Path) -> None:
+    assert parse_target("mqtt://user:secret@broker.local/spade/line1").shown == "mqtt://user@broker.local/spade/line1"
+    assert parse_target("mqtt://broker.local/spade/line1").port == 1883
+    assert parse_target("https://plc.example/hook").port == 443
+    for url, says in [("ftp://x/y", "unknown scheme"), ("mqtt://broker.local", "no topic"),
+                      ("mqtt://broker.local/a/#", "wildcard"), ("http:///hook", "no host"),
+                      ("mqtt://broker.local:99999/t", "port")]:
+        with pytest.raises(PublishError, match=says) as caught:
+            Publisher.open(url, tmp_path)
+        assert "\n" not in str(caught.value)
+    assert not list(tmp_path.iterdir())  # nothing created for a bad URL
+
+
+def test_outbox_is_bounded_keeps_the_oldest_and_refuses_repeats(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite", target="t", max_messages=3)
+    assert [outbox.add(f"id{i}", "{}") for i in range(4)] == ["queued", "queued", "queued", "full"]
+    assert outbox.add("id0", "{}") == "duplicate"
+    assert [row[1] for row in outbox.oldest(10)] == ["id0", "id1", "id2"]  # the oldest kept
+    outbox.remove([(seq, i) for seq, i, _ in outbox.oldest(1)])
+    assert outbox.add("id0", "{}") == "duplicate"  # delivered lately: not sent again
+    assert outbox.add("id3", "{}") == "queued"
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.sqlite", target="t", max_messages=3)  # what a new run finds
+    assert [row[1] for row in reopened.oldest(10)] == ["id1", "id2", "id3"]
+    reopened.close()
+
+
+def test_a_full_outbox_warns_once_and_keeps_the_oldest(tmp_path: Path) -> None:
+    lines: list[str] = []
+    # a port nothing listens on: every message stays in the outbox
+    publisher = Publisher.open(f"mqtt://127.0.0.1:{mqtt_broker.free_port()}/t", tmp_path, max_messages=5,
+                               log=lines.append)
+    outcomes = [publisher.publish({"id": f"{i:032x}", "n": i}) for i in range(8)]
+    assert outcomes == ["queued"] * 5 + ["full"] * 3
+    assert publisher.close(timeout=0) == 5
+    full = [line for line in lines if "outbox full" in line]
+    assert len(full) == 1 and "oldest are kept" in full[0]
+    assert any("5 messages not delivered, kept in" in line for line in lines)
+
+
+# -- MQTT ----------------------------------------------------------------------------------------------------------
+def _outage_run(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]], tmp_path: Path, *,
+                outage: float, n: int) -> None:
+    """Publish n real inspections, a third before, a third during and a third after a broker outage of `outage`
+    seconds; every id arrives (exactly once after deduplication by id), the outbox ends empty, no traceback."""
+    subscriber = Subscriber(broker.port)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    publisher = Publisher.open(f"mqtt://127.0.0.1:{broker.port}/{TOPIC}", out, max_backoff=1.0, log=lines.append)
+    messages = _messages(inspections, n)
+    third = n // 3
+    try:
+        for message in messages[:third]:
+            assert publisher.publish(message) == "queued"
+        assert subscriber.wait_for({m["id"] for m in messages[:third]}, 20) >= {m["id"] for m in messages[:third]}
+        broker.stop()
+        stopped_at = time.monotonic()
+        for message in messages[third:2 * third]:
+            assert publisher.publish(message) == "queued"  # never blocks, never raises while the broker is down
+            time.sleep(outage / third / 2)
+        time.sleep(max(0.0, outage - (time.monotonic() - stopped_at)))
+        assert publisher.waiting >= third  # everything published during the outage waits in the outbox
+        broker.start()
+        for message in messages[2 * third:]:
+            publisher.publish(message)
+        assert publisher.close(timeout=30) == 0
+        expected = {m["id"] for m in messages}
+        got = subscriber.wait_for(expected, 30)
+    finally:
+        subscriber.close()
+    assert got == expected
+    ids = subscriber.ids()
+    assert len(ids) - len(set(ids)) <= 50  # QoS 1 may repeat the unacknowledged batch at most; the id dedups it
+    assert all(key == payload["id"] for key, payload in subscriber.received)  # the id is the user property too
+    by_id = {payload["id"]: payload for _, payload in subscriber.received}
+    assert [by_id[m["id"]] for m in messages] == messages  # payloads intact
+    stopped = [line for line in lines if ": stopped (" in line]
+    resumed = [line for line in lines if ": resumed after " in line]
+    assert len(stopped) == 1 and len(resumed) == 1, lines
+    assert stopped[0][:4].isdigit() and "Traceback" not in "\n".join(lines)
+    waited = int(resumed[0].split("; ")[1].split()[0])
+    assert waited >= third
+    assert Outbox(outbox_file(out, parse_target(f"mqtt://127.0.0.1:{broker.port}/{TOPIC}")), target="").count() == 0
+
+
+def test_mqtt_broker_stopped_mid_run_loses_and_doubles_nothing(
+        broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]], tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    _outage_run(broker, inspections, tmp_path, outage=3.0, n=30)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.slow
+def test_mqtt_broker_stopped_for_30_seconds(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]],
+                                            tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    _outage_run(broker, inspections, tmp_path, outage=30.0, n=60)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_a_new_run_sends_what_the_old_one_left(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]],
+                                               tmp_path: Path) -> None:
+    url = f"mqtt://127.0.0.1:{broker.port}/{TOPIC}"
+    subscriber = Subscriber(broker.port)
+    broker.stop()
+    lines: list[str] = []
+    messages = _messages(inspections, 6)
+    first = Publishers.open([url], tmp_path, log=lines.append)
+    for message in messages:
+        first.publish(message)
+    assert first.close(timeout=0.5) == 6  # the broker is down: all left in the outbox, said in one line
+    assert any("6 messages not delivered" in line for line in lines)
+    broker.start()
+    second = Publisher.open(url, tmp_path, log=lines.append)
+    assert any("6 messages left by an earlier run" in line for line in lines)
+    again = second.publish(messages[0])  # the same inspection published again waits once
+    assert second.close(timeout=20) == 0
+    try:
+        got = subscriber.wait_for({m["id"] for m in messages}, 20)
+    finally:
+        subscriber.close()
+    assert again == "duplicate" or again == "queued" and Counter(subscriber.ids())[messages[0]["id"]] <= 2
+    assert got == {m["id"] for m in messages}
+
+
+# -- the webhook ---------------------------------------------------------------------------------------------------
+class Webhook:
+    """A local endpoint that answers 503 until `accept` is set, then 200; keeps what it accepted."""
+
+    def __init__(self) -> None:
+        self.accepted: list[tuple[str, dict[str, Any]]] = []
+        self.refused = 0
+        self.accept = threading.Event()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if not hook.accept.is_set():
+                    hook.refused += 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                hook.accepted.append((self.headers["Idempotency-Key"], json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/verdicts"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_refusing_for_a_while_gets_every_message_once(inspections: list[tuple[Any, str, str]],
+                                                              tmp_path: Path) -> None:
+    hook = Webhook()
+    lines: list[str] = []
+    messages = _messages(inspections, 20)
+    try:
+        publisher = Publisher.open(hook.url, tmp_path, max_backoff=0.5, log=lines.append)
+        for message in messages[:10]:
+            publisher.publish(message)
+        deadline = time.monotonic() + 10
+        while hook.refused < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hook.refused >= 3 and not hook.accepted
+        hook.accept.set()
+        for message in messages[10:]:
+            publisher.publish(message)
+        assert publisher.close(timeout=20) == 0
+    finally:
+        hook.close()
+    assert [payload for _, payload in hook.accepted] == messages  # each once, in order
+    assert all(key == payload["id"] for key, payload in hook.accepted)
+    assert any(": stopped (HTTP 503" in line for line in lines) and any(": resumed after" in line for line in lines)
