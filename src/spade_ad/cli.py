@@ -317,18 +317,32 @@ def add(model_path: Path, images: tuple[Path, ...], output: Path, skip_bad: bool
 @app.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Bundle folder to write (backbone.onnx, model.safetensors, bundle.json).")
+              help="Bundle folder to write (backbone.onnx, model.safetensors, bundle.json); with --single-graph, "
+              "the .onnx file.")
 @click.option("--format", "format_", type=click.Choice(["onnx", "openvino"]), default="onnx", show_default=True,
               help="onnx: the graph for ONNX Runtime (and OpenVINO, which reads it too); openvino: also the graph "
               "in OpenVINO's own format.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if not where it was at fit time.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
-def export(model_path: Path, output: Path, format_: str, weights: Path | None, overwrite: bool) -> None:
+@click.option("--single-graph", is_flag=True,
+              help="Write the whole pipeline (network, searches, map, score, verdict) as ONE ONNX model to -o "
+              "GRAPH.onnx, for any ONNX Runtime binding (docs/single-graph.md).")
+def export(model_path: Path, output: Path, format_: str, weights: Path | None, overwrite: bool,
+           single_graph: bool) -> None:
     """Export a model file as a deployment bundle: `spade-ad predict` and `spade-ad serve` score it with numpy and
-    ONNX Runtime only (`pip install spade-ad[runtime]`, no torch), with the same scores and verdicts."""
+    ONNX Runtime only (`pip install spade-ad[runtime]`, no torch), with the same scores and verdicts. With
+    --single-graph, as one ONNX model instead (an image in; score, verdict and map out)."""
     from .export import describe, export_bundle
 
+    if single_graph:
+        from .export_graph import export_single_graph
+
+        if format_ != "onnx":
+            raise click.UsageError("--single-graph writes ONNX only: drop --format openvino")
+        graph = export_single_graph(model_path, output, overwrite=overwrite, weights=weights)
+        click.echo(f"wrote single graph {graph}: {graph.stat().st_size / 2**20:.1f} MB")
+        return
     bundle = export_bundle(model_path, output, format=format_, overwrite=overwrite, weights=weights)
     sizes = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in describe(bundle).items())
     click.echo(f"wrote bundle {bundle}: {sizes}")

@@ -9,7 +9,8 @@ them and "good" can add the very image to the model. Rows are written with `spad
 
 Routes (all answer 404 without a record): `GET /v1/review` (the queue: flagged and borderline images not yet
 labelled, newest first; `verdict`, `since`, `until` (ISO dates or times, UTC), `model`, `labelled`, `limit`,
-`before` for the next page), `GET /v1/inspections/{id}/image|overlay|why` (the files), `POST
+`before` for the next page; error rows, the files that could not be scored, only with `verdict=error`, and they take
+no label), `GET /v1/inspections/{id}/image|overlay|why` (the files), `POST
 /v1/inspections/{id}/label` (JSON `{"label": "good"|"defect", "by": "..."}`), `GET /v1/history` (per hour or day:
 inspections, flag rate against the calibrated rate; the recent scores with their thresholds), `GET /v1/drift`
 (`spade_ad.drift.check_drift`) and `GET /v1/record/models`.
@@ -26,9 +27,10 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["NO_RECORD", "LabelBody", "ReviewStore", "add_review_routes", "default_files_dir", "parse_time"]
 
 NO_RECORD = "this service keeps no inspection record: start it with --record DB"
+MAX_ID = 2**63 - 1
+"""The largest inspection id a record holds (SQL's BIGINT): larger ids (and ids below 1) are refused (422)."""
+InspectionId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The inspection's id")]
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}$")
 
 
@@ -162,10 +167,10 @@ class ReviewStore:
                                 f"(got {verdict!r})")
         self.flush()
         rows = self.record.queue(verdict=verdict or None, model=model or None, since_ms=parse_time(since, "since"),
-                                 until_ms=parse_time(until, "until"), labelled=labelled, limit=limit,
-                                 before_id=before)
-        items = [self.item(row) for row in rows]
-        return {"items": items, "next_before": items[-1]["id"] if len(items) == limit else None}
+                                 until_ms=parse_time(until, "until"), labelled=labelled, limit=limit + 1,
+                                 before_id=before)  # one more than shown: is there a next page?
+        items = [self.item(row) for row in rows[:limit]]
+        return {"items": items, "next_before": items[-1]["id"] if len(rows) > limit else None}
 
     def row(self, inspection_id: int) -> dict[str, Any]:
         self.flush()
@@ -186,8 +191,12 @@ class ReviewStore:
     def label(self, inspection_id: int, label: str, by: str,
               add_good: Callable[[Path], dict[str, Any]] | None) -> dict[str, Any]:
         """Label one inspection; "good" with `add_good` (the service allows adding) also adds its image to the
-        model first (so a failure to add leaves it unlabelled)."""
+        model first (so a failure to add leaves it unlabelled). An error row (a file that could not be scored) is
+        not labelled (409): there is no inspection result to confirm or correct."""
         row = self.row(inspection_id)
+        if row.get("verdict") == "error":
+            raise ApiError(409, f"inspection {inspection_id} is an error row (the file could not be scored: "
+                                f"{row.get('error') or 'unreadable'}); there is nothing to label")
         added = None
         if label == "good" and add_good is not None:
             path = row.get("path")
@@ -266,27 +275,29 @@ def add_review_routes(app: FastAPI, review: ReviewStore | None, served: dict[str
         until: str | None = Query(None, description="Before this ISO date or time (UTC)"),
         model: str | None = Query(None, description="Only this model id"),
         labelled: bool = Query(False, description="The labelled ones instead"),
-        limit: int = Query(50, ge=1, le=500), before: int | None = Query(None, description="The next page"),
+        limit: int = Query(50, ge=1, le=500),
+        before: int | None = Query(None, ge=1, le=MAX_ID, description="The next page: ids below this one "
+                                   "(the previous answer's next_before)"),
     ) -> dict[str, Any]:
         store = need()
         return await run_in_threadpool(store.queue, verdict=verdict, since=since, until=until, model=model,
                                        labelled=labelled, limit=limit, before=before)
 
     @app.get("/v1/inspections/{inspection_id}", summary="One recorded inspection")
-    async def inspection(inspection_id: int) -> dict[str, Any]:
+    async def inspection(inspection_id: InspectionId) -> dict[str, Any]:
         store = need()
         return store.item(await run_in_threadpool(store.row, inspection_id))
 
     @app.get("/v1/inspections/{inspection_id}/{kind}", summary="A recorded inspection's image, overlay or why "
              "picture", response_class=FileResponse)
-    async def inspection_file(inspection_id: int, kind: str) -> FileResponse:
+    async def inspection_file(inspection_id: InspectionId, kind: str) -> FileResponse:
         store = need()
         path = await run_in_threadpool(store.file, inspection_id, kind)
         return FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})
 
     @app.post("/v1/inspections/{inspection_id}/label", summary="Label an inspection good or defect; \"good\" also "
               "adds its image to the model with --allow-add")
-    async def label(inspection_id: int, body: LabelBody, request: Request) -> dict[str, Any]:
+    async def label(inspection_id: InspectionId, body: LabelBody, request: Request) -> dict[str, Any]:
         store = need()
         row = await run_in_threadpool(store.row, inspection_id)
         who = body.by.strip() or f"web page ({request.client.host if request.client else 'unknown'})"
