@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,16 @@ test: $(STAMP)
 	bash scripts/install-browser-deps.sh
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict -q
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
+
+# The documentation site (mkdocs.yml, docs/) into site/, warnings as errors; `mkdocs serve` to read it locally.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
@@ -32,4 +37,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_service.py --seconds 30
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out site

@@ -13,7 +13,7 @@ pictures are not wanted. Measured from outside each process:
   driver, of each actor, and of Ray's other processes together (raylet, GCS, agents, idle workers);
 - the scores of every Ray run against the plain run's (same answers: largest relative difference, verdicts);
 - the cost of each stage per image on one thread (decode, resize, backbone, search and maps, writing the files),
-  in-process on 16 of the images: the figures behind the README's scale note.
+  in-process on 16 of the images: the figures behind the scale note in docs/deployment.md.
 
 With `--save-maps` every run also writes maps/*.tiff (and the Ray actors write the pictures and maps of the images
 they scored; the driver the rows). With `--plain-one-thread` the plain run is repeated with one torch thread (the

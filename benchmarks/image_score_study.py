@@ -8,8 +8,8 @@ conformal threshold from the leave-one-out scores (recall and false alarms at th
 
 Every product of ../shared/data plus the synthetic sets (see bench_accuracy.categories). Caches are per product
 and settings tag (benchmarks/results/study/TAG/, not committed: about 10 MB), so `collect --tag radius2 --set
-search_radius:2` adds another feature configuration; `compare --tag radius2` scores it. The README's image-score
-table is `compare` on the default tag.
+search_radius:2` adds another feature configuration; `compare --tag radius2` scores it. The image-score
+table in docs/accuracy.md is `compare` on the default tag.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The settings table is the single source of truth: the estimator, the CLI, model files and the README follow it;
+"""The settings table is the single source of truth: the estimator, the CLI, model files and the docs follow it;
 and the estimator keeps scikit-learn's contract."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from spade_ad import settings as table
 from spade_ad.cli import app
 from spade_ad.modelfile import read_model_file, write_safetensors
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 
 def test_estimator_signature_is_the_table() -> None:
@@ -39,8 +39,8 @@ def test_cli_model_options_are_the_table(command: str) -> None:
     assert not ({s.name for s in table.SETTINGS if not s.cli} & options)
 
 
-def test_readme_settings_table_is_generated_from_the_table() -> None:
-    text = README.read_text(encoding="utf-8")
+def test_docs_settings_table_is_generated_from_the_table() -> None:
+    text = SETTINGS_PAGE.read_text(encoding="utf-8")
     start, end = text.index("<!-- settings-table -->"), text.index("<!-- /settings-table -->")
     assert text[start + len("<!-- settings-table -->"):end].strip() == table.markdown_table()
 

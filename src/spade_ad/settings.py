@@ -3,7 +3,8 @@
 Each `Setting` declares its name, default, kind, allowed values or range, a one-line help and its group. Everything
 else reads this table: `Spade.__init__` (which only stores), `validate` (used by `Spade.fit`, `set_params` and when a
 model file is loaded), the CLI options of `fit` and `evaluate` (generated from it), the service's `/v1/model`, the
-model-file header and the README's settings table (`markdown_table`, checked by a test).
+model-file header, `help(Spade)` (`numpydoc_parameters`) and the settings table of docs/settings.md (`markdown_table`,
+checked by a test).
 
 This module is pure Python on purpose: the CLI imports it to build `--help` without torch or numpy.
 
@@ -56,7 +57,7 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
     def allowed(self) -> str:
-        """What values are allowed, in words (for messages and the README)."""
+        """What values are allowed, in words (for messages and the docs)."""
         if self.choices is not None:
             text = " | ".join(self.choices)
         elif self.kind == "levels":
@@ -209,7 +210,7 @@ def _device_check(value: str) -> str | None:
     return None
 
 
-# The table. Defaults are chosen by measurement; the README says why each is what it is.
+# The table. Defaults are chosen by measurement; docs/accuracy.md says why each is what it is.
 SETTINGS: tuple[Setting, ...] = (
     # backbone
     Setting("backbone", "efficientnet_lite0", "str", "ImageNet backbone: efficientnet_lite0/1/2, wide_resnet50_2, "
@@ -321,7 +322,7 @@ def grouped(settings: Iterable[Setting] = SETTINGS) -> dict[str, list[Setting]]:
 
 
 def markdown_table() -> str:
-    """The README's settings table, generated from this module (a test keeps the README in step)."""
+    """The settings table of docs/settings.md, generated from this module (a test keeps the page in step)."""
     lines = ["| setting | group | default | allowed | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         cells = [f"`{s.name}`", s.group, f"`{s.display_default()}`", s.allowed(), s.help]
@@ -345,7 +346,7 @@ def numpydoc_parameters(width: int = 116) -> str:
     return "\n".join(lines)
 
 
-#: Named settings for `fit --preset` and `evaluate --preset` (benchmarks/bench_accuracy.py measures each; README):
+#: Named settings for `fit --preset` and `evaluate --preset` (benchmarks/bench_accuracy.py measures each; docs):
 #: "fast": a gallery of the 10 nearest images instead of 50 (about 3x less search); "default": the library's own
 #: defaults; "quality": the stride-4 level too (the paper's three levels), searched exactly up to 1e9 pairs (a
 #: 900 x 900 image is exact: 4.9e8 at stride 4); "objects": PatchCore's 3 x 3 local aggregation, for assembled

@@ -39,7 +39,7 @@ class OnnxRuntimeBackbone:
 
 
 class OpenVinoBackbone:
-    """The same graph compiled by OpenVINO for the CPU (an option where it is faster: see the README's figures)."""
+    """The same graph compiled by OpenVINO for the CPU (an option where it is faster: see docs/deployment.md)."""
 
     def __init__(self, graph: Path, threads: int | None = None) -> None:
         try:
