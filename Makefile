@@ -19,7 +19,7 @@ test: $(STAMP)
 	bash scripts/install-browser-deps.sh
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 # The documentation site (mkdocs.yml, docs/) into site/, warnings as errors; `mkdocs serve` to read it locally.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
