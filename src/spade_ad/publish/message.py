@@ -93,8 +93,8 @@ def inspection_message(prediction: Prediction, *, source: str, sha256: str | Non
         "height": height,
         "map_size": [int(found_in.shape[1]), int(found_in.shape[0])],
         "regions": [
-            {"box": [int(v) for v in region.box], "area": int(region.area), "peak": _number(region.peak),
-             "mean": _number(region.mean)}
+            {"box": [int(v) for v in region.box], "area": int(region.area), "peak": _number(round(region.peak, 6)),
+             "mean": _number(round(region.mean, 6))}  # as regions.jsonl and the record write them
             for region in regions[:MAX_REGIONS]
         ],
         "regions_total": len(regions),

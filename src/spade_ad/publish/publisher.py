@@ -6,8 +6,9 @@ wakes the sender, which sends the oldest waiting messages (up to 50 at a time) a
 
 When the broker or endpoint cannot be reached the sender retries with a backoff doubling from 0.5 s to `max_backoff`
 (10 s by default), and says so in two timestamped lines, no traceback: one when publishing stops (why, and how
-many messages wait) and one when it resumes (after how long, how many waited). `close(timeout)` keeps sending for
-up to `timeout` seconds, then leaves what is still waiting in the outbox for the next run and says so.
+many messages wait) and one when it resumes (after how long, how many waited). `log` receives the lines; the
+default, `stamped`, writes them to stderr after the local time. `close(timeout)` keeps sending for up to `timeout`
+seconds, then leaves what is still waiting in the outbox for the next run and says so.
 
 `Publishers` is several targets at once (`--publish` given more than once), each with its own outbox; its
 `inspection(prediction, ...)` builds the message (`spade_ad.publish.message`) and publishes it to each.
@@ -41,12 +42,10 @@ DEFAULT_MAX_MESSAGES = 100_000
 BATCH = 50
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _stamp() -> str:
-    return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S%z")
+def stamped(line: str) -> None:
+    """The default `log`: the line on stderr after the local time (ISO 8601, as the command line's long-running
+    commands write theirs)."""
+    print(f"{datetime.now().astimezone().isoformat(timespec='seconds')} {line}", file=sys.stderr, flush=True)
 
 
 def _messages(n: int) -> str:
@@ -64,7 +63,7 @@ def outbox_file(outbox_dir: str | os.PathLike[str], target: Target) -> Path:
 class Publisher:
     """Publishes messages to one target through its outbox (see the module's description)."""
 
-    def __init__(self, target: Target, outbox: Outbox, transport: Any, *, log: Callable[[str], None] = _stderr,
+    def __init__(self, target: Target, outbox: Outbox, transport: Any, *, log: Callable[[str], None] = stamped,
                  max_backoff: float = 10.0, min_backoff: float = 0.5) -> None:
         self.target = target
         self.outbox = outbox
@@ -89,7 +88,7 @@ class Publisher:
 
     @classmethod
     def open(cls, url: str, outbox_dir: str | os.PathLike[str], *, max_messages: int = DEFAULT_MAX_MESSAGES,
-             max_backoff: float = 10.0, log: Callable[[str], None] = _stderr) -> Publisher:
+             max_backoff: float = 10.0, log: Callable[[str], None] = stamped) -> Publisher:
         """A publisher to `url` (mqtt://host[:port]/topic, mqtts://, http://, https://) whose outbox lives in
         `outbox_dir`; `PublishError` (one line) for a bad URL or an outbox that cannot be opened."""
         target = parse_target(url)
@@ -165,7 +164,7 @@ class Publisher:
 
     # -- the sender thread ----------------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
-        self.log(f"{_stamp()} publish {self.target.shown}: {text}")
+        self.log(f"publish {self.target.shown}: {text}")
 
     def _delivered(self, items: list[tuple[int, str]]) -> None:
         if self._down_since is not None:
