@@ -187,3 +187,59 @@ def test_models_folder_lists_each_model_file_by_name(tmp_path: Path, fitted: Pat
                                                     ("plate", tmp_path / "plate.safetensors")]
     assert _served_products(None, None, ("a=x.safetensors", "b=y")) == [("a", Path("x.safetensors")), ("b", Path("y"))]
     assert _served_products(Path("m.safetensors"), None, ()) == []
+
+
+def _client_with_rows(model_file: Path, tmp_path: Path, verdicts: list[str]) -> tuple[TestClient, list[int]]:
+    """A service on a record holding one row per verdict (as a watcher writes them: errors are files that could not
+    be scored), oldest first; their ids."""
+    review = ReviewStore(str(tmp_path / "r.db"), tmp_path / "files")
+    ids = review.record.add([{"origin": "watch", "source": f"{i}.png", "verdict": verdict, "at_ms": 1_000 + i,
+                              "score": None if verdict == "error" else 5.0, "normalized_score": 2.0,
+                              "error": "not an image file" if verdict == "error" else None}
+                             for i, verdict in enumerate(verdicts)])
+    app = create_app(load(model_file, device="cpu"), ServiceSettings(), model_file=model_file.name, review=review)
+    return TestClient(app, base_url="http://127.0.0.1:8000"), ids
+
+
+def test_ids_outside_sql_integers_are_refused_not_internal_errors(model_file: Path, tmp_path: Path) -> None:
+    client, [only] = _client_with_rows(model_file, tmp_path, ["defect"])
+    with client:
+        for bad in (2**63, 2**64 + 5, -1, 0):
+            for answer in (client.get(f"/v1/inspections/{bad}"), client.get(f"/v1/inspections/{bad}/image"),
+                           client.post(f"/v1/inspections/{bad}/label", json={"label": "good"}),
+                           client.get(f"/v1/review?before={bad}")):
+                assert answer.status_code == 422, (bad, answer.text)
+                assert "parameter" in answer.json()["error"] and "internal" not in answer.json()["error"]
+        assert client.get(f"/v1/inspections/{2**63 - 1}").status_code == 404  # the largest id: none such
+        assert client.get(f"/v1/inspections/{only}").json()["id"] == only
+        wrong = client.post(f"/v1/inspections/{only}/label", json={"label": "maybe"})
+        assert wrong.status_code == 422 and wrong.json()["error"].startswith("bad request body field label: ")
+        assert "'maybe'" in wrong.json()["error"] and "query parameter" not in wrong.json()["error"]
+        broken = client.post(f"/v1/inspections/{only}/label", content=b"{not json",
+                             headers={"Content-Type": "application/json"})
+        assert broken.status_code == 422 and broken.json()["error"].startswith("bad request body: ")
+        assert client.get("/v1/review?limit=x").json()["error"].startswith("bad query parameter limit: ")
+
+
+def test_review_pages_end_and_error_rows_have_their_own_filter(model_file: Path, tmp_path: Path) -> None:
+    verdicts = ["defect", "error", "defect", "defect", "error", "defect"]
+    client, ids = _client_with_rows(model_file, tmp_path, verdicts)
+    defects = [i for i, v in zip(ids, verdicts) if v == "defect"][::-1]  # newest first
+    errors = [i for i, v in zip(ids, verdicts) if v == "error"][::-1]
+    with client:
+        first = client.get("/v1/review?limit=2").json()
+        assert [i["id"] for i in first["items"]] == defects[:2] and first["next_before"] == defects[1]
+        second = client.get(f"/v1/review?limit=2&before={first['next_before']}").json()
+        assert [i["id"] for i in second["items"]] == defects[2:]
+        assert second["next_before"] is None  # exactly a page left: no "More" after it
+        assert client.get(f"/v1/review?limit=2&before={defects[-1]}").json() == {"items": [], "next_before": None}
+        assert [i["id"] for i in client.get("/v1/review?limit=10").json()["items"]] == defects  # errors left out
+        listed = client.get("/v1/review?verdict=error").json()["items"]
+        assert [i["id"] for i in listed] == errors and listed[0]["error"] == "not an image file"
+        for label in ("good", "defect"):
+            refused = client.post(f"/v1/inspections/{errors[0]}/label", json={"label": label})
+            assert refused.status_code == 409, refused.text
+            assert "error row" in refused.json()["error"] and len(refused.json()["error"].splitlines()) == 1
+        assert client.get(f"/v1/inspections/{errors[0]}").json()["label"] is None
+    with open_record(tmp_path / "r.db") as record:
+        assert record.labelled() == {"good": [], "defect": []}

@@ -139,13 +139,23 @@ def calibration_info(model: Spade) -> CalibrationInfo | None:
     )
 
 
+_PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie"}
+
+
 def _query_problem(exc: RequestValidationError) -> str:
-    """A request validation error (a query parameter that is not a number) in plain words."""
+    """A request validation error (a query or path parameter that is not a number or out of range, a JSON body
+    that does not match) in plain words, naming where: "bad query parameter limit: ...", "bad request body: ..."."""
     problems = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error.get("loc", ()) if part != "query")
-        shown = f" (got {error['input']!r})" if "input" in error else ""
-        problems.append(f"bad query parameter {where}: {error.get('msg', 'invalid')}{shown}")
+        place, *rest = [str(part) for part in error.get("loc", ())] or ["request"]
+        where = "" if error.get("type") == "json_invalid" else ".".join(rest)  # there, rest is an offset
+        shown = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+        message = error.get("msg", "invalid")
+        if place in _PLACES:
+            problems.append(f"bad {_PLACES[place]} {where}: {message}{shown}")
+        else:  # the body (JSON that does not parse, a missing or wrong field)
+            problems.append(f"bad request body{f' field {where}' if where else ''}: {message}"
+                            f"{shown if where else ''}")
     return "; ".join(problems) or "bad request parameters"
 
 

@@ -471,18 +471,35 @@ function reviewQuery() {
 
 async function loadReview(more) {
   const list = byId("review-list");
+  const moreButton = byId("review-more");
   const query = reviewQuery();
-  if (more && state.reviewBefore !== null) query.set("before", String(state.reviewBefore));
-  const response = await fetch(`/v1/review?${query}`);
+  if (more) {
+    // The next page: ids below the last one shown. At the end there is none, and nothing is loaded again.
+    if (state.reviewBefore === null || moreButton.disabled) return;
+    query.set("before", String(state.reviewBefore));
+  }
+  moreButton.disabled = true;
+  let response;
+  try {
+    response = await fetch(`/v1/review?${query}`);
+  } catch {
+    byId("review-status").textContent = "Cannot reach the spade-ad server. Is it still running?";
+    moreButton.disabled = false;
+    return;
+  }
   const body = await readJson(response);
+  moreButton.disabled = false;
   if (!response.ok) {
     byId("review-status").textContent = `The queue could not be read: ${body.error || response.statusText}.`;
     return;
   }
   if (!more) list.replaceChildren();
-  for (const item of body.items) list.append(reviewCard(item));
+  const shown = new Set(Array.from(list.children, (card) => card.dataset.id));
+  for (const item of body.items) {
+    if (!shown.has(String(item.id))) list.append(reviewCard(item));
+  }
   state.reviewBefore = body.next_before;
-  byId("review-more").hidden = body.next_before === null;
+  moreButton.hidden = body.next_before === null;
   byId("review-empty").hidden = list.children.length > 0;
 }
 
@@ -532,6 +549,13 @@ function reviewCard(item) {
       why.append(picture);
     }
     card.append(why);
+  }
+  if (item.verdict === "error") {  // nothing was scored: there is no verdict to confirm or correct
+    const note = document.createElement("p");
+    note.className = "hint";
+    note.textContent = "Not scored, so not labelled: fix or remove the file at the camera.";
+    card.append(note);
+    return card;
   }
   const buttons = document.createElement("p");
   buttons.className = "label-buttons";
