@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["NO_RECORD", "LabelBody", "ReviewStore", "add_review_routes", "default_files_dir", "parse_time"]
 
 NO_RECORD = "this service keeps no inspection record: start it with --record DB"
+MAX_ID = 2**63 - 1
+"""The largest inspection id a record holds (SQL's BIGINT): larger ids (and ids below 1) are refused (422)."""
+InspectionId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The inspection's id")]
 MAX_ID = 2**63 - 1
 """The largest inspection id a record holds (SQL's BIGINT): larger ids (and ids below 1) are refused (422)."""
 InspectionId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The inspection's id")]
