@@ -247,15 +247,17 @@ def test_a_new_run_sends_what_the_old_one_left(broker: mqtt_broker.Broker, inspe
     subscriber = Subscriber(broker.port)
     broker.stop()
     lines: list[str] = []
-    messages = _messages(inspections, 6)
+    messages = _messages(inspections, 7)
     first = Publishers.open([url], tmp_path, log=lines.append)
-    for message in messages:
-        first.publish(message)
+    for message in messages[:6]:
+        assert first.publish(message) == ["queued"]
     assert first.close(timeout=0.5) == 6  # the broker is down: all left in the outbox, said in one line
     assert any("6 messages not delivered" in line for line in lines)
+    assert first.publish(messages[6]) == ["queued"]  # a request finishing after close: kept for the next run
+    assert any("came after closing" in line for line in lines)
     broker.start()
     second = Publisher.open(url, tmp_path, log=lines.append)
-    assert any("6 messages left by an earlier run" in line for line in lines)
+    assert any("7 messages left by an earlier run" in line for line in lines)
     again = second.publish(messages[0])  # the same inspection published again waits once
     assert second.close(timeout=20) == 0
     try:

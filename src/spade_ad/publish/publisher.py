@@ -104,9 +104,9 @@ class Publisher:
     # -- the caller's side ----------------------------------------------------------------------------------------
     def publish(self, message: dict[str, Any]) -> str:
         """Queue `message` (a JSON-able dict with a string `id`) for delivery and return at once: "queued",
-        "duplicate" (that id waits or was delivered lately) or "full" (not kept: the outbox holds `max_messages`)."""
-        if self._closed:
-            raise RuntimeError("publish() after close()")
+        "duplicate" (that id waits or was delivered lately) or "full" (not kept: the outbox holds `max_messages`).
+        After `close` (a request finishing while a service stops) the message is still kept in the outbox, for the
+        next run to send."""
         body = json.dumps(message, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
         outcome = self.outbox.add(str(message["id"]), body)
         if outcome == "full":
@@ -116,6 +116,8 @@ class Publisher:
                 self._say(f"outbox full ({_messages(self.outbox.max_messages)} waiting in {self.outbox.path}): the "
                           f"oldest are kept, new inspections are not published until it drains")
         elif outcome == "queued":
+            if self._closed:
+                self._say(f"an inspection came after closing: kept in {self.outbox.path} for the next run")
             if self._dropped_since_full:
                 self._say(f"outbox has room again: {_messages(self._dropped_since_full)} were not published while "
                           f"it was full")
@@ -145,15 +147,14 @@ class Publisher:
         return self._finish()
 
     def _finish(self) -> int:
-        # the sender gives up at the deadline; a send in progress ends within the transport's own timeout (10 s)
+        # the sender gives up at the deadline; a send in progress ends within the transport's own timeout (10 s).
+        # The outbox stays open (closed with the process): a late publish() is still kept for the next run.
         self._thread.join(max(0.0, self._deadline - time.monotonic()) + 15.0)
         self._closed = True
         left = self.outbox.count()
         if left:
             self._say(f"{_messages(left)} not delivered, kept in {self.outbox.path}: the next run with "
                       f"--publish {self.target.shown} sends them")
-        if not self._thread.is_alive():
-            self.outbox.close()
         return left
 
     def __enter__(self) -> Publisher:
@@ -233,9 +234,22 @@ class Publishers:
             raise
         return cls(opened, model_name=model_name, model_id=model_id)
 
-    def publish(self, message: dict[str, Any]) -> None:
-        for publisher in self.publishers:
-            publisher.publish(message)
+    @classmethod
+    def for_model(cls, urls: Sequence[str], outbox_dir: str | os.PathLike[str], model: Any,
+                  model_path: str | os.PathLike[str] | None, *, name: str | None = None,
+                  **options: Any) -> Publishers:
+        """`open`, the messages naming `model` (loaded from `model_path`) as the inspection record does: its file's
+        name (or `name`) and its content hash (`spade_ad.record.model_identity`)."""
+        from ..record import model_identity
+
+        for url in urls:  # a bad URL is refused before the model file is hashed
+            parse_target(url)
+        identity = model_identity(model, model_path, name=name)
+        return cls.open(urls, outbox_dir, model_name=str(identity["name"]), model_id=str(identity["id"]), **options)
+
+    def publish(self, message: dict[str, Any]) -> list[str]:
+        """`Publisher.publish` on each: their outcomes."""
+        return [publisher.publish(message) for publisher in self.publishers]
 
     def inspection(self, prediction: Prediction, *, source: str, sha256: str | None, model_name: str | None = None,
                    model_id: str | None = None, inspection_id: int | None = None,

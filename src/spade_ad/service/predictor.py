@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import math
@@ -45,6 +46,7 @@ from .uploads import Capacity, check_request, receive_files
 
 if TYPE_CHECKING:
     from ..model import Prediction, Spade
+    from ..publish import Publishers
     from ..recording import Recorder
     from .review import ReviewStore
 
@@ -122,9 +124,12 @@ class Predictor:
 
     def __init__(self, model: Spade, settings: ServiceSettings, save_to: str | os.PathLike[str] | None = None, *,
                  recorder: Recorder | None = None, review: ReviewStore | None = None,
-                 identity_file: str | os.PathLike[str] | None = None) -> None:
+                 identity_file: str | os.PathLike[str] | None = None, publisher: Publishers | None = None,
+                 name: str | None = None) -> None:
         self.model = model
         self.recorder = recorder  # with --record: every prediction recorded (`review.keep`)
+        self.publisher = publisher  # with --publish: every prediction published (`spade_ad.publish`)
+        self.name = name  # the product's name (serve --models), in the published messages
         self.review = review
         self.identity_file = identity_file
         self.settings = settings
@@ -140,6 +145,27 @@ class Predictor:
         # The colour scale every heat map shares (calibrated models), else None (each image has its own).
         shared = threshold_color_range(model.pixel_threshold_)
         self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
+        self._published_as = self._identify() if publisher is not None and recorder is None else None
+
+    def _identify(self) -> tuple[str, str]:
+        """(name, id) of the model in published messages without a record (with one: the recorder's)."""
+        from ..record import model_identity
+
+        path = self.identity_file or self.save_to
+        identity = model_identity(self.model, path, name=self.name)
+        return str(identity["name"]), str(identity["id"])
+
+    def _publish(self, scored: list[tuple[str, bytes, Prediction]], results: list[ImageResult]) -> None:
+        """Publish each scored upload (its record row id in the message when recorded)."""
+        assert self.publisher is not None
+        if self.recorder is not None:
+            name, model_id = self.recorder.model_name, self.recorder.model_id
+        else:
+            assert self._published_as is not None
+            name, model_id = self._published_as
+        for (file, data, prediction), result in zip(scored, results, strict=True):
+            self.publisher.inspection(prediction, source=file, sha256=hashlib.sha256(data).hexdigest(),
+                                      model_name=name, model_id=model_id, inspection_id=result.inspection_id)
 
     async def __call__(
         self, request: Request, threshold: float | None = None, false_alarm_rate: float | None = None
@@ -202,6 +228,8 @@ class Predictor:
             if self.recorder is not None:
                 self.recorder.set_model(self.model, self.identity_file or self.save_to,
                                         name=self.recorder.model_name)
+            elif self.publisher is not None:
+                self._published_as = self._identify()
             return AddResponse(added=len(images), n_train_images=len(self.model.train_names_),
                                image_threshold=self.model.image_threshold_)
 
@@ -214,6 +242,7 @@ class Predictor:
         started = time.perf_counter()
         results = []
         rows: list[dict[str, Any]] = []
+        scored: list[tuple[str, bytes, Prediction]] = []  # published once recorded (with their row ids)
         for name, data in files:
             try:
                 image = decode_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS)
@@ -224,6 +253,7 @@ class Predictor:
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
             applied.apply(prediction, self.model)
+            scored.append((name, data, prediction))
             pictures: dict[str, Image.Image | None] = {}
             results.append(self._render(name, prediction, thumbs, pictures))
             if self.recorder is not None and self.review is not None:
@@ -233,6 +263,8 @@ class Predictor:
         if rows and self.recorder is not None:  # one transaction per request
             for result, inspection_id in zip(results, self.recorder.write(rows), strict=False):
                 result.inspection_id = inspection_id
+        if self.publisher is not None:
+            self._publish(scored, results)
         seconds = time.perf_counter() - started
         self.capacity.record(seconds)
         return PredictResponse(
