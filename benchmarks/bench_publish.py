@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import mqtt_broker  # noqa: E402
+import publish_targets  # noqa: E402
 from spade_ad.publish import Publisher, message_id  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--http", type=int, default=500, help="messages to the webhook")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        broker = mqtt_broker.start_broker(Path(tmp) / "broker")
+        broker = publish_targets.start_broker(Path(tmp) / "broker")
         if isinstance(broker, str):
             print(f"MQTT skipped: {broker}")
         else:

@@ -4,17 +4,16 @@ and to a local webhook that refuses for a while; every message arrives once by i
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import mqtt_broker
+import publish_targets
+from publish_targets import TOPIC, Subscriber, Webhook
 from spade_ad.publish import (
     SCHEMA_FILE,
     Outbox,
@@ -29,8 +28,6 @@ from spade_ad.publish import (
 )
 from spade_ad.record import file_sha256
 
-TOPIC = "spade/line1"
-
 
 @pytest.fixture(scope="module")
 def inspections(fitted_model: Any, synthetic_root: Path) -> list[tuple[Any, str, str]]:
@@ -42,61 +39,11 @@ def inspections(fitted_model: Any, synthetic_root: Path) -> list[tuple[Any, str,
 
 @pytest.fixture
 def broker(tmp_path: Path):
-    started = mqtt_broker.start_broker(tmp_path / "broker")
+    started = publish_targets.start_broker(tmp_path / "broker")
     if isinstance(started, str):
         pytest.skip(started)
     yield started
     started.stop()
-
-
-class Subscriber:
-    """A paho subscriber with a persistent session (QoS 1): keeps every message it gets, duplicates included."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        self.received: list[tuple[str, dict[str, Any]]] = []  # (Idempotency-Key, payload)
-        self.subscribed = threading.Event()
-        self.lock = threading.Lock()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-subscriber", protocol=mqtt.MQTTv5)
-        client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
-
-        def on_connect(c: Any, _u: Any, flags: Any, reason_code: Any, _p: Any) -> None:
-            if not reason_code.is_failure:
-                c.subscribe(TOPIC, qos=1)
-
-        def on_subscribe(*_: Any) -> None:
-            self.subscribed.set()
-
-        def on_message(_c: Any, _u: Any, message: Any) -> None:
-            key = dict(message.properties.UserProperty).get("Idempotency-Key", "")
-            with self.lock:
-                self.received.append((key, json.loads(message.payload)))
-
-        client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 3600  # the broker keeps our subscription and queue across its restart
-        client.connect("127.0.0.1", port, clean_start=False, properties=properties)
-        client.loop_start()
-        assert self.subscribed.wait(10), "the subscriber could not subscribe"
-        self.client = client
-
-    def ids(self) -> list[str]:
-        with self.lock:
-            return [payload["id"] for _, payload in self.received]
-
-    def wait_for(self, expected: set[str], timeout: float) -> set[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not expected <= set(self.ids()):
-            time.sleep(0.05)
-        return set(self.ids())
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _messages(inspections: list[tuple[Any, str, str]], n: int, model_id: str = "m" * 64,
@@ -171,7 +118,7 @@ def test_outbox_is_bounded_keeps_the_oldest_and_refuses_repeats(tmp_path: Path) 
 def test_a_full_outbox_warns_once_and_keeps_the_oldest(tmp_path: Path) -> None:
     lines: list[str] = []
     # a port nothing listens on: every message stays in the outbox
-    publisher = Publisher.open(f"mqtt://127.0.0.1:{mqtt_broker.free_port()}/t", tmp_path, max_messages=5,
+    publisher = Publisher.open(f"mqtt://127.0.0.1:{publish_targets.free_port()}/t", tmp_path, max_messages=5,
                                log=lines.append)
     outcomes = [publisher.publish({"id": f"{i:032x}", "n": i}) for i in range(8)]
     assert outcomes == ["queued"] * 5 + ["full"] * 3
@@ -182,7 +129,7 @@ def test_a_full_outbox_warns_once_and_keeps_the_oldest(tmp_path: Path) -> None:
 
 
 # -- MQTT ----------------------------------------------------------------------------------------------------------
-def _outage_run(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]], tmp_path: Path,
+def _outage_run(broker: publish_targets.Broker, inspections: list[tuple[Any, str, str]], tmp_path: Path,
                 capfd: pytest.CaptureFixture[str], *, outage: float, n: int) -> None:
     """Publish n real inspections, a third before, a third during and a third after a broker outage of `outage`
     seconds; every id arrives (exactly once after deduplication by id), the outbox ends empty, no traceback."""
@@ -230,18 +177,18 @@ def _outage_run(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, st
 
 
 def test_mqtt_broker_stopped_mid_run_loses_and_doubles_nothing(
-        broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]], tmp_path: Path,
+        broker: publish_targets.Broker, inspections: list[tuple[Any, str, str]], tmp_path: Path,
         capfd: pytest.CaptureFixture[str]) -> None:
     _outage_run(broker, inspections, tmp_path, capfd, outage=3.0, n=30)
 
 
 @pytest.mark.slow
-def test_mqtt_broker_stopped_for_30_seconds(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]],
+def test_mqtt_broker_stopped_for_30_seconds(broker: publish_targets.Broker, inspections: list[tuple[Any, str, str]],
                                             tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     _outage_run(broker, inspections, tmp_path, capfd, outage=30.0, n=60)
 
 
-def test_a_new_run_sends_what_the_old_one_left(broker: mqtt_broker.Broker, inspections: list[tuple[Any, str, str]],
+def test_a_new_run_sends_what_the_old_one_left(broker: publish_targets.Broker, inspections: list[tuple[Any, str, str]],
                                                tmp_path: Path) -> None:
     url = f"mqtt://127.0.0.1:{broker.port}/{TOPIC}"
     subscriber = Subscriber(broker.port)
@@ -269,40 +216,6 @@ def test_a_new_run_sends_what_the_old_one_left(broker: mqtt_broker.Broker, inspe
 
 
 # -- the webhook ---------------------------------------------------------------------------------------------------
-class Webhook:
-    """A local endpoint that answers 503 until `accept` is set, then 200; keeps what it accepted."""
-
-    def __init__(self) -> None:
-        self.accepted: list[tuple[str, dict[str, Any]]] = []
-        self.refused = 0
-        self.accept = threading.Event()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if not hook.accept.is_set():
-                    hook.refused += 1
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                hook.accepted.append((self.headers["Idempotency-Key"], json.loads(body)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/verdicts"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_webhook_refusing_for_a_while_gets_every_message_once(inspections: list[tuple[Any, str, str]],
                                                               tmp_path: Path) -> None:
     hook = Webhook()
