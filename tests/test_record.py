@@ -42,19 +42,25 @@ def test_fresh_record_has_the_latest_schema_and_an_old_one_is_migrated(record_ta
     with engine.begin() as connection:
         record_schema.MIGRATIONS[0][1](connection)
         connection.execute(record_schema.versions.insert().values(version=1, applied_ms=0, release="0.1"))
-        connection.execute(sa.text("INSERT INTO spade_inspections (at_ms, origin, source, verdict, score) "
-                                   "VALUES (5, 'predict', 'old.png', 'good', 0.5)"))
+        connection.execute(sa.text("INSERT INTO spade_inspections (at_ms, origin, source, verdict, score, label, "
+                                   "label_by, label_ms) VALUES (5, 'predict', 'old.png', 'good', 0.5, 'defect', "
+                                   "'ann', 7)"))
     engine.dispose()
     with open_record(record_target) as record:
-        assert record.schema_version == SCHEMA_VERSION == 2
+        assert record.schema_version == SCHEMA_VERSION == 3
         [old] = record.inspections()
-        assert (old["source"], old["score"], old["why_path"]) == ("old.png", 0.5, None)
+        assert (old["source"], old["score"], old["why_path"], old["uid"]) == ("old.png", 0.5, None, None)
         migrated = record.table_info()
-        assert "why_path" in migrated["spade_inspections"]["columns"]
-        assert len(migrated["spade_inspections"]["indexes"]) == len(record_schema.INDEXES)
+        assert {"why_path", "uid", "kept_path"} <= set(migrated["spade_inspections"]["columns"])
+        assert len(migrated["spade_inspections"]["indexes"]) == len(record_schema.INDEXES) + 1  # + the uid's
+        # the label given before the history existed is its first entry; a new one is added after it
+        assert record.label_history(old["id"]) == [{"label": "defect", "label_by": "ann", "label_ms": 7}]
+        record.set_label(old["id"], "good", "bob")
+        assert [h["label_by"] for h in record.label_history(old["id"])] == ["ann", "bob"]
+        assert record.get(old["id"])["label"] == "good"
         with record.engine.connect() as connection:
             applied = connection.execute(sa.select(record_schema.versions.c.version)).scalars().all()
-        assert sorted(applied) == [1, 2]
+        assert sorted(applied) == [1, 2, 3]
     if "://" not in record_target:
         fresh = Path(record_target).with_name("fresh.db")
         with open_record(fresh) as record:
@@ -223,8 +229,8 @@ def test_batches_are_written_whole(tmp_path: Path, fitted_model) -> None:
 
 
 def test_database_going_away_mid_run(postgres_cluster, fitted_model, synthetic_root: Path, tmp_path: Path) -> None:
-    """PostgreSQL stopped mid-run: what was written stays, the rest is listed as not recorded, and the outputs on
-    disk are complete."""
+    """PostgreSQL stopped mid-run: what was written stays, the rest waits in the outbox (listed by name), the
+    outputs on disk are complete, and once the server is back the waiting rows are written, each once."""
     import pg_cluster
 
     cluster = pg_cluster.start_cluster()  # its own cluster: this test stops it
@@ -233,8 +239,9 @@ def test_database_going_away_mid_run(postgres_cluster, fitted_model, synthetic_r
         url = cluster.database("going_away")
         record = open_record(url)
         failures: list[str] = []
+        outbox = tmp_path / "outbox.jsonl"
         recorder = Recorder(record, fitted_model, None, origin="predict", batch_size=2, max_wait=3600,
-                            on_failure=failures.append)
+                            outbox=outbox, on_failure=failures.append)
         writer = RecordingWriter.for_model(fitted_model, tmp_path / "out")
         writer.attach(recorder)
 
@@ -250,16 +257,19 @@ def test_database_going_away_mid_run(postgres_cluster, fitted_model, synthetic_r
         recorder.close()
         assert writer.count == 12 and len((tmp_path / "out" / "scores.csv").read_text().splitlines()) == 13
         assert len(list((tmp_path / "out" / "overlays").rglob("*.png"))) == 12
-        assert recorder.recorded == 4 and len(recorder.unrecorded) == 8
-        assert failures and "not written" in failures[0]
-        assert "NOT recorded: 8" in recorder.summary()
+        assert recorder.recorded == 4 and recorder.waiting == 8
+        assert failures and "recording stopped" in failures[0] and "not written" in failures[0]
+        assert "8 WAITING" in recorder.summary()
         listed = recorder.write_unrecorded(tmp_path / "out")
         assert listed is not None and len(listed.read_text().splitlines()) == 8
-        record.close()
+        assert sum('"row"' in line for line in outbox.read_text().splitlines()) == 8
         cluster.start()
+        assert recorder.poll(force=True) and recorder.recorded == 12 and not outbox.exists()
+        assert recorder.write_unrecorded(tmp_path / "out") is None
+        record.close()
         with open_record(url) as again:
-            assert [r["source"] for r in again.inspections()] == sorted(
-                [line.split(",")[0] for line in (tmp_path / "out" / "scores.csv").read_text().splitlines()[1:5]])
+            assert sorted(r["source"] for r in again.inspections()) == sorted(
+                line.split(",")[0] for line in (tmp_path / "out" / "scores.csv").read_text().splitlines()[1:])
     finally:
         pg_cluster.remove(cluster)
 
@@ -293,4 +303,4 @@ def test_two_processes_opening_one_new_record_build_it_once(record_target: str) 
         assert sorted(r["source"] for r in record.inspections()) == ["a", "b", "c"]
         with record.engine.connect() as connection:
             applied = connection.execute(sa.select(record_schema.versions.c.version)).scalars().all()
-        assert sorted(applied) == [1, 2]
+        assert sorted(applied) == [1, 2, 3]

@@ -157,7 +157,7 @@ def test_an_output_folder_of_another_run_is_refused(small, camera: Path, tmp_pat
 
     model, _, _ = small
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "scores.csv").write_text("path,score\n")
+    (tmp_path / "out" / "scores.csv").write_text("path,score\na.png,0.5\n")
     with pytest.raises(OutputError, match="holds another run's results"):
         Watcher(model, camera, tmp_path / "out")
 

@@ -12,6 +12,13 @@ overlays/, heat maps and masks, appended across runs; with a record, every predi
 - Exactly once: a file (its name relative to DIR and its SHA-256) is scored once, across restarts: the record knows
   what it holds, and OUT/watch-state.jsonl (one line per file handled, written after its outputs) knows it without
   a record. A file replaced by other content under the same name is a new part and is scored.
+- One watcher: a second watcher of the same folder and record, or into the same output folder, is refused in one
+  line (a lock held while it runs; the lock goes with the process, so a killed watcher never blocks its restart).
+- Evidence: with a record, each image is copied into the record's files (`spade_ad.record.EvidenceStore`, by its
+  SHA-256) before it is scored, and scored from that copy: what the record shows, labels and learns from is the
+  image inspected, even when the camera later reuses the file name.
+- Outages of the record: rows wait in OUT/record-outbox.jsonl and are written when the record answers again
+  (`spade_ad.recording.Recorder`); scoring never stops for the record.
 - A file that cannot be read (broken, not an image) is logged, listed in OUT/skipped.csv, recorded as an error, and
   the watcher goes on.
 - `move_to`: each handled file is moved to MOVE_TO/good, MOVE_TO/defect or MOVE_TO/error (its folder below DIR kept).
@@ -22,11 +29,14 @@ overlays/, heat maps and masks, appended across runs; with a record, every predi
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ImageReadError, OutputError
-from .record import file_sha256
+from .record import EvidenceStore, RecordUnavailable, file_sha256
 from .recording import Recorder, RecordingWriter, verdict_of
 from .writers import REGIONS_FILE, SCORE_COLUMNS, SCORES_FILE, SKIPPED_FILE, VERDICT_COLUMNS
 
@@ -99,7 +109,7 @@ class Watcher:
                  recorder: Recorder | None = None, move_to: str | os.PathLike[str] | None = None,
                  poll: bool = False, poll_interval: float = 0.5, settle: float = 1.0, save_maps: bool = False,
                  explain: bool = False, max_images: int | None = None, idle_exit: float | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 evidence: EvidenceStore | None = None, log: Callable[[str], None] = print) -> None:
         self.model = model
         self.folder = Path(folder).resolve()
         self.out_dir = Path(out_dir)
@@ -114,10 +124,12 @@ class Watcher:
         self.explain = explain
         if not self.folder.is_dir():
             raise OutputError(f"watch folder {folder} is not a folder; give the folder the camera writes into")
+        self.evidence = evidence
         state = self.out_dir / STATE_FILE
-        if (self.out_dir / SCORES_FILE).exists() and not state.exists():
+        if (self.out_dir / SCORES_FILE).exists() and not state.exists() and _has_rows(self.out_dir / SCORES_FILE):
             raise OutputError(f"output folder {out_dir} holds another run's results ({SCORES_FILE} without "
                               f"{STATE_FILE}); give watch its own output folder")
+        self._locks = self._claim(folder)
         self._excluded = [p.resolve() for p in (self.out_dir, self.move_to) if p is not None]
         self._done: set[tuple[str, str]] = set()
         if state.exists():
@@ -135,6 +147,46 @@ class Watcher:
                                                  explain=explain)
         self.writer.attach(recorder)
         self.result = WatchResult()
+
+    # -- one watcher ----------------------------------------------------------------------------------------------
+    def _claim(self, shown_folder: str | os.PathLike[str]) -> list[Any]:
+        """Lock the output folder, and the watched folder for this record (or, with --move-to, for anyone), for as
+        long as this watcher lives; an OutputError naming the other watcher when one holds a lock."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = self.recorder.record.target if self.recorder is not None else ""
+        key = f"{self.folder}\0{'' if self.move_to is not None else record}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        folder_lock = Path(tempfile.gettempdir()) / f"spade-ad-watch-{digest}.lock"
+        locks = []
+        for path, what in ((self.out_dir / ".watch.lock", f"into {self.out_dir}"),
+                           (folder_lock, f"{shown_folder}" + (f" for record {self.recorder.record.shown}"
+                                                              if self.recorder is not None and not self.move_to
+                                                              else ""))):
+            handle = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                other = handle.read().strip() or "unknown"
+                handle.close()
+                for held in locks:
+                    held.close()
+                raise OutputError(f"another watcher (pid {other}) is already watching {what}; stop it first, or "
+                                  f"give this one another folder") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            locks.append(handle)
+        return locks
+
+    def release(self) -> None:
+        """Give up the watcher's locks (at the end of `run`; a killed process gives them up by itself)."""
+        for handle in self._locks:
+            with suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        self._locks = []
 
     # -- control --------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -245,14 +297,23 @@ class Watcher:
     def _already(self, source: str, sha256: str) -> bool:
         if (source, sha256) in self._done:
             return True
-        return self.recorder is not None and self.recorder.record.was_scored(source, sha256)
+        if self.recorder is None or self.recorder.waiting:
+            return False  # in an outage the state file alone knows (it holds every file this folder's runs handled)
+        try:
+            return self.recorder.record.was_scored(source, sha256)
+        except RecordUnavailable:
+            return False
 
     def _handle(self, candidate: _Candidate) -> None:
         path = candidate.path
         source = path.relative_to(self.folder).as_posix()
         del self._candidates[path]
+        kept: Path | None = None
         try:
-            sha256 = file_sha256(path)
+            if self.evidence is not None:  # scored from the kept copy: the image scored is the image recorded
+                kept, sha256 = self.evidence.keep(path)
+            else:
+                sha256 = file_sha256(path)
         except OSError as exc:
             self.log(f"cannot read {path}: {exc.strerror or exc}; will try again")
             return
@@ -264,13 +325,16 @@ class Watcher:
             return
         verdict = "error"
         try:
-            [prediction] = self.model.iter_predict([path], original_size=True, keep_images=True,
+            [prediction] = self.model.iter_predict([kept or path], original_size=True, keep_images=True,
                                                    explain=self.explain)
         except ImageReadError as exc:
             error = ImageReadError(path, exc.reason, kind=exc.kind)
             target = self._destination(source, verdict)
             self.writer.sources = {source: {"path": target or path, "sha256": sha256}}
             self.writer.skip(source, error)
+            if kept is not None and kept != path:
+                with suppress(OSError):
+                    kept.unlink()  # not an image: nothing to keep
             self.log(f"error: {source}: {exc.reason} (recorded, going on)")
             self.result.errors += 1
         else:
@@ -278,7 +342,7 @@ class Watcher:
             verdict = verdict_of(prediction)
             target = self._destination(source, verdict)
             # the row names where the file will be (moved once its outputs are written and it is marked done)
-            self.writer.sources = {source: {"path": target or path, "sha256": sha256}}
+            self.writer.sources = {source: {"path": target or path, "sha256": sha256, "kept_path": kept}}
             self.writer.write(prediction)
             self.result.scored += 1
             self.result.flagged += verdict == "defect"
@@ -333,6 +397,7 @@ class Watcher:
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> WatchResult:
         """Watch until stopped (`stop`, Ctrl-C, SIGTERM, `max_images`, `idle_exit`); the counts of this run."""
+        (self.out_dir / STATE_FILE).touch()  # this folder is a watch's from now on, even if nothing is scored
         observer = self._observer()
         idle_since = time.monotonic()
         self.log(f"watching {self.folder} ({'polling' if observer is None else 'file events'}); outputs in "
@@ -347,6 +412,8 @@ class Watcher:
                             break
                         self._handle(candidate)
                         idle_since = time.monotonic()
+                        if self.recorder is not None:
+                            self.recorder.poll()  # an outage: retried when its pause is over
                     if self._limit_reached():
                         break
                     if not self._candidates:
@@ -363,7 +430,16 @@ class Watcher:
                 observer.join(timeout=5)
             if self.recorder is not None:
                 self.recorder.close()
+            self.release()
         return self.result
 
     def _limit_reached(self) -> bool:
         return self.max_images is not None and len(self.result.names) >= self.max_images
+
+
+def _has_rows(scores: Path) -> bool:
+    """Whether a scores.csv holds a result row (a watch killed before its first image leaves only the header)."""
+    with suppress(OSError), open(scores, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip()) > 1
+    return False
+

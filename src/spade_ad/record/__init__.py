@@ -4,9 +4,11 @@ default, PostgreSQL by URL), with its review label (`schema` the tables and migr
 
 from __future__ import annotations
 
+from .evidence import EvidenceChanged, EvidenceStore, default_files_dir, verified_image
 from .identity import file_sha256, model_identity, settings_digest
 from .schema import SCHEMA_VERSION
 from .store import BORDERLINE, LABELS, Record, RecordError, RecordUnavailable, now_ms, open_record, shown
 
-__all__ = ["BORDERLINE", "LABELS", "SCHEMA_VERSION", "Record", "RecordError", "RecordUnavailable", "file_sha256",
-           "model_identity", "now_ms", "open_record", "settings_digest", "shown"]
+__all__ = ["BORDERLINE", "LABELS", "SCHEMA_VERSION", "EvidenceChanged", "EvidenceStore", "Record", "RecordError",
+           "RecordUnavailable", "default_files_dir", "file_sha256", "model_identity", "now_ms", "open_record",
+           "settings_digest", "shown", "verified_image"]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The record schema this release writes (see `MIGRATIONS`)."""
 
 metadata = sa.MetaData()
@@ -77,6 +77,20 @@ def _inspection_columns() -> list[sa.Column]:
 inspections = sa.Table(
     "spade_inspections", metadata, *_inspection_columns(),
     sa.Column("why_path", sa.Text),  # version 2: the "why" picture of a flagged image
+    sa.Column("uid", sa.String(32)),  # version 3: unique per inspection, so that a row written twice is kept once
+    sa.Column("kept_path", sa.Text),  # version 3: the kept copy of the image as inspected (content-addressed)
+)
+
+# version 3: every label given, with who and when (the inspection's label columns hold the latest one).
+labels = sa.Table(
+    "spade_labels", metadata,
+    sa.Column("id", sa.Integer().with_variant(sa.BigInteger, "postgresql"), primary_key=True, autoincrement=True),
+    sa.Column("inspection_id", sa.Integer().with_variant(sa.BigInteger, "postgresql"),
+              sa.ForeignKey("spade_inspections.id"), nullable=False),
+    sa.Column("label", sa.String(10), nullable=False),
+    sa.Column("label_by", sa.String(200)),
+    sa.Column("label_ms", sa.BigInteger, nullable=False),
+    sa.Index("ix_spade_labels_inspection", "inspection_id", "id"),
 )
 
 # version 2: what the review queue, the watcher's "already scored?" and drift ask for, answered from indexes.
@@ -87,6 +101,8 @@ INDEXES = (
     sa.Index("ix_spade_inspections_source", inspections.c.source),
     sa.Index("ix_spade_inspections_label", inspections.c.label, inspections.c.at_ms),
 )
+# version 3: a row written again (a retried batch whose commit was not acknowledged) is recognised by its uid.
+UID_INDEX = sa.Index("ux_spade_inspections_uid", inspections.c.uid, unique=True)
 
 
 def _v1(connection: sa.Connection) -> None:
@@ -105,6 +121,18 @@ def _v2(connection: sa.Connection) -> None:
         index.create(connection)
 
 
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2)]
+def _v3(connection: sa.Connection) -> None:
+    """Release 3: each inspection's uid and kept image; the label history (earlier labels carried over)."""
+    for column in ("uid VARCHAR(32)", "kept_path TEXT"):
+        connection.execute(sa.text(f"ALTER TABLE {inspections.name} ADD COLUMN {column}"))
+    UID_INDEX.create(connection)
+    labels.create(connection)
+    c = inspections.c
+    connection.execute(labels.insert().from_select(
+        ["inspection_id", "label", "label_by", "label_ms"],
+        sa.select(c.id, c.label, c.label_by, sa.func.coalesce(c.label_ms, c.at_ms)).where(c.label.is_not(None))))
+
+
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
 """(version, step): applied in order to records below that version, each in the transaction that records it."""
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION

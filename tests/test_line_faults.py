@@ -1,0 +1,304 @@
+"""The line station under faults, as a user meets them (issue: "no inspection lost, no defect taught as good, no
+watcher that dies"): a camera reusing a file name, the SQLite record locked past its busy timeout, the record file
+deleted, PostgreSQL stopped and restarted under a running watcher, two watchers on one folder, a restart after a run
+that scored nothing, and `calibrate --record` adding to the calibration rather than replacing it."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from child_server import wait_until
+from cli_run import run_cli
+from spade_ad import Spade
+from spade_ad.errors import OutputError
+from spade_ad.record import EvidenceChanged, EvidenceStore, file_sha256, open_record, verified_image
+from spade_ad.recording import OUTBOX_FILE, Recorder, labelled_images
+from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.watch import Watcher
+
+pytest.importorskip("watchdog")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Spade, Path, list[Path], list[Path]]:
+    """A quick model on 64 x 64 images, its file, good test images and defective ones."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("faults") / "part", n_train=8, n_test_good=6,
+                                  n_test_defect=4, size=(64, 64), seed=11)
+    model = Spade(k_gallery=3, image_size=64, device="cpu", progress=False).fit(root / "train" / "good")
+    path = root / "model.safetensors"
+    model.save(path)
+    goods = sorted((root / "test" / "good").glob("*.png"))
+    defects = sorted(p for p in (root / "test").rglob("*.png") if p.parent.name != "good")
+    return model, path, goods, defects
+
+
+def _drop(source: Path, target: Path) -> None:
+    """A camera writing a file: a temporary name, then renamed into place (complete at once)."""
+    shutil.copy(source, target.with_name(target.name + ".part"))
+    target.with_name(target.name + ".part").replace(target)
+
+
+class _Running:
+    """A Watcher on a thread, with its log lines."""
+
+    def __init__(self, model: Spade, camera: Path, out: Path, recorder: Recorder | None, **options: object) -> None:
+        self.lines: list[str] = []
+        self.watcher = Watcher(model, camera, out, recorder=recorder, poll=True, poll_interval=0.05, settle=0.1,
+                               log=self.lines.append, **options)
+        self.results: list = []
+        self.thread = threading.Thread(target=lambda: self.results.append(self.watcher.run()), daemon=True)
+        self.thread.start()
+
+    def finish(self) -> object:
+        self.watcher.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+        return self.results[0]
+
+
+def _recorder(target: str | Path, model: Spade, model_path: Path, out: Path, messages: list[str]) -> Recorder:
+    out.mkdir(parents=True, exist_ok=True)
+    return Recorder(open_record(target), model, model_path, origin="watch", outbox=out / OUTBOX_FILE,
+                    retry_after=0.3, retry_max=1.0, retry_wait=0.2, max_wait=0.2,
+                    on_failure=messages.append, on_resume=messages.append)
+
+
+def _sources(target: str | Path) -> list[str]:
+    with open_record(target) as record:
+        return sorted(r["source"] for r in record.inspections())
+
+
+def test_a_reused_file_name_never_changes_what_an_inspection_shows_or_teaches(small, tmp_path: Path) -> None:
+    """cam/a1.png good, later a defect under the same name: the first inspection keeps its own (good) image for the
+    review page, the Good label with --allow-add and calibrate --record; a file changed under a row without a kept
+    copy is refused, not used."""
+    model, model_path, goods, defects = small
+    camera, out, db = tmp_path / "cam", tmp_path / "out", tmp_path / "line.db"
+    camera.mkdir()
+    evidence = EvidenceStore(tmp_path / "line.db.files")
+    running = _Running(model, camera, out, _recorder(db, model, model_path, out, []), evidence=evidence)
+    _drop(goods[0], camera / "a1.png")
+    wait_until(lambda: len(running.watcher.result.names) == 1, timeout=60, what="the good a1.png scored")
+    _drop(defects[0], camera / "a1.png")
+    wait_until(lambda: len(running.watcher.result.names) == 2, timeout=60, what="the defect a1.png scored")
+    running.finish()
+    with open_record(db) as record:
+        first, second = record.inspections()
+        assert first["source"] == second["source"] == "a1.png"
+        assert (first["sha256"], second["sha256"]) == (file_sha256(goods[0]), file_sha256(defects[0]))
+        # what the review page, the label and calibrate get is the image inspected, not the file there now
+        assert file_sha256(verified_image(first)) == file_sha256(goods[0])
+        assert file_sha256(verified_image(second)) == file_sha256(defects[0])
+        record.set_label(first["id"], "good", "operator")
+        good, defect, refused = labelled_images(record, model, model_path)
+        assert [file_sha256(p) for p in good] == [file_sha256(goods[0])] and not defect and not refused
+
+    from spade_ad.service.review import ReviewStore
+
+    store = ReviewStore(str(db), files=tmp_path / "line.db.files")
+    added: list[str] = []
+    store.label(first["id"], "good", "operator", lambda path: added.append(file_sha256(path)) or {"added": 1})
+    assert added == [file_sha256(goods[0])]  # the good image, never the defect now at cam/a1.png
+    assert file_sha256(store.file(first["id"], "image")) == file_sha256(goods[0])
+    store.close()
+
+    # a row without a kept copy (predict --record) whose file was replaced: refused everywhere
+    with open_record(db) as record:
+        [row_id] = record.add([{"origin": "predict", "source": "b.png", "path": str(camera / "a1.png"),
+                                "sha256": file_sha256(goods[1]), "verdict": "good", "score": 0.1,
+                                "model_id": first["model_id"]}])
+        with pytest.raises(EvidenceChanged, match="another image than the one inspected"):
+            verified_image(record.get(row_id))
+
+
+def test_sqlite_locked_past_its_busy_timeout_loses_nothing(small, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the record's write lock longer than the busy timeout: the files dropped during and
+    after the lock are all in the record soon after it is released, each once; the watcher never stops."""
+    import spade_ad.record.store as store
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 500)
+    model, model_path, goods, _ = small
+    camera, out, db = tmp_path / "cam", tmp_path / "out", tmp_path / "line.db"
+    camera.mkdir()
+    messages: list[str] = []
+    running = _Running(model, camera, out, _recorder(db, model, model_path, out, messages))
+    locker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sqlite3, sys, time
+        connection = sqlite3.connect({str(db)!r}, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+        print("locked", flush=True)
+        time.sleep(4)
+        connection.execute("ROLLBACK")
+    """)], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    for index in range(3):
+        _drop(goods[index], camera / f"during{index}.png")
+    wait_until(lambda: len(running.watcher.result.names) == 3, timeout=60, what="3 files scored under the lock")
+    locker.wait(timeout=30)
+    released = time.monotonic()
+    _drop(goods[3], camera / "after.png")
+    wait_until(lambda: len(_sources(db)) == 4, timeout=60, what="every file in the record after the lock")
+    assert time.monotonic() - released < 60
+    result = running.finish()
+    assert result.scored == 4
+    assert _sources(db) == ["after.png", "during0.png", "during1.png", "during2.png"]  # each once
+    assert any("recording stopped" in m and "locked" in m for m in messages)
+    assert any("recording resumed" in m for m in messages)
+    assert not (out / OUTBOX_FILE).exists()
+
+
+def test_a_deleted_record_file_is_noticed_and_its_rows_wait_for_backfill(small, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    model, model_path, goods, _ = small
+    camera, out, db = tmp_path / "cam", tmp_path / "out", tmp_path / "del.db"
+    camera.mkdir()
+    messages: list[str] = []
+    recorder = _recorder(db, model, model_path, out, messages)
+    running = _Running(model, camera, out, recorder)
+    _drop(goods[0], camera / "before.png")
+    wait_until(lambda: _sources(db) == ["before.png"], timeout=60, what="before.png recorded")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    _drop(goods[1], camera / "gone1.png")
+    _drop(goods[2], camera / "gone2.png")
+    wait_until(lambda: len(running.watcher.result.names) == 3, timeout=60, what="the files after the deletion")
+    running.finish()
+    assert any("was deleted" in m for m in messages)
+    assert not db.exists()  # nothing was written into the void, nor a new record made behind the user's back
+    assert "2 WAITING" in recorder.summary() and (out / OUTBOX_FILE).exists()
+    # the operator puts a record back (here: a new one) and writes what waited, each once
+    capsys.readouterr()
+    assert run_cli(["record", "backfill", str(db), str(out / OUTBOX_FILE)]) == 0
+    assert "wrote 2 inspections" in capsys.readouterr().out
+    assert _sources(db) == ["gone1.png", "gone2.png"] and not (out / OUTBOX_FILE).exists()
+    assert run_cli(["record", "backfill", str(db), str(out / OUTBOX_FILE)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_postgres_stopped_and_restarted_under_a_running_watcher(postgres_cluster, small, tmp_path: Path) -> None:
+    import pg_cluster
+
+    cluster = pg_cluster.start_cluster()  # its own cluster: this test stops it
+    assert not isinstance(cluster, str), cluster
+    try:
+        url = cluster.database("line")
+        model, model_path, goods, _ = small
+        camera, out = tmp_path / "cam", tmp_path / "out"
+        camera.mkdir()
+        messages: list[str] = []
+        running = _Running(model, camera, out, _recorder(url, model, model_path, out, messages))
+        _drop(goods[0], camera / "up.png")
+        wait_until(lambda: _sources(url) == ["up.png"], timeout=60, what="up.png recorded")
+        cluster.stop()
+        for index in range(1, 4):
+            _drop(goods[index], camera / f"down{index}.png")
+        wait_until(lambda: len(running.watcher.result.names) == 4, timeout=60, what="files scored while down")
+        assert running.thread.is_alive()  # the watcher did not die
+        cluster.start()
+        back = time.monotonic()
+        _drop(goods[4], camera / "back.png")
+        wait_until(lambda: len(_sources(url)) == 5, timeout=60, what="every file in the record after the restart")
+        assert time.monotonic() - back < 60
+        running.finish()
+        assert _sources(url) == ["back.png", "down1.png", "down2.png", "down3.png", "up.png"]
+        assert any("recording stopped" in m for m in messages) and any("resumed" in m for m in messages)
+    finally:
+        pg_cluster.remove(cluster)
+
+
+def test_a_second_watcher_on_one_folder_and_record_is_refused(small, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    model, model_path, goods, _ = small
+    camera, db = tmp_path / "cam", tmp_path / "line.db"
+    camera.mkdir()
+    first = _Running(model, camera, tmp_path / "out1", _recorder(db, model, model_path, tmp_path / "out1", []))
+    with pytest.raises(OutputError, match=r"another watcher \(pid \d+\) is already watching"):
+        Watcher(model, camera, tmp_path / "out2", recorder=_recorder(db, model, model_path, tmp_path / "out2", []))
+    with pytest.raises(OutputError, match="another watcher"):  # nor into its output folder
+        Watcher(model, tmp_path, tmp_path / "out1")
+    # through the front door: one line, exit 2
+    capsys.readouterr()
+    assert run_cli(["watch", str(model_path), str(camera), "-o", str(tmp_path / "out3"), "--record", str(db),
+                    "--max-images", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "another watcher" in err and len(err.strip().splitlines()) == 1
+    for index in range(3):
+        _drop(goods[index], camera / f"{index}.png")
+    wait_until(lambda: len(first.watcher.result.names) == 3, timeout=60, what="3 files scored")
+    first.finish()
+    assert _sources(db) == ["0.png", "1.png", "2.png"]  # each once
+    again = Watcher(model, camera, tmp_path / "out1", log=lambda _: None)  # the lock went with the first
+    again.release()
+
+
+def test_a_watch_that_scored_nothing_restarts(small, tmp_path: Path) -> None:
+    model, _, goods, _ = small
+    camera, out = tmp_path / "cam", tmp_path / "out"
+    camera.mkdir()
+    Watcher(model, camera, out, poll=True, idle_exit=0.2, log=lambda _: None).run()
+    assert (out / "scores.csv").read_text().count("\n") <= 1
+    _drop(goods[0], camera / "x.png")
+    result = Watcher(model, camera, out, poll=True, settle=0.1, idle_exit=0.5, log=lambda _: None).run()
+    assert result.scored == 1
+
+
+def test_calibrate_record_adds_to_the_calibration(small, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A few labelled good images refine the threshold; they do not replace the training images' scores (unless
+    --replace, which says so)."""
+    model, model_path, goods, _ = small
+    work = tmp_path / "m.safetensors"
+    shutil.copy(model_path, work)
+    db = tmp_path / "line.db"
+    recorder = Recorder(open_record(db), model, work, origin="predict")
+    for prediction in model.iter_predict(goods[:3], original_size=True, keep_images=True):
+        recorder.add(prediction)
+    recorder.close()
+    with open_record(db) as record:
+        for row in record.inspections():
+            record.set_label(row["id"], "good", "qa")
+    n_before = model.calibration_.n
+    capsys.readouterr()
+    assert run_cli(["calibrate", str(work), "--record", str(db), "-o", str(tmp_path / "combined.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"calibration added to: {n_before} -> {n_before + 3} good scores" in out
+    assert run_cli(["calibrate", str(work), "--record", str(db), "--replace", "-o",
+                    str(tmp_path / "r.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"calibration REPLACED: {n_before} -> 3 good scores" in out and "guaranteed false-alarm rate" in out
+
+
+def test_an_unreadable_file_is_never_labelled(small, tmp_path: Path) -> None:
+    model, model_path, _, _ = small
+    from spade_ad.record import RecordError
+
+    with open_record(tmp_path / "r.db") as record:
+        recorder = Recorder(record, model, model_path, origin="watch")
+        recorder.add_error("notes.txt", "not an image file")
+        recorder.close()
+        [row] = record.inspections()
+        with pytest.raises(RecordError, match="nothing to label"):
+            record.set_label(row["id"], "good", "qa")
+
+
+def test_retried_rows_are_written_once(small, tmp_path: Path) -> None:
+    """A batch written again (its commit was not acknowledged) is kept once: rows carry a uid."""
+    model, model_path, goods, _ = small
+    with open_record(tmp_path / "r.db") as record:
+        recorder = Recorder(record, model, model_path, origin="predict")
+        [prediction] = model.predict(goods[:1])
+        rows = [recorder.row(prediction)]
+        first = record.add(rows)
+        assert record.add(rows) == first and record.count() == 1
+    connection = sqlite3.connect(tmp_path / "r.db")
+    assert connection.execute("SELECT count(*) FROM spade_inspections").fetchone() == (1,)
+    connection.close()
