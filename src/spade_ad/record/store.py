@@ -368,13 +368,13 @@ class Record:
             connection.execute(inspections.insert(), values)  # executemany: one statement, many rows
             last = connection.execute(sa.select(sa.func.max(inspections.c.id))).scalar_one()
             return list(range(int(last) - len(values) + 1, int(last) + 1))
-        known = dict(connection.execute(sa.select(inspections.c.uid, inspections.c.id)
-                                        .where(inspections.c.uid.in_(uids))).tuples().all())
+        known = {uid: id_ for uid, id_ in connection.execute(sa.select(inspections.c.uid, inspections.c.id)
+                                                            .where(inspections.c.uid.in_(uids)))}
         new = [row for row in values if row.get("uid") not in known]
         if new:
             connection.execute(inspections.insert(), new)
-            known.update(connection.execute(sa.select(inspections.c.uid, inspections.c.id)
-                                            .where(inspections.c.uid.in_([r["uid"] for r in new]))).tuples().all())
+            added = sa.select(inspections.c.uid, inspections.c.id).where(inspections.c.uid.in_([r["uid"] for r in new]))
+            known.update({uid: id_ for uid, id_ in connection.execute(added)})
         return [int(known[row["uid"]]) for row in values]
 
     def set_label(self, inspection_id: int, label: str, by: str) -> dict[str, Any]:
