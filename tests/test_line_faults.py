@@ -302,3 +302,42 @@ def test_retried_rows_are_written_once(small, tmp_path: Path) -> None:
     connection = sqlite3.connect(tmp_path / "r.db")
     assert connection.execute("SELECT count(*) FROM spade_inspections").fetchone() == (1,)
     connection.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 3 MB tmpfs (root only: skipped elsewhere), unmounted after the test."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_under_the_record_loses_nothing(small, small_disk: Path, tmp_path: Path) -> None:
+    """The disk holding the record fills up mid-watch, then space is freed: the files dropped meanwhile are in the
+    record soon after, each once."""
+    model, model_path, goods, _ = small
+    camera, out, db = tmp_path / "cam", tmp_path / "out", small_disk / "line.db"
+    camera.mkdir()
+    messages: list[str] = []
+    running = _Running(model, camera, out, _recorder(db, model, model_path, out, messages))
+    _drop(goods[0], camera / "first.png")
+    wait_until(lambda: _sources(db) == ["first.png"], timeout=60, what="first.png recorded")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle, pytest.raises(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    for index in range(1, 4):
+        _drop(goods[index], camera / f"full{index}.png")
+    wait_until(lambda: len(running.watcher.result.names) == 4, timeout=60, what="files scored on a full disk")
+    wait_until(lambda: any("recording stopped" in m for m in messages), timeout=30, what="the outage said")
+    filler.unlink()
+    wait_until(lambda: len(_sources(db)) == 4, timeout=60, what="every file in the record once space is back")
+    running.finish()
+    assert _sources(db) == ["first.png", "full1.png", "full2.png", "full3.png"]
