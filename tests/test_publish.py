@@ -92,6 +92,9 @@ def test_bad_targets_are_one_line_errors(tmp_path: Path) -> None:
     assert parse_target("mqtt://user:secret@broker.local/spade/line1").shown == "mqtt://user@broker.local/spade/line1"
     assert parse_target("mqtt://broker.local/spade/line1").port == 1883
     assert parse_target("https://plc.example/hook").port == 443
+    assert parse_target("opc.tcp://0.0.0.0/spade-ad").url == "opc.tcp://0.0.0.0:4840/spade-ad"
+    with pytest.raises(PublishError, match="server of the latest inspection"):
+        Publisher.open("opc.tcp://0.0.0.0:4840", tmp_path)  # no outbox: Publishers.open serves it
     for url, says in [("ftp://x/y", "unknown scheme"), ("mqtt://broker.local", "no topic"),
                       ("mqtt://broker.local/a/#", "wildcard"), ("http:///hook", "no host"),
                       ("mqtt://broker.local:99999/t", "port")]:
@@ -238,3 +241,39 @@ def test_webhook_refusing_for_a_while_gets_every_message_once(inspections: list[
     assert [payload for _, payload in hook.accepted] == messages  # each once, in order
     assert all(key == payload["id"] for key, payload in hook.accepted)
     assert any(": stopped (HTTP 503" in line for line in lines) and any(": resumed after" in line for line in lines)
+
+
+# -- OPC UA ----------------------------------------------------------------------------------------------------------
+def test_opcua_server_shows_the_latest_inspection(inspections: list[tuple[Any, str, str]], tmp_path: Path) -> None:
+    pytest.importorskip("asyncua", reason="asyncua is not installed (pip install 'spade-ad[opcua]')")
+    from asyncua.sync import Client
+
+    from spade_ad.publish.opcua import NAMESPACE
+
+    endpoint = f"opc.tcp://127.0.0.1:{publish_targets.free_port()}/spade-ad"
+    lines: list[str] = []
+    publishers = Publishers.open([endpoint], tmp_path, log=lines.append)
+    messages = _messages(inspections, len(inspections))
+    defect = next(m for m in messages if m["verdict"] == "defect")
+    ordered = [m for m in messages if m is not defect] + [defect]  # the last one shown is a flagged image
+    try:
+        for message in ordered:
+            assert publishers.publish(message) == ["served"]
+        with Client(endpoint) as client:
+            ns = client.get_namespace_index(NAMESPACE)
+
+            def read(*path: str) -> Any:
+                return client.nodes.objects.get_child([f"{ns}:{p}" for p in ("SpadeAD", *path)]).read_value()
+
+            assert read("LastInspection", "Sequence") == len(ordered)
+            assert json.loads(read("LastInspection", "Message")) == defect
+            assert read("LastInspection", "Id") == defect["id"] and read("LastInspection", "File") == defect["file"]
+            assert read("LastInspection", "Verdict") == "defect" and read("LastInspection", "Reject") is True
+            assert read("LastInspection", "Score") == pytest.approx(defect["score"])
+            assert read("LastInspection", "Regions") == defect["regions_total"]
+            assert read("Counters", "Inspections") == len(ordered)
+            assert read("Counters", "Defects") == sum(m["verdict"] == "defect" for m in ordered)
+    finally:
+        assert publishers.close() == 0
+    assert not list(tmp_path.glob("*.sqlite"))  # latest value only: no outbox
+    assert len(lines) == 1 and "OPC UA server listening" in lines[0]

@@ -92,6 +92,9 @@ class Publisher:
         """A publisher to `url` (mqtt://host[:port]/topic, mqtts://, http://, https://) whose outbox lives in
         `outbox_dir`; `PublishError` (one line) for a bad URL or an outbox that cannot be opened."""
         target = parse_target(url)
+        if target.scheme == "opc.tcp":
+            raise PublishError(f"--publish {target.shown}: an OPC UA endpoint is a server of the latest inspection, "
+                               f"not a destination of messages; open it with Publishers.open")
         transport: Any = MqttTransport(target) if target.scheme.startswith("mqtt") else HttpTransport(target)
         path = outbox_file(outbox_dir, target)
         try:
@@ -144,9 +147,10 @@ class Publisher:
             return 0
         if not self._closing.is_set():
             self.begin_close(timeout)
-        return self._finish()
+        return self.finish_close()
 
-    def _finish(self) -> int:
+    def finish_close(self) -> int:
+        """Wait for the sender to stop (after `begin_close`); the messages left in the outbox."""
         # the sender gives up at the deadline; a send in progress ends within the transport's own timeout (10 s).
         # The outbox stays open (closed with the process): a late publish() is still kept for the next run.
         self._thread.join(max(0.0, self._deadline - time.monotonic()) + 15.0)
@@ -212,9 +216,10 @@ class Publisher:
 
 
 class Publishers:
-    """Several publishers (one per --publish URL) fed the same messages; `inspection` builds them."""
+    """Several publishers (one per --publish URL) fed the same messages; `inspection` builds them. An
+    `opc.tcp://` URL is not a Publisher but an OPC UA server of the latest inspection (`spade_ad.publish.opcua`)."""
 
-    def __init__(self, publishers: Sequence[Publisher], *, model_name: str = "model",
+    def __init__(self, publishers: Sequence[Any], *, model_name: str = "model",
                  model_id: str | None = None) -> None:
         self.publishers = list(publishers)
         self.model_name = model_name
@@ -223,11 +228,17 @@ class Publishers:
     @classmethod
     def open(cls, urls: Sequence[str], outbox_dir: str | os.PathLike[str], *, model_name: str = "model",
              model_id: str | None = None, **options: Any) -> Publishers:
-        """One `Publisher.open(url, outbox_dir, **options)` per URL (closed again if a later one fails)."""
-        opened: list[Publisher] = []
+        """One `Publisher.open(url, outbox_dir, **options)` per URL, an `OpcUaServer` per opc.tcp:// URL (closed
+        again if a later one fails)."""
+        opened: list[Any] = []
         try:
             for url in urls:
-                opened.append(Publisher.open(url, outbox_dir, **options))
+                if parse_target(url).scheme == "opc.tcp":
+                    from .opcua import OpcUaServer
+
+                    opened.append(OpcUaServer(parse_target(url), log=options.get("log", stamped)))
+                else:
+                    opened.append(Publisher.open(url, outbox_dir, **options))
         except BaseException:
             for publisher in opened:
                 publisher.close(timeout=0)
@@ -282,7 +293,7 @@ class Publishers:
         """Close every publisher, sending for up to `timeout` seconds in all; the messages left in their outboxes."""
         for publisher in self.publishers:
             publisher.begin_close(timeout)
-        return sum(publisher._finish() for publisher in self.publishers)
+        return sum(publisher.finish_close() for publisher in self.publishers)
 
     def __enter__(self) -> Publishers:
         return self

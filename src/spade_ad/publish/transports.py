@@ -55,14 +55,14 @@ class Target:
 
 def parse_target(url: str) -> Target:
     """Parse and check a --publish URL; `PublishError` (one line, saying what is expected) when it is bad."""
-    expected = "give mqtt://host[:port]/topic, mqtts://..., http://... or https://..."
+    expected = "give mqtt://host[:port]/topic, mqtts://..., http://..., https://... or opc.tcp://host:port"
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
         raise PublishError(f"--publish {url}: {exc}; {expected}") from exc
     scheme = parts.scheme.lower()
-    if scheme not in ("mqtt", "mqtts", "http", "https"):
+    if scheme not in ("mqtt", "mqtts", "http", "https", "opc.tcp"):
         raise PublishError(f"--publish {url}: unknown scheme {parts.scheme or '(none)'!r}; {expected}")
     if not parts.hostname:
         raise PublishError(f"--publish {url}: no host; {expected}")
@@ -81,6 +81,9 @@ def parse_target(url: str) -> Target:
             raise PublishError(f"--publish {url}: the topic {topic!r} holds a wildcard (+ or #); "
                                f"give the topic to publish to")
         default_port = 8883 if scheme == "mqtts" else 1883
+    elif scheme == "opc.tcp":  # a server of ours (spade_ad.publish.opcua): the host is the address to listen on
+        topic, default_port = "", 4840
+        url = f"opc.tcp://{shown_netloc if port is not None else shown_netloc + ':4840'}{parts.path}"
     else:
         topic = ""
         default_port = 443 if scheme == "https" else 80
