@@ -578,6 +578,83 @@ def drift(record_target: str, model_id: str | None, window: int, alpha: float, a
         sys.exit(1)
 
 
+@app.group("record")
+def record_group() -> None:
+    """The inspection record: write back what waited in an outbox (backfill), and read the record."""
+
+
+def _selection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters of `record list` and `record export` (`spade_ad.record.export.Selection`)."""
+    from_to = "ISO date or time, UTC unless an offset is given (2026-12-03, 2026-12-03T14:00, ...+01:00)"
+    for option in reversed([
+        click.option("--verdict", type=click.Choice(["defect", "good", "error", "none"]), default=None,
+                     help="Only this verdict (error: files that could not be scored; none: no threshold)."),
+        click.option("--label", type=click.Choice(["good", "defect", "none"]), default=None,
+                     help="Only this latest review label (none: not labelled)."),
+        click.option("--since", default=None, metavar="WHEN", help=f"Inspected at or after this {from_to}."),
+        click.option("--until", default=None, metavar="WHEN", help=f"Inspected before this {from_to}."),
+        click.option("--model", "model_id", default=None, help="Only this model: id, its first characters, or name."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _selection(verdict: str | None, label: str | None, since: str | None, until: str | None, model_id: str | None,
+               limit: int | None = None, newest_first: bool = False) -> Any:
+    from .record.export import Selection, parse_time
+
+    return Selection(verdict=verdict, label=label, since_ms=parse_time(since, "--since"),
+                     until_ms=parse_time(until, "--until"), model=model_id, limit=limit, newest_first=newest_first)
+
+
+@record_group.command("list")
+@click.argument("record_target", metavar="DB")
+@_selection_options
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="The newest this many inspections.")
+@click.option("--json", "as_json", is_flag=True, help="Every column as JSON (one list) instead of the table.")
+def record_list(record_target: str, verdict: str | None, label: str | None, since: str | None, until: str | None,
+                model_id: str | None, limit: int, as_json: bool) -> None:
+    """List the newest inspections of the record DB (read-only), newest first: a table, or --json."""
+    import json
+
+    from .record import open_record
+    from .record.export import format_table, iter_rows, plain
+
+    selection = _selection(verdict, label, since, until, model_id, limit=limit, newest_first=True)
+    with open_record(record_target, readonly=True) as record:
+        rows = list(iter_rows(record, selection))
+    if as_json:
+        click.echo(json.dumps([plain(row) for row in rows], indent=2))
+    elif rows:
+        click.echo(format_table(rows))
+    else:
+        click.echo("no inspection matches", err=True)
+
+
+@record_group.command("export")
+@click.argument("record_target", metavar="DB")
+@click.option("--format", "format_", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
+              help="csv (text, regions as JSON) or parquet (typed columns; needs pyarrow).")
+@_selection_options
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="File to write (replaced when it exists; written whole or not at all); - : stdout (csv).")
+def record_export(record_target: str, format_: str, verdict: str | None, label: str | None, since: str | None,
+                  until: str | None, model_id: str | None, output: str) -> None:
+    """Export the inspections of the record DB (read-only), oldest first, every column (times also in ISO 8601
+    UTC: at, label_at), to a CSV or Parquet file."""
+    from .record import open_record
+    from .record.export import iter_rows, write_csv, write_parquet
+
+    if format_ == "parquet" and output == "-":
+        raise click.UsageError("--format parquet needs a file (-o FILE), not stdout")
+    selection = _selection(verdict, label, since, until, model_id)
+    with open_record(record_target, readonly=True) as record:
+        write = write_parquet if format_ == "parquet" else write_csv
+        count = write(iter_rows(record, selection), output)
+    click.echo(f"exported {count} inspection{'s' if count != 1 else ''} to {output}", err=output == "-")
+
+
 def _labelled_inputs(record_target: str, model: Any, model_path: Path, good: Path | None,
                      defect: Path | None) -> tuple[Any, Any]:
     """The --good/--defect inputs of `calibrate` with the record's labelled images added."""

@@ -11,15 +11,21 @@ Connections are timed at the HTTP layer too (`timed_protocol`): the request line
 `header_timeout` seconds (from the connection's start, or the end of the previous answer), and a body within
 `read_timeout` (+ `BODY_GRACE`) seconds of its headers, whatever route it is for; otherwise the connection is closed.
 The predict route's own deadline (`read_timeout`) answers 408 first; this is the backstop for bodies no route reads.
+
+Every log line starts with the local time in ISO 8601 (`2026-12-06T15:04:05+0000 INFO: ...`), so a journal or a log
+file read later says when. At start-up the service logs the record it opened and each model as it loads (its file,
+then the time it took, its backbone, good images and threshold): a start of many seconds shows where it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging.config
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,13 +138,34 @@ def timed_protocol(header_timeout: float, body_timeout: float) -> type[asyncio.P
     return TimedH11Protocol
 
 
+LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+"""The time at the start of every log line (local time, ISO 8601 with its UTC offset)."""
+
+
 def _log_config() -> dict[str, Any]:
-    """uvicorn's logging set-up, plus the service's own logger (internal errors with their request ids)."""
+    """uvicorn's logging set-up with the time on every line, plus the service's own logger (start-up, internal
+    errors with their request ids)."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+        formatter["datefmt"] = LOG_TIME_FORMAT
     config["loggers"][logger.name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
+
+
+def _describe(model: Any) -> str:
+    """A loaded model in a few words for the start-up log: backbone, good images, image threshold."""
+    parts = []
+    if getattr(model, "backbone", None):
+        parts.append(f"backbone {model.backbone}")
+    names = getattr(model, "train_names_", None)
+    if names is not None:
+        parts.append(f"{len(names)} good images")
+    threshold = getattr(model, "image_threshold_", None)
+    parts.append(f"image threshold {threshold:.4g}" if threshold is not None else "no threshold")
+    return ", ".join(parts)
 
 
 def run_server(
@@ -162,6 +189,7 @@ def run_server(
     from ..runtime.bundle import is_bundle
     from .app import ServedModel
 
+    logging.config.dictConfig(_log_config())  # the start-up lines below already carry the time
     settings = settings or ServiceSettings()
     paths = list(products) or [("default", model_path)]
     for _, path in paths:
@@ -173,12 +201,19 @@ def run_server(
         from .review import ReviewStore
 
         review = ReviewStore(record, record_files)  # before the models load: a bad record costs nothing
+        logger.info("inspection record: %s (schema %s; uploads kept in %s)", review.record.shown,
+                    review.record.schema_version, review.files)
     # `POST /v1/good` (with allow_add) saves the model to the user's file, not to the private copy; the record
     # identifies it by the user's file's content.
-    served = [ServedModel(name, load_private_copy(path, weights=weights, device=device, engine=engine),
-                          model_file=os.path.basename(os.fspath(path)),
-                          save_to=path if settings.allow_add else None, identity_file=path)
-              for name, path in paths]
+    served = []
+    for number, (name, path) in enumerate(paths, 1):
+        shown = f"model {number}/{len(paths)}" + (f" {name!r}" if products else "")
+        logger.info("loading %s from %s ...", shown, path)
+        started = time.perf_counter()
+        model = load_private_copy(path, weights=weights, device=device, engine=engine)
+        logger.info("loaded %s in %.1f s: %s", shown, time.perf_counter() - started, _describe(model))
+        served.append(ServedModel(name, model, model_file=os.path.basename(os.fspath(path)),
+                                  save_to=path if settings.allow_add else None, identity_file=path))
     if products:
         app = create_app(None, settings, review=review, products=served)
     else:
