@@ -79,7 +79,7 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
             raise OutputError(f"output folder {out_dir} {what}; give a folder for the results (-o / --output)")
     if not overwrite and (out_dir / SCORES_FILE).exists():
         raise OutputError(f"output folder {out_dir} already holds results ({SCORES_FILE}); choose another folder or "
-                          f"pass --overwrite (overwrite=True) to replace them")
+                          f"pass --overwrite to replace them")
     return out_dir
 
 

@@ -356,7 +356,8 @@ class Record:
                     if wait is not None and self.backend == "sqlite":
                         connection.connection.dbapi_connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sa.exc.DBAPIError as exc:
-            raise RecordUnavailable(f"record {self.shown}: {len(values)} inspections not written "
+            raise RecordUnavailable(f"record {self.shown}: {len(values)} inspection{'s' if len(values) != 1 else ''} "
+                                    f"not written "
                                     f"({_problem(exc)})") from None
 
     def _insert(self, connection: sa.Connection, values: list[dict[str, Any]]) -> list[int]:
