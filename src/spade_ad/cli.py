@@ -661,7 +661,7 @@ def _labelled_inputs(record_target: str, model: Any, model_path: Path, good: Pat
     from .record import RecordError, open_record
     from .recording import labelled_images
 
-    with open_record(record_target, create=False) as record:
+    with open_record(record_target, readonly=True) as record:  # only reads: a read-only record is fine
         goods, defects, missing = labelled_images(record, model, model_path)
     if not goods and good is None:
         raise RecordError(f"record {record_target} holds no image labelled good for {model_path.name} (that is not "
