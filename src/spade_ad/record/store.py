@@ -480,7 +480,7 @@ class Record:
         """The review queue, newest first: flagged images and those that passed with a normalised score of at
         least `borderline`, not yet labelled (`labelled`: the labelled ones instead); filtered by verdict
         ("defect", "good": the borderline ones, "error": the files that could not be scored, only there), model,
-        time; newest recorded first (by id), paged by `before_id` (the last id of the page before)."""
+        time; newest first (by time, then id), paged by `before_id` (the last id of the page before)."""
         c = inspections.c
         if verdict is None:
             wanted = sa.or_(c.verdict == "defect",
@@ -496,9 +496,10 @@ class Record:
             query = query.where(c.at_ms >= since_ms)
         if until_ms is not None:
             query = query.where(c.at_ms < until_ms)
-        if before_id is not None:
-            query = query.where(c.id < before_id)
-        return self._rows(query.order_by(c.id.desc()).limit(limit))  # as recorded: pages by id never overlap
+        if before_id is not None:  # after the row `before_id` in this order (keyset paging: pages never overlap)
+            anchor = sa.select(c.at_ms).where(c.id == before_id).scalar_subquery()
+            query = query.where(sa.or_(c.at_ms < anchor, sa.and_(c.at_ms == anchor, c.id < before_id)))
+        return self._rows(query.order_by(c.at_ms.desc(), c.id.desc()).limit(limit))
 
     def labelled(self, model: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """The labelled inspections by label ({"good": [...], "defect": [...]}), oldest first."""
