@@ -142,8 +142,11 @@ class SingleGraph(nn.Module):
             channels = fmap.shape[1]
             queries = fmap.flatten(2).transpose(1, 2)  # (N, Q, C)
             bank = self.banks[level][gallery].reshape(batch, -1, channels).to(torch.float32)  # (N, M, C)
-            norms = self.norms[level][gallery].reshape(batch, 1, -1)  # (N, 1, M)
-            ranking = norms - 2.0 * torch.matmul(queries, bank.transpose(1, 2))  # (N, Q, M)
+            norms = self.norms[level][gallery].reshape(batch, -1, 1)  # (N, M, 1)
+            # One product ranks every pair: [-2q, 1] . [b, |b|^2] = |b|^2 - 2 q.b, as `numpy_search` ranks them
+            # (no pass over the (Q, M) matrix but the product and the arg-min).
+            extended = torch.cat([-2.0 * queries, torch.ones_like(queries[:, :, :1])], 2)  # (N, Q, C + 1)
+            ranking = torch.matmul(extended, torch.cat([bank, norms], 2).transpose(1, 2))  # (N, Q, M)
             if self.kappa == 1:
                 chosen = torch.argmin(ranking, dim=2, keepdim=True)
             else:
