@@ -4,9 +4,11 @@ and to a local webhook that refuses for a while; every message arrives once by i
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +279,35 @@ def test_opcua_server_shows_the_latest_inspection(inspections: list[tuple[Any, s
         assert publishers.close() == 0
     assert not list(tmp_path.glob("*.sqlite"))  # latest value only: no outbox
     assert len(lines) == 1 and "OPC UA server listening" in lines[0]
+
+
+def test_a_redirect_is_not_a_delivery(tmp_path: Path) -> None:
+    """A POST redirected would arrive as a GET without its body: a 3xx waits in the outbox, and the line says so."""
+    gets = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            gets.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lines: list[str] = []
+    try:
+        publisher = Publisher.open(f"http://127.0.0.1:{server.server_address[1]}/hook", tmp_path, log=lines.append)
+        publisher.publish({"id": "0" * 32})
+        assert publisher.close(timeout=1) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not gets and any("stopped (HTTP 302 Found)" in line for line in lines)

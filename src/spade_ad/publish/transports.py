@@ -9,7 +9,8 @@ reason in words; what was acknowledged before the failure has been handed to `on
   of its own, clean start, no session kept: after a lost connection the unacknowledged messages are sent again from
   the outbox (QoS 1: the broker may see one twice; the id tells them apart).
 - HTTP: `http://` or `https://` URL; each message is one POST of the JSON body with the header `Idempotency-Key`,
-  delivered on a 2xx answer; any other answer or no answer is an outage, retried.
+  delivered on a 2xx answer; any other answer or no answer is an outage, retried. Redirects are not followed (a
+  POST redirected would arrive as a GET without its body): a 3xx is an outage too, and the line names it.
 """
 
 from __future__ import annotations
@@ -236,6 +237,11 @@ class MqttTransport:
         self._drop()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: Any, **__: Any) -> None:
+        return None  # urllib then raises HTTPError with the 3xx status
+
+
 class HttpTransport:
     """POSTs each message to a webhook (see the module's description)."""
 
@@ -245,6 +251,7 @@ class HttpTransport:
         self.target = target
         self.timeout = timeout
         self.user_agent = f"spade-ad/{__version__}"
+        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def send(self, batch: Batch, on_ack: Callable[[list[tuple[int, str]]], None]) -> None:
         for seq, message_id, body in batch:
@@ -252,7 +259,7 @@ class HttpTransport:
                 "Content-Type": "application/json", "Idempotency-Key": message_id, "User-Agent": self.user_agent,
             })
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                with self._opener.open(request, timeout=self.timeout) as answer:
                     answer.read()
                     status = answer.status
             except urllib.error.HTTPError as exc:
