@@ -187,3 +187,21 @@ def test_systemd_units_restart_and_read_their_settings(name: str, tmp_path: Path
     (tmp_path / name).write_text((UNITS / name).read_text().replace("/opt/spade-ad/bin/spade-ad", executable))
     done = subprocess.run([analyze, "verify", str(tmp_path / name)], capture_output=True, text=True)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_review_queue_pages_by_keyset_even_when_times_and_ids_disagree(record_target: str) -> None:
+    """Rows recorded out of time order (a backfilled outbox, a watcher's clock): walking the queue page by page
+    (before = the last id shown) gives every row once, newest first by time, and no next page after the last."""
+    times = [5, 1, 7, 3, 3, 9, 2, 8]
+    with open_record(record_target) as record:
+        ids = record.add([{"origin": "watch", "source": f"{i}.png", "verdict": "defect", "at_ms": DAY + t}
+                          for i, t in enumerate(times)])
+        seen, before = [], None
+        while True:
+            page = record.queue(limit=3, before_id=before)
+            seen += [row["id"] for row in page]
+            if len(page) < 3:
+                break
+            before = page[-1]["id"]
+    expected = [i for _, i in sorted(zip(times, ids), key=lambda pair: (-pair[0], -pair[1]))]
+    assert seen == expected
