@@ -1,9 +1,9 @@
 """The inspection record's costs and drift on real data; figures to benchmarks/results/record.json.
 
-1. Recording overhead: predict on real images (bottle test images) with `RecordingWriter` (outputs on disk and every
-   prediction in a SQLite record), in one run, timing the recording itself (SHA-256 of the file, the row, the batched
-   transactions) against the whole per-image time; and the same images without a record, in alternating runs, for
-   the throughput ratio.
+1. Recording overhead: predict on real images (bottle test images) with a `PredictionWriter` that a `Recorder`
+   follows (outputs on disk and every prediction in a SQLite record), in one run, timing the recording itself
+   (SHA-256 of the file, the row, the batched transactions) against the whole per-image time; and the same images
+   without a record, in alternating runs, for the throughput ratio.
 2. A 1-million-row synthetic record on SQLite (30 days of a line, 1.5 % flagged): the review queue's first page
    (unfiltered, flagged only, from a date), a labelled-queue page, and the drift figure (`check_drift`, window 500),
    each the median of repeated calls after a first (cold) one; and the history view's queries (per hour over the
@@ -51,7 +51,7 @@ def _model(path: Path | None, cache: Path) -> Path:
 def overhead(model_path: Path, n_images: int, rounds: int) -> dict[str, object]:
     from spade_ad.loading import open_model
     from spade_ad.record import open_record
-    from spade_ad.recording import Recorder, RecordingWriter
+    from spade_ad.recording import Recorder
     from spade_ad.writers import PredictionWriter
 
     images = sorted((BOTTLE / "test").rglob("*.png"))
@@ -69,8 +69,7 @@ def overhead(model_path: Path, n_images: int, rounds: int) -> dict[str, object]:
                 if recorded:
                     record = open_record(Path(folder) / f"r{round_}.db")
                     recorder = Recorder(record, model, model_path, origin="predict")
-                    writer = RecordingWriter.for_model(model, out)
-                    writer.attach(recorder)
+                    writer = recorder.follow(PredictionWriter.for_model(model, out))
                     add, flush = recorder.add, recorder.flush
 
                     def timed_add(*args: object, _add=add, **kwargs: object) -> None:

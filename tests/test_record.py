@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from cli_run import run_cli
 from spade_ad.record import SCHEMA_VERSION, RecordError, file_sha256, open_record
 from spade_ad.record import schema as record_schema
-from spade_ad.recording import Recorder, RecordingWriter
+from spade_ad.recording import Recorder
+from spade_ad.writers import PredictionWriter
 
 pytest.importorskip("sqlalchemy")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -242,8 +243,7 @@ def test_database_going_away_mid_run(postgres_cluster, fitted_model, synthetic_r
         outbox = tmp_path / "outbox.jsonl"
         recorder = Recorder(record, fitted_model, None, origin="predict", batch_size=2, max_wait=3600,
                             outbox=outbox, on_failure=failures.append)
-        writer = RecordingWriter.for_model(fitted_model, tmp_path / "out")
-        writer.attach(recorder)
+        writer = recorder.follow(PredictionWriter.for_model(fitted_model, tmp_path / "out"))
 
         def predictions():
             for index, prediction in enumerate(fitted_model.iter_predict(synthetic_root / "test", original_size=True,

@@ -1,7 +1,8 @@
 """Predictions into the inspection record: `Recorder` turns each `Prediction` (or an image that could not be read)
-into a row of `spade_ad.record` and writes them in batches; `RecordingWriter` is the `PredictionWriter` of
-`spade_ad.writers` that also records each prediction with where its overlay, map and "why" picture were written.
-`predict --record`, `watch` and the service all record through these, so a row means the same whoever made it.
+into a row of `spade_ad.record` and writes them in batches; `Recorder.follow(writer)` subscribes it to a
+`spade_ad.writers.PredictionWriter`, so that each prediction written is recorded with where its overlay, map and
+"why" picture were written. `predict --record`, `watch` and the service all record through these, so a row means
+the same whoever made it.
 
 Batches: rows are gathered and written in one transaction when `batch_size` rows are waiting, when the oldest has
 waited `max_wait` seconds, on `flush` (the watcher flushes whenever its folder is idle) and on `close`.
@@ -25,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from .prediction import Prediction
 from .record import EvidenceChanged, Record, RecordUnavailable, file_sha256, model_identity, verified_image
 from .writers import PredictionWriter
 
-__all__ = ["OUTBOX_FILE", "Recorder", "RecordingWriter", "backfill", "prediction_row", "verdict_of"]
+__all__ = ["OUTBOX_FILE", "Recorder", "backfill", "labelled_images", "prediction_row", "verdict_of"]
 
 OUTBOX_FILE = "record-outbox.jsonl"
 """The outbox's file name in an output folder (`predict --record`, `watch --record`)."""
@@ -240,6 +241,24 @@ class Recorder:
                            f"{'s' if waited != 1 else ''} that waited {'are' if waited != 1 else 'is'} written")
         return True
 
+    def follow(self, writer: PredictionWriter,
+               fields: Callable[[str], Mapping[str, Any]] | None = None) -> PredictionWriter:
+        """Record every prediction `writer` writes, with the paths of its files (overlay, raw map or heat map, why
+        picture), and every input it lists as skipped (verdict "error"); `fields(name)`: the row's fields known to
+        the caller for that prediction (its path, sha256, kept_path). Returns `writer`."""
+        def written(prediction: Prediction, paths: Mapping[str, Path]) -> None:
+            known = dict(fields(prediction.name)) if fields is not None else {}
+            self.add(prediction, **known, overlay_path=paths.get("overlays"),
+                     map_path=paths.get("maps", paths.get("heatmaps")), why_path=paths.get("explain"))
+
+        def skipped(name: str, error: ImageReadError) -> None:
+            known = dict(fields(name)) if fields is not None else {}
+            path = known.get("path") or (error.path if Path(error.path).is_file() else None)
+            self.add_error(name, error, path=path, sha256=known.get("sha256"))
+
+        writer.subscribe(written, on_skipped=skipped)
+        return writer
+
     # -- the outbox -------------------------------------------------------------------------------------------------
     def _fail(self, problem: str, rows: list[dict[str, Any]]) -> None:
         """The record did not answer: `rows` wait (under the lock)."""
@@ -355,39 +374,6 @@ def backfill(record: Record, outbox: str | os.PathLike[str]) -> int:
         record.add(rows[start:start + 500])
     Path(outbox).unlink()
     return len(rows)
-
-
-class RecordingWriter(PredictionWriter):
-    """A `PredictionWriter` that also records every prediction and every skipped input with `recorder`, with the
-    paths of the files it wrote for it (overlay, raw map or heat map, why picture). Attach the recorder with
-    `attach` (the writer is made by `PredictionWriter.for_model`)."""
-
-    recorder: Recorder | None = None
-    _saved: dict[str, Path]
-
-    def attach(self, recorder: Recorder | None, *, sources: dict[str, dict[str, Any]] | None = None) -> None:
-        """`sources`: per prediction name, fields of its row known to the caller (its path, sha256)."""
-        self.recorder = recorder
-        self.sources = sources
-
-    def _save(self, save: Callable[[Path], object], folder: str, stem: str, suffix: str = ".png") -> None:
-        super()._save(save, folder, stem, suffix)
-        self._saved[folder] = self.out_dir / folder / f"{stem}{suffix}"
-
-    def write(self, prediction: Prediction) -> None:
-        self._saved = {}
-        super().write(prediction)
-        if self.recorder is not None:
-            known = (getattr(self, "sources", None) or {}).get(prediction.name, {})
-            self.recorder.add(prediction, **known, overlay_path=self._saved.get("overlays"),
-                              map_path=self._saved.get("maps", self._saved.get("heatmaps")),
-                              why_path=self._saved.get("explain"))
-
-    def skip(self, name: str, error: ImageReadError) -> None:
-        super().skip(name, error)
-        if self.recorder is not None:
-            path = error.path if Path(error.path).is_file() else None
-            self.recorder.add_error(name, error, path=path)
 
 
 def labelled_images(record: Record, model: Any, model_path: str | os.PathLike[str]) -> tuple[list[Path], list[Path],

@@ -1,7 +1,7 @@
 """Watching a camera folder: `spade-ad watch MODEL|BUNDLE DIR -o OUT [--record DB] [--move-to DIR]`.
 
 Each file that appears in DIR (or a folder below it) is scored once it is complete, in arrival order, with the same
-predict path and writers as `spade-ad predict` (`iter_predict`, `RecordingWriter`): OUT/scores.csv, regions.jsonl,
+predict path and writers as `spade-ad predict` (`iter_predict`, `PredictionWriter`): OUT/scores.csv, regions.jsonl,
 overlays/, heat maps and masks, appended across runs; with a record, every prediction in the record too.
 
 - Complete: a file renamed into place (a move event) is complete at once; any other file once its size and
@@ -28,7 +28,6 @@ overlays/, heat maps and masks, appended across runs; with a record, every predi
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import hashlib
 import json
@@ -47,8 +46,8 @@ from typing import Any
 
 from .errors import ImageReadError, OutputError
 from .record import EvidenceStore, RecordUnavailable, file_sha256
-from .recording import Recorder, RecordingWriter, verdict_of
-from .writers import REGIONS_FILE, SCORE_COLUMNS, SCORES_FILE, SKIPPED_FILE, VERDICT_COLUMNS
+from .recording import Recorder, verdict_of
+from .writers import SCORES_FILE, PredictionWriter
 
 __all__ = ["STATE_FILE", "WatchResult", "Watcher"]
 
@@ -73,33 +72,6 @@ class _Candidate:
     mtime_ns: int
     stable_since: float
     renamed: bool = False
-
-
-class _AppendingWriter(RecordingWriter):
-    """A RecordingWriter that appends to an earlier watch run's files in OUT instead of replacing them, and keeps
-    the output names that run used taken (a new file of the same name gets x~2.png, never overwrites)."""
-
-    def __enter__(self) -> _AppendingWriter:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        scores = self.out_dir / SCORES_FILE
-        earlier: list[str] = []
-        if scores.exists():
-            with open(scores, newline="", encoding="utf-8") as handle:
-                earlier = [row[0] for row in list(csv.reader(handle))[1:] if row]
-        self._csv_file = open(scores, "a", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._csv_file)
-        if not earlier and scores.stat().st_size == 0:
-            self._csv.writerow(SCORE_COLUMNS + (VERDICT_COLUMNS if self.verdicts else []))
-            self._csv_file.flush()
-        if self.verdicts:
-            self._regions_file = open(self.out_dir / REGIONS_FILE, "a", encoding="utf-8")
-        skipped = self.out_dir / SKIPPED_FILE
-        if skipped.exists():
-            self._skip_file = open(skipped, "a", newline="", encoding="utf-8")
-            self._skip_writer = csv.writer(self._skip_file)
-        for name in earlier:
-            self._output_stem(name)
-        return self
 
 
 class Watcher:
@@ -143,9 +115,11 @@ class Watcher:
         self._renamed_paths: set[Path] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.writer = _AppendingWriter.for_model(model, self.out_dir, save_maps=save_maps, overwrite=True,
-                                                 explain=explain)
-        self.writer.attach(recorder)
+        self.writer = PredictionWriter.for_model(model, self.out_dir, save_maps=save_maps, explain=explain,
+                                                 mode="a")
+        self._fields: dict[str, Any] = {}  # the row fields of the file being handled (its path, hash, kept copy)
+        if recorder is not None:
+            recorder.follow(self.writer, lambda _: self._fields)
         self.result = WatchResult()
 
     # -- one watcher ----------------------------------------------------------------------------------------------
@@ -330,7 +304,7 @@ class Watcher:
         except ImageReadError as exc:
             error = ImageReadError(path, exc.reason, kind=exc.kind)
             target = self._destination(source, verdict)
-            self.writer.sources = {source: {"path": target or path, "sha256": sha256}}
+            self._fields = {"path": target or path, "sha256": sha256}
             self.writer.skip(source, error)
             if kept is not None and kept != path:
                 with suppress(OSError):
@@ -342,7 +316,7 @@ class Watcher:
             verdict = verdict_of(prediction)
             target = self._destination(source, verdict)
             # the row names where the file will be (moved once its outputs are written and it is marked done)
-            self.writer.sources = {source: {"path": target or path, "sha256": sha256, "kept_path": kept}}
+            self._fields = {"path": target or path, "sha256": sha256, "kept_path": kept}
             self.writer.write(prediction)
             self.result.scored += 1
             self.result.flagged += verdict == "defect"
