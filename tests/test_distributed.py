@@ -213,7 +213,7 @@ def test_inputs_sharing_a_name_get_the_plain_run_s_numbered_files(cluster: Any, 
             writer.write_all(model.iter_predict(given, original_size=True, keep_images=True))
     finally:
         torch.set_num_threads(threads)
-    assert run.count == 3 and "heatmaps/000~2.png" in _files(tmp_path / "ray")
+    assert run.count == 3 and "overlays/000~2.png" in _files(tmp_path / "ray")
     _assert_same_files(tmp_path / "ray", tmp_path / "plain")
 
 

@@ -3,6 +3,7 @@ boxes, peak scores and the verdict label."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -10,15 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.prediction import Region
+from spade_ad.prediction import Prediction, Region
 from spade_ad.visualize import (
     BOX_COLOR,
     LABEL_COLORS,
     annotate,
     color_range,
     contour,
+    heat_level,
     heatmap,
+    legend_box,
     overlay,
+    overlay_picture,
     save_png,
     threshold_color_range,
     verdict_label,
@@ -230,3 +234,58 @@ def test_built_in_jet_equals_matplotlib() -> None:
     unit = np.linspace(0.0, 1.0, 100_001).reshape(1, -1)
     expected = matplotlib.colormaps["jet"](unit, bytes=True)[..., :3]
     assert np.array_equal(_colour(unit, 0.0, 1.0, "jet"), expected)
+
+
+def test_overlay_below_the_level_leaves_the_image_as_it_is() -> None:
+    photo = _photo()
+    scores = np.tile(np.linspace(0.0, 3.0, 40), (30, 1))
+    scores[0, 39] = np.nan
+    shown = np.asarray(overlay(photo, scores, 0.0, 3.0, level=1.5))
+    plain = np.asarray(overlay(photo, scores, 0.0, 3.0))
+    cool = np.nan_to_num(scores, nan=-np.inf) < 1.5
+    np.testing.assert_array_equal(shown[cool], np.asarray(photo)[cool])  # and NaN too
+    np.testing.assert_array_equal(shown[~cool], plain[~cool])  # above it: blended as without a level
+
+
+def test_contour_is_scipy_s_cross_erosion_boundary() -> None:
+    from scipy.ndimage import binary_erosion
+
+    mask = np.random.default_rng(1).random((50, 70)) > 0.4
+    drawn = np.all(np.asarray(contour(Image.new("RGB", (70, 50)), mask, color=(255, 255, 255))) == 255, axis=-1)
+    np.testing.assert_array_equal(drawn, mask & ~binary_erosion(mask, border_value=1))
+
+
+def _prediction(pixel_threshold: float | None) -> Prediction:
+    from spade_ad.geometry import Geometry
+
+    scores = np.zeros((90, 120))
+    scores[30:50, 40:70] = 3.0  # a hot patch: flagged, one region
+    photo = Image.fromarray(np.full((90, 120, 3), 90, dtype=np.uint8))
+    calibrated = pixel_threshold is not None
+    return Prediction(name="x.png", path=None, score=3.0, anomaly_map=scores, original_map=scores, image=photo,
+                      geometry=Geometry((90, 120), (90, 120), (0, 0, 120, 90)), pixel_threshold=pixel_threshold,
+                      is_anomalous=True if calibrated else None, normalized_score=2.0 if calibrated else None)
+
+
+def test_overlay_picture_of_a_calibrated_model_states_its_scale() -> None:
+    prediction = _prediction(pixel_threshold=2.0)
+    shown = np.asarray(overlay_picture(prediction))
+    left, top, right, bottom = legend_box((120, 90))
+    assert left == 0 and bottom == 90 and right > 40
+    legend = shown[top:bottom, left:right]
+    assert (legend == (40, 40, 40)).all(axis=-1).any() and (legend == (255, 255, 255)).all(axis=-1).any()
+    assert heat_level(2.0) == 1.5
+    assert np.all(shown[60:top, 80:] == 90)  # the cool part, clear of marks: untouched
+    assert tuple(shown[49, 69]) == BOX_COLOR and _px(Image.fromarray(shown), 2, 2) == LABEL_COLORS[True]
+    inside = shown[35:45, 45:65]
+    assert not np.all(inside == 90)  # heat over the hot patch
+
+
+def test_overlay_picture_without_thresholds_is_washed_in_its_own_range_with_the_score() -> None:
+    prediction = _prediction(pixel_threshold=None)
+    shown = np.asarray(overlay_picture(prediction))
+    plain = np.asarray(overlay(prediction.image, prediction.anomaly_map))
+    assert np.array_equal(shown[60:, 80:], plain[60:, 80:])  # no legend; the whole part washed as before
+    assert _px(Image.fromarray(shown), 2, 2) == LABEL_COLORS[None]  # "score 3": no verdict
+    with pytest.raises(ValueError, match="keep_images"):
+        overlay_picture(dataclasses.replace(prediction, image=None))

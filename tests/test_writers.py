@@ -17,8 +17,9 @@ from PIL import Image
 from spade_ad import Spade
 from spade_ad.errors import ImageReadError, OutputError
 from spade_ad.prediction import Prediction
-from spade_ad.visualize import BOX_COLOR, overlay, threshold_color_range
+from spade_ad.visualize import BOX_COLOR, heat_level, legend_box, overlay_picture
 from spade_ad.writers import (
+    DEFAULT_OUTPUTS,
     PARTIAL_SUFFIX,
     REGIONS_FILE,
     SCORE_COLUMNS,
@@ -27,6 +28,7 @@ from spade_ad.writers import (
     PredictionWriter,
     check_output_dir,
     output_stems,
+    parse_outputs,
     read_regions,
     remove_partials,
 )
@@ -88,24 +90,32 @@ def test_regions_file_round_trips(written: Path, predictions: list[Prediction]) 
             assert 0 <= left < right <= 224 and 0 <= top < bottom <= 160  # original-image pixels (224 x 160)
 
 
-def test_overlay_of_an_anomalous_image_shows_its_boxes(written: Path, predictions: list[Prediction]) -> None:
+def test_overlay_of_an_anomalous_image_shows_heat_only_where_it_matters(written: Path,
+                                                                       predictions: list[Prediction]) -> None:
+    """The file is `overlay_picture`'s pixels: the image untouched below the heat level, heat above it, the region
+    boxes with their peaks, the verdict label and the scale legend."""
     prediction = next(p for p in predictions if p.regions)
     assert prediction.original_map is not None and prediction.image is not None
-    vmin, vmax = threshold_color_range(prediction.pixel_threshold)  # type: ignore[misc]
-    plain = np.asarray(overlay(prediction.image, prediction.original_map, vmin, vmax, mask=prediction.defect_mask))
     saved = np.asarray(Image.open((written / "overlays" / prediction.name).with_suffix(".png")).convert("RGB"))
-    assert saved.shape == plain.shape
+    np.testing.assert_array_equal(saved, np.asarray(overlay_picture(prediction)))
+    photo = np.asarray(prediction.image.convert("RGB"))
+    assert saved.shape == photo.shape
     left, top, right, bottom = prediction.regions[0].box
-    corner = (bottom - 1, right - 1)  # the box's bottom-right corner: drawn, and far from the texts
-    assert tuple(saved[corner]) == BOX_COLOR and tuple(plain[corner]) != BOX_COLOR
-    differs = np.any(saved != plain, axis=-1)
-    assert differs[top:bottom, left:right].any()
-    marked = np.zeros_like(differs)
+    assert tuple(saved[bottom - 1, right - 1]) == BOX_COLOR  # the box's bottom-right corner
+    marked = np.zeros(photo.shape[:2], dtype=bool)
     marked[:20, :120] = True  # the corner label ("DEFECT 1.23")
     for region in prediction.regions:  # each box, with its peak score above it (or just inside it)
         left, top, right, bottom = region.box
         marked[max(0, top - 20):bottom, left:max(right, left + 60)] = True
-    assert differs[~marked].sum() == 0  # elsewhere the overlay is untouched
+    legend_left, legend_top, legend_right, legend_bottom = legend_box(prediction.image.size)
+    marked[legend_top:legend_bottom, legend_left:legend_right] = True
+    level = heat_level(prediction.pixel_threshold)
+    assert level is not None
+    cool = np.nan_to_num(prediction.original_map, nan=-np.inf) < level
+    differs = np.any(saved != photo, axis=-1)
+    assert cool.any() and not differs[cool & ~marked].any()  # below the level: the part as it is
+    hot = ~cool & ~marked
+    assert hot.any() and differs[hot].mean() > 0.9  # above it: heat
 
 
 def test_no_thresholds_means_score_column_only(predictions: list[Prediction], tmp_path: Path) -> None:
@@ -141,7 +151,7 @@ def test_every_input_gets_its_own_files(predictions: list[Prediction], tmp_path:
     file twice: numbered suffixes in scores.csv order, never one input's images over another's."""
     names = ["/data/a/x.png", "/data/b/x.png", "x.tif", "X.png", "/data/a/x.png", "sub/img.v2.png", "sub/img.v2.png"]
     shown = [dataclasses.replace(predictions[i % len(predictions)], name=name) for i, name in enumerate(names)]
-    with PredictionWriter(tmp_path, verdicts=True, save_maps=True) as writer:
+    with PredictionWriter(tmp_path, verdicts=True, outputs="all") as writer:
         writer.write_all(shown)
     expected = ["x", "x~2", "x~3", "X~4", "x~5", "sub/img.v2", "sub/img.v2~2"]
     for folder, suffix in (("heatmaps", ".png"), ("overlays", ".png"), ("masks", ".png"), ("maps", ".tiff")):
@@ -218,7 +228,7 @@ def test_a_file_is_replaced_whole_or_not_at_all(predictions: list[Prediction], t
 
     from spade_ad import writers
 
-    files = ImageFiles(tmp_path, verdicts=True, save_maps=True)
+    files = ImageFiles(tmp_path, verdicts=True, outputs=["heatmap", "mask", "overlay", "map"])
     first, second = predictions[0], predictions[-1]
     files.write(first, "x")
     before = {p.name: p.read_bytes() for p in tmp_path.rglob("x.*")}
@@ -228,8 +238,8 @@ def test_a_file_is_replaced_whole_or_not_at_all(predictions: list[Prediction], t
     replaced = (tmp_path / "heatmaps" / "x.png").read_bytes()
     real = writers.save_png
 
-    def half_then_full_disk(image: Any, path: Path) -> None:
-        Path(path).write_bytes(real(image, path).read_bytes()[:100])  # half a PNG on disk, then the disk fills
+    def half_then_full_disk(image: Any, path: Path, **kwargs: Any) -> None:
+        Path(path).write_bytes(real(image, path, **kwargs).read_bytes()[:100])  # half a PNG, then the disk fills
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(writers, "save_png", half_then_full_disk)
@@ -248,3 +258,155 @@ def test_partials_left_by_a_killed_writer_are_removed(tmp_path: Path) -> None:
     assert remove_partials(tmp_path) == 2
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert left == [".kept.partial", "heatmaps/a.png", "other/.c.partial"]  # only the image folders' leftovers
+
+
+# ---------------------------------------------------------------- outputs, the pool, subscribers, appending
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_outputs_choose_the_files(fitted_model: Spade, predictions: list[Prediction], tmp_path: Path) -> None:
+    """By default what a person looks at and what a machine reads (overlay, mask), nothing twice; "none" leaves
+    scores and regions only; "all" adds the heat map and the raw map; an unknown name names the choices."""
+    prediction = predictions[-1]
+    expected = {
+        None: ["masks/x.png", "overlays/x.png"],
+        "none": [],
+        "all": ["heatmaps/x.png", "maps/x.tiff", "masks/x.png", "overlays/x.png"],
+        "overlay, heatmap": ["heatmaps/x.png", "overlays/x.png"],
+    }
+    for outputs, files in expected.items():
+        out = tmp_path / str(outputs).replace(",", "").replace(" ", "_")
+        with PredictionWriter.for_model(fitted_model, out, outputs=outputs) as writer:
+            writer.write(dataclasses.replace(prediction, name="x.png"))
+        assert _files(out) == sorted(["regions.jsonl", "scores.csv", *files]), outputs
+    assert parse_outputs(None) == DEFAULT_OUTPUTS == parse_outputs("default") == ("overlay", "mask")
+    assert parse_outputs("none", save_maps=True) == ("map",) and parse_outputs([]) == ()
+    with pytest.raises(OutputError, match="'heat'.*--outputs.*overlay, mask, heatmap, map"):
+        parse_outputs("overlay,heat")
+
+
+def test_the_pool_writes_the_same_files_as_the_caller_s_thread(
+        fitted_model: Spade, predictions: list[Prediction], written: Path, tmp_path: Path) -> None:
+    """Files drawn and written by the pool are byte for byte those written one after the other on the caller's
+    thread; rows in input order; no temporary file left."""
+    with PredictionWriter.for_model(fitted_model, tmp_path, workers=0) as writer:
+        writer.write_all(predictions)
+    assert _files(tmp_path) == _files(written) and any(name.startswith("masks/") for name in _files(written))
+    for name in _files(written):
+        assert (tmp_path / name).read_bytes() == (written / name).read_bytes(), name
+    assert [r["path"] for r in _rows(written / "scores.csv")] == [p.name for p in predictions]
+    assert not [p for p in written.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
+
+
+def test_a_file_failing_on_the_pool_is_raised_naming_it(predictions: list[Prediction], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails on the pool is raised by a later `write` or when the writer closes, naming its file; the
+    rows written stay, in input order, every other file is whole and no temporary file is left."""
+    import errno
+
+    from spade_ad import writers
+
+    real = writers.save_png
+    failing = predictions[1].name
+
+    def full_for_one(image: Any, path: Path, **kwargs: Any) -> Path:
+        if Path(path).parent == (tmp_path / "overlays" / failing).parent and \
+                Path(path).name.startswith(f".{Path(failing).name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(image, path, **kwargs)
+
+    monkeypatch.setattr(writers, "save_png", full_for_one)
+    with pytest.raises(OSError, match="No space left") as raised:
+        with PredictionWriter(tmp_path, verdicts=True) as writer:
+            writer.write_all(predictions)
+    assert raised.value.filename == str((tmp_path / "overlays" / failing).with_suffix(".png"))
+    names = [r["path"] for r in _rows(tmp_path / "scores.csv")]
+    assert names == [p.name for p in predictions][:len(names)] and len(names) >= 2
+    assert not (tmp_path / "overlays" / failing).with_suffix(".png").exists()
+    for name in names[:1]:
+        Image.open((tmp_path / "overlays" / name).with_suffix(".png")).load()  # whole
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
+
+
+def test_subscribers_learn_every_file_and_every_skip(fitted_model: Spade, predictions: list[Prediction],
+                                                     tmp_path: Path) -> None:
+    seen: list[tuple[str, dict[str, Path]]] = []
+    skipped: list[tuple[str, str]] = []
+    with PredictionWriter.for_model(fitted_model, tmp_path, outputs="all", explain=True) as writer:
+        writer.subscribe(lambda prediction, paths: seen.append((prediction.name, paths)),
+                         on_skipped=lambda name, error: skipped.append((name, error.reason)))
+        writer.skip("bad.png", ImageReadError("bad.png", "file is empty", kind="empty"))
+        for prediction in predictions:
+            writer.write(prediction)
+            assert len(_rows(tmp_path / "scores.csv")) == len(seen)  # told after its row
+    assert [name for name, _ in seen] == [p.name for p in predictions] and skipped == [("bad.png", "file is empty")]
+    told = sorted(path.relative_to(tmp_path).as_posix() for _, paths in seen for path in paths.values())
+    assert told == [name for name in _files(tmp_path) if "/" in name]  # every file, each once, all on disk now
+    name, paths = seen[0]
+    assert set(paths) == {"overlays", "masks", "heatmaps", "maps"} | ({"explain"} if "explain" in paths else set())
+    assert paths["overlays"] == (tmp_path / "overlays" / name).with_suffix(".png")
+
+
+def test_a_subclass_overriding_save_still_sees_every_path(predictions: list[Prediction], tmp_path: Path) -> None:
+    """The old way to learn the paths (RecordingWriter's, until it subscribes): `_save` is still called for every
+    file, on the caller's thread, before `write` returns."""
+
+    class Noting(PredictionWriter):
+        def _save(self, save: Any, folder: str, stem: str, suffix: str = ".png") -> None:
+            super()._save(save, folder, stem, suffix)
+            self.noted.append(f"{folder}/{stem}{suffix}")
+
+    with Noting(tmp_path, verdicts=True) as writer:
+        writer.noted = []
+        writer.write(predictions[0])
+        assert len(writer.noted) == 2
+    assert sorted(writer.noted) == [name for name in _files(tmp_path) if "/" in name]
+
+
+def test_append_mode_goes_on_from_an_earlier_run(predictions: list[Prediction], tmp_path: Path) -> None:
+    """mode="a" (a watch run after an earlier one): rows, regions and skipped inputs appended, the header not
+    written again, the earlier output names kept taken; an empty folder gets its header."""
+    first, second = (dataclasses.replace(p, name="x.png") for p in predictions[:2])
+    with PredictionWriter(tmp_path, verdicts=True, mode="a") as writer:  # nothing there yet: a new run
+        writer.write(first)
+        writer.skip("bad.png", ImageReadError("bad.png", "file is empty", kind="empty"))
+    with PredictionWriter(tmp_path, verdicts=True, overwrite=False, mode="a") as writer:
+        writer.write(second)
+        writer.skip("worse.png", ImageReadError("worse.png", "not an image", kind="unreadable"))
+    text = (tmp_path / "scores.csv").read_text(encoding="utf-8")
+    assert text.count("path,score") == 1 and [r["path"] for r in _rows(tmp_path / "scores.csv")] == ["x.png"] * 2
+    assert len((tmp_path / REGIONS_FILE).read_text(encoding="utf-8").splitlines()) == 2
+    assert [r["path"] for r in _rows(tmp_path / "skipped.csv")] == ["bad.png", "worse.png"]
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["x.png", "x~2.png"]  # never over x.png
+    with pytest.raises(ValueError, match="mode"):
+        PredictionWriter(tmp_path, mode="r")
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "uncalibrated"])
+def test_the_service_shows_the_same_overlay_as_the_files(calibrated: bool, fitted_model: Spade,
+                                                        synthetic_root: Path, tmp_path: Path) -> None:
+    """One render for files and HTTP: an image's overlay from `POST /v1/predict` is the pixels of its
+    overlays/<name>.png from the writer, for a calibrated model and one without thresholds."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from spade_ad.service import ServiceSettings, create_app
+
+    model = fitted_model if calibrated else Spade(k_gallery=5, device="cpu", progress=False, image_score="map_top",
+                                                  calibration="none").fit(synthetic_root / "train" / "good")
+    assert (model.pixel_threshold_ is not None) is calibrated
+    image = sorted((synthetic_root / "test").rglob("*.png"))[-1]  # a defective one
+    with PredictionWriter.for_model(model, tmp_path) as writer:
+        writer.write_all(model.iter_predict([image], original_size=True, keep_images=True))
+    from_file = np.asarray(Image.open(tmp_path / "overlays" / f"{image.stem}.png").convert("RGB"))
+    with TestClient(create_app(model, ServiceSettings()), base_url="http://127.0.0.1:8000") as client:
+        response = client.post("/v1/predict", files=[("files", (image.name, image.read_bytes()))])
+    assert response.status_code == 200, response.text
+    data = response.json()["results"][0]["overlay"].split(",", 1)[1]
+    from_http = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+    np.testing.assert_array_equal(from_http, from_file)

@@ -174,7 +174,11 @@ def _echo_calibration(model: Any) -> None:
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path())  # URIs stay URIs
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--save-maps", is_flag=True, help="Also write raw float32 maps at the original size (maps/*.tiff), "
-              "mirroring each input's path relative to its folder.")
+              "mirroring each input's path relative to its folder (the same as adding 'map' to --outputs).")
+@click.option("--outputs", default="default", show_default=True, metavar="LIST",
+              help="Per-image files, separated by commas: overlay (overlays/*.png), mask (masks/*.png), heatmap "
+              "(heatmaps/*.png), map (maps/*.tiff); 'default' is overlay,mask, 'all' every one, 'none' only "
+              "scores.csv and regions.jsonl.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if not where it was at fit time.")
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
@@ -197,15 +201,19 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
             device: str | None, threshold: float | None, false_alarm_rate: float | None,
             pixel_threshold: float | None, pixel_false_alarm_rate: float | None, overwrite: bool, explain: bool,
             skip_bad: bool, engine: str | None, record_target: str | None, ray_address: str | None,
-            ray_workers: int) -> None:
+            ray_workers: int, outputs: str) -> None:
     """Score images with a model file or an exported bundle (`spade-ad export`: no torch needed): OUT/scores.csv
-    (row by row, with is_anomalous when the model has a threshold), heat maps, overlays and predicted defect masks
-    per image. An output folder holding an earlier run's scores.csv is refused unless --overwrite; inputs with the
-    same name get numbered files (x.png, x~2.png)."""
+    (row by row, with is_anomalous when the model has a threshold), regions.jsonl, and per image the files of
+    --outputs (by default an overlay and the predicted defect mask). An output folder holding an earlier run's
+    scores.csv is refused unless --overwrite; inputs with the same name get numbered files (x.png, x~2.png)."""
     from .loading import open_model
-    from .writers import PredictionWriter, check_output_dir
+    from .writers import PredictionWriter, check_output_dir, parse_outputs
 
     check_output_dir(output, overwrite=overwrite)  # before the model loads: a refusal costs nothing
+    chosen = parse_outputs(outputs, save_maps=save_maps)
+    if ray_address is not None and outputs != "default":
+        raise click.UsageError("--outputs does not apply with --ray yet (the Ray workers write the default files); "
+                               "leave it out")
     if record_target is not None and ray_address is not None:
         raise click.UsageError("--record does not apply with --ray (the Ray workers write Parquet); leave one out")
     _check_record(record_target)
@@ -228,11 +236,11 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
                              pixel_false_alarm_rate=pixel_false_alarm_rate)
     recorder = _recorder(record_target, model, model_path, "predict")
     if recorder is None:
-        writer = PredictionWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
+        writer = PredictionWriter.for_model(model, output, overwrite=overwrite, explain=explain, outputs=chosen)
     else:
         from .recording import RecordingWriter
 
-        writer = RecordingWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
+        writer = RecordingWriter.for_model(model, output, overwrite=overwrite, explain=explain, outputs=chosen)
         writer.attach(recorder)
     try:
         with writer:

@@ -5,25 +5,31 @@ Only numpy and Pillow (ImageDraw with its built-in default font: no font files; 
 "jet" table) are used: no matplotlib, so these functions work in servers, tests and the light runtime install.
 NaN in an anomaly map means "not scored" and is shown as such (mid-grey in a heat map, the untouched image in an
 overlay) rather than as a low score.
-The writers and the service draw through `annotate` and `verdict_label` only, so files and web page look alike.
+Files (`spade_ad.writers`: predict, watch, the Ray actors) and the service draw an image's overlay through one
+function, `overlay_picture`, so the same prediction gives the same pixels whoever shows it. For a calibrated model
+it shows heat only where it matters: pixels below `HEAT_FROM` (0.75) x the pixel threshold are left as they are (a
+good part looks like itself), the rest is coloured on the shared scale (0 .. 1.5 x the pixel threshold, the
+threshold yellow), the defect mask is outlined in white, and a legend in the bottom-left corner states the scale in
+multiples of the pixel threshold. An uncalibrated model has no level to cut at: its overlay is washed in its own
+min..max scale (as every overlay was before), with the raw score in the corner label.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy.ndimage import binary_erosion
 
 if TYPE_CHECKING:
     from .prediction import Prediction, Region
 
 __all__ = [
-    "annotate", "color_range", "contour", "heatmap", "overlay", "save_png", "threshold_color_range", "verdict_label",
-    "side_by_side", "why_picture",
+    "HEAT_FROM", "annotate", "color_range", "contour", "heat_level", "heatmap", "overlay", "overlay_picture",
+    "save_png", "threshold_color_range", "verdict_label", "side_by_side", "why_picture",
 ]
 
 NAN_GREY = (128, 128, 128)
@@ -56,12 +62,14 @@ def overlay(
     alpha: float = 0.5,
     cmap: str = "jet",
     mask: np.ndarray | None = None,
+    level: float | None = None,
 ) -> Image.Image:
     """Blend the heat map of `anomaly_map` over `image` (RGB result, the image's size).
 
     `alpha` is the heat map's weight.  A map of another shape is resized bilinearly to the image; colour
-    bounds are taken from the map before resizing.  Where the map is NaN the image is left unchanged.  If
-    `mask` (bool or 0/255, e.g. the predicted defect region) is given, its outline is drawn in white.
+    bounds are taken from the map before resizing.  Where the map is NaN, or below `level` when one is given
+    (heat only where it matters: see `heat_level`), the image is left unchanged.  If `mask` (bool or 0/255, e.g.
+    the predicted defect region) is given, its outline is drawn in white.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -75,11 +83,23 @@ def overlay(
         scores = np.asarray(Image.fromarray(filled).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
         gaps = Image.fromarray(missing.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
         scores = np.where(np.asarray(gaps) > 0, np.nan, scores)
-    pixels = np.asarray(base, dtype=np.float64)
-    blended = (1.0 - alpha) * pixels + alpha * _colour(scores, low, high, cmap)
-    blended = np.where(np.isnan(scores)[..., None], pixels, blended)
-    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    shown = np.isfinite(scores) if level is None else np.nan_to_num(scores, nan=-np.inf) >= level
+    pixels = np.array(base)
+    if shown.all():
+        pixels = _blend(pixels, _colour(scores, low, high, cmap), alpha)
+    elif shown.any():  # blended only where heat is shown
+        pixels[shown] = _blend(pixels[shown], _colour(scores[shown], low, high, cmap), alpha)
+    result = Image.fromarray(pixels)
     return result if mask is None else contour(result, mask, color=(255, 255, 255))
+
+
+def _blend(pixels: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    """(1 - alpha) x pixels + alpha x colours, rounded to uint8 (float32: exact for alpha = 0.5)."""
+    blended = pixels.astype(np.float32)
+    blended *= np.float32(1.0 - alpha)
+    blended += np.float32(alpha) * colours.astype(np.float32)
+    np.rint(blended, out=blended)
+    return np.clip(blended, 0, 255, out=blended).astype(np.uint8)
 
 
 def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0)) -> Image.Image:
@@ -96,9 +116,13 @@ def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = 
     if inside.shape != (base.height, base.width):
         resized = Image.fromarray(inside.astype(np.uint8) * 255).resize(base.size, Image.Resampling.NEAREST)
         inside = np.asarray(resized) > 0
-    edge = inside & ~binary_erosion(inside, border_value=1)
+    if not inside.any():
+        return base
+    padded = np.pad(inside, 1, constant_values=True)  # the border is not outside
+    # eroded with the 4-neighbour cross (as scipy's binary_erosion, border_value=1), by shifted views: fast on big masks
+    eroded = inside & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     pixels = np.array(base)
-    pixels[edge] = color
+    pixels[inside & ~eroded] = color
     return Image.fromarray(pixels)
 
 
@@ -131,7 +155,7 @@ def annotate(
     draw = ImageDraw.Draw(result)
     width, height = result.size
     scale_x, scale_y = (1.0, 1.0) if map_shape is None else (width / map_shape[1], height / map_shape[0])
-    font = _default_font(max(10, round(min(width, height) / 24)))
+    font = _default_font(_font_size(result.size))
     line = max(1, round(min(width, height) / 200))
     for region in regions:
         left, top, right, bottom = region.box
@@ -198,6 +222,7 @@ def why_picture(prediction: Prediction, thumbnails: Sequence[np.ndarray]) -> Ima
                         normal_label=f"nearest good: {Path(why.normal_name).name}")
 
 
+@lru_cache(maxsize=32)
 def _default_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's built-in font at `size` (scalable with FreeType), else its fixed bitmap font."""
     try:
@@ -224,11 +249,16 @@ def _text_on_ground(
     draw.text((x + pad, y + pad), text, fill=TEXT_COLOR, font=font)
 
 
-def save_png(img: Image.Image, path: str | Path) -> Path:
-    """Save `img` as PNG at `path`, creating parent folders; return the path."""
+#: zlib level of the PNG files written (0-9): chosen by measuring size against encoding time on bottle and the metal
+#: plate (benchmarks/bench_outputs.py --levels, docs/outputs.md).
+PNG_LEVEL = 1
+
+
+def save_png(img: Image.Image, path: str | Path, *, compress_level: int = PNG_LEVEL) -> Path:
+    """Save `img` as PNG at `path` (zlib level `compress_level`), creating parent folders; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    img.save(path, format="PNG", compress_level=compress_level)
     return path
 
 
@@ -257,6 +287,7 @@ _JET_SEGMENTS = (
 _LUT_SIZE = 256
 
 
+@lru_cache(maxsize=8)
 def _lookup_table(cmap: str) -> np.ndarray:
     """(256, 3) uint8 colours of a colour map, as matplotlib's `Colormap(..., bytes=True)` gives them: "jet" built
     in, any other matplotlib colour map when matplotlib is installed."""
@@ -265,22 +296,30 @@ def _lookup_table(cmap: str) -> np.ndarray:
             import matplotlib  # deferred: only other colour maps need it
         except ImportError as exc:
             raise ValueError(f"colour map {cmap!r} needs matplotlib (only 'jet' is built in)") from exc
-        return matplotlib.colormaps[cmap].resampled(_LUT_SIZE)(np.arange(_LUT_SIZE), bytes=True)[:, :3]
-    x = np.linspace(0.0, 1.0, _LUT_SIZE)
-    channels = [np.interp(x, [p for p, _ in seg], [v for _, v in seg]) for seg in _JET_SEGMENTS]
-    return (np.clip(np.stack(channels, 1), 0.0, 1.0) * 255).astype(np.uint8)
+        table = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+    else:
+        x = np.linspace(0.0, 1.0, _LUT_SIZE)
+        channels = [np.interp(x, [p for p, _ in seg], [v for _, v in seg]) for seg in _JET_SEGMENTS]
+        table = (np.clip(np.stack(channels, 1), 0.0, 1.0) * 255).astype(np.uint8)
+    table.setflags(write=False)  # cached: shared by every call
+    return table
 
 
 def _colour(scores: np.ndarray, low: float, high: float, cmap: str) -> np.ndarray:
     """(H, W, 3) uint8 colours of `scores` scaled to [low, high]; NaN → mid-grey."""
     missing = np.isnan(scores)
-    if high > low:
-        unit = np.clip((np.where(missing, low, scores) - low) / (high - low), 0.0, 1.0)
+    if high > low:  # the table index of each score, in place on one float64 copy (big maps: a few ms)
+        unit = np.subtract(scores, low, dtype=np.float64)
+        unit /= high - low
+        unit *= _LUT_SIZE
+        np.clip(unit, 0.0, _LUT_SIZE - 1, out=unit)
+        unit[missing] = 0.0
+        index = unit.astype(np.uint8)
     else:
-        unit = np.zeros(scores.shape)
-    index = np.minimum((unit * _LUT_SIZE).astype(np.int64), _LUT_SIZE - 1)
-    rgb = _lookup_table(cmap)[index]
-    rgb[missing] = NAN_GREY
+        index = np.zeros(scores.shape, dtype=np.uint8)
+    rgb = np.take(_lookup_table(cmap), index, axis=0)
+    if missing.any():
+        rgb[missing] = NAN_GREY
     return rgb
 
 
@@ -306,3 +345,77 @@ def color_range(anomaly_map: np.ndarray, pixel_threshold: float | None) -> tuple
         return shared[0], shared[1], True
     low, high = _bounds(_as_map(anomaly_map), None, None)
     return low, high, False
+
+
+#: Overlays of a calibrated model colour only the pixels scoring at least this share of the pixel threshold; below
+#: it the image is shown as it is. Measured on 6 good and 6 defective test images each (docs/outputs.md): at 0.75 x
+#: the threshold 4.7% (bottle) and 1.7% (metal plate) of a good part's pixels show heat, against 33% and 24% at 0.5,
+#: while the heat around a defect still shows how far it reaches (35% and 18% of the defective images' pixels). On
+#: the shared scale (0 .. 1.5 x the threshold) the heat starts at green, the threshold is yellow.
+HEAT_FROM = 0.75
+
+
+def heat_level(pixel_threshold: float | None) -> float | None:
+    """The score below which an overlay shows no heat: `HEAT_FROM` x the pixel threshold (None without one)."""
+    return None if pixel_threshold is None else HEAT_FROM * pixel_threshold
+
+
+def overlay_picture(prediction: Prediction) -> Image.Image:
+    """The annotated overlay of one prediction, the picture a person looks at: the one render used by the files
+    (`spade_ad.writers`), watch and the service, so an image's overlay is the same pixels wherever it is shown.
+
+    Drawn on its decoded image (`prediction.image`) from its original-size map (else its network-input map): heat on
+    the scale of `color_range`, from `heat_level` up when the model is calibrated (with the defect mask outlined in
+    white and a legend of the scale in the bottom-left corner), region boxes with their peaks, and the
+    `verdict_label` in the top-left corner."""
+    if prediction.image is None:
+        raise ValueError(f"{prediction.name}: no decoded image to draw on (predict with keep_images=True)")
+    scores = prediction.original_map if prediction.original_map is not None else prediction.anomaly_map
+    threshold = prediction.pixel_threshold
+    vmin, vmax, _ = color_range(scores, threshold)
+    shown = overlay(prediction.image, scores, vmin, vmax, mask=prediction.defect_mask, level=heat_level(threshold))
+    shown = annotate(
+        shown, prediction.regions, verdict_label(prediction.is_anomalous, prediction.normalized_score,
+                                                 prediction.score),
+        anomalous=prediction.is_anomalous, map_shape=scores.shape,
+    )
+    return shown if threshold is None else _legend(shown, vmin, vmax, threshold)
+
+
+def legend_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where `overlay_picture` draws its scale legend on a calibrated model's overlay of `size` (width, height):
+    (left, top, right, bottom) in the bottom-left corner, right and bottom exclusive."""
+    width, height = size
+    font = _default_font(_font_size(size))
+    text_w, text_h = _text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), _legend_text(), font)
+    legend_w = max(text_w, round(width / 4)) + 8
+    return 0, max(0, height - 2 * text_h - 12), min(width, legend_w), height
+
+
+def _legend_text() -> str:
+    return f"{HEAT_FROM:g} to {THRESHOLD_SCALE:g} x thr"
+
+
+def _font_size(size: tuple[int, int]) -> int:
+    """The text size of the marks on an image of `size`: grows with the image, so they stay readable."""
+    return max(10, round(min(size) / 24))
+
+
+def _legend(image: Image.Image, vmin: float, vmax: float, threshold: float) -> Image.Image:
+    """Draw the overlay's colour scale in the bottom-left corner (in place; returned) on a dark ground: the scale
+    in words ("0.75 to 1.5 x thr": multiples of the pixel threshold), and below it the colours from the heat level to
+    the top of the scale with a white tick at the pixel threshold."""
+    left, top, right, bottom = legend_box(image.size)
+    draw = ImageDraw.Draw(image)
+    font = _default_font(_font_size(image.size))
+    draw.rectangle((left, top, right - 1, bottom - 1), fill=(40, 40, 40))
+    draw.text((left + 4, top + 3), _legend_text(), fill=TEXT_COLOR, font=font)
+    low = heat_level(threshold) or vmin
+    bar_left, bar_right = left + 4, right - 4
+    bar_top, bar_bottom = (top + bottom) // 2 + 2, bottom - 4
+    values = np.linspace(low, vmax, max(1, bar_right - bar_left))
+    strip = _colour(values[None, :], vmin, vmax, "jet")
+    image.paste(Image.fromarray(np.repeat(strip, max(1, bar_bottom - bar_top), axis=0)), (bar_left, bar_top))
+    tick = bar_left + round((threshold - low) / max(vmax - low, 1e-12) * (bar_right - bar_left - 1))
+    draw.line((tick, bar_top - 2, tick, bar_bottom), fill=TEXT_COLOR, width=max(2, (bottom - top) // 16))
+    return image

@@ -2,7 +2,8 @@
 
 Images are checked and decoded by `spade_ad.images` (header first, before the request is queued; then in full, in
 the worker), scored by the shared model under a lock (one forward pass at a time), and drawn with the colour scale
-of `spade_ad.visualize.color_range` and the region boxes and verdict label of `spade_ad.visualize.annotate`.
+of `spade_ad.visualize.color_range`; the overlay is `spade_ad.visualize.overlay_picture`, the one render the
+files of `spade-ad predict` and `watch` use too (the same pixels for the same prediction).
 
 A request may ask for its own image threshold (`?threshold=` a raw score, or `?false_alarm_rate=` turned into a
 threshold by `spade_ad.calibration.conformal_threshold` on the model's good calibration scores). It applies to that
@@ -38,7 +39,7 @@ from ..calibration import conformal_threshold, normalized_scores
 from ..errors import ImageReadError, SettingError
 from ..images import UPLOAD_FORMATS, check_bytes, decode_bytes
 from ..settings import BY_NAME
-from ..visualize import annotate, color_range, heatmap, overlay, threshold_color_range, verdict_label, why_picture
+from ..visualize import color_range, heatmap, overlay_picture, threshold_color_range, why_picture
 from .config import ServiceSettings
 from .errors import ApiError, image_error
 from .schemas import AddResponse, ColorScale, ImageResult, Neighbour, PredictResponse, RegionBody, public_name
@@ -279,11 +280,7 @@ class Predictor:
         vmin, vmax, fixed = color_range(full_map, self.model.pixel_threshold_)
         regions = prediction.regions  # in original-image pixels: found in original_map
         picture = why_picture(prediction, thumbs) if prediction.is_anomalous else None  # drawn by the library
-        shown = annotate(
-            overlay(prediction.image, full_map, vmin, vmax, mask=prediction.defect_mask), regions,
-            verdict_label(prediction.is_anomalous, prediction.normalized_score, prediction.score),
-            anomalous=prediction.is_anomalous, map_shape=full_map.shape,
-        )
+        shown = overlay_picture(prediction)  # the render the files use: the same pixels as `spade-ad predict`'s
         if pictures is not None:  # kept by the record
             pictures.update(overlay=shown, why=picture)
         return ImageResult(
