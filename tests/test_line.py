@@ -57,7 +57,7 @@ def test_record_list_filters_and_shows_a_table_or_json(tmp_path: Path, capsys: p
     assert run_cli(["record", "list", tmp_path / "r.db", "--verdict", "defect", "--label", "none", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert (row["id"], row["source"], row["regions"][0]["box"]) == (ids[4], "cam/4.png", [1, 2, 3, 4])
-    assert row["at"] == "2025-12-06T04:00:00.000+00:00"
+    assert row["at"] == "2025-12-06T04:00:00.000Z"
     cases = {("--since", "2025-12-06T02:00", "--until", "2025-12-06T04:00"): ids[2:4],
              ("--since", "2025-12-06T03:00+01:00"): ids[2:],  # 02:00 UTC
              ("--label", "good"): ids[2:3], ("--verdict", "error"): ids[3:4], ("--model", "plate.safetensors"): ids[5:],
@@ -100,7 +100,7 @@ def test_record_export_csv_and_parquet_from_a_read_only_record(tmp_path: Path,
             assert line["score"] == ("" if row["score"] is None else repr(row["score"]))
             assert int(line["at_ms"]) == row["at_ms"] and line["at"].startswith("2025-12-06T0")
         assert json.loads(exported[1]["regions"])[0]["box"] == [1, 2, 3, 4]
-        assert exported[1]["label_at"].endswith("+00:00")
+        assert exported[1]["label_at"].endswith("Z")
 
         pq = pytest.importorskip("pyarrow.parquet")
         assert run_cli(["record", "export", folder / "r.db", "--format", "parquet", "--since", "2025-12-06T01:00",

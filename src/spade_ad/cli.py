@@ -652,14 +652,14 @@ def record_export(record_target: str, format_: str, verdict: str | None, label: 
     """Export the inspections of the record DB (read-only), oldest first, every column (times also in ISO 8601
     UTC: at, label_at), to a CSV or Parquet file."""
     from .record import open_record
-    from .record.export import iter_rows, write_csv, write_parquet
+    from .record.export import write_csv, write_parquet
 
     if format_ == "parquet" and output == "-":
         raise click.UsageError("--format parquet needs a file (-o FILE), not stdout")
     selection = _selection(verdict, label, since, until, model_id)
     with open_record(record_target, readonly=True) as record:
         write = write_parquet if format_ == "parquet" else write_csv
-        count = write(iter_rows(record, selection), output)
+        count = write(record, output, selection)
     click.echo(f"exported {count} inspection{'s' if count != 1 else ''} to {output}", err=output == "-")
 
 

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from .schema import inspections
 from .store import Record, RecordError
 
 __all__ = ["FORMATS", "LABEL_CHOICES", "LIST_COLUMNS", "VERDICT_CHOICES", "Selection", "columns", "format_table",
-           "iso", "iter_rows", "parse_time", "write_csv", "write_parquet"]
+           "iter_chunks", "iter_rows", "parse_time", "plain", "write_csv", "write_parquet"]
 
 VERDICT_CHOICES = ("defect", "good", "error", "none")
 """What `--verdict` takes: the verdicts a row holds ("none": scored by a model without a threshold)."""
@@ -53,13 +54,6 @@ def parse_time(value: str | None, option: str) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     return int(moment.timestamp() * 1000)
-
-
-def iso(ms: int | None) -> str | None:
-    """Milliseconds since 1970 as ISO 8601 UTC to the millisecond."""
-    if ms is None:
-        return None
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -108,14 +102,32 @@ def columns() -> list[str]:
     return ["at", *(column.name for column in inspections.columns), "label_at"]
 
 
-def iter_rows(record: Record, selection: Selection = Selection(), chunk: int = _CHUNK) -> Iterator[dict[str, Any]]:
-    """The selected inspections as dicts (`columns()`), read `chunk` rows at a time."""
+def _iso_column(values: Sequence[int | None]) -> list[str | None]:
+    """Milliseconds as ISO 8601 UTC to the millisecond (`2026-12-03T14:00:00.000Z`), a chunk at a time."""
+    stamps = np.array([v if v is not None else "NaT" for v in values], dtype="datetime64[ms]")
+    return [None if text == "NaT" else text
+            for text in np.datetime_as_string(stamps, unit="ms", timezone="UTC").tolist()]
+
+
+def iter_chunks(record: Record, selection: Selection = Selection(),
+                chunk: int = _CHUNK) -> Iterator[list[tuple[Any, ...]]]:
+    """The selected inspections in lists of at most `chunk` tuples (the values of `columns()`, in that order)."""
     query = selection.query(record)
+    names = [column.name for column in inspections.columns]
+    at, label_ms = names.index("at_ms"), names.index("label_ms")
     with record.engine.connect() as connection:
         result = connection.execution_options(stream_results=True, yield_per=chunk).execute(query)
-        for row in result.mappings():
-            item = dict(row)
-            yield {"at": iso(item["at_ms"]), **item, "label_at": iso(item.get("label_ms"))}
+        for part in result.partitions(chunk):
+            times = _iso_column([row[at] for row in part] + [row[label_ms] for row in part])
+            yield [(times[i], *row, times[len(part) + i]) for i, row in enumerate(part)]
+
+
+def iter_rows(record: Record, selection: Selection = Selection(), chunk: int = _CHUNK) -> Iterator[dict[str, Any]]:
+    """The selected inspections as dicts (`columns()`), read `chunk` rows at a time."""
+    names = columns()
+    for part in iter_chunks(record, selection, chunk):
+        for values in part:
+            yield dict(zip(names, values))
 
 
 def _atomic(path: Path, binary: bool) -> tuple[IO[Any], str]:
@@ -126,16 +138,16 @@ def _atomic(path: Path, binary: bool) -> tuple[IO[Any], str]:
     return (os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", newline="", encoding="utf-8")), name
 
 
-def write_csv(rows: Iterator[dict[str, Any]], output: str | os.PathLike[str]) -> int:
-    """The rows as CSV (a header of `columns()`, regions as JSON text) at `output` ("-": stdout); how many."""
-    names = columns()
+def write_csv(record: Record, output: str | os.PathLike[str], selection: Selection = Selection()) -> int:
+    """The selected inspections as CSV (a header of `columns()`, regions as JSON text, an empty cell for none) at
+    `output` ("-": stdout); how many."""
     if os.fspath(output) == "-":
-        return _write_csv(rows, sys.stdout, names)
+        return _write_csv(iter_chunks(record, selection), sys.stdout)
     path = Path(output)
     sink, part = _atomic(path, binary=False)
     try:
         with sink:
-            count = _write_csv(rows, sink, names)
+            count = _write_csv(iter_chunks(record, selection), sink)
         os.replace(part, path)
     except BaseException:
         Path(part).unlink(missing_ok=True)
@@ -143,13 +155,13 @@ def write_csv(rows: Iterator[dict[str, Any]], output: str | os.PathLike[str]) ->
     return count
 
 
-def _write_csv(rows: Iterator[dict[str, Any]], sink: IO[str], names: list[str]) -> int:
-    writer = csv.DictWriter(sink, fieldnames=names, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+def _write_csv(chunks: Iterator[list[tuple[Any, ...]]], sink: IO[str]) -> int:
+    writer = csv.writer(sink, lineterminator="\n")
+    writer.writerow(columns())
     count = 0
-    for row in rows:
-        writer.writerow(row)
-        count += 1
+    for part in chunks:
+        writer.writerows(part)
+        count += len(part)
     return count
 
 
@@ -165,9 +177,10 @@ def _arrow_schema() -> Any:
     return pa.schema(fields)
 
 
-def write_parquet(rows: Iterator[dict[str, Any]], output: str | os.PathLike[str], chunk: int = _CHUNK) -> int:
-    """The rows as a Parquet file at `output` (typed columns: integers, floats, text; written `chunk` rows per
-    row group); how many. Needs pyarrow: a RecordError saying which extra to install when it is missing."""
+def write_parquet(record: Record, output: str | os.PathLike[str], selection: Selection = Selection(),
+                  chunk: int = _CHUNK) -> int:
+    """The selected inspections as a Parquet file at `output` (typed columns: integers, floats, text; `chunk` rows
+    per row group); how many. Needs pyarrow: a RecordError saying which extra to install when it is missing."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -180,16 +193,13 @@ def write_parquet(rows: Iterator[dict[str, Any]], output: str | os.PathLike[str]
     count = 0
     try:
         with sink, pq.ParquetWriter(sink, schema) as writer:
-            batch: list[dict[str, Any]] = []
-            for row in rows:
-                batch.append(row)
-                if len(batch) == chunk:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                    count += len(batch)
-                    batch = []
-            if batch or count == 0:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                count += len(batch)
+            for rows in iter_chunks(record, selection, chunk):
+                values = list(zip(*rows))
+                writer.write_table(pa.Table.from_arrays([pa.array(column, type=field.type)
+                                                         for column, field in zip(values, schema)], schema=schema))
+                count += len(rows)
+            if count == 0:  # the columns, no rows
+                writer.write_table(schema.empty_table())
         os.replace(part, path)
     except BaseException:
         Path(part).unlink(missing_ok=True)
