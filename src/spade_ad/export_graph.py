@@ -262,9 +262,14 @@ def export_single_graph(model: str | Path | Spade, output: str | Path, *, overwr
     output = Path(output)
     if output.exists() and not overwrite:
         raise OutputError(f"{output} already exists: choose another file or pass --overwrite to replace it")
-    fitted = load(model, weights=weights, device="cpu") if not isinstance(model, Spade) else model
-    if fitted.device_.type != "cpu":
-        fitted = _on_cpu(fitted)
+    with tempfile.TemporaryDirectory(prefix=".spade-ad-graph.") as scratch:
+        if isinstance(model, Spade) and model.device_.type != "cpu":  # traced on the CPU: a CPU copy of the model
+            model = model.save(Path(scratch) / "model.safetensors")
+        fitted = load(model, weights=weights, device="cpu") if not isinstance(model, Spade) else model
+        return _export(fitted, output)
+
+
+def _export(fitted: Spade, output: Path) -> Path:
     input_size = graph_input_size(fitted)
     check_expressible(fitted, input_size)
     needs_global_image = fitted.global_view == "square" and input_size[0] != input_size[1]
@@ -284,14 +289,6 @@ def export_single_graph(model: str | Path | Spade, output: str | Path, *, overwr
         check_graph(path, fitted, original, probe, global_probe)
         path.replace(output)
     return output
-
-
-def _on_cpu(model: Spade) -> Spade:
-    """A copy of the model's settings and stored features with its network on the CPU (the graph is traced there)."""
-    model.backbone_ = model.backbone_.to("cpu")
-    model.device_ = torch.device("cpu")
-    model.store_.global_features = model.store_.global_features.cpu()
-    return model
 
 
 def _probe(model: Spade, input_size: tuple[int, int], needs_global_image: bool,
