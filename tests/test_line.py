@@ -205,3 +205,19 @@ def test_review_queue_pages_by_keyset_even_when_times_and_ids_disagree(record_ta
             before = page[-1]["id"]
     expected = [i for _, i in sorted(zip(times, ids), key=lambda pair: (-pair[0], -pair[1]))]
     assert seen == expected
+
+
+def test_a_read_only_opening_writes_nothing(record_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """SQLite (mode=ro) and PostgreSQL (read-only transactions) alike: the commands that only read list the record,
+    and a write through a read-only opening is refused by the database itself."""
+    from spade_ad.record import RecordUnavailable
+
+    ids = _fill(record_target)
+    assert run_cli(["record", "list", record_target, "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ids[::-1]
+    with open_record(record_target, readonly=True) as record:
+        assert record.readonly and record.count() == 6
+        with pytest.raises(RecordUnavailable, match="read-only|readonly"):
+            record.add([{"origin": "test", "source": "x.png", "verdict": "good"}])
+    with open_record(record_target) as record:
+        assert record.count() == 6
