@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -139,6 +140,7 @@ def main() -> None:
     node_overhead = float(np.median(node_walls)) - per_image["node"] * len(images)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                    "load_average_1min": round(os.getloadavg()[0], 1),
                     "onnxruntime_python": ort.__version__,
                     "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()},
         "images": len(images), "rounds": args.rounds,
