@@ -10,6 +10,8 @@ import pytest
 from spade_ad import SettingError, Spade
 from spade_ad.calibration import (
     PIXEL_RATES,
+    Calibration,
+    check_shift,
     compare_good_scores,
     conformal_threshold,
     normalized_scores,
@@ -18,14 +20,17 @@ from spade_ad.calibration import (
     pixel_threshold_at,
     recall_threshold,
     robust_scale,
+    suspects,
+    suspects_warning,
 )
 from spade_ad.images import list_images
 
 
-@pytest.mark.parametrize(("n", "alpha"), [(19, 0.1), (99, 0.05), (199, 0.01), (30, 0.2)])
+@pytest.mark.parametrize(("n", "alpha"), [(59, 0.1), (99, 0.05), (499, 0.01), (30, 0.2)])
 def test_conformal_threshold_keeps_the_false_alarm_rate(n: int, alpha: float) -> None:
     """Over many draws of calibration and test scores from one distribution, the share of good test scores above
-    the threshold is at most alpha and close to it (the conformal guarantee is exact in expectation)."""
+    the threshold is at most alpha and close to it (the conformal guarantee is exact in expectation), wherever
+    alpha (n + 1) is at least TAIL_MULTIPLE (5)."""
     rng = np.random.default_rng(0)
     rates = []
     for _ in range(400):
@@ -38,12 +43,69 @@ def test_conformal_threshold_keeps_the_false_alarm_rate(n: int, alpha: float) ->
     assert abs(np.mean(rates) - expected) < 0.006
 
 
+@pytest.mark.parametrize(("n", "alpha"), [(199, 0.01), (39, 0.1), (299, 0.01)])
+def test_a_few_unusual_scores_no_longer_set_the_threshold(n: int, alpha: float) -> None:
+    """Within a few multiples of 1/(n + 1) the conformal quantile is one of the largest scores. Two good images far
+    out (a rare pose, a defect in the training folder) made the rate far lower than asked (none at all for
+    n = 199: the threshold was the second outlier); the fitted tail brings it nearer alpha, and the guarantee it
+    states is at most 2 alpha. On clean scores the rate stays near alpha too (an estimate: at most 1.3 alpha)."""
+    rng = np.random.default_rng(1)
+    clean, odd, conformal_odd = [], [], []
+    for _ in range(300):
+        calibration = rng.gamma(2.0, size=n)
+        threshold, _ = conformal_threshold(calibration, alpha)
+        clean.append(float((rng.gamma(2.0, size=2000) > threshold).mean()))
+        calibration[:2] = [40.0, 30.0]
+        threshold, note = conformal_threshold(calibration, alpha)
+        test = rng.gamma(2.0, size=2000)
+        odd.append(float((test > threshold).mean()))
+        conformal_odd.append(float((test > np.sort(calibration)[n - int(np.floor(alpha * (n + 1) + 1e-9))]).mean()))
+        above = int((calibration > threshold).sum())
+        assert (1 + above) / (n + 1) <= 2 * alpha + 1e-9
+        if note:
+            assert "estimate" in note and f"guaranteed: {1 + above}/{n + 1}" in note
+    assert np.mean(clean) < 1.3 * alpha
+    assert abs(np.mean(odd) - alpha) < abs(np.mean(conformal_odd) - alpha) and 0.4 * alpha < np.mean(odd) < 1.3 * alpha
+
+
+def test_suspects_are_the_scores_beyond_the_tail() -> None:
+    """Two training images scoring like defects are named, largest first; clean draws of 200 good scores name
+    none in almost every draw; the warning names them with the score where the others end."""
+    rng = np.random.default_rng(2)
+    scores = rng.gamma(2.0, size=200)
+    scores[[17, 120]] = [25.0, 40.0]
+    assert suspects(scores) == [120, 17]
+    assert sum(bool(suspects(rng.gamma(2.0, size=200))) for _ in range(200)) <= 4
+    assert suspects(scores[:7]) == []  # too few to fit a tail
+    cal = Calibration("leave_one_out", sorted(scores.tolist()), 0.01, 5.0, 0.001, 1.0, suspects=["b.png", "a.png"],
+                      suspect_scores=[40.0, 25.0])
+    line = suspects_warning(cal)
+    assert "these 2 training images score like defects" in line and "b.png (40)" in line and "--exclude" in line
+    assert f"{np.sort(scores)[-3]:.3g}" in line
+
+
+def test_check_shift_warns_when_new_good_parts_score_higher() -> None:
+    """The first inspections of a line against the calibration: the same distribution says nothing; good parts
+    from a second session (scores moved up) are reported with the false-alarm rate the move implies."""
+    rng = np.random.default_rng(4)
+    reference = np.sort(rng.gamma(2.0, size=200))
+    threshold, _ = conformal_threshold(reference, 0.01)
+    cal = Calibration("leave_one_out", reference.tolist(), 0.01, threshold, 0.001, 1.0)
+    assert check_shift(cal, rng.gamma(2.0, size=60)) is None
+    assert check_shift(cal, rng.gamma(2.0, size=10) + 2.0) is None  # too few to tell
+    warning = check_shift(cal, rng.gamma(2.0, size=60) + 2.0)
+    assert warning is not None and "Mann-Whitney" in warning and "against 1% asked" in warning
+    assert check_shift(Calibration("none", [], 0.01, None, 0.001, None), rng.gamma(2.0, size=60)) is None
+
+
 def test_too_few_images_for_the_rate_asked_says_so_and_uses_the_maximum() -> None:
     scores = np.arange(14, dtype=float)
     threshold, note = conformal_threshold(scores, 0.01)
     assert threshold == 13.0 and "1/15" in note and "0.01" in note
-    threshold, note = conformal_threshold(scores, 0.2)  # floor(0.2 * 15) - 1 = 2 scores may lie above
-    assert threshold == 11.0 and note == ""
+    threshold, note = conformal_threshold(scores, 0.2)  # floor(0.2 * 15) - 1 = 2 scores may lie above: 11.0
+    assert 8.0 <= threshold <= 11.0 and "estimate" in note  # 0.2 x 15 = 3 < 5: the tail, at most twice the rate
+    threshold, note = conformal_threshold(scores, 0.4)  # 0.4 x 15 = 6: the conformal quantile alone
+    assert threshold == 8.0 and note == ""
 
 
 def test_too_few_images_extrapolate_the_tail_to_the_rate_asked() -> None:
@@ -282,3 +344,21 @@ def test_model_files_from_before_map_weight_keep_equal_weights(
     monkeypatch.undo()
     assert load(old).map_weight == 0.5
     assert load(fitted_model.save(tmp_path / "new.safetensors")).map_weight == pytest.approx(2 / 3)
+
+
+def test_fit_names_the_defective_parts_in_its_training_folder(tmp_path: Path) -> None:
+    """Two defective parts (a stain, a washer) slipped among 22 good ones: fit names exactly those two, the model
+    file keeps them, and the threshold is not set by them (it lies below both)."""
+    from spade_ad import load
+    from spade_ad.synthetic import make_synthetic_dataset, read_variants
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=24, n_test_good=0, n_test_defect=0, size=(160, 224),
+                                  seed=3, train_defects=2)
+    slipped = {Path(name).name for name, kind in read_variants(root)["train"].items() if kind.startswith("defect")}
+    model = Spade(k_gallery=5, device="cpu", progress=False).fit(root / "train" / "good")
+    cal = model.calibration_
+    assert set(cal.suspects) == slipped and len(cal.suspects) == 2
+    assert cal.image_threshold < min(cal.suspect_scores)
+    assert "these 2 training images score like defects" in suspects_warning(cal)
+    loaded = load(model.save(tmp_path / "m.safetensors")).calibration_
+    assert (loaded.suspects, loaded.suspect_scores) == (cal.suspects, cal.suspect_scores)

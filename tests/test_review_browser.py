@@ -109,3 +109,47 @@ def test_the_page_serves_the_product_chosen(browser, tmp_path_factory: pytest.Te
         wait.until(lambda d: d.find_element(By.ID, "model-info").text not in ("", before))  # its own threshold
         wait.until(lambda d: d.find_element(By.ID, "threshold").is_enabled())
         assert _upload(browser, spot, 1) == "Normal"  # the results were cleared when the product changed
+
+
+def test_more_pages_on_then_hides_and_error_rows_have_their_own_filter(
+        browser, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
+    """25 flagged inspections and an unreadable file in the record: the queue shows 20 with "More"; "More" adds the
+    last 5 and hides; clicking it again (it is only hidden) loads nothing twice; the unreadable file is not in the
+    queue but under "not readable", without label buttons."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("review-more") / "disc", n_train=8, n_test_good=1,
+                                  n_test_defect=1, size=(96, 96), seed=0)
+    Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good").save(root / "model.safetensors")
+    db = root / "inspections.db"
+    with open_record(db) as record:
+        record.add([{"origin": "watch", "source": f"cam/{i:02d}.png", "verdict": "defect", "score": 5.0,
+                     "normalized_score": 2.0, "at_ms": 1_000 + i} for i in range(25)]
+                   + [{"origin": "watch", "source": "cam/notes.txt", "verdict": "error", "at_ms": 2_000,
+                       "error": "not an image file"}])
+    cards = "#review-list .review-item"
+    with serve_in_subprocess(root / "model.safetensors", "--record", str(db)) as child:
+        browser.get(child.url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.ID, "view-tabs").is_displayed())
+        browser.find_element(By.CSS_SELECTOR, '#view-tabs [data-view="review"]').click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, cards)) == 20)
+        more = browser.find_element(By.ID, "review-more")
+        assert more.is_displayed()
+        assert "cam/notes.txt" not in [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{cards} .name")]
+        more.click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, cards)) == 25)
+        wait.until(lambda d: not d.find_element(By.ID, "review-more").is_displayed())  # nothing more: hidden
+        browser.execute_script("document.getElementById('review-more').click()")  # hidden, but clicked anyway
+        browser.execute_script("return fetch('/healthz').then(() => true)")  # let a request (if any) come back
+        names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{cards} .name")]
+        assert len(names) == 25 and len(set(names)) == 25  # the same queue was not loaded again
+
+        Select(browser.find_element(By.ID, "review-verdict")).select_by_value("error")
+        browser.find_element(By.CSS_SELECTOR, '#review-filters button[type="submit"]').click()
+        wait.until(lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, f"{cards} .name")] == ["cam/notes.txt"])
+        [card] = browser.find_elements(By.CSS_SELECTOR, cards)
+        assert card.find_element(By.CSS_SELECTOR, ".verdict").text == "Not readable"
+        assert not card.find_elements(By.CSS_SELECTOR, "button")  # no Good / Defect: nothing to label
+        assert not browser.find_element(By.ID, "review-more").is_displayed()

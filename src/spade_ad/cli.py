@@ -167,6 +167,10 @@ def _echo_calibration(model: Any) -> None:
         click.echo(f"note: {cal.note}", err=True)
     if cal.warning:
         click.echo(f"warning: {cal.warning}", err=True)
+    if getattr(cal, "suspects", None):
+        from .calibration import suspects_warning
+
+        click.echo(f"warning: {suspects_warning(cal)}", err=True)
 
 
 @app.command()

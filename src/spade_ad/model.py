@@ -309,7 +309,7 @@ class Spade(Detector, BaseEstimator):
         self.calibration_, self.score_scale_ = calibration.calibrate(
             map_parts, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
             false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
-            map_weight=self.map_weight,
+            map_weight=self.map_weight, names=self.train_names_ if source == "leave_one_out" else None,
         )
         self._apply_calibration()
 

@@ -328,6 +328,7 @@ _HEADER_FIELDS = (
     ("calibration.pixel_threshold", "number|null", _MISSING), ("calibration.pixel_quantiles", "numbers", []),
     ("calibration.median", "number|null", None), ("calibration.threshold_source", "text", ""),
     ("calibration.note", "text", ""), ("calibration.score_scale", "scales", _MISSING),
+    ("calibration.suspects", "texts", []), ("calibration.suspect_scores", "numbers", []),
 )
 
 

@@ -50,8 +50,8 @@ _ALL_DEFECTS = DEFECT_TYPES + OBJECT_DEFECT_TYPES + SUBTLE_DEFECT_TYPES
 #: One good part in `_RARE_CYCLE` of each rare kind, at these positions of the cycle (2.5% each, 7.5% in all).
 _RARE_CYCLE = 40
 _RARE_AT = {7: "pose", 19: "colour", 31: "print"}
-#: The surface defects slipped into a training folder, in turn.
-_SLIPPED = ("spot", "scratch")
+#: The defects slipped into a training folder, in turn.
+_SLIPPED = ("spot", "foreign_part")
 
 # Seed-stream tags, so that e.g. train image 3 is the same whatever the other counts are.
 _STREAM = {"train": 0, "good": 1, "scratch": 2, "spot": 3, "missing_hole": 4, "extra_hole": 5, "foreign_part": 6,
@@ -85,8 +85,8 @@ class _Look:
 _USUAL = _Look()
 _RARE_LOOKS = {"pose": _Look(turn=float(np.deg2rad(45.0)), shift=0.06), "colour": _Look(metal=(1.12, 0.93, 0.62)),
                "print": _USUAL}
-#: The second capture session: the light turned 25 degrees, 8% dimmer and a little warmer.
-_SESSION_TWO = {"light": 25.0, "gain": (0.95, 0.92, 0.86)}
+#: The second capture session: the light turned 12 degrees, 5% dimmer and a little warmer.
+_SESSION_TWO = {"light": 12.0, "gain": (0.97, 0.95, 0.92)}
 
 
 def make_synthetic_dataset(
@@ -111,8 +111,8 @@ def make_synthetic_dataset(
     folders by an earlier, larger run are removed so that the layout is exact.
 
     `rare_goods`: one good part in 40 of each `RARE_KINDS` (turned, brass-coloured, printed), in training and test
-    alike. `train_defects`: that many training images are defective parts (a spot, a scratch, in turn) slipped in
-    among the good ones. `second_session`: every test image is captured in a second session (light turned 25
+    alike. `train_defects`: that many training images are defective parts (a spot, a washer, in turn) slipped in
+    among the good ones. `second_session`: every test image is captured in a second session (light turned 12
     degrees, dimmer and warmer). With any of them, ``variants.json`` names the rare and defective images.
     """
     height, width = (int(v) for v in size)
@@ -253,12 +253,12 @@ def _object_defect(rng: np.random.Generator, g: _Grid, defect: str,
         rng.bit_generator.state = state
         image, _ = _render_part(rng, g, look=look)
         cy, cx = _point_on_disc(rng, part, 0.72)
-        size = rng.uniform(0.025, 0.04) * part.scale
+        size = rng.uniform(0.03, 0.045) * part.scale
         bump = np.exp(-0.5 * _norm(g.y - cy, g.x - cx) ** 2 / size**2)
         # a dent is seen by its shading: darker on the side facing the light, brighter on the other
         light = np.deg2rad(225.0 + look.light)
         slope = ((g.x - cx) * np.cos(light) + (g.y - cy) * np.sin(light)) / size
-        shade = rng.uniform(16.0, 26.0) * slope * bump * _on_part(g, part)
+        shade = rng.uniform(30.0, 45.0) * slope * bump * _on_part(g, part)
         image = image + shade[..., None]
         return image, np.abs(image - good).max(axis=2) > 5.0
     if defect == "missing_hole":
@@ -476,3 +476,113 @@ def _prepare(folder: Path) -> None:
     for old in folder.iterdir():
         if old.is_file() and _OWN_FILE.match(old.name):
             old.unlink()
+
+
+def make_printed_dataset(root: str | Path, *, n_train: int = 20, n_test_good: int = 20, n_test_defect: int = 10,
+                         size: tuple[int, int] = (224, 224), seed: int = 0, train_codes: int = 1) -> Path:
+    """The generated product (`make_synthetic_dataset`, scratch and spot defects on the part) with a printed lot
+    code on a label in its top-left corner, away from the part: a code of dark cells that differs on every test
+    part (a date or serial number), while the training parts carry only `train_codes` codes (the lots they came
+    from). Writes ``roi.png`` at `root`: white = inspect, black over the label and a margin around it. For the
+    regions-of-interest tests and docs/roi.md: without the ROI, new codes raise false alarms."""
+    root = make_synthetic_dataset(root, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
+                                  size=size, seed=seed, defect_types=("scratch", "spot"))
+    height, width = (int(v) for v in size)
+    cell = max(2, min(height, width) // 32)
+    rows, cols = 3, 7
+    top, left = cell, cell
+    label = (slice(top, top + (rows + 2) * cell), slice(left, left + (cols + 2) * cell))
+    rng = np.random.default_rng([seed, 29])
+    lots = [rng.random((rows, cols)) < 0.5 for _ in range(max(1, train_codes))]
+    for index, path in enumerate(sorted(p for p in root.glob("t*/*/*.png") if _OWN_FILE.match(p.name)
+                                        and p.parent.parent.name in ("train", "test"))):
+        code = lots[index % len(lots)] if path.parent.parent.name == "train" else rng.random((rows, cols)) < 0.5
+        pixels = np.asarray(Image.open(path).convert("RGB")).copy()
+        pixels[label] = 235  # the label
+        ink = np.kron(code, np.ones((cell, cell), dtype=bool))
+        box = pixels[top + cell:top + (rows + 1) * cell, left + cell:left + (cols + 1) * cell]
+        box[ink] = 25
+        _save_rgb(pixels, path)
+    roi = np.full((height, width), 255, dtype=np.uint8)
+    margin = 4 * cell
+    roi[:label[0].stop + margin, :label[1].stop + margin] = 0
+    Image.fromarray(roi).save(root / "roi.png")
+    return root
+
+
+def make_large_dataset(root: str | Path, *, n_train: int = 10, n_test_good: int = 10, n_test_defect: int = 10,
+                       size: tuple[int, int] = (2048, 2048), defect_size: tuple[int, int] = (5, 20),
+                       seed: int = 0) -> Path:
+    """A fixtured flat part filmed by a large camera, with small defects: a machined plate (a grid of holes and
+    milled slots, a brushed texture that differs on every part, a shift of a few pixels, light that varies) whose
+    defects are dark pits and short scratches `defect_size` pixels across (5-20 px on a 2048 x 2048 image: one
+    pixel or less at the default 224). MVTec layout: ``train/good``, ``test/good``, ``test/pit``,
+    ``test/scratch`` (``n_test_defect`` in all, alternating) and ``ground_truth/<type>/NNN_mask.png``. For the
+    tiled mode's tests and benchmarks (docs/tiles.md)."""
+    root = Path(root)
+    height, width = (int(v) for v in size)
+    rng = np.random.default_rng([seed, 2048])
+    holes = [(y, x) for y in np.linspace(0.15, 0.85, 5) for x in np.linspace(0.15, 0.85, 5)]
+    hole_radius = 0.025 * min(height, width)
+    slots = [(rng.uniform(0.1, 0.8), rng.uniform(0.1, 0.8), rng.uniform(0.08, 0.2)) for _ in range(6)]
+
+    def plate(part: np.random.Generator) -> np.ndarray:
+        dy, dx = part.uniform(-3, 3, size=2)
+        y = np.arange(height, dtype=np.float32)[:, None] - dy
+        x = np.arange(width, dtype=np.float32)[None, :] - dx
+        light = part.uniform(0.9, 1.1)
+        image = (150 + 20 * (x / width) + 10 * (y / height)) * light
+        image = image + 6 * gaussian_filter1d(part.standard_normal((height, width)).astype(np.float32), 6, axis=1)
+        for cy, cx in holes:
+            d = np.sqrt((y - cy * height) ** 2 + (x - cx * width) ** 2)
+            image = np.where(d < hole_radius, 40.0, np.where(d < hole_radius + 3, 110.0, image))
+        for sy, sx, length in slots:
+            inside = (np.abs(y - sy * height) < 0.01 * height) & (x > sx * width) & (x < (sx + length) * width)
+            image = np.where(inside, 90.0, image)
+        return image.astype(np.float32)
+
+    def finish(image: np.ndarray, part: np.random.Generator) -> np.ndarray:
+        noisy = image + 2.0 * part.standard_normal(image.shape, dtype=np.float32)
+        gray = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+
+    def defect(image: np.ndarray, kind: str, part: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        extent = part.uniform(*defect_size)
+        for _ in range(100):  # on the plate's flat surface, away from holes
+            cy, cx = part.uniform(0.05, 0.95) * height, part.uniform(0.05, 0.95) * width
+            if min(np.hypot(cy - hy * height, cx - hx * width) for hy, hx in holes) > hole_radius + extent + 8:
+                break
+        y, x = np.ogrid[:height, :width]
+        if kind == "pit":
+            mask = (y - cy) ** 2 + (x - cx) ** 2 <= (extent / 2) ** 2
+            image = np.where(mask, image * 0.45, image)
+        else:
+            angle = part.uniform(0, np.pi)
+            ey, ex = np.sin(angle) * extent / 2, np.cos(angle) * extent / 2
+            t = np.clip(((y - cy + ey) * 2 * ey + (x - cx + ex) * 2 * ex) / max(extent ** 2, 1e-6), 0, 1)
+            d = np.hypot(y - (cy - ey + t * 2 * ey), x - (cx - ex + t * 2 * ex))
+            mask = d <= max(1.0, extent / 8)
+            image = np.where(mask, image * 0.55, image)
+        return image, mask
+
+    streams = np.random.SeedSequence([seed, 2049]).spawn(n_train + n_test_good + n_test_defect)
+    for split, count, offset in (("train/good", n_train, 0), ("test/good", n_test_good, n_train)):
+        folder = root / split
+        _prepare(folder)
+        for i in range(count):
+            part = np.random.default_rng(streams[offset + i])
+            _save_rgb(finish(plate(part), part), folder / f"{_name(i, count)}.png")
+    kinds = ("pit", "scratch")
+    for kind in kinds:
+        _prepare(root / "test" / kind)
+        _prepare(root / "ground_truth" / kind)
+    counters = dict.fromkeys(kinds, 0)
+    for i in range(n_test_defect):
+        part = np.random.default_rng(streams[n_train + n_test_good + i])
+        kind = kinds[i % 2]
+        image, mask = defect(plate(part), kind, part)
+        name = _name(counters[kind], n_test_defect)
+        counters[kind] += 1
+        _save_rgb(finish(image, part), root / "test" / kind / f"{name}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "ground_truth" / kind / f"{name}_mask.png")
+    return root
