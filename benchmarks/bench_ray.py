@@ -66,9 +66,8 @@ def run_child(mode: str, model: Path, inputs: Path, out: Path, workers: int, ima
         loaded = load(model, device="cpu")
         with PredictionWriter.for_model(loaded, out, overwrite=True, save_maps=save_maps) as writer:
             for prediction in loaded.iter_predict(inputs, original_size=True, keep_images=images):
-                if not images:
-                    _ = prediction.regions  # at the original size, then the picture-making parts dropped
-                    prediction.original_map = None
+                if not images:  # regions at the original size, then the picture-making parts dropped
+                    prediction = prediction.without_pixels()
                 writer.write(prediction)
     else:
         from spade_ad import distributed

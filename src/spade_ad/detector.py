@@ -8,7 +8,8 @@ Prediction is made, so the two paths cannot give different verdicts for the same
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,14 +20,53 @@ from .errors import SettingError
 from .prediction import Prediction
 
 
+@runtime_checkable
+class FittedModel(Protocol):
+    """What the front doors (command line, watch, service, Ray, the record) may use of a fitted model, whichever
+    estimator it is: `spade_ad.Spade` (torch) or `spade_ad.runtime.Runtime` (a bundle, no torch). Both satisfy it,
+    and a test holds each of them to it, signatures included (an interface nobody checks drifts)."""
+
+    uses_torch: ClassVar[bool]  # a torch model (a GPU may run it) rather than a bundle
+    image_score: str
+    calibration_: Calibration
+    image_threshold_: float | None
+    pixel_threshold_: float | None
+    train_names_: list[str]
+    thumbnails_: Any  # the training images' thumbnails ("why" pictures), or None
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]: ...
+
+    def set_params(self, **params: Any) -> Any: ...
+
+    def iter_predict(self, images: Any, *, original_size: bool = False, keep_images: bool = False,
+                     skip_bad: bool = False, on_skip: Callable[..., None] | None = None,
+                     explain: bool = False) -> Iterator[Prediction]: ...
+
+    def predict(self, images: Any, *, original_size: bool = False, skip_bad: bool = False,
+                on_skip: Callable[..., None] | None = None, explain: bool = False) -> list[Prediction]: ...
+
+    def score(self, images: Any, *, skip_bad: bool = False,
+              on_skip: Callable[..., None] | None = None) -> np.ndarray: ...
+
+    def set_thresholds(self, *, image: float | None = None, false_alarm_rate: float | None = None,
+                       pixel: float | None = None, pixel_false_alarm_rate: float | None = None) -> Any: ...
+
+    def judged(self, prediction: Prediction, threshold: float | None = None) -> Prediction: ...
+
+    def add(self, images: Any, **options: Any) -> Any: ...
+
+
 class Detector:
     """Thresholds and verdicts of a fitted detector (a mixin: subclasses set `calibration_`, `score_scale_`,
     `image_score` and define `_check_fitted`)."""
 
+    uses_torch: ClassVar[bool] = False
     calibration_: Calibration
     score_scale_: dict[str, tuple[float, float]]
     image_score: str
     map_weight: float
+    train_names_: list[str]
+    thumbnails_: Any = None
 
     def _check_fitted(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -61,16 +101,28 @@ class Detector:
         self._apply_calibration()
         return self
 
+    def _verdict(self, score: float, threshold: float | None) -> dict[str, Any]:
+        """The verdict fields of a score at an image threshold: the one place a verdict is made."""
+        cal = self.calibration_
+        return {
+            "image_threshold": threshold, "is_anomalous": None if threshold is None else bool(score > threshold),
+            "normalized_score": None if threshold is None or cal.median is None
+            else float(normalized_scores([score], cal.median, threshold)[0]),
+        }
+
     def _prediction(self, map_part: float, knn_part: float, **fields: Any) -> Prediction:
         """The Prediction of one image from its score parts: score, verdict, normalised score and p-value at the
         current thresholds; `fields` are the rest (name, path, maps, geometry, image, neighbours, explanation)."""
         cal = self.calibration_
         score = float(self._combine(np.array([map_part]), np.array([knn_part]))[0])
-        threshold = cal.image_threshold
         return Prediction(
-            score=score, is_anomalous=None if threshold is None else bool(score > threshold),
-            pixel_threshold=cal.pixel_threshold, image_threshold=threshold,
-            normalized_score=None if threshold is None or cal.median is None
-            else float(normalized_scores([score], cal.median, threshold)[0]),
+            score=score, pixel_threshold=cal.pixel_threshold, **self._verdict(score, cal.image_threshold),
             p_value=float(p_values([score], cal.scores)[0]) if cal.scores else None, **fields,
         )
+
+    def judged(self, prediction: Prediction, threshold: float | None = None) -> Prediction:
+        """`prediction` judged at another image `threshold` (a request's own; None: the model's): a new Prediction
+        with its verdict, threshold and normalised score made as `predict` makes them."""
+        if threshold is None:
+            threshold = self.calibration_.image_threshold
+        return prediction.with_(**self._verdict(prediction.score, threshold))

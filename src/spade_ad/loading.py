@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import SettingError
 from .runtime.bundle import is_bundle
 
+if TYPE_CHECKING:
+    from .detector import FittedModel
+
 
 def open_model(path: str | Path, *, weights: str | Path | None = None, device: str | None = None,
-               engine: str | None = None) -> Any:
+               engine: str | None = None) -> FittedModel:
     """A `Spade` from a model file, or a `spade_ad.runtime.Runtime` from a bundle folder. `weights` and a CUDA
     `device` apply to model files only; `engine` to bundles only (default onnxruntime)."""
     if is_bundle(path):

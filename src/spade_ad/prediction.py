@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,9 +31,14 @@ class Region:
         return {"box": list(self.box), "area": self.area, "peak": round(self.peak, 6), "mean": round(self.mean, 6)}
 
 
-@dataclass
+#: What `Prediction.regions` is derived from.
+_REGIONS_FROM = {"anomaly_map", "original_map", "is_anomalous", "pixel_threshold"}
+
+
+@dataclass(frozen=True)
 class Prediction:
-    """One image's result.
+    """One image's result: immutable (`with_` makes a changed copy), so that what is derived from it (`regions`,
+    computed once from the map, the verdict and the pixel threshold) can never go stale.
 
     `score` is the raw image score (its unit depends on `image_score`); `normalized_score` puts it on a scale where
     0 is the median good image and 1 the image threshold; `p_value` is the conformal p-value (the share of good
@@ -59,6 +64,22 @@ class Prediction:
     p_value: float | None = None
     neighbours: list[tuple[str, float]] = field(default_factory=list)
     explanation: Explanation | None = None  # with predict(..., explain=True): see `spade_ad.explain`
+
+    def with_(self, **changes: object) -> Prediction:
+        """A copy with `changes` (`dataclasses.replace`): a new name, or another verdict (made by
+        `spade_ad.detector.Detector.judged`, the one place verdicts are made). Its `regions` are derived anew when
+        a change touches what they come from, and carried over otherwise."""
+        new = replace(self, **changes)
+        if "regions" in self.__dict__ and not _REGIONS_FROM & changes.keys():
+            new.__dict__["regions"] = self.__dict__["regions"]
+        return new
+
+    def without_pixels(self) -> Prediction:
+        """A light copy to send elsewhere (a Ray actor to the driver): the decoded image and the original-size map
+        dropped, its `regions` (found in that map, in original-image pixels) kept as they are."""
+        light = replace(self, original_map=None, image=None)
+        light.__dict__["regions"] = self.regions  # what cached_property stores: derived from the map dropped
+        return light
 
     @property
     def defect_mask(self) -> np.ndarray | None:

@@ -117,12 +117,11 @@ class _Scorer:
 
         for prediction in self.model.iter_predict(items, original_size=True, keep_images=self.images,
                                                   skip_bad=True, on_skip=on_skip, explain=self.explain):
-            _ = prediction.regions  # cached on the Prediction, so the driver does not redo it
             if self.files is not None:
                 for stem in self.stems[prediction.name]:
                     self.files.write(prediction, stem, saver=self._save)
             if not self.images or self.files is not None:
-                prediction.original_map = prediction.image = None
+                prediction = prediction.without_pixels()  # its regions found here, in the original-size map
             results[prediction.name] = pickle.dumps(prediction, protocol=5)
         self.crash(len(batch["path"]))
         return _result_batch(batch["path"], results, failed)

@@ -188,7 +188,7 @@ def predict(
     if thresholds:
         model.set_thresholds(**thresholds)
     writer = PredictionWriter.for_model(model, output, save_maps=save_maps, overwrite=overwrite, explain=explain)
-    gpu_capable = hasattr(model, "backbone_")  # a torch model file; bundles run on the CPU
+    gpu_capable = model.uses_torch  # a torch model file; bundles run on the CPU
     batch_size = int(getattr(model, "batch_size", None) or model.get_params()["batch_size"])
     del model
     constructor = {"model_path": str(Path(model_path).resolve()), "weights": None if weights is None else
@@ -222,7 +222,8 @@ def predict(
                                 on_skip(item, error)
                         else:
                             prediction = pickle.loads(row["result"])
-                            prediction.name, prediction.path = item.name, item.path if listing.local else None
+                            prediction = prediction.with_(name=item.name,
+                                                          path=item.path if listing.local else None)
                             write(prediction)
                             table.add(prediction)
                         bar.update(1)
