@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .detector import FittedModel
 from .errors import ImageReadError, OutputError
 from .record import EvidenceStore, RecordUnavailable, file_sha256
 from .recording import Recorder, verdict_of
@@ -77,7 +78,7 @@ class _Candidate:
 class Watcher:
     """Scores the files that appear in `folder` (see the module's description). `run()` until stopped."""
 
-    def __init__(self, model: Any, folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+    def __init__(self, model: FittedModel, folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  recorder: Recorder | None = None, move_to: str | os.PathLike[str] | None = None,
                  poll: bool = False, poll_interval: float = 0.5, settle: float = 1.0, save_maps: bool = False,
                  explain: bool = False, max_images: int | None = None, idle_exit: float | None = None,
@@ -312,7 +313,7 @@ class Watcher:
             self.log(f"error: {source}: {exc.reason} (recorded, going on)")
             self.result.errors += 1
         else:
-            prediction.name = source
+            prediction = prediction.with_(name=source)
             verdict = verdict_of(prediction)
             target = self._destination(source, verdict)
             # the row names where the file will be (moved once its outputs are written and it is marked done)
