@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
-from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
