@@ -50,9 +50,6 @@ NO_RECORD = "this service keeps no inspection record: start it with --record DB"
 MAX_ID = 2**63 - 1
 """The largest inspection id a record holds (SQL's BIGINT): larger ids (and ids below 1) are refused (422)."""
 InspectionId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The inspection's id")]
-MAX_ID = 2**63 - 1
-"""The largest inspection id a record holds (SQL's BIGINT): larger ids (and ids below 1) are refused (422)."""
-InspectionId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The inspection's id")]
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}$")
 
 
