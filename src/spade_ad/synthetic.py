@@ -258,7 +258,7 @@ def _object_defect(rng: np.random.Generator, g: _Grid, defect: str,
         # a dent is seen by its shading: darker on the side facing the light, brighter on the other
         light = np.deg2rad(225.0 + look.light)
         slope = ((g.x - cx) * np.cos(light) + (g.y - cy) * np.sin(light)) / size
-        shade = rng.uniform(30.0, 45.0) * slope * bump * _on_part(g, part)
+        shade = rng.uniform(55.0, 75.0) * slope * bump * _on_part(g, part)
         image = image + shade[..., None]
         return image, np.abs(image - good).max(axis=2) > 5.0
     if defect == "missing_hole":
