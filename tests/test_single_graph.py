@@ -83,7 +83,8 @@ def test_graph_gives_the_python_answers(fitted_model: Spade, widget_graph: Path,
 
 def test_settings_one_graph_cannot_express_are_refused(synthetic_root: Path, tmp_path: Path) -> None:
     """fusion=concat (one search over concatenated levels) is refused in one line naming the setting, exit 2, and
-    nothing is written; --single-graph with --format openvino is a usage error."""
+    nothing is written; --single-graph with --format openvino is a usage error; a max_search_pairs that would
+    reduce the gallery is refused too."""
     train = sorted((synthetic_root / "train" / "good").glob("*.png"))[:4]
     model = Spade(fusion="concat", image_size=64, k_gallery=2, device="cpu", progress=False).fit(train)
     with pytest.raises(SettingError, match="fusion"):
@@ -93,6 +94,10 @@ def test_settings_one_graph_cannot_express_are_refused(synthetic_root: Path, tmp
     assert not (tmp_path / "c.onnx").exists() and not list(tmp_path.glob(".c.onnx*"))
     assert run_cli(["export", tmp_path / "concat.safetensors", "--single-graph", "--format", "openvino",
                     "-o", tmp_path / "c.onnx"]) == 2
+    # A gallery the Python path would reduce (coreset prefixes beyond max_search_pairs) is not searched exactly.
+    reduced = Spade(max_search_pairs=10_000, image_size=64, k_gallery=2, device="cpu", progress=False).fit(train)
+    with pytest.raises(SettingError, match="max_search_pairs"):
+        export_single_graph(reduced, tmp_path / "reduced.onnx")
 
 
 def test_training_images_of_other_sizes_join_the_gallery(tmp_path: Path) -> None:
@@ -163,15 +168,24 @@ def bottle_test_images(bottle_root: Path, per_kind: int) -> list[Path]:
 
 
 def test_node_client_gives_the_python_answers(bottle_root: Path, node_client: Path, tmp_path: Path) -> None:
-    """A small model on 6 real bottle images (128 px), exported by the command line: the Node.js client decodes
-    the 900 x 900 PNGs, resizes them as Pillow does and prints the Python path's scores and verdicts; its maps are
-    the Python path's too."""
+    """A small model on 6 real bottle images with the paper's crop at 100 px (a box with fractional edges, an input
+    that is no multiple of the strides), exported by the command line: the Node.js client decodes the 900 x 900
+    PNGs, resizes them as Pillow does and prints the Python path's scores and verdicts; its maps are the Python
+    path's too."""
     train = sorted((bottle_root / "train" / "good").glob("*.png"))[:6]
-    model = Spade(image_size=128, k_gallery=3, device="cpu", progress=False).fit(train)
+    model = Spade(image_size=100, resize="paper_crop", k_gallery=3, device="cpu", progress=False).fit(train)
     model.save(tmp_path / "bottle.safetensors")
     graph = tmp_path / "bottle.onnx"
     assert run_cli(["export", tmp_path / "bottle.safetensors", "--single-graph", "-o", graph]) == 0
     assert_node_matches(node_client, graph, model, bottle_test_images(bottle_root, 1), tmp_path)
+
+
+def test_node_client_with_the_square_global_view(fitted_model: Spade, widget_graph: Path, node_client: Path,
+                                                  synthetic_root: Path, tmp_path: Path) -> None:
+    """Non-square images kept to scale (224 x 160 -> 320 x 224) and squashed for the global view: the Node.js client
+    feeds both inputs and gives the Python path's answers on every synthetic test image."""
+    images = sorted((synthetic_root / "test").rglob("*.png"))
+    assert_node_matches(node_client, widget_graph, fitted_model, images, tmp_path)
 
 
 def test_node_client_reports_bad_input(widget_graph: Path, node_client: Path, tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ def smoothing_matrix(size: int, sigma: float, radius: int) -> np.ndarray:
 class SingleGraph(nn.Module):
     """The pipeline as a torch module that `torch.onnx.export` traces into one graph (see the module's doc)."""
 
-    def __init__(self, model: Spade, input_size: tuple[int, int], needs_global_image: bool) -> None:
+    def __init__(self, model: Spade, input_size: tuple[int, int], level_shapes: list[tuple[int, int]],
+                 needs_global_image: bool) -> None:
         super().__init__()
         store = model.store_
         self.backbone = _ExportedBackbone(model)
@@ -92,10 +93,10 @@ class SingleGraph(nn.Module):
         self.kappa, self.euclidean = int(model.kappa), model.distance == "euclidean"
         height, width = input_size
         self.register_buffer("global_bank", store.global_features.detach().float().cpu().clone())
-        self.banks, self.norms, self.level_shapes = nn.ParameterList(), nn.ParameterList(), []
+        self.banks, self.norms, self.level_shapes = nn.ParameterList(), nn.ParameterList(), level_shapes
         self.rows_up, self.cols_up = nn.ParameterList(), nn.ParameterList()
         sizes = store.shapes[..., 0] * store.shapes[..., 1]
-        for level, stride in enumerate(model.backbone_.strides):
+        for level, (h, w) in enumerate(level_shapes):
             rows, channels = int(sizes[:, level].max()), store.levels[level].shape[1]
             # Every image's rows padded to the largest image's count; a padded row is never nearest (norm +inf).
             bank = np.zeros((n_train, rows, channels), dtype=store.levels[level].dtype)
@@ -107,8 +108,6 @@ class SingleGraph(nn.Module):
                 norms[i, :stop - start] = np.einsum("ij,ij->i", widened, widened)  # as numpy_search.ranking_bank
             self.banks.append(nn.Parameter(torch.from_numpy(bank), requires_grad=False))
             self.norms.append(nn.Parameter(torch.from_numpy(norms), requires_grad=False))
-            h, w = height // stride, width // stride
-            self.level_shapes.append((h, w))
             self.rows_up.append(nn.Parameter(torch.from_numpy(upsample_matrix(h, height)), requires_grad=False))
             self.cols_up.append(nn.Parameter(torch.from_numpy(upsample_matrix(w, width).T.copy()),
                                              requires_grad=False))
@@ -194,15 +193,19 @@ class SingleGraph(nn.Module):
         return 1.0 + (score - threshold) / (abs(median) or 1.0)
 
 
-def graph_input_size(model: Spade) -> tuple[int, int]:
-    """The network input size (height, width) the graph takes: the training images' (the most common one when
-    they differ), from their first level's map shape and stride."""
+def graph_input_size(model: Spade) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The network input size (height, width) the graph takes and its pyramid levels' map shapes: the training
+    images' (the most common when they differ). "squash" and "paper_crop" inputs are image_size x image_size;
+    "keep_aspect" inputs are multiples of 32, so the first level's shape times its stride."""
+    shapes = Counter(tuple(tuple(int(v) for v in level) for level in image) for image in model.store_.shapes)
+    levels = [tuple(level) for level in shapes.most_common(1)[0][0]]
+    if model.resize != "keep_aspect":
+        return (model.image_size, model.image_size), levels
     stride = int(model.backbone_.strides[0])
-    sizes = Counter((int(h) * stride, int(w) * stride) for h, w in model.store_.shapes[:, 0])
-    return sizes.most_common(1)[0][0]
+    return (levels[0][0] * stride, levels[0][1] * stride), levels
 
 
-def check_expressible(model: Spade, input_size: tuple[int, int]) -> None:
+def check_expressible(model: Spade, input_size: tuple[int, int], level_shapes: list[tuple[int, int]]) -> None:
     """Refuse what one graph cannot compute as the Python path does (SettingError naming the setting)."""
     exportable(model)
     if model.image_score == "fused" and not {"map", "knn"} <= set(model.score_scale_):
@@ -211,8 +214,8 @@ def check_expressible(model: Spade, input_size: tuple[int, int]) -> None:
     if model.max_search_pairs is not None:
         sizes = model.store_.shapes[..., 0] * model.store_.shapes[..., 1]
         k = min(model.k_gallery, model.store_.n_images)
-        for level, stride in enumerate(model.backbone_.strides):
-            queries = (input_size[0] // stride) * (input_size[1] // stride)
+        for level, (h, w) in enumerate(level_shapes):
+            queries = h * w
             largest = np.sort(sizes[:, level])[::-1][:k].sum()
             if queries * int(largest) > model.max_search_pairs:
                 raise SettingError(
@@ -270,10 +273,10 @@ def export_single_graph(model: str | Path | Spade, output: str | Path, *, overwr
 
 
 def _export(fitted: Spade, output: Path) -> Path:
-    input_size = graph_input_size(fitted)
-    check_expressible(fitted, input_size)
+    input_size, level_shapes = graph_input_size(fitted)
+    check_expressible(fitted, input_size, level_shapes)
     needs_global_image = fitted.global_view == "square" and input_size[0] != input_size[1]
-    module = SingleGraph(fitted, input_size, needs_global_image).eval()
+    module = SingleGraph(fitted, input_size, level_shapes, needs_global_image).eval()
     original, probe, global_probe = _probe(fitted, input_size, needs_global_image)
     args = (torch.from_numpy(probe[None]),) + ((torch.from_numpy(global_probe[None]),) if needs_global_image else ())
     input_names = ["image"] + (["global_image"] if needs_global_image else [])
