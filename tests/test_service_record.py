@@ -122,8 +122,11 @@ def test_calibrate_from_the_record_labels(model_file: Path, fitted: Path, tmp_pa
     assert run_cli(["calibrate", model_file, "--record", target, "-o", tmp_path / "new.safetensors"]) == 0
     out = capsys.readouterr().out
     assert "from the record: 3 good and 4 defect images" in out
-    calibration = load(tmp_path / "new.safetensors").calibration_
-    assert calibration.n == 3 and calibration.threshold_source == "best_f1"
+    calibration = load(tmp_path / "new.safetensors").calibration_  # the labelled good scores added to the model's
+    assert calibration.n == load(model_file).calibration_.n + 3 and calibration.threshold_source == "best_f1"
+    assert run_cli(["calibrate", model_file, "--record", target, "--replace", "-o", tmp_path / "r.safetensors"]) == 0
+    assert "calibration REPLACED" in capsys.readouterr().out
+    assert load(tmp_path / "r.safetensors").calibration_.n == 3
     assert run_cli(["calibrate", model_file]) == 2
     assert "--good FOLDER, or --record DB" in capsys.readouterr().err
 

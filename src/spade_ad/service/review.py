@@ -36,7 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..record import RecordError, now_ms, open_record
+from ..record import EvidenceChanged, RecordError, default_files_dir, now_ms, open_record, verified_image
 from ..recording import Recorder
 from .errors import ApiError
 from .schemas import public_name
@@ -51,13 +51,6 @@ MAX_ID = 2**63 - 1
 """The largest inspection id a record holds (SQL's BIGINT): larger ids (and ids below 1) are refused (422)."""
 InspectionId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The inspection's id")]
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}$")
-
-
-def default_files_dir(target: str) -> Path:
-    """Where the service keeps recorded uploads by default (see the module's description)."""
-    if "://" in target:
-        return Path("spade-ad-record-files")
-    return Path(f"{target}.files")
 
 
 def parse_time(value: str | None, name: str) -> int | None:
@@ -98,17 +91,23 @@ class ReviewStore:
         self.problem: str | None = None
 
     def recorder(self, name: str, model: Any, model_file: str | os.PathLike[str] | None) -> Recorder:
-        """The recorder of the served model `name` (made on first use)."""
+        """The recorder of the served model `name` (made on first use); while the record does not answer, its rows
+        wait in `files`/record-outbox-<name>.jsonl and are written when it answers again."""
         if name not in self.recorders:
+            from .context import logger
+
             def failed(problem: str) -> None:
                 self.problem = problem
-                from .context import logger
+                logger.error("%s", problem)
 
-                logger.error("the inspection record failed: %s; predictions are no longer recorded", problem)
+            def resumed(message: str) -> None:
+                self.problem = None
+                logger.info("%s", message)
 
             self.recorders[name] = Recorder(self.record, model, model_file, origin="serve",
                                             name=name if name != "default" else None, batch_size=64,
-                                            max_wait=3600, on_failure=failed)
+                                            max_wait=3600, outbox=self.files / f"record-outbox-{name}.jsonl",
+                                            on_failure=failed, on_resume=resumed)
         return self.recorders[name]
 
     # -- writing (worker threads) -----------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ class ReviewStore:
             why_path = folder / f"{stem}-why.png"
             why.save(why_path, format="PNG", compress_level=3)
         return recorder.row(prediction, source=public_name(name), path=image_path, sha256=sha,
-                            overlay_path=overlay_path, why_path=why_path, map_path=None)
+                            overlay_path=overlay_path, why_path=why_path, map_path=None, kept_path=image_path)
 
     def flush(self) -> None:
         for recorder in self.recorders.values():
@@ -183,7 +182,13 @@ class ReviewStore:
         column = {"image": "path", "overlay": "overlay_path", "why": "why_path"}.get(kind)
         if column is None:
             raise ApiError(404, f"no such file: {kind} (image, overlay or why)")
-        value = self.row(inspection_id).get(column)
+        row = self.row(inspection_id)
+        if kind == "image":  # the image inspected, never what lies at its path now
+            try:
+                return verified_image(row)
+            except EvidenceChanged as exc:
+                raise ApiError(409 if "another image" in str(exc) else 410, str(exc)) from None
+        value = row.get(column)
         if not value or not Path(value).is_file():
             raise ApiError(404, f"inspection {inspection_id} has no {kind} file (any more)")
         return Path(value)
@@ -199,11 +204,14 @@ class ReviewStore:
                                 f"{row.get('error') or 'unreadable'}); there is nothing to label")
         added = None
         if label == "good" and add_good is not None:
-            path = row.get("path")
-            if not path or not Path(path).is_file():
-                raise ApiError(409, f"inspection {inspection_id}'s image is not on this server's disk any more: "
-                                    f"labelled nothing; add it with `spade-ad add`")
-            added = add_good(Path(path))
+            if row.get("verdict") == "error":
+                raise ApiError(409, f"inspection {inspection_id} could not be scored (an unreadable file): there is "
+                                    f"nothing to label")
+            try:
+                path = verified_image(row)  # only the very image inspected is added to the model
+            except EvidenceChanged as exc:
+                raise ApiError(409, f"{exc}: labelled nothing, added nothing") from None
+            added = add_good(path)
         try:
             updated = self.record.set_label(inspection_id, label, by)
         except RecordError as exc:
