@@ -1,21 +1,22 @@
 """What the per-image files cost against scoring, and where the start-up goes (issue 30).
 
-1. Per image, in one run: the library's `model.predict(images, original_size=True)` in this process, against
-   `spade-ad predict` on the same images with each output set (`--outputs none`, the default `overlay,mask`, `all`),
-   each a fresh process; for the command, the time to its first scored image (the first row of scores.csv, polled
-   every 5 ms) and the time per image after it ((end - first row) / (n - 1): the rest of the run, the wait for the
-   last files and the exit included). With `--baseline-src DIR` (a source tree of an earlier commit, e.g. from
-   `git archive`), the command as it was there is run too, on the same images and in the same run.
+1. Per image, in one run (in rounds; medians): the library's `model.predict(images, original_size=True)` in this
+   process, against `spade-ad predict` on the same images with each output set (`--outputs none`, the default
+   `overlay,mask`, `all`), each a fresh process; for the command, the time to its first scored image (the first
+   row of scores.csv, polled every 5 ms) and the time per image after it ((end - first row) / (n - 1): the rest of
+   the run, the wait for the last files and the exit included). With `--baseline-src DIR` (a source tree of an
+   earlier commit, e.g. from `git archive`), the command as it was there is run too, on the same images and in the
+   same run.
 2. `--startup`: where the time before the first result goes, in a fresh interpreter: the imports (the CLI; numpy and
    Pillow; torch; timm; scikit-learn; the rest of the model), opening the model file, the first image and a second
    one.
-3. `--levels`: the PNG zlib level, size against encoding time, on the overlays, masks and heat maps of real
-   predictions (what chose `spade_ad.visualize.PNG_LEVEL`).
+3. `--levels`: PNG encoders and zlib levels, size against encoding time, on the overlays, masks and heat maps of
+   real predictions: Pillow's and `spade_ad.visualize.encode_png` (what chose it and `PNG_LEVEL`).
 
 The machine is shared: compare the figures of one run only (ratios); the load average is printed before and after.
 Results: benchmarks/results/outputs.json and outputs.md.
 
-    python benchmarks/bench_outputs.py [--images 20] [--startup] [--levels] [--baseline-src DIR]
+    python benchmarks/bench_outputs.py [--images 20] [--rounds 2] [--startup] [--levels] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,26 +102,38 @@ def _command(model_path: Path, images: list[Path], out: Path, outputs: str | Non
     return {"first_result_s": first, "per_image_s": (total - first) / max(1, len(images) - 1), "total_s": total}
 
 
-def bench_per_image(model_path: Path, images: list[Path], baseline_src: Path | None) -> dict[str, object]:
-    rows: dict[str, object] = {"load_before": _load(), "images": len(images)}
-    library = _library(model_path, images)
-    rows["library_per_image_s"] = library
+def bench_per_image(model_path: Path, images: list[Path], baseline_src: Path | None,
+                    rounds: int = 2) -> dict[str, object]:
+    """`rounds` rounds of: the library, then the command with each output set (and the baseline's); each figure is
+    the median over the rounds, so that a busy moment of the shared machine weighs on no run alone."""
+    rows: dict[str, object] = {"load_before": _load(), "images": len(images), "rounds": rounds}
+    runs = [(f"--outputs {name}", name, None) for name in OUTPUT_SETS]
+    if baseline_src is not None:
+        runs.insert(0, ("before (baseline)", None, baseline_src))
+    library: list[float] = []
+    measured: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(f"--outputs {name}", name, None) for name in OUTPUT_SETS]
-        if baseline_src is not None:
-            runs.insert(0, ("before (baseline)", None, baseline_src))
-        for label, outputs, src in runs:
-            out = Path(tmp) / label.replace(" ", "_").replace("(", "").replace(")", "")
-            run = _command(model_path, images, out, outputs, src)
-            run["ratio_to_library"] = run["per_image_s"] / library
-            run["files_mb"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
-            rows[label] = run
-            print(f"  {label:22s} first result {run['first_result_s']:6.2f} s, per image {run['per_image_s']:.3f} s "
-                  f"= {run['ratio_to_library']:.2f} x the library, {run['files_mb']:.1f} MB", flush=True)
-    rows["library_after_s"] = _library(model_path, images)
+        for round_ in range(rounds):
+            library.append(_library(model_path, images))
+            print(f"  round {round_ + 1}: library {library[-1]:.3f} s per image (load {_load()})", flush=True)
+            for label, outputs, src in runs:
+                out = Path(tmp) / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-{round_}"
+                run = _command(model_path, images, out, outputs, src)
+                run["files_mb"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+                measured[label].append(run)
+                print(f"  round {round_ + 1}: {label:18s} first result {run['first_result_s']:6.2f} s, per image "
+                      f"{run['per_image_s']:.3f} s, {run['files_mb']:.1f} MB", flush=True)
+    rows["library_per_image_s"] = statistics.median(library)
+    rows["library_rounds_s"] = library
+    for label, found in measured.items():
+        run = {key: statistics.median(r[key] for r in found) for key in found[0]}
+        run["ratio_to_library"] = run["per_image_s"] / rows["library_per_image_s"]  # type: ignore[operator]
+        run["rounds"] = found  # type: ignore[assignment]
+        rows[label] = run
+        print(f"  {label:22s} first result {run['first_result_s']:6.2f} s, per image {run['per_image_s']:.3f} s "
+              f"= {run['ratio_to_library']:.2f} x the library ({rows['library_per_image_s']:.3f} s), "
+              f"{run['files_mb']:.1f} MB (medians)", flush=True)
     rows["load_after"] = _load()
-    print(f"  library predict(original_size=True): {library:.3f} s per image (again after: "
-          f"{rows['library_after_s']:.3f}); load {rows['load_before']} -> {rows['load_after']}", flush=True)
     return rows
 
 
@@ -159,12 +173,15 @@ def bench_startup(model_path: Path, image: Path, src: Path | None = None) -> dic
     return phases
 
 
-def bench_levels(model_path: Path, images: list[Path], repeats: int = 3) -> dict[str, dict[str, list[float]]]:
-    """Per PNG level: mean encoding ms and kB of the overlays, masks and heat maps of `images`."""
+def bench_levels(model_path: Path, images: list[Path], rounds: int = 5) -> dict[str, dict[str, list[float]]]:
+    """Per encoder and zlib level: the fastest of `rounds` encodings (ms, interleaved, so that a busy moment of the
+    shared machine hurts none more than another) and the mean kB, over the overlays, masks and heat maps of
+    `images`: Pillow's encoder and `spade_ad.visualize.encode_png`."""
+    import numpy as np
     from PIL import Image
 
     from spade_ad.loading import open_model
-    from spade_ad.visualize import heatmap, overlay_picture, threshold_color_range
+    from spade_ad.visualize import encode_png, heatmap, overlay_picture, threshold_color_range
 
     model = open_model(model_path)
     model.set_params(progress=False)
@@ -176,21 +193,29 @@ def bench_levels(model_path: Path, images: list[Path], repeats: int = 3) -> dict
             pictures["mask"].append(Image.fromarray(mask.astype("uint8") * 255))
         vmin, vmax = threshold_color_range(prediction.pixel_threshold) or (None, None)
         pictures["heatmap"].append(heatmap(prediction.original_map, vmin, vmax))
+
+    def pillow(picture: Image.Image, level: int) -> int:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", compress_level=level)
+        return buffer.tell()
+
+    encoders = {f"Pillow {level}": (lambda p, lv=level: pillow(p, lv)) for level in (1, 6)}
+    encoders.update({f"encode_png {level}": (lambda p, lv=level: len(encode_png(np.asarray(p), lv)))
+                     for level in (1, 2, 3, 6)})
     table: dict[str, dict[str, list[float]]] = {}
     for kind, shown in pictures.items():
-        table[kind] = {}
-        for level in (0, 1, 2, 3, 6, 9):
-            sizes, seconds = [], []
-            for picture in shown:
-                for _ in range(repeats):
-                    buffer = io.BytesIO()
+        best = {name: [float("inf")] * len(shown) for name in encoders}
+        sizes = {name: [0] * len(shown) for name in encoders}
+        for _ in range(rounds):
+            for name, encode in encoders.items():
+                for i, picture in enumerate(shown):
                     started = time.perf_counter()
-                    picture.save(buffer, format="PNG", compress_level=level)
-                    seconds.append(time.perf_counter() - started)
-                sizes.append(buffer.tell())
-            table[kind][str(level)] = [1000 * sum(seconds) / len(seconds), sum(sizes) / len(sizes) / 1000]
-        print(f"  {kind:8s} " + "  ".join(f"level {lv}: {ms:5.1f} ms {kb:6.0f} kB"
-                                          for lv, (ms, kb) in table[kind].items()), flush=True)
+                    sizes[name][i] = encode(picture)
+                    best[name][i] = min(best[name][i], time.perf_counter() - started)
+        table[kind] = {name: [1000 * sum(best[name]) / len(shown), sum(sizes[name]) / len(shown) / 1000]
+                       for name in encoders}
+        print(f"  {kind:8s} " + "  ".join(f"{name}: {ms:5.1f} ms {kb:5.0f} kB"
+                                          for name, (ms, kb) in table[kind].items()), flush=True)
     return table
 
 
@@ -199,8 +224,9 @@ def _markdown(results: dict[str, object]) -> str:
              f"Machine: {os.cpu_count()} cores; compare figures within this run only.", ""]
     for name, rows in results.get("per_image", {}).items():  # type: ignore[union-attr]
         lines += [f"## {name} ({rows['images']} images; load {rows['load_before']} -> {rows['load_after']})", "",
-                  f"library predict(original_size=True): {rows['library_per_image_s']:.3f} s per image "
-                  f"(again at the end: {rows['library_after_s']:.3f})", "",
+                  f"library predict(original_size=True): {rows['library_per_image_s']:.3f} s per image (median of "
+                  f"{', '.join(f'{v:.3f}' for v in rows['library_rounds_s'])}); the runs' figures are medians "
+                  f"over {rows['rounds']} rounds", "",
                   "| run | first result (s) | per image after it (s) | x library | files (MB) |",
                   "|---|---|---|---|---|"]
         for label, run in rows.items():
@@ -213,8 +239,8 @@ def _markdown(results: dict[str, object]) -> str:
         lines += [f"| {name} | {seconds:.2f} |" for name, seconds in phases.items()]
         lines.append("")
     for name, table in results.get("levels", {}).items():  # type: ignore[union-attr]
-        lines += [f"## PNG level: {name} (mean ms to encode / kB)", "", "| file | " +
-                  " | ".join(f"level {lv}" for lv in next(iter(table.values()))) + " |",
+        lines += [f"## PNG encoders and zlib levels: {name} (ms to encode, fastest of 5 / kB)", "", "| file | " +
+                  " | ".join(next(iter(table.values()))) + " |",
                   "|---|" + "---|" * len(next(iter(table.values())))]
         for kind, levels in table.items():
             lines.append(f"| {kind} | " + " | ".join(f"{ms:.1f} ms / {kb:.0f} kB" for ms, kb in levels.values()) +
@@ -226,6 +252,7 @@ def _markdown(results: dict[str, object]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=20, help="images per product [default: 20]")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the per-image comparison [default: 2]")
     parser.add_argument("--products", nargs="+", default=list(PRODUCTS), choices=list(PRODUCTS))
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="a source folder (holding spade_ad/) of an earlier commit to run the command from too")
@@ -243,7 +270,7 @@ def main() -> None:
         images = _images(name, args.images)
         if not args.no_per_image:
             print(f"{name}: per image ({len(images)} images, load {_load()})", flush=True)
-            results["per_image"][name] = bench_per_image(model_path, images, args.baseline_src)
+            results["per_image"][name] = bench_per_image(model_path, images, args.baseline_src, args.rounds)
         if args.startup:
             print(f"{name}: start-up (load {_load()})", flush=True)
             results["startup"][f"{name}, this tree"] = bench_startup(model_path, images[0])

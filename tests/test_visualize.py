@@ -4,6 +4,7 @@ boxes, peak scores and the verdict label."""
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,7 @@ from spade_ad.visualize import (
     annotate,
     color_range,
     contour,
+    encode_png,
     heat_level,
     heatmap,
     legend_box,
@@ -289,3 +291,16 @@ def test_overlay_picture_without_thresholds_is_washed_in_its_own_range_with_the_
     assert _px(Image.fromarray(shown), 2, 2) == LABEL_COLORS[None]  # "score 3": no verdict
     with pytest.raises(ValueError, match="keep_images"):
         overlay_picture(dataclasses.replace(prediction, image=None))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (30, 40), (30, 40, 3), (7, 1, 3)])
+def test_encode_png_round_trips_through_pillow(shape: tuple[int, ...], tmp_path: Path) -> None:
+    pixels = np.random.default_rng(2).integers(0, 256, size=shape, dtype=np.uint8)
+    pixels[..., 0] = 255  # rows whose differences wrap around 256
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels))))
+    assert decoded.dtype == np.uint8 and decoded.shape == shape
+    np.testing.assert_array_equal(decoded, pixels)
+    image = Image.fromarray(pixels)
+    np.testing.assert_array_equal(np.asarray(Image.open(save_png(image, tmp_path / "a" / "x.png"))), pixels)
+    with pytest.raises(ValueError, match="shape"):
+        encode_png(np.zeros((4, 4, 2), dtype=np.uint8))
