@@ -188,6 +188,23 @@ def test_node_client_with_the_square_global_view(fitted_model: Spade, widget_gra
     assert_node_matches(node_client, widget_graph, fitted_model, images, tmp_path)
 
 
+def test_node_client_reads_pngs_as_spade_ad_does(fitted_model: Spade, widget_graph: Path, node_client: Path,
+                                                 synthetic_root: Path, tmp_path: Path) -> None:
+    """PNGs of every kind spade_ad.images reads (alpha, grey, palette, 16-bit grey, 1-bit) decode in the Node.js
+    client to the same pixels: the Python path's answers."""
+    image = Image.open(sorted((synthetic_root / "test").rglob("*.png"))[5]).convert("RGB")
+    rgb = np.asarray(image)
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 37, np.uint8)]), "RGBA").save(tmp_path / "alpha.png")
+    image.convert("L").save(tmp_path / "grey.png")
+    image.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
+    grey16 = np.asarray(image.convert("L")).astype(np.uint16) * 257 + 100
+    Image.fromarray(grey16.clip(0, 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    image.convert("1").save(tmp_path / "bilevel.png")
+    images = sorted(tmp_path.glob("*.png"))
+    assert len(images) == 5
+    assert_node_matches(node_client, widget_graph, fitted_model, images, tmp_path)
+
+
 def test_node_client_reports_bad_input(widget_graph: Path, node_client: Path, tmp_path: Path) -> None:
     """An image of another size than the graph's and an unreadable file: a line with "error" each, exit 1; no
     graph: exit 2 with a one-line message."""
