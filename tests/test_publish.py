@@ -311,3 +311,42 @@ def test_a_redirect_is_not_a_delivery(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert not gets and any("stopped (HTTP 302 Found)" in line for line in lines)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MB tmpfs (root only: skipped elsewhere), unmounted after the test."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_under_the_outbox_is_said_not_raised(small_disk: Path) -> None:
+    """The disk holding the outbox fills up: publish() says so once and returns "failed" (the inspection goes on);
+    once there is room, messages are queued again and the line says how many were not published."""
+    lines: list[str] = []
+    publisher = Publisher.open(f"mqtt://127.0.0.1:{publish_targets.free_port()}/t", small_disk, log=lines.append)
+    assert publisher.publish({"id": "0" * 32}) == "queued"
+    filler = small_disk / "filler"
+    try:
+        with open(filler, "wb") as handle:  # fill the disk to the last block
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+    except OSError:
+        pass
+    outcomes = [publisher.publish({"id": f"{i:032x}", "padding": "x" * 8192}) for i in range(1, 4)]
+    assert "failed" in outcomes, outcomes
+    assert len([line for line in lines if "cannot write the outbox" in line]) == 1
+    filler.unlink()
+    assert publisher.publish({"id": "f" * 32}) == "queued"
+    assert any("can be written again" in line for line in lines)
+    publisher.close(timeout=0)

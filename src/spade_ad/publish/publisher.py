@@ -73,6 +73,7 @@ class Publisher:
         self.min_backoff = min_backoff
         self.sent = 0  # delivered by this run
         self.dropped = 0  # refused because the outbox was full
+        self.failed = 0  # not published since the outbox could last be written
         self._dropped_since_full = 0
         self._down_since: float | None = None
         self._wake = threading.Event()  # a message was queued
@@ -107,11 +108,22 @@ class Publisher:
     # -- the caller's side ----------------------------------------------------------------------------------------
     def publish(self, message: dict[str, Any]) -> str:
         """Queue `message` (a JSON-able dict with a string `id`) for delivery and return at once: "queued",
-        "duplicate" (that id waits or was delivered lately) or "full" (not kept: the outbox holds `max_messages`).
-        After `close` (a request finishing while a service stops) the message is still kept in the outbox, for the
-        next run to send."""
+        "duplicate" (that id waits or was delivered lately), "full" (not kept: the outbox holds `max_messages`) or
+        "failed" (the outbox file cannot be written: a full disk; said in one line, never raised, so the inspection
+        goes on). After `close` (a request finishing while a service stops) the message is still kept in the outbox,
+        for the next run to send."""
         body = json.dumps(message, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-        outcome = self.outbox.add(str(message["id"]), body)
+        try:
+            outcome = self.outbox.add(str(message["id"]), body)
+        except (sqlite3.Error, OSError) as exc:
+            self.failed += 1
+            if self.failed == 1:
+                self._say(f"cannot write the outbox {self.outbox.path} ({exc}): inspections are not published "
+                          f"until it can be written again")
+            return "failed"
+        if self.failed:
+            self._say(f"the outbox can be written again: {_messages(self.failed)} could not be published meanwhile")
+            self.failed = 0
         if outcome == "full":
             self.dropped += 1
             self._dropped_since_full += 1
