@@ -14,6 +14,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
+import url from "node:url";
 import * as ort from "onnxruntime-node";
 import pngjs from "pngjs";
 
@@ -316,7 +317,11 @@ async function main() {
   process.exitCode = failed ? 1 : 0;
 }
 
-main().catch((error) => {
-  process.stderr.write(`error: ${String(error.message || error).split("\n")[0]}\n`);
-  process.exit(1);
-});
+export { planGeometry, readPng, resize };
+
+if (process.argv[1] && import.meta.url === url.pathToFileURL(path.resolve(process.argv[1])).href) {
+  main().catch((error) => {
+    process.stderr.write(`error: ${String(error.message || error).split("\n")[0]}\n`);
+    process.exit(1);
+  });
+}
