@@ -130,14 +130,20 @@ def app() -> None:
               "training images' leave-one-out scores are checked against them and a shift is reported.")
 @click.option("--preset", type=click.Choice(list(settings_table.PRESETS)), default="default", show_default=True,
               help="Named settings (fast, default, quality, objects, paper); options below override it.")
+@click.option("--roi", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Region of interest: a mask image in the images' pixels, white = inspect, black = ignore (fixtured "
+              "parts only); stored in the model, the maps, scores and thresholds see only the white pixels.")
 @skip_bad_option
 @ray_options
 @setting_options
-def fit(train_dir: str, output: Path, validation: Path | None, preset: str, skip_bad: bool, ray_address: str | None,
-        ray_workers: int, **options: Any) -> None:
+def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi: Path | None, skip_bad: bool,
+        ray_address: str | None, ray_workers: int, **options: Any) -> None:
     """Fit a model on a folder of good images and save it."""
     settings = {**settings_table.PRESETS[preset], **_given_settings(options)}
     on_skip = _report_skip if skip_bad else None
+    if ray_address is not None and roi is not None:
+        raise click.UsageError("--roi is not available with --ray-address yet: fit here, or set the ROI afterwards "
+                               "with `spade-ad calibrate MODEL --good DIR --roi MASK`")
     if ray_address is not None:
         from .distributed import fit as fit_on_ray
 
@@ -146,7 +152,7 @@ def fit(train_dir: str, output: Path, validation: Path | None, preset: str, skip
     else:
         from .model import Spade
 
-        model = Spade(**settings).fit(train_dir, validation=validation, skip_bad=skip_bad, on_skip=on_skip)
+        model = Spade(**settings).fit(train_dir, validation=validation, roi=roi, skip_bad=skip_bad, on_skip=on_skip)
     model.save(output)
     click.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
     _echo_calibration(model)
@@ -280,12 +286,15 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
 @click.option("--pixel-false-alarm-rate", "pixel_false_alarm_rate", default=None,
               type=_SettingType(settings_table.BY_NAME["pixel_false_alarm_rate"]),
               help="Share of good pixels allowed to be flagged [default: the model's].")
+@click.option("--roi", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="A new region of interest (mask image, white = inspect) stored in the model; the thresholds are "
+              "recomputed inside it.")
 @skip_bad_option
 @click.option("--record", "record_target", metavar="DB", default=None,
               help="Also (or instead of --good/--defect) the images labelled good and defect in this inspection "
               "record for this model (the review page's buttons).")
 def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: float | None, output: Path | None,
-              false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, skip_bad: bool,
+              false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, roi: Path | None, skip_bad: bool,
               record_target: str | None) -> None:
     """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
     from .model import load
@@ -300,7 +309,8 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
     model.set_params(**rates)
     if recall is not None and defect is None:
         raise click.UsageError("--recall needs --defect DIR: the defects whose share it sets")
-    model.calibrate(good, defect=defect, recall=recall, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None)
+    model.calibrate(good, defect=defect, recall=recall, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None,
+                    roi=roi)
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
     _echo_calibration(model)

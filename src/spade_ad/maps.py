@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .errors import SettingError
 from .geometry import Geometry
 
 #: Share of a map's highest values that image_score="map_top" averages (1%: a defect's area, not one pixel).
@@ -73,9 +74,13 @@ def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
     """The map's part of the image score: with "map_max" its maximum, otherwise ("map_top", and the map part of
     "fused") the mean of its highest TOP_SHARE values (less sensitive to one noisy peak on large, busy images such
     as long fabric strips)."""
-    if image_score == "map_max":
-        return float(anomaly_map.max())
     flat = anomaly_map.ravel()
+    if np.isnan(flat).any():  # pixels outside a region of interest (or a crop) are not scored
+        flat = flat[~np.isnan(flat)]
+        if not flat.size:
+            return 0.0
+    if image_score == "map_max":
+        return float(flat.max())
     count = max(1, int(flat.size * TOP_SHARE))
     return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
 
@@ -91,3 +96,69 @@ def map_to_original(anomaly_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     full = np.full((height, width), np.nan, dtype=np.float32)
     full[box[1]:box[3], box[0]:box[2]] = inner
     return full
+
+
+def roi_grid(roi: np.ndarray, box: tuple[float, float, float, float], original_size: tuple[int, int],
+             shape: tuple[int, int]) -> np.ndarray:
+    """A region of interest (bool (H, W), in original-image pixels; True = inspect) on a map of `shape` (h, w)
+    that covers `box` (left, top, right, bottom) of an image of `original_size` (height, width): nearest
+    neighbour, each map pixel taking the ROI pixel under its centre. An ROI of another size than the image is
+    scaled to it (a fixtured camera's images all have one size)."""
+    roi = np.asarray(roi, dtype=bool)
+    scale_y, scale_x = roi.shape[0] / original_size[0], roi.shape[1] / original_size[1]
+    left, top, right, bottom = box
+    rows = (top + (np.arange(shape[0]) + 0.5) * (bottom - top) / shape[0]) * scale_y
+    cols = (left + (np.arange(shape[1]) + 0.5) * (right - left) / shape[1]) * scale_x
+    rows = np.clip(rows.astype(np.int64), 0, roi.shape[0] - 1)
+    cols = np.clip(cols.astype(np.int64), 0, roi.shape[1] - 1)
+    return roi[np.ix_(rows, cols)]
+
+
+def apply_roi(anomaly_map: np.ndarray, roi: np.ndarray | None, geometry: Geometry) -> np.ndarray:
+    """The map (at the network input size of `geometry`) with NaN outside the region of interest (not scored:
+    ignored by `map_score`, the regions and the pixel threshold); the map itself when `roi` is None."""
+    if roi is None:
+        return anomaly_map
+    inside = roi_grid(roi, geometry.crop_box, geometry.original_size, anomaly_map.shape)
+    return np.where(inside, anomaly_map, np.float32(np.nan)).astype(np.float32, copy=False)
+
+
+def original_with_roi(anomaly_map: np.ndarray, roi: np.ndarray | None, geometry: Geometry) -> np.ndarray:
+    """`map_to_original` of a map masked by `apply_roi`: resized without the NaN (so the ROI's edge is not eaten
+    by the bilinear resize), then masked at the original size."""
+    if roi is None:
+        return map_to_original(anomaly_map, geometry)
+    full = map_to_original(np.nan_to_num(anomaly_map, nan=0.0), geometry)
+    height, width = geometry.original_size
+    inside = roi_grid(roi, (0.0, 0.0, float(width), float(height)), geometry.original_size, full.shape)
+    full[~inside] = np.nan
+    return full
+
+
+def as_roi(value: object) -> np.ndarray | None:
+    """A region of interest as a bool array (H, W), True = inspect, in the images' original pixels: from a mask
+    file (PNG: white = inspect, black = ignore; any pixel over half grey counts as white), a PIL image or an
+    array; None stays None. A mask with nothing to inspect raises SettingError naming `roi`."""
+    if value is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        try:
+            with Image.open(value) as opened:  # type: ignore[arg-type]
+                value = opened.convert("L")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise SettingError("roi", f"cannot be read as an image ({type(exc).__name__})", str(value),
+                               "a mask image, white where to inspect") from exc
+    if isinstance(value, Image.Image):
+        value = np.asarray(value.convert("L"))
+    array = np.asarray(value)
+    if array.ndim == 3:
+        array = array.max(axis=-1)
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise SettingError("roi", "is not a 2-D mask", f"shape {array.shape}", "a mask image (H, W), white = inspect")
+    inside = array > 127 if array.dtype == np.uint8 else array.astype(np.float64) > 0.5
+    if not inside.any():
+        raise SettingError("roi", "has no white (inspected) pixel", f"{array.shape[1]} x {array.shape[0]} mask",
+                           "a mask with white where to inspect")
+    return inside

@@ -32,13 +32,19 @@ from .detector import Detector
 from .errors import ImageReadError, ModelFileError, NoImagesError, NotFittedError, SettingError, WeightsError
 from .explain import explain as explain_region
 from .explain import strongest_region
+from .geometry import plan_geometry
 from .inputs import ImageItem, collect_images
-from .maps import map_score, map_to_original, smooth
+from .maps import apply_roi, as_roi, map_score, original_with_roi, roi_grid, smooth
 from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
 from .pyramid import SkipCallback, extract, global_view_features, iter_batches, resolve_device, thumbnails
 from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map
 from .store import FeatureStore, FeatureStoreWriter
+from .tiled import TileSettings
+from .tiled import leave_one_out as tiled_leave_one_out
+from .tiled import predict_parts as tiled_predict_parts
+from .tiled import training_features as tiled_training_features
+from .tiles import check_tiling
 
 D = settings_table.DEFAULTS
 
@@ -82,6 +88,9 @@ class Spade(Detector, BaseEstimator):
         image_size: int = D["image_size"],
         resize: str = D["resize"],
         global_view: str = D["global_view"],
+        tile_size: int | None = D["tile_size"],
+        tile_overlap: int = D["tile_overlap"],
+        tile_margin: int = D["tile_margin"],
         layers: tuple[int, ...] = D["layers"],
         patch_size: int = D["patch_size"],
         k_gallery: int = D["k_gallery"],
@@ -112,6 +121,9 @@ class Spade(Detector, BaseEstimator):
         self.image_size = image_size
         self.resize = resize
         self.global_view = global_view
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.tile_margin = tile_margin
         self.layers = layers
         self.patch_size = patch_size
         self.k_gallery = k_gallery
@@ -161,7 +173,8 @@ class Spade(Detector, BaseEstimator):
 
     # -- fitting --------------------------------------------------------------------------------------------------
     def fit(
-        self, images: Any, *, validation: Any = None, skip_bad: bool = False, on_skip: SkipCallback | None = None
+        self, images: Any, *, validation: Any = None, roi: Any = None, skip_bad: bool = False,
+        on_skip: SkipCallback | None = None,
     ) -> Spade:
         """Store the features of good images and calibrate thresholds on normal data.
 
@@ -170,12 +183,21 @@ class Spade(Detector, BaseEstimator):
         image (default), a held-out `calibration_fraction` of them, or none. Sets `backbone_`, `store_`,
         `train_names_`, `thumbnails_`, `skipped_`, `device_`, `calibration_`, `score_scale_`, `image_threshold_`
         and `pixel_threshold_` (None when not calibrated), `calibration_scores_` and `metrics_`. Returns self.
+
+        `roi`: the region of interest (a mask file, PIL image or array in the images' original pixels, white or
+        True = inspect; fixtured parts only), kept as `roi_` (a bool array) and saved with the model: the maps are
+        NaN outside it, so the map's image score, the regions and both thresholds see only the pixels inside.
         """
-        return self._fit(images, validation=validation, skip_bad=skip_bad, on_skip=on_skip)
+        return self._fit(images, validation=validation, skip_bad=skip_bad, on_skip=on_skip, roi=roi)
 
     def _training_features(self, items: list[ImageItem], skip_bad: bool,
                            on_skip: SkipCallback | None) -> Iterator[TrainingFeatures]:
         """This process's feature extraction for `fit`: (names, pyramid, global features, thumbnails) per batch."""
+        if self.tile_size is not None:  # tiled mode (spade_ad.tiled): one image at a time, stitched from its tiles
+            yield from tiled_training_features(self.backbone_, items, TileSettings.of(self), skip_bad=skip_bad,
+                                               on_skip=on_skip, thumbnail_size=self.thumbnail_size,
+                                               progress=self.progress)
+            return
         for batch in self._batches(items, skip_bad, on_skip, "fit"):
             pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
             yield [item.name for item in batch.items], pyramid, global_features, thumbnails(
@@ -183,7 +205,7 @@ class Spade(Detector, BaseEstimator):
 
     def _fit(
         self, images: Any, *, validation: Any = None, skip_bad: bool = False, on_skip: SkipCallback | None = None,
-        features: FeatureSource | None = None,
+        features: FeatureSource | None = None, roi: Any = None,
     ) -> Spade:
         """`fit`, with the training features from `features(items, skip_bad, on_skip)` when given instead of this
         process's backbone (`spade_ad.distributed`: Ray actors). It must yield, in the items' order, (names, pyramid
@@ -191,6 +213,12 @@ class Spade(Detector, BaseEstimator):
         unreadable item to `on_skip` with `skip_bad` (else raising its ImageReadError once everything before it was
         yielded): everything after extraction (store, calibration) is this same code."""
         settings = self._settings()
+        if settings["tile_size"] is not None:
+            check_tiling(settings["tile_size"], settings["tile_overlap"])
+            if features is not None:
+                raise SettingError("tile_size", "is not available with a distributed fit yet", settings["tile_size"],
+                                   "fit tiled models in one process")
+        self.roi_ = as_roi(roi)
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(settings["device"])
         self.backbone_ = self._build_backbone()  # first: a bad backbone option is named before any data check
@@ -218,7 +246,7 @@ class Spade(Detector, BaseEstimator):
         try:
             for names, pyramid, global_features, small in (features or self._training_features)(
                     items, skip_bad, record_skip):
-                writer.add(pyramid, global_features)
+                writer.add(pyramid, global_features, coreset=self.tile_size is None)
                 self.train_names_.extend(names)
                 self.thumbnails_.extend(small)
         finally:
@@ -256,10 +284,10 @@ class Spade(Detector, BaseEstimator):
         new_thumbnails: list[np.ndarray] = []
         try:
             writer.extend(self.store_)
-            for batch in self._batches(items, skip_bad, on_skip, "add"):
-                writer.add(*extract(self.backbone_, batch, self.patch_size))
-                added.extend(item.name for item in batch.items)
-                new_thumbnails.extend(thumbnails(batch.inputs, self.thumbnail_size))
+            for names, pyramid, global_features, small in self._training_features(items, skip_bad, on_skip):
+                writer.add(pyramid, global_features, coreset=self.tile_size is None)
+                added.extend(names)
+                new_thumbnails.extend(small)
         finally:
             writer.close()
         if not added:
@@ -290,11 +318,17 @@ class Spade(Detector, BaseEstimator):
         """(map score, kNN score, map) of every training image scored without itself."""
         if self.store_.n_images < 2:
             return
-        for _, knn, anomaly_map in leave_one_out(
+        for _, knn, anomaly_map in tiled_leave_one_out(
+                self.store_, self.backbone_.strides, self.backbone_.channels, TileSettings.of(self)) \
+                if self.tile_size is not None else leave_one_out(
             self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery, kappa=self.kappa,
             fusion=self.fusion, distance=self.distance, memory_budget=self.memory_budget,
             search_radius=self.search_radius, max_pairs=self.max_search_pairs, sigma=self.sigma, device=self.device_,
         ):
+            if self.roi_ is not None:  # the training images' own geometry, planned on the ROI's size
+                inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
+                                  self.roi_.shape, anomaly_map.shape)
+                anomaly_map = np.where(inside, anomaly_map, np.float32(np.nan))
             yield map_score(anomaly_map, self.image_score), knn, anomaly_map
 
     def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
@@ -305,7 +339,8 @@ class Spade(Detector, BaseEstimator):
             map_parts.append(map_part)
             knn_scores.append(knn)
             step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
-            pixels.append(anomaly_map[::step, ::step].ravel())
+            sample = anomaly_map[::step, ::step].ravel()
+            pixels.append(sample[~np.isnan(sample)])  # outside the region of interest: not scored
         self.calibration_, self.score_scale_ = calibration.calibrate(
             map_parts, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
             false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
@@ -335,7 +370,7 @@ class Spade(Detector, BaseEstimator):
         cal.warning = cal.check.get("warning", "")
 
     def calibrate(self, good: Any, *, defect: Any = None, recall: float | None = None, skip_bad: bool = False,
-                  on_skip: SkipCallback | None = None, combine: bool = False) -> Spade:
+                  on_skip: SkipCallback | None = None, combine: bool = False, roi: Any = None) -> Spade:
         """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates). With a few
         labelled `defect` images, move the image threshold to the best F1 on good + defect images (as other tools
         do), or with `recall` to the highest threshold that catches that share of them; the false-alarm rate is then
@@ -344,8 +379,11 @@ class Spade(Detector, BaseEstimator):
         previous calibration scores, `calibration_.warning` says so. With `combine`, the new good images' scores
         are added to the calibration scores the model has (at its score scales; its pixel threshold kept) instead of
         replacing them: a few labelled images then refine the threshold rather than set it alone. The stored
-        features are not changed."""
+        features are not changed. `roi` sets a new region of interest first (see `fit`): the new thresholds are
+        computed inside it (with `combine`, the earlier scores came from the earlier region)."""
         self._check_fitted()
+        if roi is not None:
+            self.roi_ = as_roi(roi)
         if recall is not None:
             recall = float(recall)
             if defect is None or not 0 < recall <= 1:
@@ -432,6 +470,19 @@ class Spade(Detector, BaseEstimator):
         `maps.map_score`), and with `full` also the item, geometry, decoded image, original-size map, nearest
         normal images and explanation."""
         items = collect_images(images)
+        if self.tile_size is not None:  # tiled mode (spade_ad.tiled): no explanation (the pyramid is streamed)
+            for array, knn, item, geometry, image, neighbours, distances in tiled_predict_parts(
+                    self.backbone_, self.store_, items, TileSettings.of(self), skip_bad=skip_bad, on_skip=on_skip,
+                    keep_images=keep_images, progress=self.progress):
+                array = apply_roi(array, self.roi_, geometry)
+                map_part = map_score(array, self.image_score)
+                if not full:
+                    yield map_part, knn, array
+                    continue
+                nearest = [(self.train_names_[n], d) for n, d in zip(neighbours[:self.k_image], distances)]
+                yield (map_part, knn, array, item, geometry, image,
+                       original_with_roi(array, self.roi_, geometry) if original_size else None, nearest, None)
+            return
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
             pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
             # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
@@ -462,6 +513,10 @@ class Spade(Detector, BaseEstimator):
                     array = smooth(raw, self.sigma)
                     map_part = map_score(array, self.image_score)
                 # -- end of the device pipeline's routing
+                if self.roi_ is not None:  # the region of interest: NaN (not scored) outside
+                    array = apply_roi(array, self.roi_, geometry)
+                    map_part = map_score(array, self.image_score)
+                    original = None if original is None else original_with_roi(array, self.roi_, geometry)
                 if not full:
                     yield map_part, float(knn_scores[i]), array
                     continue
@@ -475,7 +530,7 @@ class Spade(Detector, BaseEstimator):
                     why = explain_region([level[i].cpu().numpy() for level in pyramid], self.backbone_.strides,
                                          normal, first, self.train_names_[first], region)
                 if original is None and original_size:
-                    original = map_to_original(array, geometry)
+                    original = original_with_roi(array, self.roi_, geometry)
                 yield (map_part, float(knn_scores[i]), array, item, geometry,
                        batch.originals[i] if keep_images else None, original, nearest, why)
 
@@ -520,6 +575,7 @@ class Spade(Detector, BaseEstimator):
             store=self.store_, train_names=self.train_names_,
             calibration={**self.calibration_.to_json(), "score_scale": self.score_scale_},
             metrics=self.metrics_, thumbnails=self.thumbnails_, versions={"torch": torch.__version__},
+            roi=getattr(self, "roi_", None),
         )
 
 
@@ -577,6 +633,7 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
     model.store_ = FeatureStore(torch.from_numpy(stored.global_features), stored.levels, stored.shapes, stored.orders)
     model.train_names_ = contents.train_names
     model.thumbnails_ = contents.thumbnails
+    model.roi_ = contents.roi
     model.skipped_ = []
     model.score_scale_ = {k: (float(v[0]), float(v[1])) for k, v in contents.calibration["score_scale"].items()}
     model.calibration_ = Calibration.from_json(contents.calibration)

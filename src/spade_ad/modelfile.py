@@ -99,6 +99,7 @@ class ModelContents:
     versions: dict[str, Any]
     store: StoredArrays
     thumbnails: list[np.ndarray]  # small uint8 RGB images (h, w, 3) of the training images, or []
+    roi: np.ndarray | None = None  # the region of interest (bool (H, W), original pixels, True = inspect) or None
 
 
 def store_arrays(store: Any) -> dict[str, np.ndarray]:
@@ -112,7 +113,8 @@ def store_arrays(store: Any) -> dict[str, np.ndarray]:
 
 def write_model(path: Path, *, settings: dict[str, Any], backbone: dict[str, Any], store: Any,
                 train_names: list[str], calibration: dict[str, Any], metrics: dict[str, Any],
-                thumbnails: list[np.ndarray] | None = None, versions: dict[str, str] | None = None) -> Path:
+                thumbnails: list[np.ndarray] | None = None, versions: dict[str, str] | None = None,
+                roi: np.ndarray | None = None) -> Path:
     """Write a fitted model to `path`, atomically: into a partial file first (see `partial_path`), renamed when
     complete. A crash never leaves a half-written file under that name, and a failed or interrupted write leaves no
     partial file either (a killed process's one is deleted by the next save of the same path on this host).
@@ -130,6 +132,8 @@ def write_model(path: Path, *, settings: dict[str, Any], backbone: dict[str, Any
         if thumbnails:
             arrays["thumbnails"] = np.concatenate([np.asarray(th, dtype=np.uint8).ravel() for th in thumbnails])
             arrays["thumbnail_shapes"] = np.array([th.shape[:2] for th in thumbnails], dtype="<i8")
+        if roi is not None:  # the region of interest, 0/1 per original pixel (a file without it inspects all)
+            arrays["roi"] = np.asarray(roi, dtype=bool).astype(np.uint8)
         write_safetensors(partial, arrays, json.dumps(header))
         os.replace(partial, path)
     except BaseException:  # a failed or interrupted write leaves neither a model nor a partial file behind
@@ -290,12 +294,13 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
     try:
         store = _checked_store(header, arrays, settings)
         thumbnails = _checked_thumbnails(arrays, len(header["train_names"]))
+        roi = _checked_roi(arrays)
     except (LookupError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{path} has a header that does not match its tensors ({exc}); re-create it") from exc
     return ModelContents(
         settings=settings, backbone=dict(header["backbone"]), train_names=list(header["train_names"]),
         calibration=dict(header["calibration"]), metrics=dict(header.get("metrics") or {}),
-        versions=dict(header.get("versions") or {}), store=store, thumbnails=thumbnails,
+        versions=dict(header.get("versions") or {}), store=store, thumbnails=thumbnails, roi=roi,
     )
 
 
@@ -351,7 +356,7 @@ def _checked_store(header: dict[str, Any], arrays: dict[str, np.ndarray], settin
     n_levels = len(settings["layers"])
     expected = {"global_features", "shapes", *(f"level_{i}" for i in range(n_levels)),
                 *(f"order_{i}" for i in range(n_levels))}
-    if set(arrays) - {"thumbnails", "thumbnail_shapes"} != expected:
+    if set(arrays) - {"thumbnails", "thumbnail_shapes", "roi"} != expected:
         raise ValueError(f"tensors {sorted(arrays)} where {sorted(expected)} were expected")
     globals_, shapes = arrays["global_features"], arrays["shapes"]
     n_images = len(header["train_names"])
@@ -392,3 +397,13 @@ def _checked_thumbnails(arrays: dict[str, np.ndarray], n_images: int) -> list[np
         raise ValueError(f"thumbnails hold {flat.shape} values, their shapes need {int(sizes.sum())}")
     starts = np.concatenate([[0], np.cumsum(sizes)])
     return [flat[a:b].reshape(int(h), int(w), 3) for a, b, (h, w) in zip(starts[:-1], starts[1:], shapes)]
+
+
+def _checked_roi(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The region of interest (optional: files without one inspect every pixel), 2-D 0/1 uint8 with a 1."""
+    if "roi" not in arrays:
+        return None
+    roi = arrays["roi"]
+    if roi.ndim != 2 or roi.dtype != np.uint8 or roi.size == 0 or roi.max() != 1:
+        raise ValueError(f"roi is {roi.shape} {roi.dtype}, expected a 2-D 0/1 uint8 mask with a 1 in it")
+    return np.asarray(roi, dtype=bool)

@@ -224,6 +224,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("global_view", "square", "str", "the view whose pooled feature picks the gallery and gives the kNN "
             "score: square: the image squashed to image_size x image_size (a long strip seen whole; the input "
             "itself for square inputs); input: the network input", "backbone", choices=("square", "input")),
+    Setting("tile_size", None, "int", "tiled mode, for small defects on large images: the image at its own "
+            "resolution cut into tiles of this many pixels (a multiple of 32), each searched against the same region "
+            "of the gallery images (docs/tiles.md); none: the whole image resized to image_size", "backbone",
+            low=64, high=4096, nullable=True, check=lambda v: None if v % 32 == 0 else "must be a multiple of 32",
+            before=None),
+    Setting("tile_overlap", 64, "int", "pixels shared by neighbouring tiles (a multiple of 32, below tile_size): "
+            "each position is scored by the tile it sits deepest in", "backbone", low=0, high=4064,
+            check=lambda v: None if v % 32 == 0 else "must be a multiple of 32", before=64),
+    Setting("tile_margin", 32, "int", "pixels around a tile's region searched in each gallery image (how far a "
+            "part may sit from where the training parts sat)", "backbone", low=0, high=4096, before=32),
     # pyramid
     Setting("layers", (2, 3), "levels", "pyramid levels as stage indices: 1, 2, 3 = strides 4, 8, 16 (paper: 1,2,3)",
             "pyramid"),

@@ -134,8 +134,10 @@ class FeatureStoreWriter:
         self._rows: list[int] = []
         self._channels: list[int] = []
 
-    def add(self, pyramid: list[torch.Tensor], global_features: torch.Tensor) -> None:
-        """Add a batch: pyramid maps [(B, C_l, h_l, w_l)] and global features (B, D)."""
+    def add(self, pyramid: list[torch.Tensor], global_features: torch.Tensor, *, coreset: bool = True) -> None:
+        """Add a batch: pyramid maps [(B, C_l, h_l, w_l)] and global features (B, D). Without `coreset`, each image's
+        order is its own row order (tiled mode: its windows are searched exactly, and the coreset of a large image's
+        map would take quadratic time)."""
         if not self._files:
             self._files = [open(self.directory / f"level_{i}.bin", "wb") for i in range(len(pyramid))]
             self._order_files = [open(self.directory / f"order_{i}.bin", "wb") for i in range(len(pyramid))]
@@ -151,6 +153,9 @@ class FeatureStoreWriter:
             self._rows[level] += rows.shape[0]
             per_image = maps.shape[2] * maps.shape[3]
             for image in range(maps.shape[0]):  # the order is computed on the stored (rounded) values
+                if not coreset:
+                    self._order_files[level].write(np.arange(per_image, dtype="<i4").tobytes())
+                    continue
                 vectors = torch.from_numpy(stored[image * per_image:(image + 1) * per_image])
                 order = coreset_order(vectors.to(maps.device)).cpu().numpy().astype("<i4")
                 self._order_files[level].write(order.tobytes())

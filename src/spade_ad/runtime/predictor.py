@@ -31,7 +31,7 @@ from ..gallery import (
 )
 from ..geometry import global_view_geometry, image_to_array, plan_geometry
 from ..inputs import ImageItem, collect_images, iter_loaded
-from ..maps import fuse, map_score, map_to_original, position_scores, smooth
+from ..maps import apply_roi, fuse, map_score, original_with_roi, position_scores, smooth
 from ..numpy_search import ranking_bank, topk_squared_distances
 from ..prediction import Prediction
 from .bundle import Bundle, read_bundle
@@ -56,6 +56,9 @@ class Runtime(Detector):
         self.bundle = bundle
         self.engine = engine
         self._settings = dict(contents.settings)
+        if self._settings.get("tile_size") is not None:  # the tiled loop (spade_ad.tiled) runs on torch only
+            raise SettingError("tile_size", "is not supported by the torch-free runtime yet",
+                               self._settings["tile_size"], "score tiled models with spade_ad.load (torch)")
         for name, value in self._settings.items():
             setattr(self, name, value)
         self.network = open_engine(engine, bundle.openvino_path if engine == "openvino" and bundle.openvino_path
@@ -71,6 +74,7 @@ class Runtime(Detector):
             if widened <= RANKING_CACHE_BYTES else None
         self.train_names_ = contents.train_names
         self.thumbnails_ = contents.thumbnails
+        self.roi_ = contents.roi
         self.metrics_ = contents.metrics
         self.skipped_: list[tuple[str, str]] = []
         self.score_scale_ = {k: (float(v[0]), float(v[1])) for k, v in contents.calibration["score_scale"].items()}
@@ -154,7 +158,7 @@ class Runtime(Detector):
                      image: Any, geometry: Any, original_size: bool, explain: bool) -> Prediction:
         """One image's Prediction from its pyramid and its nearest training images (squared distances, indices)."""
         raw = self._pixel_map(levels, neighbours[:self.k_gallery], geometry.input_size)
-        anomaly_map = smooth(raw, self.sigma)
+        anomaly_map = apply_roi(smooth(raw, self.sigma), self.roi_, geometry)  # NaN outside the region of interest
         nearest = [(self.train_names_[int(n)], float(d))
                    for n, d in zip(neighbours[:self.k_image], distances[:self.k_image])]
         why = None
@@ -166,7 +170,7 @@ class Runtime(Detector):
         return self._prediction(
             map_score(anomaly_map, self.image_score), float(distances[:self.k_image].mean()),
             name=item.name, path=item.path, anomaly_map=anomaly_map, geometry=geometry,
-            original_map=map_to_original(anomaly_map, geometry) if original_size else None, image=image,
+            original_map=original_with_roi(anomaly_map, self.roi_, geometry) if original_size else None, image=image,
             neighbours=nearest, explanation=why,
         )
 
