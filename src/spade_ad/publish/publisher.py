@@ -183,10 +183,15 @@ class Publisher:
     def _say(self, text: str) -> None:
         self.log(f"publish {self.target.shown}: {text}")
 
+    def _waiting(self) -> str:
+        try:
+            return _messages(self.outbox.count())
+        except sqlite3.Error:
+            return "an unknown number of messages"
+
     def _delivered(self, items: list[tuple[int, str]]) -> None:
         if self._down_since is not None:
-            waited = self.outbox.count()
-            self._say(f"resumed after {time.monotonic() - self._down_since:.0f} s; {_messages(waited)} waited")
+            self._say(f"resumed after {time.monotonic() - self._down_since:.0f} s; {self._waiting()} waited")
             self._down_since = None
         self.outbox.remove(items)
         self.sent += len(items)
@@ -194,27 +199,27 @@ class Publisher:
     def _went_down(self, reason: str) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-            self._say(f"stopped ({reason}); {_messages(self.outbox.count())} waiting in the outbox, retrying")
+            self._say(f"stopped ({reason}); {self._waiting()} waiting in the outbox, retrying")
 
     def _run(self) -> None:
         backoff = self.min_backoff
         while True:
             if self._closing.is_set() and time.monotonic() >= self._deadline:
                 break
-            batch = self.outbox.oldest(BATCH)
-            if not batch:
-                if self._closing.is_set():
-                    break
-                self.transport.keep_alive()
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
             try:
+                batch = self.outbox.oldest(BATCH)
+                if not batch:
+                    if self._closing.is_set():
+                        break
+                    self.transport.keep_alive()
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
                 self.transport.send(batch, self._delivered)
             except TransportDown as exc:
                 self._went_down(str(exc))
             except Exception as exc:  # noqa: BLE001 - a sender that dies would lose the line's verdicts silently
-                self._went_down(f"unexpected {type(exc).__name__}: {exc}")
+                self._went_down(f"{type(exc).__name__}: {exc}")  # the outbox unreadable, a full disk, a bug
             else:
                 backoff = self.min_backoff
                 continue
@@ -224,7 +229,10 @@ class Publisher:
             if self._retry.wait(wait):
                 self._retry.clear()  # close() asked for one more try now; then the backoff again
             backoff = min(backoff * 2, self.max_backoff)
-        self.transport.close()
+        try:
+            self.transport.close()
+        except Exception:  # noqa: BLE001, S110 - closing a dead connection
+            pass
 
 
 class Publishers:
