@@ -206,7 +206,7 @@ def suspects(scores: Sequence[float]) -> list[int]:
     return [int(i) for i in order[:found]]
 
 
-def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: float = 0.01,
+def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: float = 0.05,
                 min_n: int = 20) -> str | None:
     """Do new inspections' scores sit above the good scores the threshold came from? A warning in words, or None.
 
@@ -216,7 +216,9 @@ def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: flo
     warning gives the share of the inspections flagged and the false-alarm rate the shift implies: the
     calibration scores moved by the median shift (Hodges-Lehmann) against the threshold, (1 + #above) / (n + 1).
     None when there is no threshold, fewer than `min_n` good-looking scores on either side, or no shift upward
-    that would raise the rate past twice the one asked."""
+    that would raise the rate past twice the one asked. `alpha` is 0.05 as in `compare_good_scores`: the rate
+    condition guards against a warning for a shift that does not matter. On the generated line product's 40 good
+    test images (second session): p = 0.036, shift 0.35, implied rate 11%, measured 10% (4 of 40)."""
     from scipy.stats import mannwhitneyu
 
     threshold = calibration.image_threshold
