@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy import categories, parse_config  # noqa: E402
 
 from spade_ad import Spade, scoring  # noqa: E402
-from spade_ad.calibration import conformal_threshold, robust_scale  # noqa: E402
+from spade_ad.calibration import conformal_threshold, robust_scale, tail_threshold  # noqa: E402
 from spade_ad.evaluation.metrics import image_auroc  # noqa: E402
 from spade_ad.evaluation.metrics import recall_at_false_alarm_rate as recall_at_fpr  # noqa: E402
 from spade_ad.maps import fuse, smooth  # noqa: E402
@@ -113,9 +113,11 @@ class Product:
         self._maps: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
 
     def maps(self, variant: str = "plain") -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Smoothed fused maps (loo, test) for a level treatment."""
+        """Smoothed fused maps (loo, test) for a level treatment: "plain" (today's map), "levelnorm" (each level
+        over its good median), "levelJ" (level J alone: "level1" is the stride-16 level with layers 2, 3)."""
         if variant not in self._maps:
             weights = None
+            only = int(variant[5:]) if variant.startswith("level") and variant[5:].isdigit() else None
             if variant == "levelnorm":  # each level divided by its median over the good (leave-one-out) maps
                 weights = [1.0 / float(np.median(np.concatenate([lv[j].ravel() for lv in self.loo_levels])))
                            for j in range(len(self.loo_levels[0]))]
@@ -124,13 +126,35 @@ class Product:
                 for image_levels, size in zip(levels, sizes):
                     if weights is not None:
                         image_levels = [g * w for g, w in zip(image_levels, weights)]
+                    if only is not None:
+                        image_levels = [image_levels[only]]
                     out.append(smooth(fuse(image_levels, size), self.sigma))
                 return out
             self._maps[variant] = (build(self.loo_levels, self.train_sizes), build(self.test_levels, self.test_sizes))
         return self._maps[variant]
 
     def part(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """(leave-one-out scores, test scores) of one score part."""
+        """(leave-one-out scores, test scores) of one score part. Prefixes: "lofK:" divides the part by the mean
+        leave-one-out part of the image's K nearest training images by global feature (itself left out): an
+        image-level local-density normalisation, as LOF does, so that a rare good part whose nearest training
+        images are rare too is measured against them; "TAG=" takes the part from another cache (same product),
+        e.g. "p3=plain:0.01" from `collect --tag p3 --set patch_size:3`."""
+        if kind.startswith("lof"):
+            k_text, _, inner = kind.partition(":")
+            k = int(k_text[3:] or 3)
+            loo, test = self.part(inner)
+            train_d = ((self.train_global[:, None] - self.train_global[None]) ** 2).sum(-1)
+            np.fill_diagonal(train_d, np.inf)
+            test_d = ((self.test_global[:, None] - self.train_global[None]) ** 2).sum(-1)
+            loo_near = np.argsort(train_d, axis=1)[:, :k]
+            test_near = np.argsort(test_d, axis=1)[:, :k]
+            floor = 1e-6 * max(float(np.abs(loo).max()), 1e-12)
+            return (loo / np.maximum(loo[loo_near].mean(1), floor),
+                    test / np.maximum(loo[test_near].mean(1), floor))
+        if "=" in kind.partition(":")[0]:
+            tag, _, inner = kind.partition("=")
+            other = _other(self, tag)
+            return other.part(inner)
         if kind.startswith("knn"):
             k = int(kind[3:] or 3)
             return (knn_scores(self.train_global, self.train_global, k, True),
@@ -143,6 +167,17 @@ class Product:
             share = float(what)
             f = lambda m: top_mean(m, share)  # noqa: E731
         return np.array([f(m) for m in loo]), np.array([f(m) for m in test])
+
+
+_OTHERS: dict[tuple[str, str], Product] = {}
+
+
+def _other(product: Product, tag: str) -> Product:
+    """The same product's cache under another tag (loaded once)."""
+    key = (product.name, tag)
+    if key not in _OTHERS:
+        _OTHERS[key] = Product(CACHE / tag / f"{product.name}.npz", product.sigma)
+    return _OTHERS[key]
 
 
 def combine(product: Product, parts: list[tuple[str, float]], how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
@@ -163,13 +198,29 @@ def combine(product: Product, parts: list[tuple[str, float]], how: str = "mean")
     return loo_sum / total, test_sum / total
 
 
+def previous_threshold(loo: np.ndarray, rate: float) -> float:
+    """The threshold rule before issue 27: the conformal quantile wherever alpha (n + 1) >= 1, else the tail point
+    fitted to all scores (suspects included), never above the largest."""
+    values = np.sort(np.asarray(loo, dtype=np.float64))
+    n = len(values)
+    allowed = int(np.floor(rate * (n + 1) + 1e-9)) - 1
+    if allowed >= 0:
+        return float(values[n - 1 - allowed])
+    tail = tail_threshold(values, rate)
+    return float(values[-1]) if tail is None or tail >= values[-1] else tail
+
+
 def evaluate(loo: np.ndarray, test: np.ndarray, labels: np.ndarray, rate: float = 0.01) -> dict[str, float]:
     threshold, _ = conformal_threshold(loo, rate)
     flagged = test > threshold
+    before = test > previous_threshold(loo, rate)
     return {
         "auroc": image_auroc(test, labels), "r1": recall_at_fpr(test, labels, 0.01),
         "r5": recall_at_fpr(test, labels, 0.05), "recall_thr": float(flagged[labels].mean()),
-        "fa_thr": float(flagged[~labels].mean()),
+        "fa_thr": float(flagged[~labels].mean()), "recall_thr_before": float(before[labels].mean()),
+        "fa_thr_before": float(before[~labels].mean()),
+        # what any threshold catches at the false-alarm rate ours measured
+        "recall_best_same_fa": recall_at_fpr(test, labels, float(flagged[~labels].mean())),
     }
 
 
@@ -198,11 +249,28 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     "levelnorm map_top": ([("levelnorm:0.01", 1)], "mean"),
     "levelnorm fused": ([("levelnorm:0.01", 1), ("knn3", 1)], "mean"),
     "levelnorm 0.1% + 1% + knn": ([("levelnorm:0.001", 1), ("levelnorm:0.01", 1), ("knn3", 1)], "mean"),
+    # issue 27: the default today, and the candidates measured against it
+    "default (1% + knn1, 2:1)": ([("plain:0.01", 2), ("knn1", 1)], "mean"),
+    "+ stride-16 top 1% (1:1:1)": ([("plain:0.01", 1), ("level1:0.01", 1), ("knn1", 1)], "mean"),
+    "+ stride-16 top 1% (2:1:1)": ([("plain:0.01", 2), ("level1:0.01", 1), ("knn1", 1)], "mean"),
+    "lof3 map + knn1 (2:1)": ([("lof3:plain:0.01", 2), ("knn1", 1)], "mean"),
+    "map + lof3 knn1 (2:1)": ([("plain:0.01", 2), ("lof3:knn1", 1)], "mean"),
+    "lof3 both (2:1)": ([("lof3:plain:0.01", 2), ("lof3:knn1", 1)], "mean"),
+    "lof5 both (2:1)": ([("lof5:plain:0.01", 2), ("lof5:knn1", 1)], "mean"),
+    "lof3 both + stride-16 (1:1:1)": ([("lof3:plain:0.01", 1), ("lof3:level1:0.01", 1), ("lof3:knn1", 1)], "mean"),
+    "lof5 both + stride-16 (1:1:1)": ([("lof5:plain:0.01", 1), ("lof5:level1:0.01", 1), ("lof5:knn1", 1)], "mean"),
+    "lof3 map, stride-16 + plain knn1 (1:1:1)": ([("lof3:plain:0.01", 1), ("lof3:level1:0.01", 1), ("knn1", 1)],
+                                                  "mean"),
+    "p3 map + knn1 (2:1)": ([("p3=plain:0.01", 2), ("knn1", 1)], "mean"),
+    "p3 map + plain map + knn1 (1:1:1)": ([("p3=plain:0.01", 1), ("plain:0.01", 1), ("knn1", 1)], "mean"),
+    "p3 stride-16 + plain map + knn1 (1:1:1)": ([("plain:0.01", 1), ("p3=level1:0.01", 1), ("knn1", 1)], "mean"),
 }
 
 
-def compare(paths: list[Path], names: list[str] | None) -> tuple[str, list[dict[str, Any]]]:
-    """The Markdown table of the variants (or those `names`) over the cached products, and its rows."""
+def compare(paths: list[Path], names: list[str] | None, show_before: bool = False
+            ) -> tuple[str, list[dict[str, Any]]]:
+    """The Markdown table of the variants (or those `names`) over the cached products, and its rows; with
+    `show_before`, each cell also gives [recall (false alarms)] at the previous threshold rule."""
     products = [Product(p) for p in paths]
     rows = []
     header = "| variant | " + " | ".join(p.name for p in products) + " | mean | worst |"
@@ -214,6 +282,9 @@ def compare(paths: list[Path], names: list[str] | None) -> tuple[str, list[dict[
         results = [evaluate(*combine(p, parts, how), p.labels) for p in products]
         cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / "
                  f"{100 * r['recall_thr']:.0f} ({100 * r['fa_thr']:.0f})" for r in results]
+        if show_before:  # the same score at the previous threshold rule
+            cells = [f"{c} [{100 * r['recall_thr_before']:.0f} ({100 * r['fa_thr_before']:.0f})]"
+                     for c, r in zip(cells, results)]
         mean = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         worst = {k: float(np.min([r[k] for r in results])) for k in results[0]}
         cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
@@ -231,6 +302,7 @@ def main() -> None:
     parser.add_argument("--tag", default="default")
     parser.add_argument("--set", default="", help="setting:value,... on top of the defaults")
     parser.add_argument("--variant", action="append")
+    parser.add_argument("--before", action="store_true", help="also the verdict at the previous threshold rule")
     args = parser.parse_args()
     if args.action == "collect":
         _, settings = parse_config(f"x={args.set}")
@@ -245,7 +317,7 @@ def main() -> None:
     paths = sorted((CACHE / args.tag).glob("*.npz"))
     if args.category:
         paths = [p for p in paths if p.stem in args.category]
-    text, rows = compare(paths, args.variant)
+    text, rows = compare(paths, args.variant, args.before)
     print(text)
     (CACHE / args.tag / "compare.md").write_text(text + "\n")
     (CACHE / args.tag / "compare.json").write_text(json.dumps(
