@@ -341,3 +341,28 @@ def test_a_full_disk_under_the_record_loses_nothing(small, small_disk: Path, tmp
     wait_until(lambda: len(_sources(db)) == 4, timeout=60, what="every file in the record once space is back")
     running.finish()
     assert _sources(db) == ["first.png", "full1.png", "full2.png", "full3.png"]
+
+
+def test_a_line_unlike_the_calibration_is_warned_about_after_30_images(tmp_path: Path) -> None:
+    """A new session (the same parts, lit brighter): after 30 images the watcher warns, with the false-alarm rate
+    that implies, without any held-out folder; on the calibration's own kind of images it says nothing."""
+    from PIL import Image, ImageEnhance
+
+    root = make_synthetic_dataset(tmp_path / "part", n_train=40, n_test_good=30, n_test_defect=1, size=(64, 64),
+                                  seed=3)
+    model = Spade(k_gallery=3, image_size=64, device="cpu", progress=False).fit(root / "train" / "good")
+    goods = sorted((root / "test" / "good").glob("*.png"))
+    for name, factor in (("same", 1.0), ("brighter", 1.6)):
+        camera = tmp_path / name
+        camera.mkdir()
+        for index, source in enumerate(goods):
+            ImageEnhance.Brightness(Image.open(source).convert("RGB")).enhance(factor).save(camera / f"{index}.png")
+        lines: list[str] = []
+        result = Watcher(model, camera, tmp_path / f"out-{name}", poll=True, settle=0.05, idle_exit=0.3,
+                         log=lines.append).run()
+        assert result.scored == 30
+        if name == "same":
+            assert not result.warnings
+        else:
+            [warning] = result.warnings
+            assert "false-alarm rate" in warning and any(line.startswith("warning:") for line in lines)

@@ -22,6 +22,9 @@ overlays/, heat maps and masks, appended across runs; with a record, every predi
 - A file that cannot be read (broken, not an image) is logged, listed in OUT/skipped.csv, recorded as an error, and
   the watcher goes on.
 - `move_to`: each handled file is moved to MOVE_TO/good, MOVE_TO/defect or MOVE_TO/error (its folder below DIR kept).
+- Shift: after the first 30, 100 and 300 images (then every 1000) the run's good-looking scores are compared with
+  the calibration's (`spade_ad.calibration.check_shift`); a line that scores above what the threshold came from
+  is warned about with the false-alarm rate that implies.
 - Stopping: Ctrl-C or SIGTERM (`stop()`) lets the image being scored finish, writes what is waiting in the record
   and returns; `max_images` and `idle_exit` stop after that many files, or after that many idle seconds.
 """
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .calibration import check_shift
 from .detector import FittedModel
 from .errors import ImageReadError, OutputError
 from .record import EvidenceStore, RecordUnavailable, file_sha256
@@ -63,6 +67,7 @@ class WatchResult:
     already: int = 0  # files found that an earlier run had handled
     flagged: int = 0
     names: list[str] = field(default_factory=list)  # handled this run, in order
+    warnings: list[str] = field(default_factory=list)  # the shift check's, when the line looks unlike calibration
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Watcher:
         if recorder is not None:
             recorder.follow(self.writer, lambda _: self._fields)
         self.result = WatchResult()
+        self._scores: list[float] = []  # this run's scores, for the shift check
 
     # -- one watcher ----------------------------------------------------------------------------------------------
     def _claim(self, shown_folder: str | os.PathLike[str]) -> list[Any]:
@@ -321,6 +327,7 @@ class Watcher:
             self.writer.write(prediction)
             self.result.scored += 1
             self.result.flagged += verdict == "defect"
+            self._check_shift(prediction.score)
             self.log(f"{source}: {verdict} (score {prediction.score:.4g}"
                      + (f", normalised {prediction.normalized_score:.3g})" if prediction.normalized_score is not None
                         else ")"))
@@ -328,6 +335,18 @@ class Watcher:
         self.result.names.append(source)
         if target is not None:
             self._move(path, target)
+
+    def _check_shift(self, score: float) -> None:
+        """After the first 30, 100 and 300 images, then every 1000: do this run's good-looking scores sit above the
+        good images the threshold came from (a new session, new lighting)? A warning with the false-alarm rate that
+        implies (`spade_ad.calibration.check_shift`), so that nobody learns it from the reject bin."""
+        self._scores.append(score)
+        count = len(self._scores)
+        if count in (30, 100, 300) or count % 1000 == 0:
+            warning = check_shift(self.model.calibration_, self._scores[-1000:])
+            if warning is not None:
+                self.log(f"warning: {warning}")
+                self.result.warnings.append(warning)
 
     def _mark_done(self, source: str, sha256: str, verdict: str) -> None:
         self._done.add((source, sha256))
