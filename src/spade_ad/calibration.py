@@ -227,6 +227,20 @@ def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: flo
     new = np.asarray(scores, dtype=np.float64)
     reference = np.asarray(calibration.scores, dtype=np.float64)
     good, cal_good = new[new <= threshold], reference[reference <= threshold]
+    rate = calibration.false_alarm_rate
+    n_flagged = int((new > threshold).sum())
+    if len(new) >= min_n and n_flagged > (2 * rate) * len(new) + 1:
+        # so many flagged that too few good-looking ones remain to compare: the flag count alone, against the rate
+        # the threshold guarantees (binomial: with a run of real defects it is high too, and the words say so)
+        from scipy.stats import binom
+
+        p_flag = float(binom.sf(n_flagged - 1, len(new), max(rate, 1 / (len(reference) + 1))))
+        if p_flag < alpha and len(good) < min_n:
+            return (f"{n_flagged} of the last {len(new)} inspections are flagged ({100 * n_flagged / len(new):.0f}%) "
+                    f"against the {100 * rate:g}% false-alarm rate the threshold was set for (binomial p = "
+                    f"{p_flag:.2g}): a new session (lighting, material, camera) or a run of real defects; look at a "
+                    f"few flagged parts, and if they are good recalibrate on good images from the line (spade-ad "
+                    f"calibrate MODEL --good DIR) or refit")
     if len(good) < min_n or len(cal_good) < min_n:
         return None
     p_value = float(mannwhitneyu(good, cal_good, alternative="two-sided").pvalue)
@@ -235,7 +249,6 @@ def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: flo
         return None
     implied = (1 + int((reference + shift > threshold).sum())) / (len(reference) + 1)
     flagged = float((new > threshold).mean())
-    rate = calibration.false_alarm_rate
     if implied <= 2 * rate and flagged <= 2 * rate + 1 / len(new):
         return None
     return (f"the last {len(new)} inspections score above the good images the threshold came from (Mann-Whitney "
