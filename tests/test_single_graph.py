@@ -46,9 +46,11 @@ def assert_same(expected: list, scores: list[float], maps: list[np.ndarray], ver
     assert len(expected) == len(scores) == len(maps) == len(verdicts)
     for prediction, score, anomaly_map, verdict in zip(expected, scores, maps, verdicts):
         assert score == pytest.approx(prediction.score, rel=SCORE_BAR), prediction.name
-        span = float(prediction.anomaly_map.max() - prediction.anomaly_map.min())
+        scored = ~np.isnan(prediction.anomaly_map)  # NaN outside a region of interest, in both maps
+        span = float(np.nanmax(prediction.anomaly_map) - np.nanmin(prediction.anomaly_map))
         assert anomaly_map.shape == prediction.anomaly_map.shape
-        assert float(np.abs(anomaly_map - prediction.anomaly_map).max()) <= MAP_BAR * span, prediction.name
+        assert np.array_equal(np.isnan(anomaly_map), ~scored), prediction.name
+        assert float(np.abs(anomaly_map - prediction.anomaly_map)[scored].max()) <= MAP_BAR * span, prediction.name
         assert verdict == prediction.is_anomalous, prediction.name
 
 
@@ -81,10 +83,28 @@ def test_graph_gives_the_python_answers(fitted_model: Spade, widget_graph: Path,
     np.testing.assert_allclose(batch[3], np.concatenate([o[3] for o in outputs]), rtol=1e-5, atol=1e-6)
 
 
+def test_region_of_interest(synthetic_root: Path, tmp_path: Path) -> None:
+    """A model with a region of interest: the graph's map is NaN outside it, and the map score, the score and the
+    verdict come from the inside only, as in Python."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))[:6]
+    roi = np.zeros((160, 224), dtype=bool)
+    roi[20:130, 30:170] = True
+    model = Spade(image_size=96, k_gallery=3, device="cpu", progress=False).fit(train, roi=roi)
+    graph = export_single_graph(model, tmp_path / "roi.onnx")
+    assert read_contract(graph)["region_of_interest"] is True
+    images = sorted((synthetic_root / "test").rglob("*.png"))[::3]
+    expected = model.predict(images)
+    assert all(np.isnan(p.anomaly_map).any() for p in expected)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    outputs = [session.run(None, graph_inputs(model, path)) for path in images]
+    assert_same(expected, [float(o[0][0]) for o in outputs], [o[3][0] for o in outputs],
+                [bool(o[1][0]) for o in outputs])
+
+
 def test_settings_one_graph_cannot_express_are_refused(synthetic_root: Path, tmp_path: Path) -> None:
     """fusion=concat (one search over concatenated levels) is refused in one line naming the setting, exit 2, and
     nothing is written; --single-graph with --format openvino is a usage error; a max_search_pairs that would
-    reduce the gallery is refused too."""
+    reduce the gallery and the tiled mode are refused too."""
     train = sorted((synthetic_root / "train" / "good").glob("*.png"))[:4]
     model = Spade(fusion="concat", image_size=64, k_gallery=2, device="cpu", progress=False).fit(train)
     with pytest.raises(SettingError, match="fusion"):
@@ -98,6 +118,9 @@ def test_settings_one_graph_cannot_express_are_refused(synthetic_root: Path, tmp
     reduced = Spade(max_search_pairs=10_000, image_size=64, k_gallery=2, device="cpu", progress=False).fit(train)
     with pytest.raises(SettingError, match="max_search_pairs"):
         export_single_graph(reduced, tmp_path / "reduced.onnx")
+    tiled = Spade(tile_size=128, tile_overlap=32, k_gallery=2, device="cpu", progress=False).fit(train[:3])
+    with pytest.raises(SettingError, match="tile_size"):
+        export_single_graph(tiled, tmp_path / "tiled.onnx")
 
 
 def test_training_images_of_other_sizes_join_the_gallery(tmp_path: Path) -> None:

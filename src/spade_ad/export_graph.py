@@ -13,12 +13,13 @@ verdict at the model's image threshold. The contract (docs/single-graph.md):
              is_anomalous  bool (N,)           score > image threshold (always false without a threshold)
              normalized_score float64 (N,)     0 = median good, 1 = threshold (NaN without a threshold)
              anomaly_map   float32 (N, H, W)   the smoothed map at the input size, as `Prediction.anomaly_map`
+                                                (NaN outside the model's region of interest, if it has one)
              map_score, knn_score float32 (N,) the two parts of the score
 
 H and W are fixed (the training images' network input size); N is dynamic. The model's settings, thresholds and
 this contract are in the model's metadata (key "spade_ad", JSON). Settings the graph cannot express are refused
-with a SettingError naming them: fusion="concat", a search_radius, and a max_search_pairs the exact search would
-exceed at this input size.
+with a SettingError naming them: fusion="concat", a search_radius, the tiled mode (tile_size), and a
+max_search_pairs the exact search would exceed at this input size.
 
 The distance computation follows the numpy search: neighbours ranked by |b|^2 - 2 q.b, the chosen neighbours'
 squared distances recomputed directly, so that the graph's scores are the runtime's to float rounding.
@@ -41,7 +42,8 @@ from torch import nn
 from . import __version__
 from .errors import OutputError, SettingError
 from .export import OPSET, _ExportedBackbone, exportable
-from .maps import TOP_SHARE, _linear_taps
+from .geometry import plan_geometry
+from .maps import TOP_SHARE, _linear_taps, roi_grid
 from .model import Spade, load
 
 #: Key of the graph's metadata entry (ONNX `metadata_props`) that holds the contract and the settings as JSON.
@@ -117,7 +119,13 @@ class SingleGraph(nn.Module):
             self.register_buffer("rows_smooth", torch.from_numpy(smoothing_matrix(height, model.sigma, radius)))
             self.register_buffer("cols_smooth",
                                  torch.from_numpy(smoothing_matrix(width, model.sigma, radius).T.copy()))
-        self.top = None if model.image_score == "map_max" else max(1, int(height * width * TOP_SHARE))
+        inside = roi_inside(model, input_size)
+        self.masked = inside is not None
+        scored = height * width if inside is None else int(inside.sum())
+        if self.masked:
+            self.register_buffer("inside", torch.from_numpy(inside))
+        self.scored = scored
+        self.top = None if model.image_score == "map_max" else max(1, int(scored * TOP_SHARE))
         self.image_score, self.map_weight = model.image_score, float(model.map_weight)
         scale = model.score_scale_
         self.scale = {k: (float(v[0]), float(v[1])) for k, v in scale.items()}
@@ -161,8 +169,17 @@ class SingleGraph(nn.Module):
         anomaly_map = torch.stack(maps, 0).mean(0)
         if self.smooths:
             anomaly_map = torch.matmul(torch.matmul(self.rows_smooth, anomaly_map), self.cols_smooth)
-        flat = anomaly_map.reshape(batch, -1)
-        map_part = flat.max(1).values if self.top is None else torch.topk(flat, self.top, dim=1).values.mean(1)
+        if self.masked:  # the region of interest: NaN (not scored) outside, as `maps.apply_roi`
+            flat = torch.where(self.inside, anomaly_map, float("-inf")).reshape(batch, -1)
+            anomaly_map = torch.where(self.inside, anomaly_map, float("nan"))
+        else:
+            flat = anomaly_map.reshape(batch, -1)
+        if self.scored == 0:  # nothing to score in the region: `maps.map_score` says 0
+            map_part = torch.zeros_like(flat[:, 0])
+        elif self.top is None:
+            map_part = flat.max(1).values
+        else:
+            map_part = torch.topk(flat, self.top, dim=1).values.mean(1)
         score = self._combine(map_part.to(torch.float64), knn.to(torch.float64))
         if self.threshold is None:
             verdict = torch.zeros_like(score, dtype=torch.bool)
@@ -205,9 +222,27 @@ def graph_input_size(model: Spade) -> tuple[tuple[int, int], list[tuple[int, int
     return (levels[0][0] * stride, levels[0][1] * stride), levels
 
 
+def roi_inside(model: Spade, input_size: tuple[int, int]) -> np.ndarray | None:
+    """The model's region of interest on the graph's map (bool (H, W), True = scored), as `maps.apply_roi` puts it
+    on the map of an image of the ROI's own size (a fixtured camera's images); None without a region."""
+    roi = getattr(model, "roi_", None)
+    if roi is None:
+        return None
+    height, width = roi.shape
+    if model.resize == "paper_crop":
+        geometry = plan_geometry((height, width), model.image_size, model.resize)
+        box = geometry.crop_box
+    else:
+        box = (0.0, 0.0, float(width), float(height))
+    return np.ascontiguousarray(roi_grid(roi, box, (height, width), input_size))
+
+
 def check_expressible(model: Spade, input_size: tuple[int, int], level_shapes: list[tuple[int, int]]) -> None:
     """Refuse what one graph cannot compute as the Python path does (SettingError naming the setting)."""
     exportable(model)
+    if getattr(model, "tile_size", None) is not None:
+        raise SettingError("tile_size", "is not exported as one graph (the tiled loop runs in torch only)",
+                           model.tile_size, "score tiled models with the model file (spade-ad predict MODEL)")
     if model.image_score == "fused" and not {"map", "knn"} <= set(model.score_scale_):
         raise SettingError("image_score", "fused needs a calibrated model to scale its parts", model.image_score,
                            "calibrate the model (spade-ad calibrate MODEL --good DIR), or refit with map_top")
@@ -247,6 +282,7 @@ def contract(model: Spade, input_size: tuple[int, int], needs_global_image: bool
             {"name": "map_score", "dtype": "float32", "shape": ["N"]},
             {"name": "knn_score", "dtype": "float32", "shape": ["N"]},
         ],
+        "region_of_interest": getattr(model, "roi_", None) is not None,
         "image_threshold": cal.image_threshold, "pixel_threshold": cal.pixel_threshold,
         "false_alarm_rate": cal.false_alarm_rate, "median_good_score": cal.median,
         "train_images": model.store_.n_images,
@@ -361,13 +397,14 @@ def check_graph(path: Path, model: Spade, original: np.ndarray, probe: np.ndarra
         feeds["global_image"] = global_probe[None]
     score, _, _, anomaly_map, *_ = session.run(None, feeds)
     expected = model.predict(original)[0]
-    span = float(expected.anomaly_map.max() - expected.anomaly_map.min()) or 1.0
+    scored = ~np.isnan(expected.anomaly_map)  # outside a region of interest both maps must be NaN
+    span = float(np.nanmax(expected.anomaly_map) - np.nanmin(expected.anomaly_map)) if scored.any() else 1.0
     differences = {
         "score": abs(float(score[0]) - expected.score) / max(abs(expected.score), 1e-12),
-        "map": float(np.abs(anomaly_map[0] - expected.anomaly_map).max()) / span,
+        "map": float(np.abs(anomaly_map[0] - expected.anomaly_map)[scored].max(initial=0.0)) / (span or 1.0),
     }
-    if differences["score"] > SCORE_TOLERANCE or differences["map"] > MAP_TOLERANCE or not math.isfinite(
-            float(score[0])):
+    if differences["score"] > SCORE_TOLERANCE or not differences["map"] <= MAP_TOLERANCE or not math.isfinite(
+            float(score[0])) or not np.array_equal(np.isnan(anomaly_map[0]), ~scored):
         raise RuntimeError(f"the single graph's score differs from the torch path's by {differences['score']:.2e} "
                            f"(relative) and its map by {differences['map']:.2e} of the range on a probe image: "
                            f"the graph is not written")
