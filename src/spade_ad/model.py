@@ -299,6 +299,20 @@ class Spade(Detector, BaseEstimator):
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")
         return self
 
+    def set_roi(self, roi: Any) -> Spade:
+        """Set (or with None remove) the region of interest of a fitted model (see `fit`). With leave-one-out
+        calibration the thresholds are recomputed inside it at once (the stored features are not changed);
+        otherwise they are kept and `calibration_.warning` says to recalibrate (`calibrate(good, roi=...)`)."""
+        self._check_fitted()
+        self.roi_ = as_roi(roi)
+        if self.calibration_.source == "leave_one_out" and self.store_.n_images >= 2:
+            self._calibrate(self._leave_one_out_scores(), "leave_one_out")
+        elif self.calibration_.image_threshold is not None:
+            self.calibration_.warning = ("the thresholds were computed before the region of interest changed: "
+                                         "recalibrate with calibrate(good, roi=...) (CLI: calibrate --good DIR --roi "
+                                         "MASK)")
+        return self
+
     def _split_calibration(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
         """Set aside `calibration_fraction` of the items (at least 1, and only with >= 10 items), by `seed`."""
         n_held = round(self.calibration_fraction * len(items))

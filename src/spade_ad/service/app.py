@@ -31,7 +31,16 @@ from .errors import ApiError
 from .guard import HostOriginGuard, HostPolicy, OriginPolicy
 from .predictor import Predictor
 from .review import ReviewStore, add_review_routes
-from .schemas import AddResponse, CalibrationInfo, ErrorBody, Health, ModelInfo, PredictResponse, public_name
+from .schemas import (
+    AddResponse,
+    CalibrationInfo,
+    ErrorBody,
+    Health,
+    ModelInfo,
+    PredictResponse,
+    RoiResponse,
+    public_name,
+)
 from .uploads import FIELD
 
 if TYPE_CHECKING:
@@ -277,6 +286,14 @@ def create_app(
     )
     async def add_good(request: Request) -> AddResponse:
         return await predictor.add_good(request)
+
+    @app.put(
+        "/v1/model/roi", response_model=RoiResponse, openapi_extra=_PREDICT_BODY, responses=good_errors,
+        summary="Set the model's region of interest from one mask image (white = inspect; only with --allow-add) "
+        "and save the model to its file",
+    )
+    async def set_roi(request: Request) -> RoiResponse:
+        return await predictor.set_roi(request)
 
     @app.get("/v1/model", response_model=ModelInfo, summary="The served model and the service limits")
     async def model_info() -> ModelInfo:

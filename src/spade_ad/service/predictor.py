@@ -42,7 +42,16 @@ from ..settings import BY_NAME
 from ..visualize import color_range, heatmap, overlay_picture, threshold_color_range, why_picture
 from .config import ServiceSettings
 from .errors import ApiError, image_error
-from .schemas import AddResponse, ColorScale, ImageResult, Neighbour, PredictResponse, RegionBody, public_name
+from .schemas import (
+    AddResponse,
+    ColorScale,
+    ImageResult,
+    Neighbour,
+    PredictResponse,
+    RegionBody,
+    RoiResponse,
+    public_name,
+)
 from .uploads import Capacity, check_request, receive_files
 
 if TYPE_CHECKING:
@@ -216,6 +225,43 @@ class Predictor:
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
         return self.add_images(images)
+
+    async def set_roi(self, request: Request) -> RoiResponse:
+        """`PUT /v1/model/roi`: one uploaded mask image (white = inspect) becomes the served model's region of
+        interest, saved to `save_to`; the same guard (--allow-add), checks, limits and admission as `/v1/good`."""
+        if not self.settings.allow_add or self.save_to is None:
+            raise ApiError(403, ADD_OFF)
+        if not hasattr(self.model, "set_roi"):
+            raise ApiError(409, "this model (an exported bundle) cannot take a region of interest: set it on the "
+                                "model file with `spade-ad calibrate MODEL --good DIR --roi MASK` and export again")
+        return await self._admit(request, self._set_roi)
+
+    def _set_roi(self, files: list[tuple[str, bytes]]) -> RoiResponse:
+        """Worker-thread job: decode the one mask, set it on the model and save the model, under the model lock."""
+        if len(files) != 1:
+            raise ApiError(400, f"send exactly one mask image (white = inspect), not {len(files)} files")
+        name, data = files[0]
+        try:
+            mask = decode_bytes(data, name, max_pixels=self.settings.max_pixels, formats=UPLOAD_FORMATS)
+        except ImageReadError as exc:
+            raise image_error(exc, name) from exc
+        assert self.save_to is not None
+        with self._model_lock:
+            try:
+                self.model.set_roi(np.asarray(mask.convert("L")))
+            except SettingError as exc:
+                raise ApiError(400, str(exc)) from exc
+            self.model.save(self.save_to)
+            shared = threshold_color_range(self.model.pixel_threshold_)
+            self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
+            if self.recorder is not None:
+                self.recorder.set_model(self.model, self.identity_file or self.save_to,
+                                        name=self.recorder.model_name)
+            elif self.publisher is not None:
+                self._published_as = self._identify()
+            return RoiResponse(inspected_share=float(self.model.roi_.mean()),
+                               image_threshold=self.model.image_threshold_, pixel_threshold=self.model.pixel_threshold_,
+                               warning=self.model.calibration_.warning or "")
 
     def add_images(self, images: list[Any]) -> AddResponse:
         """Add images (decoded, or files) to the model as good ones and save it, under the model lock; with a

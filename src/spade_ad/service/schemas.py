@@ -136,6 +136,17 @@ class ModelInfo(BaseModel):
     record: bool = False
 
 
+class RoiResponse(BaseModel):
+    """`PUT /v1/model/roi`: the share of the image's pixels now inspected, the thresholds now (recomputed inside
+    the region with leave-one-out calibration) and a warning when they could not be (recalibrate with
+    `spade-ad calibrate --good DIR --roi MASK`)."""
+
+    inspected_share: float
+    image_threshold: float | None
+    pixel_threshold: float | None
+    warning: str
+
+
 class AddResponse(BaseModel):
     """`POST /v1/good`: how many images were added as good ones, the model's training images now, and its image
     threshold now (recomputed with leave-one-out calibration, else kept)."""
