@@ -366,3 +366,16 @@ def test_a_line_unlike_the_calibration_is_warned_about_after_30_images(tmp_path:
         else:
             [warning] = result.warnings
             assert "false-alarm rate" in warning and any(line.startswith("warning:") for line in lines)
+
+
+def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
+    """The service and watch share one schedule: a warning can come at the 30th, 100th and 300th score, then every
+    1000th, never in between (each check costs a Mann-Whitney test)."""
+    from spade_ad.calibration import ShiftMonitor
+
+    model, _, _, _ = small
+    calibration = model.calibration_
+    high = max(calibration.scores) * 10 + 10  # every score flagged: unlike the calibration at any checkpoint
+    monitor = ShiftMonitor()
+    said = [index for index in range(1, 1101) if monitor.add(calibration, high) is not None]
+    assert said == [30, 100, 300, 1000] and len(monitor.warnings) == 4 and len(monitor.scores) == 1000

@@ -257,6 +257,37 @@ def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: flo
             f"on good images from the line (spade-ad calibrate MODEL --good DIR) or refit")
 
 
+class ShiftMonitor:
+    """`check_shift` for a front door that scores a line (`watch`, `serve`): fed each score with `add`, it checks
+    after the first 30, 100 and 300 scores, then every 1000, on the last 1000, and returns the warning then (None
+    otherwise), so that a new session shows in the log before it shows in the reject bin. Thread-safe."""
+
+    CHECKS = (30, 100, 300)
+    EVERY = 1000
+
+    def __init__(self) -> None:
+        import threading
+
+        self.scores: list[float] = []  # the last EVERY scores
+        self.warnings: list[str] = []
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self, calibration: Calibration, score: float) -> str | None:
+        with self._lock:
+            self.scores.append(float(score))
+            del self.scores[:-self.EVERY]
+            self._count += 1
+            if self._count not in self.CHECKS and self._count % self.EVERY:
+                return None
+            recent = list(self.scores)
+        warning = check_shift(calibration, recent)
+        if warning is not None:
+            with self._lock:
+                self.warnings.append(warning)
+        return warning
+
+
 def p_values(scores: np.ndarray | Sequence[float], calibration_scores: Sequence[float]) -> np.ndarray:
     """Conformal p-values: (1 + #{calibration scores >= s}) / (n + 1) for each s (small = unlike the good images)."""
     reference = np.sort(np.asarray(calibration_scores, dtype=np.float64))

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .calibration import check_shift
+from .calibration import ShiftMonitor
 from .detector import FittedModel
 from .errors import ImageReadError, OutputError
 from .record import EvidenceStore, RecordUnavailable, file_sha256
@@ -127,7 +127,7 @@ class Watcher:
         if recorder is not None:
             recorder.follow(self.writer, lambda _: self._fields)
         self.result = WatchResult()
-        self._scores: list[float] = []  # this run's scores, for the shift check
+        self._shift = ShiftMonitor()  # is the line like what the threshold came from?
 
     # -- one watcher ----------------------------------------------------------------------------------------------
     def _claim(self, shown_folder: str | os.PathLike[str]) -> list[Any]:
@@ -337,16 +337,13 @@ class Watcher:
             self._move(path, target)
 
     def _check_shift(self, score: float) -> None:
-        """After the first 30, 100 and 300 images, then every 1000: do this run's good-looking scores sit above the
-        good images the threshold came from (a new session, new lighting)? A warning with the false-alarm rate that
-        implies (`spade_ad.calibration.check_shift`), so that nobody learns it from the reject bin."""
-        self._scores.append(score)
-        count = len(self._scores)
-        if count in (30, 100, 300) or count % 1000 == 0:
-            warning = check_shift(self.model.calibration_, self._scores[-1000:])
-            if warning is not None:
-                self.log(f"warning: {warning}")
-                self.result.warnings.append(warning)
+        """Does this run look like what the threshold came from (a new session, new lighting)? A warning with the
+        false-alarm rate that implies (`spade_ad.calibration.ShiftMonitor`), so nobody learns it from the reject
+        bin."""
+        warning = self._shift.add(self.model.calibration_, score)
+        if warning is not None:
+            self.log(f"warning: {warning}")
+            self.result.warnings.append(warning)
 
     def _mark_done(self, source: str, sha256: str, verdict: str) -> None:
         self._done.add((source, sha256))
