@@ -35,7 +35,7 @@ import numpy as np
 from fastapi import Request
 from PIL import Image
 
-from ..calibration import conformal_threshold, normalized_scores
+from ..calibration import ShiftMonitor, conformal_threshold
 from ..errors import ImageReadError, SettingError
 from ..images import UPLOAD_FORMATS, check_bytes, decode_bytes
 from ..settings import BY_NAME
@@ -116,17 +116,12 @@ class RequestThreshold:
             return cls(value, "false_alarm_rate", note)
         return cls(cal.image_threshold, "model", cal.note if cal.image_threshold is not None else "")
 
-    def apply(self, prediction: Prediction, model: Spade) -> None:
-        """Judge `prediction` (this request's own object) by this threshold: verdict, threshold and normalised score.
-        The model's own threshold needs nothing: the model already judged by it."""
+    def apply(self, prediction: Prediction, model: Spade) -> Prediction:
+        """`prediction` judged by this threshold (the library's `Detector.judged`: the verdict made where `predict`
+        makes it). The model's own threshold needs nothing: the model already judged by it."""
         if self.source == "model" or self.value is None:
-            return
-        median = model.calibration_.median
-        prediction.image_threshold = self.value
-        prediction.is_anomalous = bool(prediction.score > self.value)
-        prediction.normalized_score = float(
-            normalized_scores([prediction.score], 0.0 if median is None else median, self.value)[0]
-        )
+            return prediction
+        return model.judged(prediction, self.value)
 
 
 class Predictor:
@@ -152,6 +147,7 @@ class Predictor:
         )
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="spade-infer")
         self._model_lock = threading.Lock()
+        self.shift = ShiftMonitor()  # the uploads' scores against the calibration's (a new session is warned about)
         # The colour scale every heat map shares (calibrated models), else None (each image has its own).
         shared = threshold_color_range(model.pixel_threshold_)
         self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
@@ -299,7 +295,12 @@ class Predictor:
                     thumbs = self.model.thumbnails_  # replaced, never changed, by `add`
             except ImageReadError as exc:
                 raise image_error(exc, name) from exc
-            applied.apply(prediction, self.model)
+            warning = self.shift.add(self.model.calibration_, prediction.score)
+            if warning is not None:
+                from .context import logger
+
+                logger.warning("%s%s", f"{self.name}: " if self.name else "", warning)
+            prediction = applied.apply(prediction, self.model)
             scored.append((name, data, prediction))
             pictures: dict[str, Image.Image | None] = {}
             results.append(self._render(name, prediction, thumbs, pictures))
