@@ -18,7 +18,7 @@ import inspect
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -75,6 +75,8 @@ class Spade(Detector, BaseEstimator):
     `__init__` only stores the settings, `fit` validates them and returns the model, fitted attributes end in `_`.
     The parameters below are generated from the settings table, `spade_ad.settings.SETTINGS` (docs/settings.md).
     """
+
+    uses_torch: ClassVar[bool] = True
 
     #: The batched device pipeline for predict (`spade_ad.device_maps`): None uses it off the CPU only; True also
     #: on the CPU (what the tests use to run the device code on CPU tensors), False never.
