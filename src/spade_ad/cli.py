@@ -74,22 +74,34 @@ record_option = click.option(
     "postgresql://user@host/db URL (pip install 'spade-ad[record]').")
 
 
+def _stamped(line: str) -> None:
+    """A line on stderr with the local time: what a long-running command says, read later in a log."""
+    import datetime as dt
+
+    click.echo(f"{dt.datetime.now().astimezone().isoformat(timespec='seconds')} {line}", err=True)
+
+
 def _recorder(record_target: str | None, model: Any, model_path: Path | None, origin: str,
-              name: str | None = None) -> Any:
-    """A `spade_ad.recording.Recorder` on the record at `record_target` (None without one); a problem with the
-    record is a `RecordError` (one line, exit 2)."""
+              name: str | None = None, output: Path | None = None) -> Any:
+    """A `spade_ad.recording.Recorder` on the record at `record_target` (None without one), whose rows wait in
+    OUTPUT/record-outbox.jsonl while the record does not answer; a problem with the record at the start is a
+    `RecordError` (one line, exit 2)."""
     if record_target is None:
         return None
     from .record import open_record
-    from .recording import Recorder
+    from .recording import OUTBOX_FILE, Recorder
 
-    return Recorder(open_record(record_target), model, model_path, origin=origin, name=name,
-                    on_failure=lambda problem: click.echo(f"warning: {problem}; going on without recording",
-                                                          err=True))
+    outbox = None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        outbox = output / OUTBOX_FILE
+    return Recorder(open_record(record_target), model, model_path, origin=origin, name=name, outbox=outbox,
+                    on_failure=lambda message: _stamped(f"warning: {message}"), on_resume=_stamped)
 
 
 def _report_unrecorded(recorder: Any, output: Path) -> None:
-    """After a run with --record: how much was recorded; exit 1 (names listed in OUT) if some rows were not."""
+    """After a run with --record: how much was recorded; exit 1 (names listed in OUT) if some rows are not in the
+    record (waiting in OUT's outbox, written at the next start or by `spade-ad record backfill`)."""
     if recorder is None:
         return
     listed = recorder.write_unrecorded(output)
@@ -244,14 +256,10 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     if any(v is not None for v in (threshold, false_alarm_rate, pixel_threshold, pixel_false_alarm_rate)):
         model.set_thresholds(image=threshold, false_alarm_rate=false_alarm_rate, pixel=pixel_threshold,
                              pixel_false_alarm_rate=pixel_false_alarm_rate)
-    recorder = _recorder(record_target, model, model_path, "predict")
-    if recorder is None:
-        writer = PredictionWriter.for_model(model, output, overwrite=overwrite, explain=explain, outputs=chosen)
-    else:
-        from .recording import RecordingWriter
-
-        writer = RecordingWriter.for_model(model, output, overwrite=overwrite, explain=explain, outputs=chosen)
-        writer.attach(recorder)
+    recorder = _recorder(record_target, model, model_path, "predict", output=output)
+    writer = PredictionWriter.for_model(model, output, overwrite=overwrite, explain=explain, outputs=chosen)
+    if recorder is not None:
+        recorder.follow(writer)
     try:
         with writer:
             def on_skip(item: object, error: Exception) -> None:
@@ -292,16 +300,24 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
 @skip_bad_option
 @click.option("--record", "record_target", metavar="DB", default=None,
               help="Also (or instead of --good/--defect) the images labelled good and defect in this inspection "
-              "record for this model (the review page's buttons).")
+              "record for this model (the review page's buttons). Their scores are added to the model's calibration "
+              "scores, unless --replace.")
+@click.option("--replace/--combine", default=None,
+              help="Replace the model's calibration scores with the new good images' (the default with --good), or "
+              "add the new ones to them (the default with --record, where a few labelled images would otherwise "
+              "set the threshold alone).")
 def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: float | None, output: Path | None,
               false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, roi: Path | None, skip_bad: bool,
-              record_target: str | None) -> None:
+              record_target: str | None, replace: bool | None) -> None:
     """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
     from .model import load
 
     if good is None and record_target is None:
         raise click.UsageError("give the good images: --good FOLDER, or --record DB (its images labelled good)")
     model = load(model_path)
+    combine = (record_target is not None) if replace is None else not replace
+    cal = model.calibration_
+    before = (cal.n, cal.image_threshold, cal.guaranteed_rate)
     if record_target is not None:
         good, defect = _labelled_inputs(record_target, model, model_path, good, defect)
     rates = {k: v for k, v in (("false_alarm_rate", false_alarm_rate),
@@ -310,9 +326,14 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
     if recall is not None and defect is None:
         raise click.UsageError("--recall needs --defect DIR: the defects whose share it sets")
     model.calibrate(good, defect=defect, recall=recall, skip_bad=skip_bad, on_skip=_report_skip if skip_bad else None,
-                    roi=roi)
+                    combine=combine, roi=roi)
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
+    cal = model.calibration_
+    click.echo(f"calibration {'added to' if combine else 'REPLACED'}: {before[0]} -> {cal.n} good scores, image "
+               f"threshold {_number(before[1])} -> {_number(cal.image_threshold)}, guaranteed false-alarm rate "
+               f"{_number(before[2])} -> {_number(cal.guaranteed_rate)}"
+               + ("" if combine else " (--combine keeps the earlier scores and adds these)"))
     _echo_calibration(model)
 
 
@@ -527,6 +548,14 @@ def _served_products(model_path: Path | None, models_dir: Path | None,
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Output folder (scores.csv, overlays, ... appended across runs; watch-state.jsonl).")
 @record_option
+@click.option("--record-files", type=click.Path(path_type=Path), default=None,
+              help="With --record: folder for the kept copy of every image scored (by its SHA-256: what the record "
+              "shows and learns from is the image inspected, even when a file name is reused) [default: DB.files "
+              "beside a SQLite record, ./spade-ad-record-files for a URL].")
+@click.option("--keep-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --record: remove kept images older than this many days [default: keep all].")
+@click.option("--keep-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --record: remove the oldest kept images beyond this many GB [default: no limit].")
 @click.option("--move-to", type=click.Path(path_type=Path), default=None,
               help="Move each scored file to DIR/good, DIR/defect or DIR/error (its folder below DIR kept).")
 @click.option("--poll", is_flag=True, help="Only scan the folder (network shares, where file events do not arrive).")
@@ -545,7 +574,8 @@ def _served_products(model_path: Path | None, models_dir: Path | None,
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
               help="Override the device stored in the model (cpu, cuda[:N], auto).")
 @engine_option
-def watch(model_path: Path, folder: Path, output: Path, record_target: str | None, move_to: Path | None, poll: bool,
+def watch(model_path: Path, folder: Path, output: Path, record_target: str | None, record_files: Path | None,
+          keep_days: float | None, keep_gb: float | None, move_to: Path | None, poll: bool,
           poll_interval: float, settle: float, save_maps: bool, explain: bool, max_images: int | None,
           idle_exit: float | None, weights: Path | None, device: str | None, engine: str | None) -> None:
     """Score images as they appear in a folder (a camera's), each once it is complete, in arrival order, exactly
@@ -557,13 +587,21 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is not a folder; give the folder the camera writes into",
                                  param_hint="DIR")
+    if record_target is None and (record_files, keep_days, keep_gb) != (None, None, None):
+        raise click.UsageError("--record-files, --keep-days and --keep-gb need --record DB")
     _check_record(record_target)
+    evidence = None
+    if record_target is not None:
+        from .record import EvidenceStore, default_files_dir
+
+        evidence = EvidenceStore(record_files or default_files_dir(record_target), max_days=keep_days,
+                                 max_bytes=None if keep_gb is None else int(keep_gb * 1e9))
     model = open_model(model_path, weights=weights, device=device, engine=engine)
     model.set_params(progress=False)
-    recorder = _recorder(record_target, model, model_path, "watch")
+    recorder = _recorder(record_target, model, model_path, "watch", output=output)
     watcher = Watcher(model, folder, output, recorder=recorder, move_to=move_to, poll=poll,
                       poll_interval=poll_interval, settle=settle, save_maps=save_maps, explain=explain,
-                      max_images=max_images, idle_exit=idle_exit, log=lambda line: click.echo(line, err=True))
+                      max_images=max_images, idle_exit=idle_exit, evidence=evidence, log=_stamped)
     result = watcher.run()
     click.echo(f"scored {result.scored} images ({result.flagged} flagged, {result.errors} unreadable, "
                f"{result.already} already scored before): {output / 'scores.csv'}")
@@ -603,6 +641,24 @@ def drift(record_target: str, model_id: str | None, window: int, alpha: float, a
 @app.group("record")
 def record_group() -> None:
     """The inspection record: write back what waited in an outbox (backfill), and read the record."""
+
+
+@record_group.command("backfill")
+@click.argument("record_target", metavar="DB")
+@click.argument("outbox", metavar="OUTBOX", type=click.Path(path_type=Path))
+def record_backfill(record_target: str, outbox: Path) -> None:
+    """Write the inspections that waited in OUTBOX (OUT/record-outbox.jsonl of `watch` or `predict`, left when the
+    record did not answer) into the record DB, each once (a row the record holds already is skipped), then remove
+    OUTBOX."""
+    from .record import RecordError, open_record
+    from .recording import backfill
+
+    if not outbox.is_file():
+        raise RecordError(f"outbox {outbox} does not exist (nothing waits, or it was written already); give the "
+                          f"record-outbox.jsonl that watch or predict named")
+    with open_record(record_target) as record:
+        count = backfill(record, outbox)
+    click.echo(f"wrote {count} inspection{'s' if count != 1 else ''} from {outbox} into {record.shown}")
 
 
 def _selection_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -684,15 +740,23 @@ def _labelled_inputs(record_target: str, model: Any, model_path: Path, good: Pat
     from .recording import labelled_images
 
     with open_record(record_target, readonly=True) as record:  # only reads: a read-only record is fine
-        goods, defects, missing = labelled_images(record, model, model_path)
+        goods, defects, refused = labelled_images(record, model, model_path)
+    for line in refused:
+        click.echo(f"left out: {line}", err=True)
     if not goods and good is None:
-        raise RecordError(f"record {record_target} holds no image labelled good for {model_path.name} (that is not "
-                          f"already a training image); label some on the review page, or give --good FOLDER")
+        raise RecordError(f"record {record_target} holds no usable image labelled good for {model_path.name} (that "
+                          f"is not already a training image, and whose image is the one inspected); label some on "
+                          f"the review page, or give --good FOLDER")
     click.echo(f"from the record: {len(goods)} good and {len(defects)} defect images"
-               + (f" ({missing} labelled images no longer on disk)" if missing else ""))
+               + (f" ({len(refused)} labelled inspections left out: their image changed or is gone)" if refused
+                  else ""))
     good_inputs = ([good] if good is not None else []) + goods
     defect_inputs = ([defect] if defect is not None else []) + defects
     return good_inputs, defect_inputs or None
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
 
 
 def _setting_message(exc: SettingError) -> str:
