@@ -104,3 +104,24 @@ def test_cli_fit_roi_refuses_a_blank_mask_in_one_line(printed: Path, tmp_path: P
                     tmp_path / "black.png"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "roi" in err[0] and "Traceback" not in err[0]
+
+
+def test_the_runtime_masks_like_the_torch_path_and_refuses_tiled_models(fitted_model: Spade, synthetic_root: Path,
+                                                                         tmp_path: Path) -> None:
+    from spade_ad.export import export_bundle
+    from spade_ad.runtime import load_bundle
+
+    fitted_model.save(tmp_path / "plain.safetensors")
+    model = load(tmp_path / "plain.safetensors", device="cpu")
+    roi = np.ones((160, 224), dtype=bool)
+    roi[:, :80] = False  # the left of the image is not inspected
+    model.set_roi(roi)
+    runtime = load_bundle(export_bundle(model, tmp_path / "roi.bundle"))
+    images = sorted((synthetic_root / "test").glob("*/*.png"))[:3]
+    for a, b in zip(model.predict(images, original_size=True), runtime.predict(images, original_size=True)):
+        assert np.array_equal(np.isnan(a.anomaly_map), np.isnan(b.anomaly_map)) and np.isnan(a.anomaly_map[:, 0]).all()
+        assert np.array_equal(np.isnan(a.original_map), np.isnan(b.original_map))
+        assert b.score == pytest.approx(a.score, rel=1e-4)
+    model.set_params(tile_size=64, tile_overlap=32)  # a tiled model's file: the runtime refuses it in one line
+    with pytest.raises(SettingError, match="tile_size is not supported by the torch-free runtime"):
+        load_bundle(export_bundle(model, tmp_path / "tiled.bundle"))
