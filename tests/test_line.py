@@ -24,7 +24,7 @@ pytest.importorskip("sqlalchemy")
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "deploy" / "systemd"
 DAY = 1_764_979_200_000  # 2025-12-06T00:00Z in ms
-STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ")
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:?\d\d ")  # ISO 8601, local time
 
 
 def _fill(target: Path) -> list[int]:
@@ -221,3 +221,21 @@ def test_a_read_only_opening_writes_nothing(record_target: str, capsys: pytest.C
             record.add([{"origin": "test", "source": "x.png", "verdict": "good"}])
     with open_record(record_target) as record:
         assert record.count() == 6
+
+
+def test_watch_log_lines_carry_their_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spade_ad import Spade
+    from spade_ad.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "disc", n_train=8, n_test_good=1, n_test_defect=1, size=(96, 96),
+                                  seed=0)
+    Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good").save(tmp_path / "m.safetensors")
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    shutil.copy(root / "test" / "good" / "000.png", camera / "a.png")
+    (camera / "notes.txt").write_text("not an image")
+    assert run_cli(["watch", tmp_path / "m.safetensors", camera, "-o", tmp_path / "out", "--record",
+                    tmp_path / "r.db", "--poll", "--settle", "0", "--max-images", "2"]) == 0
+    logged = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert any("a.png: good" in line for line in logged) and any("notes.txt" in line for line in logged), logged
+    assert all(STAMP.match(line) for line in logged), logged
