@@ -1,7 +1,8 @@
 """Accuracy benchmark: every category of ../shared/data/mvtec_ad and ../shared/data/aitex (and the synthetic sets),
 one grid of presets / settings, one table: image AUROC, pixel AUROC and AU-PRO at the original size and at 256 x 256,
 F1 at the calibrated threshold vs the best F1, recall, false alarms asked vs measured on good test images, ms per
-image, fit seconds. Written to benchmarks/results/accuracy.{json,md}; the README keeps the latest table.
+image, fit seconds. Written to benchmarks/results/accuracy.{json,md}; docs/accuracy.md and docs/detection.md keep
+the latest tables.
 
     .venv/bin/python benchmarks/bench_accuracy.py                     # presets fast, default, quality
     .venv/bin/python benchmarks/bench_accuracy.py --config fused=image_score:fused --category bottle
