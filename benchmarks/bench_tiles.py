@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--good", type=int, default=10)
     parser.add_argument("--defect", type=int, default=10)
     parser.add_argument("--k-gallery", type=int, default=10)
+    parser.add_argument("--config", choices=list(CONFIGS), action="append", help="only these modes")
     parser.add_argument("--table", action="store_true", help="only write tiles.md from tiles.json")
     args = parser.parse_args()
     if args.stage == "fit":
@@ -167,6 +168,8 @@ def main() -> None:
         products["bottle 900"] = BOTTLE
     for product, data in products.items():
         for name, config in CONFIGS.items():
+            if args.config and name not in args.config:
+                continue
             model = args.data / f"{product.split()[0]}-{name.replace(' ', '-')}.safetensors"
             settings = {**config, "k_gallery": args.k_gallery}
             row = _child("--stage", "fit", "--data", data, "--model", model, "--settings", json.dumps(settings),

@@ -82,3 +82,14 @@ def test_tiles_find_small_defects_where_they_are(large: Path, tmp_path: Path) ->
     tiled.save(tmp_path / "tiled.safetensors")
     again = load(tmp_path / "tiled.safetensors", device="cpu")
     assert again.tile_size == 128 and np.allclose(again.score(defects[:1]), [found[len(goods)].score], rtol=1e-5)
+
+
+def test_a_tiled_map_score_is_the_top_share_of_one_tile_not_of_the_whole_image() -> None:
+    from spade_ad.maps import map_score
+    from spade_ad.tiles import tile_top_count
+
+    large = np.zeros((2048, 2048), dtype=np.float32)
+    large[100:110, 200:210] = 10.0  # a 10-pixel defect: 100 of 4 million pixels
+    assert map_score(large, "map_top") < 0.03  # averaged away over the top 1% of the whole image
+    assert map_score(large, "map_top", top_count=tile_top_count(128)) == pytest.approx(10 * 100 / 163)
+    assert tile_top_count(256) == 655

@@ -70,10 +70,11 @@ def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.correlate1d(smoothed, kernel, axis=0, mode="mirror")
 
 
-def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
+def map_score(anomaly_map: np.ndarray, image_score: str, top_count: int | None = None) -> float:
     """The map's part of the image score: with "map_max" its maximum, otherwise ("map_top", and the map part of
     "fused") the mean of its highest TOP_SHARE values (less sensitive to one noisy peak on large, busy images such
-    as long fabric strips)."""
+    as long fabric strips), or of its `top_count` highest values when given (tiled mode: a tile's share, so that a
+    small defect is not averaged away over a whole large image). NaN pixels (not scored) are left out."""
     flat = anomaly_map.ravel()
     if np.isnan(flat).any():  # pixels outside a region of interest (or a crop) are not scored
         flat = flat[~np.isnan(flat)]
@@ -81,7 +82,7 @@ def map_score(anomaly_map: np.ndarray, image_score: str) -> float:
             return 0.0
     if image_score == "map_max":
         return float(flat.max())
-    count = max(1, int(flat.size * TOP_SHARE))
+    count = max(1, min(flat.size, int(flat.size * TOP_SHARE) if top_count is None else top_count))
     return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
 
 
