@@ -44,7 +44,7 @@ from .tiled import TileSettings
 from .tiled import leave_one_out as tiled_leave_one_out
 from .tiled import predict_parts as tiled_predict_parts
 from .tiled import training_features as tiled_training_features
-from .tiles import check_tiling
+from .tiles import check_tiling, tile_top_count
 
 D = settings_table.DEFAULTS
 
@@ -345,7 +345,7 @@ class Spade(Detector, BaseEstimator):
                 inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
                                   self.roi_.shape, anomaly_map.shape)
                 anomaly_map = np.where(inside, anomaly_map, np.float32(np.nan))
-            yield map_score(anomaly_map, self.image_score), knn, anomaly_map
+            yield self._map_score(anomaly_map), knn, anomaly_map
 
     def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
         """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
@@ -491,7 +491,7 @@ class Spade(Detector, BaseEstimator):
                     self.backbone_, self.store_, items, TileSettings.of(self), skip_bad=skip_bad, on_skip=on_skip,
                     keep_images=keep_images, progress=self.progress):
                 array = apply_roi(array, self.roi_, geometry)
-                map_part = map_score(array, self.image_score)
+                map_part = self._map_score(array)
                 if not full:
                     yield map_part, knn, array
                     continue
@@ -561,6 +561,11 @@ class Spade(Detector, BaseEstimator):
             distances, _ = self.store_.nearest_images(global_features, self.k_image)
             scores.extend(knn_image_scores(distances, self.k_image).tolist())
         return np.asarray(scores, dtype=np.float64)
+
+    def _map_score(self, array: np.ndarray) -> float:
+        """The map's part of the image score (`maps.map_score`); in tiled mode its top share is one tile's (1% of
+        tile_size^2 pixels), not 1% of the whole large image."""
+        return map_score(array, self.image_score, None if self.tile_size is None else tile_top_count(self.tile_size))
 
     def _batches(
         self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None, desc: str,
