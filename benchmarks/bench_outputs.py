@@ -10,13 +10,16 @@
 2. `--startup`: where the time before the first result goes, in a fresh interpreter: the imports (the CLI; numpy and
    Pillow; torch; timm; scikit-learn; the rest of the model), opening the model file, the first image and a second
    one.
-3. `--levels`: PNG encoders and zlib levels, size against encoding time, on the overlays, masks and heat maps of
+3. `--in-process`: the same without the command's start-up: the library against `PredictionWriter` in this
+   process, with each output set and with the default set written on the caller's thread (no pool), interleaved.
+4. `--levels`: PNG encoders and zlib levels, size against encoding time, on the overlays, masks and heat maps of
    real predictions: Pillow's and `spade_ad.visualize.encode_png` (what chose it and `PNG_LEVEL`).
 
 The machine is shared: compare the figures of one run only (ratios); the load average is printed before and after.
 Results: benchmarks/results/outputs.json and outputs.md.
 
-    python benchmarks/bench_outputs.py [--images 20] [--rounds 2] [--startup] [--levels] [--baseline-src DIR]
+    python benchmarks/bench_outputs.py [--images 20] [--rounds 2] [--startup] [--in-process] [--levels]
+        [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("/work/shared/data")
@@ -137,6 +141,46 @@ def bench_per_image(model_path: Path, images: list[Path], baseline_src: Path | N
     return rows
 
 
+def bench_in_process(model_path: Path, images: list[Path], rounds: int = 3) -> dict[str, object]:
+    """The per-image cost of the files without the command's start-up, in this process: the library's predict
+    against `PredictionWriter` with each output set (pool of the default size) and the default set written on the
+    caller's thread (`workers=0`), interleaved for `rounds` rounds; the fastest round of each (the one least
+    disturbed by the other users of a shared machine) and the median."""
+    from spade_ad.loading import open_model
+    from spade_ad.writers import PredictionWriter
+
+    model = open_model(model_path)
+    model.set_params(progress=False)
+    model.predict(images[:2], original_size=True)
+
+    def writing(outputs: str, workers: int | None = None) -> Any:
+        def run() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                with PredictionWriter.for_model(model, tmp, outputs=outputs, workers=workers) as writer:
+                    writer.write_all(model.iter_predict(images, original_size=True, keep_images=True))
+        return run
+
+    runs: dict[str, Any] = {"library": lambda: model.predict(images, original_size=True)}
+    runs.update({f"writer, --outputs {name}": writing(name) for name in OUTPUT_SETS})
+    runs["writer, --outputs default, no pool"] = writing("default", workers=0)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    rows: dict[str, object] = {"load_before": _load(), "images": len(images), "rounds": rounds}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append((time.perf_counter() - started) / len(images))
+    fastest_library, median_library = min(seconds["library"]), statistics.median(seconds["library"])
+    for name, found in seconds.items():
+        rows[name] = {"fastest_s": min(found), "median_s": statistics.median(found), "rounds_s": found,
+                      "fastest_ratio": min(found) / fastest_library,
+                      "median_ratio": statistics.median(found) / median_library}
+        print(f"  {name:36s} fastest {min(found):.3f} s = {min(found) / fastest_library:.2f} x, median "
+              f"{statistics.median(found):.3f} s = {statistics.median(found) / median_library:.2f} x", flush=True)
+    rows["load_after"] = _load()
+    return rows
+
+
 _PHASES = r"""
 import json, sys, time
 t = [time.perf_counter()]
@@ -234,6 +278,16 @@ def _markdown(results: dict[str, object]) -> str:
                 lines.append(f"| {label} | {run['first_result_s']:.2f} | {run['per_image_s']:.3f} | "
                              f"{run['ratio_to_library']:.2f} | {run['files_mb']:.1f} |")
         lines.append("")
+    for name, rows in results.get("in_process", {}).items():  # type: ignore[union-attr]
+        lines += [f"## {name}, in process ({rows['images']} images, {rows['rounds']} rounds; load "
+                  f"{rows['load_before']} -> {rows['load_after']})", "",
+                  "| run | fastest round (s per image) | x library | median (s per image) | x library |",
+                  "|---|---|---|---|---|"]
+        for label, run in rows.items():
+            if isinstance(run, dict):
+                lines.append(f"| {label} | {run['fastest_s']:.3f} | {run['fastest_ratio']:.2f} | "
+                             f"{run['median_s']:.3f} | {run['median_ratio']:.2f} |")
+        lines.append("")
     for label, phases in results.get("startup", {}).items():  # type: ignore[union-attr]
         lines += [f"## Start-up: {label}", "", "| phase | seconds |", "|---|---|"]
         lines += [f"| {name} | {seconds:.2f} |" for name, seconds in phases.items()]
@@ -259,18 +313,23 @@ def main() -> None:
     parser.add_argument("--startup", action="store_true", help="also split the start-up into its phases")
     parser.add_argument("--levels", action="store_true", help="also measure the PNG levels")
     parser.add_argument("--no-per-image", action="store_true", help="skip the per-image comparison")
+    parser.add_argument("--in-process", action="store_true",
+                        help="also compare the library with the writer in this process (no start-up)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spade-outputs-bench",
                         help="where the fitted models are kept between runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "outputs", help="results file stem")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, object]] = {"per_image": {}, "startup": {}, "levels": {}}
+    results: dict[str, dict[str, object]] = {"per_image": {}, "in_process": {}, "startup": {}, "levels": {}}
     for name in args.products:
         model_path = _model(name, args.cache)
         images = _images(name, args.images)
         if not args.no_per_image:
             print(f"{name}: per image ({len(images)} images, load {_load()})", flush=True)
             results["per_image"][name] = bench_per_image(model_path, images, args.baseline_src, args.rounds)
+        if args.in_process:
+            print(f"{name}: in process ({len(images)} images, load {_load()})", flush=True)
+            results["in_process"][name] = bench_in_process(model_path, images, max(3, args.rounds))
         if args.startup:
             print(f"{name}: start-up (load {_load()})", flush=True)
             results["startup"][f"{name}, this tree"] = bench_startup(model_path, images[0])
