@@ -60,7 +60,7 @@ def collect(category: Any, settings: dict[str, Any], path: Path) -> None:
         test_paths = [s.path for s in category.test]
         sizes = []
         for part in model._predict_parts(test_paths, full=True):
-            sizes.append(part[4].input_size)
+            sizes.append(part.geometry.input_size)
         test = list(captured)
     finally:
         scoring.fuse = original
@@ -264,6 +264,8 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     "p3 map + knn1 (2:1)": ([("p3=plain:0.01", 2), ("knn1", 1)], "mean"),
     "p3 map + plain map + knn1 (1:1:1)": ([("p3=plain:0.01", 1), ("plain:0.01", 1), ("knn1", 1)], "mean"),
     "p3 stride-16 + plain map + knn1 (1:1:1)": ([("plain:0.01", 1), ("p3=level1:0.01", 1), ("knn1", 1)], "mean"),
+    "lof3: plain map, p3 stride-16, knn1 (1:1:1)": ([("lof3:plain:0.01", 1), ("lof3:p3=level1:0.01", 1),
+                                                     ("lof3:knn1", 1)], "mean"),
 }
 
 
