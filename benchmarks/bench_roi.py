@@ -54,7 +54,8 @@ def main() -> None:
     result = {"settings": vars(args) | {"data": str(args.data)}, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "roi.json").write_text(json.dumps(result, indent=1))
-    lines = ["| model | false alarms (good parts) | recall (defects inside the ROI) | image AUROC |", "|---|---|---|---|"]
+    lines = ["| model | false alarms (good parts) | recall (defects inside the ROI) | image AUROC |",
+             "|---|---|---|---|"]
     lines += [f"| {name} | {r['false_alarms']} / {r['goods']} | {r['recall']:.3f} ({r['defects']} defects) | "
               f"{r['image_auroc']:.3f} |" for name, r in rows.items()]
     (RESULTS / "roi.md").write_text("\n".join(lines) + "\n")
