@@ -157,7 +157,7 @@ def test_predict_record_writes_every_prediction(record_target: str, model_file: 
         assert row["verdict"] == ("defect" if cells[4] == "1" else "good")
         assert row["sha256"] == file_sha256(synthetic_root / "test" / row["source"])
         assert (row["width"], row["height"]) == (224, 160)
-        assert Path(row["overlay_path"]).is_file() and Path(row["map_path"]).is_file()
+        assert Path(row["overlay_path"]).is_file() and row["map_path"] is None  # default outputs: no heat map
         assert row["model_id"] == model_row["id"] and row["origin"] == "predict"
         assert row["image_threshold"] == pytest.approx(model_row["image_threshold"])
         assert (row["why_path"] is not None) == (row["verdict"] == "defect")
