@@ -82,7 +82,7 @@ def test_device_pipeline_gives_the_cpu_path_s_predictions(fitted_model: Spade, s
         device_maps.predict_batch = counted  # type: ignore[assignment]
         try:
             got = _predict(fitted_model, paths)
-            parts = list(fitted_model._predict_parts(paths))  # what calibration reads: (map score, kNN, map)
+            parts = list(fitted_model._predict_parts(paths))  # what calibration reads: the ScoredImages
         finally:
             device_maps.predict_batch = original  # type: ignore[assignment]
     finally:
@@ -90,9 +90,10 @@ def test_device_pipeline_gives_the_cpu_path_s_predictions(fitted_model: Spade, s
     assert sum(calls) == 2 * len(paths) and max(calls) > 1  # whole batches went through the device pipeline
     _assert_same(got, want)
     assert any(p.is_anomalous for p in want) and not all(p.is_anomalous for p in want)
-    for (_, knn, array), prediction in zip(parts, want):
+    for part, prediction in zip(parts, want):
+        array = part.anomaly_map
         np.testing.assert_allclose(array, prediction.anomaly_map, rtol=0, atol=1e-5 * float(np.ptp(array)))
-        assert knn == pytest.approx(np.mean([d for _, d in prediction.neighbours]), rel=1e-5)  # the kNN part
+        assert part.knn_part == pytest.approx(np.mean([d for _, d in prediction.neighbours]), rel=1e-5)  # the kNN part
 
 
 @pytest.mark.parametrize("image_score", ["map_max", "map_top"])
@@ -101,9 +102,9 @@ def test_device_pipeline_scores_every_image_score(on_device: Spade, synthetic_ro
     before = on_device.image_score
     on_device.image_score = image_score
     try:
-        got = [m for m, _, _ in on_device._predict_parts(paths)]
+        got = [part.map_part for part in on_device._predict_parts(paths)]
         on_device._device_pipeline = False
-        want = [m for m, _, _ in on_device._predict_parts(paths)]
+        want = [part.map_part for part in on_device._predict_parts(paths)]
     finally:
         on_device.image_score = before
     np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -9,7 +9,7 @@ Prediction is made, so the two paths cannot give different verdicts for the same
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +18,22 @@ from . import settings as settings_table
 from .calibration import Calibration, normalized_scores, p_values
 from .errors import SettingError
 from .prediction import Prediction
+
+
+class ScoredImage(NamedTuple):
+    """One image through an estimator's predict loop: the two parts of its image score (the map's, per
+    `image_score`, and the global kNN distance) and its anomaly map at the network input size; with the full loop
+    also what its `Prediction` is made of. Calibration reads the first three; `_prediction` all of them."""
+
+    map_part: float
+    knn_part: float
+    anomaly_map: np.ndarray
+    item: Any = None  # the ImageItem (name, path)
+    geometry: Any = None
+    image: Any = None  # the decoded input, with keep_images
+    original_map: np.ndarray | None = None
+    neighbours: list[tuple[str, float]] | None = None
+    explanation: Any = None
 
 
 @runtime_checkable

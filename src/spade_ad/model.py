@@ -28,7 +28,7 @@ from . import calibration, device_maps
 from . import settings as settings_table
 from .backbones import Backbone, build_backbone
 from .calibration import Calibration
-from .detector import Detector
+from .detector import Detector, ScoredImage
 from .errors import ImageReadError, ModelFileError, NoImagesError, NotFittedError, SettingError, WeightsError
 from .explain import explain as explain_region
 from .explain import strongest_region
@@ -325,13 +325,13 @@ class Spade(Detector, BaseEstimator):
 
     def _held_out_scores(
         self, held_out: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None
-    ) -> Iterator[tuple[float, float, np.ndarray]]:
-        """(map score, kNN score, map) of each held-out good image; none when nothing was held out."""
+    ) -> Iterator[ScoredImage]:
+        """The score parts and map of each held-out good image; none when nothing was held out."""
         if held_out:
             yield from self._predict_parts(held_out, skip_bad=skip_bad, on_skip=on_skip)
 
-    def _leave_one_out_scores(self) -> Iterator[tuple[float, float, np.ndarray]]:
-        """(map score, kNN score, map) of every training image scored without itself."""
+    def _leave_one_out_scores(self) -> Iterator[ScoredImage]:
+        """The score parts and map of every training image scored without itself."""
         if self.store_.n_images < 2:
             return
         for _, knn, anomaly_map in tiled_leave_one_out(
@@ -345,13 +345,13 @@ class Spade(Detector, BaseEstimator):
                 inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
                                   self.roi_.shape, anomaly_map.shape)
                 anomaly_map = np.where(inside, anomaly_map, np.float32(np.nan))
-            yield self._map_score(anomaly_map), knn, anomaly_map
+            yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map)
 
-    def _calibrate(self, parts: Iterator[tuple[float, float, np.ndarray]], source: str) -> None:
+    def _calibrate(self, parts: Iterable[ScoredImage], source: str) -> None:
         """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
         `pixel_false_alarm_rate`, from good images' score parts and maps."""
         map_parts, knn_scores, pixels = [], [], []
-        for map_part, knn, anomaly_map in parts:
+        for map_part, knn, anomaly_map, *_ in parts:
             map_parts.append(map_part)
             knn_scores.append(knn)
             step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
@@ -364,10 +364,10 @@ class Spade(Detector, BaseEstimator):
         )
         self._apply_calibration()
 
-    def _scores_of(self, parts: Iterable[tuple[Any, ...]], scale: dict[str, tuple[float, float]] | None = None
+    def _scores_of(self, parts: Iterable[ScoredImage], scale: dict[str, tuple[float, float]] | None = None
                    ) -> np.ndarray:
-        """Image scores of (map part, kNN part, ...) tuples, at the current score scales or at `scale`."""
-        pairs = np.array([(m, k) for m, k, *_ in parts], dtype=np.float64).reshape(-1, 2)
+        """Image scores of `ScoredImage`s, at the current score scales or at `scale`."""
+        pairs = np.array([(p.map_part, p.knn_part) for p in parts], dtype=np.float64).reshape(-1, 2)
         return calibration.combine_scores(self.image_score, self.score_scale_ if scale is None else scale,
                                           pairs[:, 0], pairs[:, 1], self.map_weight)
 
@@ -408,9 +408,9 @@ class Spade(Detector, BaseEstimator):
         before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
         previous = self.calibration_
 
-        def kept(parts: Iterator[Any]) -> Iterator[Any]:
+        def kept(parts: Iterator[ScoredImage]) -> Iterator[ScoredImage]:
             for part in parts:
-                new_parts.append(part[:2])  # the score parts only, not the maps
+                new_parts.append(part._replace(anomaly_map=None))  # the score parts only, not the maps
                 yield part
 
         self._calibrate(kept(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)), "validation")
@@ -473,39 +473,59 @@ class Spade(Detector, BaseEstimator):
         self._check_fitted()
         for part in self._predict_parts(images, original_size=original_size, keep_images=keep_images,
                                         skip_bad=skip_bad, on_skip=on_skip, full=True, explain=explain):
-            map_part, knn, array, item, geometry, image, original, neighbours, why = part
-            yield self._prediction(map_part, knn, name=item.name, path=item.path, anomaly_map=array,
-                                   geometry=geometry, original_map=original, image=image, neighbours=neighbours,
-                                   explanation=why)
+            yield self._prediction(part.map_part, part.knn_part, name=part.item.name, path=part.item.path,
+                                   anomaly_map=part.anomaly_map, geometry=part.geometry, original_map=part.original_map,
+                                   image=part.image, neighbours=part.neighbours, explanation=part.explanation)
 
     def _predict_parts(
         self, images: Any, *, original_size: bool = False, keep_images: bool = False, skip_bad: bool = False,
         on_skip: SkipCallback | None = None, full: bool = False, explain: bool = False,
-    ) -> Iterator[Any]:
-        """The predict loop: (map score, kNN score, map) per image (the map score per `image_score`: see
-        `maps.map_score`), and with `full` also the item, geometry, decoded image, original-size map, nearest
-        normal images and explanation."""
+    ) -> Iterator[ScoredImage]:
+        """The predict loop: a `ScoredImage` per image (its map score per `image_score`, see `maps.map_score`; its
+        kNN score; its map), and with `full` also its item, geometry, decoded image, original-size map, nearest
+        normal images and explanation. Routing only: the maps come from `_tiled_maps` or `_batch_maps`."""
         items = collect_images(images)
-        if self.tile_size is not None:  # tiled mode (spade_ad.tiled): no explanation (the pyramid is streamed)
-            for array, knn, item, geometry, image, neighbours, distances in tiled_predict_parts(
-                    self.backbone_, self.store_, items, TileSettings.of(self), skip_bad=skip_bad, on_skip=on_skip,
-                    keep_images=keep_images, progress=self.progress):
+        maps = self._tiled_maps(items, skip_bad, on_skip, keep_images) if self.tile_size is not None else \
+            self._batch_maps(items, skip_bad, on_skip, keep_images, original_size and full)
+        for map_part, knn, array, item, geometry, image, original, nearest, levels in maps:
+            if self.roi_ is not None:  # the region of interest: NaN (not scored) outside
                 array = apply_roi(array, self.roi_, geometry)
                 map_part = self._map_score(array)
-                if not full:
-                    yield map_part, knn, array
-                    continue
-                nearest = [(self.train_names_[n], d) for n, d in zip(neighbours[:self.k_image], distances)]
-                yield (map_part, knn, array, item, geometry, image,
-                       original_with_roi(array, self.roi_, geometry) if original_size else None, nearest, None)
-            return
+                original = None if original is None else original_with_roi(array, self.roi_, geometry)
+            if not full:
+                yield ScoredImage(map_part, knn, array)
+                continue
+            if original is None and original_size:
+                original = original_with_roi(array, self.roi_, geometry)
+            why = self._explain(array, levels, nearest) if explain and levels is not None else None
+            yield ScoredImage(map_part, knn, array, item, geometry, image, original,
+                              [(self.train_names_[n], d) for n, d in nearest[:self.k_image]], why)
+
+    def _map_score(self, array: np.ndarray) -> float:
+        """The map's part of the image score (`maps.map_score`); in tiled mode its top share is one tile's (1% of
+        tile_size^2 pixels), not 1% of the whole large image."""
+        return map_score(array, self.image_score, None if self.tile_size is None else tile_top_count(self.tile_size))
+
+    def _tiled_maps(self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None,
+                    keep_images: bool) -> Iterator[tuple[Any, ...]]:
+        """Tiled mode (`spade_ad.tiled`), one image at a time stitched from its tiles: (map score, kNN, map, item,
+        geometry, image, None, nearest [(index, distance)], None: no pyramid kept, so no explanation)."""
+        for array, knn, item, geometry, image, neighbours, distances in tiled_predict_parts(
+                self.backbone_, self.store_, items, TileSettings.of(self), skip_bad=skip_bad, on_skip=on_skip,
+                keep_images=keep_images, progress=self.progress):
+            yield (self._map_score(array), knn, array, item, geometry, image, None,
+                   list(zip(neighbours, distances)), None)
+
+    def _batch_maps(self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None, keep_images: bool,
+                    original_size: bool) -> Iterator[tuple[Any, ...]]:
+        """The batched loop: (map score, kNN, map, item, geometry, image, original-size map or None, nearest
+        [(index, distance)], the image's pyramid). One image-level search serves both the gallery (K nearest) and
+        the paper's kNN score (k nearest); off the CPU the whole batch's maps are made on the device
+        (`spade_ad.device_maps`), on the CPU image by image with the numpy search."""
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
             pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
-            # One image-level search serves both the gallery (K nearest) and the paper's kNN score (k nearest).
             distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
             knn_scores = knn_image_scores(distances, self.k_image)
-            # -- device pipeline (issue 23): off the CPU the whole batch's maps, map scores and original-size maps
-            # are made on the device (`spade_ad.device_maps`); the CPU keeps the per-image numpy search below.
             on_device = None
             if (self.device_.type != "cpu" if self._device_pipeline is None else self._device_pipeline) and \
                     device_maps.supports(self.store_, neighbours[:, :self.k_gallery], pyramid, fusion=self.fusion,
@@ -513,7 +533,7 @@ class Spade(Detector, BaseEstimator):
                 on_device = device_maps.predict_batch(
                     pyramid, self.store_, neighbours[:, :self.k_gallery], batch.geometries, device_maps.SearchSettings(
                         self.kappa, self.distance, self.sigma, self.image_score, self.memory_budget,
-                        self.max_search_pairs), original_size=original_size and full)
+                        self.max_search_pairs), original_size=original_size)
                 distances, neighbours, knn_scores = distances.cpu(), neighbours.cpu(), knn_scores.cpu()
             for i, (item, geometry) in enumerate(zip(batch.items, batch.geometries)):
                 original = None
@@ -528,27 +548,18 @@ class Spade(Detector, BaseEstimator):
                     )
                     array = smooth(raw, self.sigma)
                     map_part = map_score(array, self.image_score)
-                # -- end of the device pipeline's routing
-                if self.roi_ is not None:  # the region of interest: NaN (not scored) outside
-                    array = apply_roi(array, self.roi_, geometry)
-                    map_part = map_score(array, self.image_score)
-                    original = None if original is None else original_with_roi(array, self.roi_, geometry)
-                if not full:
-                    yield map_part, float(knn_scores[i]), array
-                    continue
-                nearest = [(self.train_names_[int(n)], float(d)) for n, d in
-                           zip(neighbours[i, :self.k_image].tolist(), distances[i, :self.k_image].tolist())]
-                why = None
-                if explain:
-                    first = int(neighbours[i, 0])
-                    region = strongest_region(array, self.pixel_threshold_, self.backbone_.strides[-1])
-                    normal = [self.store_.image_map(level, first).numpy() for level in range(len(pyramid))]
-                    why = explain_region([level[i].cpu().numpy() for level in pyramid], self.backbone_.strides,
-                                         normal, first, self.train_names_[first], region)
-                if original is None and original_size:
-                    original = original_with_roi(array, self.roi_, geometry)
+                nearest = list(zip(neighbours[i, :max(self.k_gallery, self.k_image)].tolist(),
+                                   distances[i, :max(self.k_gallery, self.k_image)].tolist()))
                 yield (map_part, float(knn_scores[i]), array, item, geometry,
-                       batch.originals[i] if keep_images else None, original, nearest, why)
+                       batch.originals[i] if keep_images else None, original, nearest, [level[i] for level in pyramid])
+
+    def _explain(self, array: np.ndarray, levels: list[torch.Tensor], nearest: list[tuple[int, float]]) -> Any:
+        """Where the strongest region of `array` matched in the nearest normal image (`spade_ad.explain`)."""
+        first = int(nearest[0][0])
+        region = strongest_region(array, self.pixel_threshold_, self.backbone_.strides[-1])
+        normal = [self.store_.image_map(level, first).numpy() for level in range(len(levels))]
+        return explain_region([level.cpu().numpy() for level in levels], self.backbone_.strides, normal, first,
+                              self.train_names_[first], region)
 
     def score(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> np.ndarray:
         """Image scores only. With image_score="knn" the pixel stage is skipped entirely (the fast path)."""
@@ -561,11 +572,6 @@ class Spade(Detector, BaseEstimator):
             distances, _ = self.store_.nearest_images(global_features, self.k_image)
             scores.extend(knn_image_scores(distances, self.k_image).tolist())
         return np.asarray(scores, dtype=np.float64)
-
-    def _map_score(self, array: np.ndarray) -> float:
-        """The map's part of the image score (`maps.map_score`); in tiled mode its top share is one tile's (1% of
-        tile_size^2 pixels), not 1% of the whole large image."""
-        return map_score(array, self.image_score, None if self.tile_size is None else tile_top_count(self.tile_size))
 
     def _batches(
         self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None, desc: str,
