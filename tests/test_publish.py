@@ -350,3 +350,146 @@ def test_a_full_disk_under_the_outbox_is_said_not_raised(small_disk: Path) -> No
     assert publisher.publish({"id": "f" * 32}) == "queued"
     assert any("can be written again" in line for line in lines)
     publisher.close(timeout=0)
+
+
+# -- the front doors: watch and serve ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A quick model on 64 x 64 images, saved to a file, and its test images."""
+    from spade_ad import Spade
+    from spade_ad.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("publish") / "part", n_train=8, n_test_good=4,
+                                  n_test_defect=3, size=(64, 64), seed=5)
+    model = Spade(k_gallery=3, image_size=64, device="cpu", progress=False).fit(root / "train" / "good")
+    model.save(root / "model.safetensors")
+    return root / "model.safetensors", sorted((root / "test").rglob("*.png"))
+
+
+def _count_lines(path: Path) -> int:
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+def test_watch_publishes_every_inspection_once_across_a_broker_outage(
+        small_model: tuple[Path, list[Path]], broker: publish_targets.Broker, tmp_path: Path) -> None:
+    """`spade-ad watch ... --publish mqtt://...`: files arrive before, during and after a broker outage; every
+    inspection is delivered once by id (the file, its SHA-256, the model file's hash), the outbox ends empty, the
+    log has one "stopped" and one "resumed" line and no traceback; a second run publishes nothing again."""
+    import shutil
+    import subprocess
+    import sys
+
+    from child_server import wait_until
+    from cli_run import run_cli
+
+    pytest.importorskip("watchdog")
+    model_path, images = small_model
+    camera, out = tmp_path / "camera", tmp_path / "out"
+    camera.mkdir()
+    url = f"mqtt://127.0.0.1:{broker.port}/{TOPIC}"
+    subscriber = Subscriber(broker.port)
+    arguments = ["watch", str(model_path), str(camera), "-o", str(out), "--publish", url, "--settle", "0.1",
+                 "--poll-interval", "0.1"]
+    command = [sys.executable, "-m", "spade_ad", *arguments]
+    process = subprocess.Popen([*command, "--idle-exit", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    names = [f"{i:02d}_{images[i % len(images)].name}" for i in range(15)]
+    try:
+        for name in names[:5]:
+            shutil.copy(images[names.index(name) % len(images)], camera / name)
+        wait_until(lambda: _count_lines(out / "scores.csv") == 5 and len(set(subscriber.ids())) == 5
+                   or process.poll() is not None, timeout=120, what="the first 5 published")
+        broker.stop()
+        stopped = time.monotonic()
+        for name in names[5:10]:
+            shutil.copy(images[names.index(name) % len(images)], camera / name)
+        wait_until(lambda: _count_lines(out / "scores.csv") == 10 or process.poll() is not None, timeout=60,
+                   what="5 more scored while the broker is down")
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - stopped)))
+        assert len(set(subscriber.ids())) == 5
+        broker.start()
+        for name in names[10:]:
+            shutil.copy(images[names.index(name) % len(images)], camera / name)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    model_id = file_sha256(model_path)
+    expected = {message_id(name, file_sha256(camera / name), model_id) for name in names}
+    try:
+        got = subscriber.wait_for(expected, 30)
+        ids_before_rerun = list(subscriber.ids())
+        again = run_cli([*arguments, "--idle-exit", "0.5"])  # in-process: the second run needs no new interpreter
+        time.sleep(1.0)
+        ids_after_rerun = list(subscriber.ids())
+    finally:
+        subscriber.close()
+    assert got == expected  # every inspection, by id
+    by_id = {payload["id"]: payload for _, payload in subscriber.received}
+    scores = {row.split(",")[0]: float(row.split(",")[1]) for row in (out / "scores.csv").read_text().splitlines()[1:]}
+    assert {by_id[i]["file"] for i in expected} == set(names) == set(scores)
+    assert all(by_id[i]["score"] == pytest.approx(scores[by_id[i]["file"]], rel=1e-5) for i in expected)
+    assert all(by_id[i]["model"] == {"name": "model.safetensors", "id": model_id} for i in expected)
+    assert "Traceback" not in stderr and again == 0
+    assert ids_after_rerun == ids_before_rerun  # the second run found nothing new: published nothing again
+    lines = stderr.splitlines()
+    assert len([line for line in lines if f"publish {url}: stopped (" in line]) == 1, stderr
+    assert len([line for line in lines if f"publish {url}: resumed after " in line]) == 1, stderr
+    assert Outbox(outbox_file(out, parse_target(url)), target="").count() == 0
+
+
+def test_serve_publishes_each_prediction_with_its_record_row(small_model: tuple[Path, list[Path]],
+                                                             tmp_path: Path) -> None:
+    """The service publishes each /v1/predict result to a webhook, with the record's row id, the upload's name and
+    SHA-256 and the model file's hash; without a record, with no row id."""
+    pytest.importorskip("sqlalchemy")
+    from fastapi.testclient import TestClient
+
+    from spade_ad import load
+    from spade_ad.service import ServiceSettings, create_app
+    from spade_ad.service.review import ReviewStore
+
+    model_path, images = small_model
+    hook = Webhook()
+    hook.accept.set()
+    try:
+        for recorded in (True, False):
+            publisher = Publishers.open([hook.url], tmp_path / f"outbox{recorded}", log=lambda _: None)
+            review = ReviewStore(str(tmp_path / "r.db"), tmp_path / "files") if recorded else None
+            app = create_app(load(model_path, device="cpu"), ServiceSettings(), model_file=model_path.name,
+                             review=review, identity_file=model_path, publisher=publisher)
+            results = []
+            with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+                for path in images[:3]:
+                    answer = client.post("/v1/predict", files=[("files", (path.name, path.read_bytes()))])
+                    assert answer.status_code == 200, answer.text
+                    results.extend(answer.json()["results"])
+            assert publisher.close(timeout=10) == 0
+            got = [payload for _, payload in hook.accepted[-3:]]
+            for result, path, message in zip(results, images[:3], got, strict=True):
+                assert message["file"] == path.name and message["sha256"] == file_sha256(path)
+                assert message["inspection_id"] == result["inspection_id"]
+                assert (result["inspection_id"] is not None) == recorded
+                assert message["verdict"] == ("defect" if result["is_anomalous"] else "good")
+                assert message["score"] == pytest.approx(result["score"])
+                assert message["model"]["id"] == file_sha256(model_path)
+    finally:
+        hook.close()
+
+
+def test_publish_options_are_checked_before_anything_loads(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from cli_run import run_cli
+
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    missing = tmp_path / "missing.safetensors"  # never reached: the option is refused first
+    code = run_cli(["watch", missing, camera, "-o", tmp_path / "out", "--publish", "ftp://plc/verdicts"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--publish" in err and "unknown scheme 'ftp'" in err and len(err.splitlines()) == 1, err
+    code = run_cli(["serve", missing, "--publish", "mqtt://broker.local/spade/line1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--publish-outbox DIR" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -74,6 +74,27 @@ record_option = click.option(
     "postgresql://user@host/db URL (pip install 'spade-ad[record]').")
 
 
+def _check_publish(_ctx: click.Context, _param: click.Parameter, urls: tuple[str, ...]) -> tuple[str, ...]:
+    # --publish URLs are checked before anything loads (a bad one: a one-line usage error)
+    if not urls:
+        return urls
+    from .publish import PublishError, parse_target
+
+    for url in urls:
+        try:
+            parse_target(url)
+        except PublishError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--publish "), param_hint="--publish") from None
+    return urls
+
+
+publish_option = click.option(
+    "--publish", "publish", multiple=True, metavar="URL", callback=_check_publish,
+    help="Publish each inspection to an MQTT broker (mqtt://host[:port]/topic, QoS 1), a webhook (http(s)://...) or "
+    "an OPC UA server of the latest one (opc.tcp://host:port), through an outbox that survives outages and restarts "
+    "(repeatable; pip install 'spade-ad[publish]'; docs/publish.md).")
+
+
 def _stamped(line: str) -> None:
     """A line on stderr with the local time: what a long-running command says, read later in a log."""
     import datetime as dt
@@ -485,11 +506,15 @@ def demo(output: Path, seed: int, device: str) -> None:
               "by its file name without extension: /v1/models/NAME/predict; the page lets the user choose.")
 @click.option("--model", "named_models", multiple=True, metavar="NAME=PATH",
               help="Serve this model as product NAME (repeatable); instead of MODEL or --models.")
+@publish_option
+@click.option("--publish-outbox", type=click.Path(path_type=Path), default=None,
+              help="Folder of the --publish outboxes [default: the record's files folder; needed without --record].")
 def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, max_upload_mb: float,
           max_pixels: int, max_uploads: int, max_connections: int, read_timeout: float, header_timeout: float,
           allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...], allow_add: bool, weights: Path | None,
           device: str | None, engine: str | None, record_target: str | None, record_files: Path | None,
-          models_dir: Path | None, named_models: tuple[str, ...]) -> None:
+          models_dir: Path | None, named_models: tuple[str, ...], publish: tuple[str, ...] = (),
+          publish_outbox: Path | None = None) -> None:
     """Serve a model file or an exported bundle (no torch needed) over HTTP: JSON API at /v1, a web page at /,
     OpenAPI docs at /docs. Several products: --models DIR or --model NAME=PATH (repeatable). With --record, every
     prediction is recorded and the page gets its review queue, history and drift. See SECURITY.md."""
@@ -507,8 +532,11 @@ def serve(model_path: Path, host: str, port: int, workers: int, max_queue: int, 
         raise click.UsageError(str(exc)) from exc
     if record_files is not None and record_target is None:
         raise click.UsageError("--record-files needs --record DB")
+    if record_target is None and publish_outbox is None and any(not u.startswith("opc.tcp:") for u in publish):
+        raise click.UsageError("--publish keeps its outbox beside the record's files: give --record DB, or "
+                               "--publish-outbox DIR")
     run_server(model_path, settings, weights=weights, device=device, engine=engine, record=record_target,
-               record_files=record_files, products=products)
+               record_files=record_files, products=products, publish=publish, publish_outbox=publish_outbox)
 
 
 def _served_products(model_path: Path | None, models_dir: Path | None,
@@ -567,6 +595,7 @@ def _served_products(model_path: Path | None, models_dir: Path | None,
 @click.option("--explain", is_flag=True, help="For each flagged image, explain/<name>.png (see predict --explain).")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
               help="Stop after this many files (scored or refused).")
+@publish_option
 @click.option("--idle-exit", type=click.FloatRange(min=0), default=None,
               help="Stop once nothing new has arrived for this many seconds.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -577,7 +606,8 @@ def _served_products(model_path: Path | None, models_dir: Path | None,
 def watch(model_path: Path, folder: Path, output: Path, record_target: str | None, record_files: Path | None,
           keep_days: float | None, keep_gb: float | None, move_to: Path | None, poll: bool,
           poll_interval: float, settle: float, save_maps: bool, explain: bool, max_images: int | None,
-          idle_exit: float | None, weights: Path | None, device: str | None, engine: str | None) -> None:
+          idle_exit: float | None, weights: Path | None, device: str | None, engine: str | None,
+          publish: tuple[str, ...] = ()) -> None:
     """Score images as they appear in a folder (a camera's), each once it is complete, in arrival order, exactly
     once across restarts (the record, or OUT/watch-state.jsonl, knows what was scored). Ctrl-C or SIGTERM finishes
     the current image and exits; a broken file is logged and recorded as an error, and watching goes on."""
@@ -599,10 +629,20 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
     model = open_model(model_path, weights=weights, device=device, engine=engine)
     model.set_params(progress=False)
     recorder = _recorder(record_target, model, model_path, "watch", output=output)
-    watcher = Watcher(model, folder, output, recorder=recorder, move_to=move_to, poll=poll,
-                      poll_interval=poll_interval, settle=settle, save_maps=save_maps, explain=explain,
-                      max_images=max_images, idle_exit=idle_exit, evidence=evidence, log=_stamped)
-    result = watcher.run()
+    publisher = None
+    if publish:  # the outboxes live in OUT
+        from .publish import Publishers
+
+        publisher = Publishers.for_model(publish, output, model, model_path, log=_stamped)
+    try:
+        watcher = Watcher(model, folder, output, recorder=recorder, move_to=move_to, poll=poll,
+                          poll_interval=poll_interval, settle=settle, save_maps=save_maps, explain=explain,
+                          max_images=max_images, idle_exit=idle_exit, evidence=evidence, publisher=publisher,
+                          log=_stamped)
+        result = watcher.run()
+    finally:
+        if publisher is not None:
+            publisher.close()  # up to 10 s more of sending; what is left waits in OUT for the next run
     click.echo(f"scored {result.scored} images ({result.flagged} flagged, {result.errors} unreadable, "
                f"{result.already} already scored before): {output / 'scores.csv'}")
     _report_unrecorded(recorder, output)

@@ -25,6 +25,8 @@ overlays/, heat maps and masks, appended across runs; with a record, every predi
 - Shift: after the first 30, 100 and 300 images (then every 1000) the run's good-looking scores are compared with
   the calibration's (`spade_ad.calibration.check_shift`); a line that scores above what the threshold came from
   is warned about with the false-alarm rate that implies.
+- `publisher` (`--publish`, `spade_ad.publish`): each inspection (an unreadable file too) is published after its
+  outputs are written and before the file is marked done, through the publisher's durable outbox.
 - Stopping: Ctrl-C or SIGTERM (`stop()`) lets the image being scored finish, writes what is waiting in the record
   and returns; `max_images` and `idle_exit` stop after that many files, or after that many idle seconds.
 """
@@ -45,7 +47,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .calibration import ShiftMonitor
 from .detector import FittedModel
@@ -53,6 +55,9 @@ from .errors import ImageReadError, OutputError
 from .record import EvidenceStore, RecordUnavailable, file_sha256
 from .recording import Recorder, verdict_of
 from .writers import SCORES_FILE, PredictionWriter
+
+if TYPE_CHECKING:
+    from .publish import Publishers
 
 __all__ = ["STATE_FILE", "WatchResult", "Watcher"]
 
@@ -87,7 +92,8 @@ class Watcher:
                  recorder: Recorder | None = None, move_to: str | os.PathLike[str] | None = None,
                  poll: bool = False, poll_interval: float = 0.5, settle: float = 1.0, save_maps: bool = False,
                  explain: bool = False, max_images: int | None = None, idle_exit: float | None = None,
-                 evidence: EvidenceStore | None = None, log: Callable[[str], None] = print) -> None:
+                 evidence: EvidenceStore | None = None, publisher: Publishers | None = None,
+                 log: Callable[[str], None] = print) -> None:
         self.model = model
         self.folder = Path(folder).resolve()
         self.out_dir = Path(out_dir)
@@ -100,6 +106,7 @@ class Watcher:
         self.idle_exit = idle_exit
         self.log = log
         self.explain = explain
+        self.publisher = publisher
         if not self.folder.is_dir():
             raise OutputError(f"watch folder {folder} is not a folder; give the folder the camera writes into")
         self.evidence = evidence
@@ -313,6 +320,8 @@ class Watcher:
             target = self._destination(source, verdict)
             self._fields = {"path": target or path, "sha256": sha256}
             self.writer.skip(source, error)
+            if self.publisher is not None:
+                self.publisher.error(source=source, sha256=sha256, reason=exc.reason)
             if kept is not None and kept != path:
                 with suppress(OSError):
                     kept.unlink()  # not an image: nothing to keep
@@ -325,6 +334,8 @@ class Watcher:
             # the row names where the file will be (moved once its outputs are written and it is marked done)
             self._fields = {"path": target or path, "sha256": sha256, "kept_path": kept}
             self.writer.write(prediction)
+            if self.publisher is not None:  # in the outbox before the file is marked done: a crash loses nothing
+                self.publisher.inspection(prediction, source=source, sha256=sha256)
             self.result.scored += 1
             self.result.flagged += verdict == "defect"
             self._check_shift(prediction.score)

@@ -185,6 +185,7 @@ def create_app(
     model: Spade | None, settings: ServiceSettings | None = None, *, model_file: str | os.PathLike[str] | None = None,
     save_to: str | os.PathLike[str] | None = None, review: ReviewStore | None = None,
     identity_file: str | os.PathLike[str] | None = None, products: Sequence[ServedModel] = (),
+    publisher: Any = None,
 ) -> FastAPI:
     """The FastAPI application serving the fitted `model` (shared by every request; its progress bars are turned
     off); `model_file`: the model's file, shown by `/v1/model` as its name only; `save_to`: where `POST /v1/good`
@@ -203,7 +204,8 @@ def create_app(
         recorder = None if review is None else review.recorder(
             entry.name, entry.model, entry.identity_file if entry.identity_file is not None else target)
         served[entry.name] = (entry, Predictor(entry.model, settings, save_to=target, recorder=recorder,
-                                               review=review, identity_file=entry.identity_file or target))
+                                               review=review, identity_file=entry.identity_file or target,
+                                               publisher=publisher, name=entry.name if products else None))
     default_entry, predictor = next(iter(served.values()))
 
     def product(name: str) -> tuple[ServedModel, Predictor]:

@@ -178,6 +178,8 @@ def run_server(
     record: str | None = None,
     record_files: str | os.PathLike[str] | None = None,
     products: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+    publish: Sequence[str] = (),
+    publish_outbox: str | os.PathLike[str] | None = None,
 ) -> None:
     """Load the model once (from a private copy of its file, or of its bundle folder: then without torch) and serve
     it with uvicorn until interrupted. `products`: (name, path) of several models instead of `model_path`, each
@@ -214,15 +216,25 @@ def run_server(
         logger.info("loaded %s in %.1f s: %s", shown, time.perf_counter() - started, _describe(model))
         served.append(ServedModel(name, model, model_file=os.path.basename(os.fspath(path)),
                                   save_to=path if settings.allow_add else None, identity_file=path))
+    publisher = None
+    if publish:  # every prediction published (spade_ad.publish); the outboxes beside the record's files
+        from ..publish import Publishers
+
+        outboxes = publish_outbox if publish_outbox is not None else review.files if review is not None else "."
+        publisher = Publishers.open(publish, outboxes, log=logger.warning)
     if products:
-        app = create_app(None, settings, review=review, products=served)
+        app = create_app(None, settings, review=review, products=served, publisher=publisher)
     else:
         [only] = served
         app = create_app(only.model, settings, model_file=only.model_file, save_to=only.save_to, review=review,
-                         identity_file=only.identity_file)
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, limit_concurrency=settings.max_connections,
-        http=timed_protocol(settings.header_timeout, settings.read_timeout + BODY_GRACE), ws="none",
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=settings.keep_alive_timeout,
-        timeout_graceful_shutdown=5, server_header=False, log_config=_log_config(),
-    )
+                         identity_file=only.identity_file, publisher=publisher)
+    try:
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, limit_concurrency=settings.max_connections,
+            http=timed_protocol(settings.header_timeout, settings.read_timeout + BODY_GRACE), ws="none",
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=settings.keep_alive_timeout,
+            timeout_graceful_shutdown=5, server_header=False, log_config=_log_config(),
+        )
+    finally:
+        if publisher is not None:
+            publisher.close()  # up to 10 s more of sending; what is left waits in the outbox for the next start
