@@ -35,6 +35,12 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process so far (user + system, all threads): what the work costs on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _fit(data: Path, model: Path, settings: dict, train: int) -> None:
     from spade_ad import Spade
 
@@ -61,6 +67,7 @@ def _predict(data: Path, model: Path, good: int, defect: int) -> None:
     files = _test_files(data, good, defect)
     before = _rss_mib()
     scores, labels, maps, masks, seconds, pixels = [], [], [], [], [], 0
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     for prediction in spade.iter_predict(files, original_size=True):
         seconds.append(time.perf_counter() - start)
@@ -76,7 +83,9 @@ def _predict(data: Path, model: Path, good: int, defect: int) -> None:
         masks.append(mask)
         start = time.perf_counter()
     per_image = float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
+    cpu = (_cpu_seconds() - cpu) / len(files)
     print(json.dumps({
+        "cpu_seconds_per_image": cpu, "cpu_seconds_per_megapixel": cpu / (pixels / len(files) / 1e6),
         "images": len(files), "recall_at_1pct": recall_at_false_alarm_rate(scores, labels, 0.01),
         "image_auroc": image_auroc(scores, labels),
         "au_pro": au_pro([m.astype(np.float32) for m in maps], masks),
@@ -92,11 +101,14 @@ def _memory(data: Path, model: Path) -> None:
     spade = load(model, device="cpu")
     files = sorted((data / "test").glob("*/*.png"))[:1]
     before = _rss_mib()
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     prediction = spade.predict(files, original_size=True)[0]
     seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu
     height, width = prediction.original_map.shape
-    print(json.dumps({"megapixels": height * width / 1e6, "seconds": seconds,
+    print(json.dumps({"megapixels": height * width / 1e6, "seconds": seconds, "cpu_seconds": cpu,
+                      "cpu_seconds_per_megapixel": cpu / (height * width / 1e6),
                       "seconds_per_megapixel": seconds / (height * width / 1e6), "rss_before_mib": before,
                       "peak_rss_mib": _rss_mib()}))
 
