@@ -254,3 +254,15 @@ def test_watch_cli_refuses_a_missing_folder_and_a_bad_record(tmp_path: Path,
                     tmp_path / "bad.db"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "bad.db is not a database" in err
+
+
+def test_watch_writes_the_outputs_asked_for(small, camera: Path, tmp_path: Path) -> None:
+    """--outputs as predict's: 'none' keeps scores.csv and regions only, 'heatmap' adds heat maps."""
+    model, _, test_root = small
+    shutil.copy(_images(test_root)[0], camera / "a.png")
+    for outputs, folders in (("none", set()), ("overlay,heatmap", {"overlays", "heatmaps"})):
+        out = tmp_path / f"out-{outputs}"
+        result = Watcher(model, camera, out, poll=True, settle=0.05, idle_exit=0.3, outputs=outputs,
+                         log=lambda _: None).run()
+        assert result.scored == 1 and _scored(out) == ["a.png"]
+        assert {p.name for p in out.iterdir() if p.is_dir()} == folders

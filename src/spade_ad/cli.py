@@ -68,6 +68,13 @@ engine_option = click.option("--engine", type=click.Choice(["onnxruntime", "open
                              help="Inference engine for a bundle [default: onnxruntime]; model files run on torch.")
 
 
+outputs_option = click.option(
+    "--outputs", default="default", show_default=True, metavar="LIST",
+    help="Per-image files, separated by commas: overlay (overlays/*.png), mask (masks/*.png), heatmap "
+    "(heatmaps/*.png), map (maps/*.tiff); 'default' is overlay,mask, 'all' every one, 'none' only scores.csv and "
+    "regions.jsonl.")
+
+
 record_option = click.option(
     "--record", "record_target", metavar="DB", default=None,
     help="Also write every prediction to this inspection record: a SQLite file (created when missing) or a "
@@ -218,10 +225,7 @@ def _echo_calibration(model: Any) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--save-maps", is_flag=True, help="Also write raw float32 maps at the original size (maps/*.tiff), "
               "mirroring each input's path relative to its folder (the same as adding 'map' to --outputs).")
-@click.option("--outputs", default="default", show_default=True, metavar="LIST",
-              help="Per-image files, separated by commas: overlay (overlays/*.png), mask (masks/*.png), heatmap "
-              "(heatmaps/*.png), map (maps/*.tiff); 'default' is overlay,mask, 'all' every one, 'none' only "
-              "scores.csv and regions.jsonl.")
+@outputs_option
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Backbone weights file, if not where it was at fit time.")
 @click.option("--device", type=_SettingType(settings_table.BY_NAME["device"]), default=None,
@@ -592,6 +596,7 @@ def _served_products(model_path: Path | None, models_dir: Path | None,
 @click.option("--settle", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="A file not renamed into place is complete once its size has not changed for this many seconds.")
 @click.option("--save-maps", is_flag=True, help="Also write raw float32 maps (maps/*.tiff).")
+@outputs_option
 @click.option("--explain", is_flag=True, help="For each flagged image, explain/<name>.png (see predict --explain).")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
               help="Stop after this many files (scored or refused).")
@@ -605,7 +610,7 @@ def _served_products(model_path: Path | None, models_dir: Path | None,
 @engine_option
 def watch(model_path: Path, folder: Path, output: Path, record_target: str | None, record_files: Path | None,
           keep_days: float | None, keep_gb: float | None, move_to: Path | None, poll: bool,
-          poll_interval: float, settle: float, save_maps: bool, explain: bool, max_images: int | None,
+          poll_interval: float, settle: float, save_maps: bool, outputs: str, explain: bool, max_images: int | None,
           idle_exit: float | None, weights: Path | None, device: str | None, engine: str | None,
           publish: tuple[str, ...] = ()) -> None:
     """Score images as they appear in a folder (a camera's), each once it is complete, in arrival order, exactly
@@ -617,6 +622,9 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is not a folder; give the folder the camera writes into",
                                  param_hint="DIR")
+    from .writers import parse_outputs
+
+    chosen = parse_outputs(outputs, save_maps=save_maps)
     if record_target is None and (record_files, keep_days, keep_gb) != (None, None, None):
         raise click.UsageError("--record-files, --keep-days and --keep-gb need --record DB")
     _check_record(record_target)
@@ -636,7 +644,7 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
         publisher = Publishers.for_model(publish, output, model, model_path, log=_stamped)
     try:
         watcher = Watcher(model, folder, output, recorder=recorder, move_to=move_to, poll=poll,
-                          poll_interval=poll_interval, settle=settle, save_maps=save_maps, explain=explain,
+                          poll_interval=poll_interval, settle=settle, outputs=chosen, explain=explain,
                           max_images=max_images, idle_exit=idle_exit, evidence=evidence, publisher=publisher,
                           log=_stamped)
         result = watcher.run()

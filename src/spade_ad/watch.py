@@ -43,7 +43,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,7 @@ class Watcher:
     def __init__(self, model: FittedModel, folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  recorder: Recorder | None = None, move_to: str | os.PathLike[str] | None = None,
                  poll: bool = False, poll_interval: float = 0.5, settle: float = 1.0, save_maps: bool = False,
+                 outputs: str | Iterable[str] | None = None,
                  explain: bool = False, max_images: int | None = None, idle_exit: float | None = None,
                  evidence: EvidenceStore | None = None, publisher: Publishers | None = None,
                  log: Callable[[str], None] = print) -> None:
@@ -129,7 +130,7 @@ class Watcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.writer = PredictionWriter.for_model(model, self.out_dir, save_maps=save_maps, explain=explain,
-                                                 mode="a")
+                                                 outputs=outputs, mode="a")
         self._fields: dict[str, Any] = {}  # the row fields of the file being handled (its path, hash, kept copy)
         if recorder is not None:
             recorder.follow(self.writer, lambda _: self._fields)
