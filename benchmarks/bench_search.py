@@ -26,6 +26,7 @@ from spade_ad import Spade
 from spade_ad.geometry import image_to_tensor, map_to_original, plan_geometry
 from spade_ad.images import list_images, read_image
 from spade_ad.scoring import pixel_anomaly_map, smooth_map
+from spade_ad.settings import SearchSettings
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 N_EXACT = 5  # test images also compared with a float64 map (slow on CPU)
@@ -100,8 +101,7 @@ def run(data: Path, n_test: int, settings: dict) -> dict[str, float]:
         maps = [level[0] for level in pyramid]
         _, neighbours = model.store_.nearest_images(global_features, model.k_gallery)
         start = time.perf_counter()
-        ours = pixel_anomaly_map(maps, model.store_, neighbours[0], geometry.input_size, kappa=model.kappa,
-                                 fusion=model.fusion, distance=model.distance, memory_budget=model.memory_budget)
+        ours = pixel_anomaly_map(maps, model.store_, neighbours[0], geometry.input_size, SearchSettings.of(model))
         sync(model.device_)
         timings["ours_search"] += time.perf_counter() - start
         start = time.perf_counter()

@@ -9,6 +9,7 @@ import torch
 from spade_ad import numpy_search
 from spade_ad.scoring import pixel_anomaly_map
 from spade_ad.search import ranking_bank, topk_squared_distances, window_topk_squared_distances
+from spade_ad.settings import SearchSettings
 from spade_ad.store import FeatureStoreWriter
 
 RTOL = 1e-5
@@ -224,7 +225,7 @@ def test_pixel_map_matches_numpy_reference(fusion: str, kappa: int, distance: st
     neighbours = torch.tensor([4, 1, 5])
     got = pixel_anomaly_map(
         [torch.from_numpy(m) for m in test_maps], store, neighbours, (32, 48),
-        kappa=kappa, fusion=fusion, distance=distance, memory_budget=512,
+        SearchSettings(kappa=kappa, fusion=fusion, distance=distance, memory_budget=512),
     )
     expected = _reference_map(test_maps, train_maps, neighbours.tolist(), (32, 48), kappa, fusion, distance)
     assert got.shape == (32, 48)
@@ -266,12 +267,12 @@ def test_reduced_gallery_keeps_the_map_and_within_budget(fitted_model) -> None:
     maps = [store.image_map(level, 5) for level in range(len(store.levels))]
     size = (store.shapes[5, 0, 0] * 8, store.shapes[5, 0, 1] * 8)
     exact = pixel_anomaly_map(maps, store, neighbours, size)
-    assert np.array_equal(exact, pixel_anomaly_map(maps, store, neighbours, size, max_pairs=10**12))
+    assert np.array_equal(exact, pixel_anomaly_map(maps, store, neighbours, size, SearchSettings(max_pairs=10**12)))
     gallery = store.gallery(0, neighbours, "cpu", 0.3)
     per_image = int(store.shapes[0, 0, 0] * store.shapes[0, 0, 1])
     assert gallery.shape[0] == 4 * int(np.ceil(0.3 * per_image))
     queries = int(store.shapes[5, 0, 0] * store.shapes[5, 0, 1])
-    reduced = pixel_anomaly_map(maps, store, neighbours, size, max_pairs=queries * per_image)  # a quarter
+    reduced = pixel_anomaly_map(maps, store, neighbours, size, SearchSettings(max_pairs=queries * per_image))
     assert (reduced >= exact - 1e-4).all()  # fewer gallery vectors can only be farther
     assert np.corrcoef(reduced.ravel(), exact.ravel())[0, 1] > 0.9
 

@@ -19,8 +19,6 @@ torch search, as before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -28,6 +26,7 @@ from . import maps, maps_torch
 from .gallery import gallery_fraction
 from .geometry import Geometry
 from .search import default_memory_budget
+from .settings import SearchSettings
 from .store import FeatureStore
 
 
@@ -73,18 +72,6 @@ def batched_topk_squared_distances(queries: torch.Tensor, banks: torch.Tensor, k
     neighbours = torch.gather(banks, 1, indices.flatten(1)[..., None].expand(-1, -1, channels))
     exact = (queries[:, :, None, :] - neighbours.view(n_images, n_queries, k, channels)).square().sum(-1)
     return exact.sort(dim=2).values
-
-
-@dataclass
-class SearchSettings:
-    """What the pixel stage needs of a model's settings."""
-
-    kappa: int
-    distance: str
-    sigma: float
-    image_score: str
-    memory_budget: int | None = None
-    max_pairs: int | None = None
 
 
 def batch_maps(pyramid: list[torch.Tensor], store: FeatureStore, neighbours: torch.Tensor,

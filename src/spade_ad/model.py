@@ -39,6 +39,7 @@ from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
 from .pyramid import SkipCallback, extract, global_view_features, iter_batches, resolve_device, thumbnails
 from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map
+from .settings import SearchSettings
 from .store import FeatureStore, FeatureStoreWriter
 from .tiled import TileSettings
 from .tiled import leave_one_out as tiled_leave_one_out
@@ -337,9 +338,8 @@ class Spade(Detector, BaseEstimator):
         for _, knn, anomaly_map in tiled_leave_one_out(
                 self.store_, self.backbone_.strides, self.backbone_.channels, TileSettings.of(self)) \
                 if self.tile_size is not None else leave_one_out(
-            self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery, kappa=self.kappa,
-            fusion=self.fusion, distance=self.distance, memory_budget=self.memory_budget,
-            search_radius=self.search_radius, max_pairs=self.max_search_pairs, sigma=self.sigma, device=self.device_,
+            self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery,
+            search=SearchSettings.of(self), device=self.device_,
         ):
             if self.roi_ is not None:  # the training images' own geometry, planned on the ROI's size
                 inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
@@ -522,6 +522,7 @@ class Spade(Detector, BaseEstimator):
         [(index, distance)], the image's pyramid). One image-level search serves both the gallery (K nearest) and
         the paper's kNN score (k nearest); off the CPU the whole batch's maps are made on the device
         (`spade_ad.device_maps`), on the CPU image by image with the numpy search."""
+        search = SearchSettings.of(self)
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
             pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
             distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
@@ -530,23 +531,17 @@ class Spade(Detector, BaseEstimator):
             if (self.device_.type != "cpu" if self._device_pipeline is None else self._device_pipeline) and \
                     device_maps.supports(self.store_, neighbours[:, :self.k_gallery], pyramid, fusion=self.fusion,
                                          search_radius=self.search_radius):
-                on_device = device_maps.predict_batch(
-                    pyramid, self.store_, neighbours[:, :self.k_gallery], batch.geometries, device_maps.SearchSettings(
-                        self.kappa, self.distance, self.sigma, self.image_score, self.memory_budget,
-                        self.max_search_pairs), original_size=original_size)
+                on_device = device_maps.predict_batch(pyramid, self.store_, neighbours[:, :self.k_gallery],
+                                                      batch.geometries, search, original_size=original_size)
                 distances, neighbours, knn_scores = distances.cpu(), neighbours.cpu(), knn_scores.cpu()
             for i, (item, geometry) in enumerate(zip(batch.items, batch.geometries)):
                 original = None
                 if on_device is not None:
                     map_part, array, original = on_device.image(i)
                 else:
-                    raw = pixel_anomaly_map(
-                        [level[i] for level in pyramid], self.store_, neighbours[i, :self.k_gallery].cpu(),
-                        geometry.input_size, kappa=self.kappa, fusion=self.fusion, distance=self.distance,
-                        memory_budget=self.memory_budget, search_radius=self.search_radius,
-                        max_pairs=self.max_search_pairs,
-                    )
-                    array = smooth(raw, self.sigma)
+                    raw = pixel_anomaly_map([level[i] for level in pyramid], self.store_,
+                                            neighbours[i, :self.k_gallery].cpu(), geometry.input_size, search)
+                    array = smooth(raw, search.sigma)
                     map_part = map_score(array, self.image_score)
                 nearest = list(zip(neighbours[i, :max(self.k_gallery, self.k_image)].tolist(),
                                    distances[i, :max(self.k_gallery, self.k_image)].tolist()))

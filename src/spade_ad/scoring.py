@@ -22,7 +22,11 @@ from . import numpy_search
 from .gallery import gallery_fraction
 from .maps import fuse, position_scores, smooth, upsample
 from .search import topk_squared_distances, window_topk_squared_distances
+from .settings import SearchSettings
 from .store import FeatureStore
+
+#: The table's search settings (frozen, so one object serves as every default).
+DEFAULT_SEARCH = SearchSettings()
 
 Fusion = Literal["mean", "concat"]
 Distance = Literal["euclidean", "squared"]
@@ -33,13 +37,7 @@ def pixel_anomaly_map(
     store: FeatureStore,
     neighbours: torch.Tensor,
     input_size: tuple[int, int],
-    *,
-    kappa: int = 1,
-    fusion: Fusion = "mean",
-    distance: Distance = "euclidean",
-    memory_budget: int | None = None,
-    search_radius: int | None = None,
-    max_pairs: int | None = None,
+    search: SearchSettings = DEFAULT_SEARCH,
 ) -> np.ndarray:
     """Unsmoothed pixel anomaly map (H, W), float32, of one test image against the gallery of training images
     `neighbours`.
@@ -51,8 +49,12 @@ def pixel_anomaly_map(
 
     `maps`: the test image's pyramid [(C_l, h_l, w_l)]. Each test position's score is the mean distance to its kappa
     nearest gallery vectors (only those within `search_radius` cells of the same position, if given); "mean" fusion
-    averages the per-level maps after bilinear upsampling to `input_size`.
+    averages the per-level maps after bilinear upsampling to `input_size`. `search`: the model's search settings
+    (`kappa`, `fusion`, `distance`, `memory_budget`, `search_radius`, `max_pairs`).
     """
+    kappa, distance, memory_budget = search.kappa, search.distance, search.memory_budget
+    search_radius, max_pairs = search.search_radius, search.max_pairs
+
     def score(query_map: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
         """(h, w) scores of a query map (C, h, w) against gallery maps (K, C, h, w), or rows (M, C) if unwindowed."""
         if search_radius is not None:
@@ -68,7 +70,7 @@ def pixel_anomaly_map(
         return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
 
     device = maps[0].device
-    if fusion == "mean":
+    if search.fusion == "mean":
         levels = []
         for level, fmap in enumerate(maps):
             shapes = store.shapes[neighbours.cpu().numpy(), level]
@@ -119,13 +121,7 @@ def leave_one_out(
     *,
     k_image: int,
     k_gallery: int,
-    kappa: int = 1,
-    fusion: Fusion = "mean",
-    distance: Distance = "euclidean",
-    memory_budget: int | None = None,
-    search_radius: int | None = None,
-    max_pairs: int | None = None,
-    sigma: float = 4.0,
+    search: SearchSettings = DEFAULT_SEARCH,
     device: torch.device | str = "cpu",
     batch: int = 32,
 ) -> Iterator[tuple[int, float, np.ndarray]]:
@@ -147,9 +143,6 @@ def leave_one_out(
                 keep[-1] = False
             d, nearest = distances[row][keep], neighbours[row][keep]
             maps = [store.image_map(level, index).to(device) for level in range(len(store.levels))]
-            raw = pixel_anomaly_map(
-                maps, store, nearest[:k_gallery].cpu(), training_input_size(store, index, first_stride), kappa=kappa,
-                fusion=fusion, distance=distance, memory_budget=memory_budget, search_radius=search_radius,
-                max_pairs=max_pairs,
-            )
-            yield index, float(d[:k_image].mean()), smooth(raw, sigma)
+            raw = pixel_anomaly_map(maps, store, nearest[:k_gallery].cpu(),
+                                    training_input_size(store, index, first_stride), search)
+            yield index, float(d[:k_image].mean()), smooth(raw, search.sigma)

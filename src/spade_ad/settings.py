@@ -300,6 +300,29 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """The settings of the pixel search and of the map maths after it, which travel together through every path
+    (the torch search, the numpy search of the runtime, the device pipeline, leave-one-out, the tiled mode): one
+    value object, made from a fitted model's settings by `of`. Defaults are the table's."""
+
+    kappa: int = 1
+    fusion: str = "mean"
+    distance: str = "euclidean"
+    memory_budget: int | None = None
+    search_radius: int | None = None
+    max_pairs: int | None = None
+    sigma: float = 4.0
+    image_score: str = "fused"
+
+    @classmethod
+    def of(cls, model: Any) -> SearchSettings:
+        """From an estimator's settings (`Spade` or `Runtime`: attributes named as in the table)."""
+        return cls(kappa=int(model.kappa), fusion=model.fusion, distance=model.distance,
+                   memory_budget=model.memory_budget, search_radius=model.search_radius,
+                   max_pairs=model.max_search_pairs, sigma=float(model.sigma), image_score=model.image_score)
+
+
 def validate(params: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any]:
     """Check settings against the table; returns them in canonical form. Unknown names and bad values raise
     SettingError naming the setting and what is allowed. With `partial`, missing settings are not filled in."""

@@ -34,6 +34,7 @@ from ..inputs import ImageItem, collect_images, iter_loaded
 from ..maps import apply_roi, fuse, map_score, original_with_roi, position_scores, smooth
 from ..numpy_search import ranking_bank, topk_squared_distances
 from ..prediction import Prediction
+from ..settings import SearchSettings
 from .bundle import Bundle, read_bundle
 from .engines import ENGINES, open_engine
 
@@ -59,8 +60,7 @@ class Runtime(Detector):
         if self._settings.get("tile_size") is not None:  # the tiled loop (spade_ad.tiled) runs on torch only
             raise SettingError("tile_size", "is not supported by the torch-free runtime yet",
                                self._settings["tile_size"], "score tiled models with spade_ad.load (torch)")
-        for name, value in self._settings.items():
-            setattr(self, name, value)
+        self.search = SearchSettings.of(self)
         self.network = open_engine(engine, bundle.openvino_path if engine == "openvino" and bundle.openvino_path
                                    else bundle.graph_path, threads)
         self.strides = tuple(int(s) for s in contents.backbone["strides"])
@@ -81,6 +81,14 @@ class Runtime(Detector):
         self.calibration_ = Calibration.from_json(contents.calibration)
         self._apply_calibration()
 
+    def __getattr__(self, name: str) -> Any:
+        """The stored settings read as attributes, as on `Spade` (`runtime.k_gallery`); only looked up when no
+        real attribute has the name."""
+        settings = self.__dict__.get("_settings", {})
+        if name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The model's settings (as stored in the bundle's model file)."""
         return dict(self._settings)
@@ -90,7 +98,6 @@ class Runtime(Detector):
         for name, value in params.items():
             if name != "progress":
                 raise SettingError(name, "cannot change on an exported bundle", value, "progress only")
-            self.progress = value
             self._settings[name] = value
         return self
 
@@ -158,7 +165,7 @@ class Runtime(Detector):
                      image: Any, geometry: Any, original_size: bool, explain: bool) -> Prediction:
         """One image's Prediction from its pyramid and its nearest training images (squared distances, indices)."""
         raw = self._pixel_map(levels, neighbours[:self.k_gallery], geometry.input_size)
-        anomaly_map = apply_roi(smooth(raw, self.sigma), self.roi_, geometry)  # NaN outside the region of interest
+        anomaly_map = apply_roi(smooth(raw, self.search.sigma), self.roi_, geometry)  # NaN outside the ROI
         nearest = [(self.train_names_[int(n)], float(d))
                    for n, d in zip(neighbours[:self.k_image], distances[:self.k_image])]
         why = None
@@ -180,7 +187,7 @@ class Runtime(Detector):
         level_maps = []
         for level, fmap in enumerate(levels):
             positions = fmap.shape[1] * fmap.shape[2]
-            fraction = gallery_fraction(positions, self.shapes[gallery, level], self.max_search_pairs)
+            fraction = gallery_fraction(positions, self.shapes[gallery, level], self.search.max_pairs)
             if self._rankings is None:  # widen this gallery only
                 ranking = ranking_bank(gallery_rows(self.levels[level], self._offsets, self.orders[level], level,
                                                     gallery, fraction))
@@ -191,9 +198,9 @@ class Runtime(Detector):
                 ranking = self._rankings[level][all_row_indices(self._offsets, level, gallery) if rows is None
                                                 else rows]
             queries = fmap.reshape(fmap.shape[0], -1).T
-            squared, _ = topk_squared_distances(queries, ranking[:, :-1], self.kappa, self.memory_budget,
+            squared, _ = topk_squared_distances(queries, ranking[:, :-1], self.search.kappa, self.search.memory_budget,
                                                 ranking=ranking)
-            level_maps.append(position_scores(squared, self.distance).reshape(fmap.shape[1:]))
+            level_maps.append(position_scores(squared, self.search.distance).reshape(fmap.shape[1:]))
         return fuse(level_maps, input_size)
 
 def load_bundle(path: str | Path, *, engine: str = "onnxruntime", threads: int | None = None) -> Runtime:

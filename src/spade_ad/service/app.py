@@ -44,6 +44,7 @@ from .schemas import (
 from .uploads import FIELD
 
 if TYPE_CHECKING:
+    from ..detector import FittedModel
     from ..model import Spade
 
 __all__ = ["ServedModel", "calibration_info", "create_app", "model_metrics", "model_settings"]
@@ -175,7 +176,7 @@ class ServedModel:
     content hash identifies the model in the record; default `save_to`)."""
 
     name: str
-    model: Any
+    model: FittedModel
     model_file: str | os.PathLike[str] | None = None
     save_to: str | os.PathLike[str] | None = None
     identity_file: str | os.PathLike[str] | None = None
