@@ -57,3 +57,20 @@ def record_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(tmp_path / "inspections.db")
     cluster = request.getfixturevalue("postgres_cluster")
     return cluster.database(f"t_{abs(hash(request.node.nodeid)) % 10**12}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs to fill up (a full disk under a record or an outbox); root only, skipped elsewhere with the
+    reason; unmounted after the test."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -304,20 +304,6 @@ def test_retried_rows_are_written_once(small, tmp_path: Path) -> None:
     connection.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 3 MB tmpfs (root only: skipped elsewhere), unmounted after the test."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def test_a_full_disk_under_the_record_loses_nothing(small, small_disk: Path, tmp_path: Path) -> None:
     """The disk holding the record fills up mid-watch, then space is freed: the files dropped meanwhile are in the
     record soon after, each once."""

@@ -313,22 +313,6 @@ def test_a_redirect_is_not_a_delivery(tmp_path: Path) -> None:
     assert not gets and any("stopped (HTTP 302 Found)" in line for line in lines)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 1 MB tmpfs (root only: skipped elsewhere), unmounted after the test."""
-    import subprocess
-
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def test_a_full_disk_under_the_outbox_is_said_not_raised(small_disk: Path) -> None:
     """The disk holding the outbox fills up: publish() says so once and returns "failed" (the inspection goes on);
     once there is room, messages are queued again and the line says how many were not published."""
