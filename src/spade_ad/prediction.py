@@ -82,6 +82,24 @@ class Prediction:
         return light
 
     @property
+    def verdict(self) -> str:
+        """"defect" or "good" at the image threshold; "none" for a model without one (what the record, the published
+        messages and `watch --move-to` say)."""
+        if self.is_anomalous is None:
+            return "none"
+        return "defect" if self.is_anomalous else "good"
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) of the original image, when its decoded image or original-size map is kept."""
+        if self.image is not None:
+            return self.image.width, self.image.height
+        if self.original_map is not None:
+            height, width = self.original_map.shape[:2]
+            return int(width), int(height)
+        return None
+
+    @property
     def defect_mask(self) -> np.ndarray | None:
         """Pixels above the pixel threshold (original size when available); None if uncalibrated."""
         if self.pixel_threshold is None:

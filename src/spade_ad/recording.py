@@ -35,16 +35,10 @@ from .prediction import Prediction
 from .record import EvidenceChanged, Record, RecordUnavailable, file_sha256, model_identity, verified_image
 from .writers import PredictionWriter
 
-__all__ = ["OUTBOX_FILE", "Recorder", "backfill", "labelled_images", "prediction_row", "verdict_of"]
+__all__ = ["OUTBOX_FILE", "Recorder", "backfill", "labelled_images", "prediction_row"]
 
 OUTBOX_FILE = "record-outbox.jsonl"
 """The outbox's file name in an output folder (`predict --record`, `watch --record`)."""
-
-
-def verdict_of(prediction: Prediction) -> str:
-    if prediction.is_anomalous is None:
-        return "none"
-    return "defect" if prediction.is_anomalous else "good"
 
 
 def prediction_row(prediction: Prediction, *, source: str | None = None, path: str | os.PathLike[str] | None = None,
@@ -54,19 +48,14 @@ def prediction_row(prediction: Prediction, *, source: str | None = None, path: s
     file = path if path is not None else prediction.path
     if sha256 is None and file is not None and Path(file).is_file():
         sha256 = file_sha256(file)
-    if prediction.image is not None:
-        width, height = prediction.image.width, prediction.image.height
-    elif prediction.original_map is not None:
-        height, width = prediction.original_map.shape[:2]
-    else:
-        width = height = None
+    width, height = prediction.image_size or (None, None)
     return {
         "source": source if source is not None else prediction.name,
         "path": None if file is None else str(Path(file).resolve()),
         "sha256": sha256, "width": width, "height": height, "score": prediction.score,
         "normalized_score": prediction.normalized_score, "p_value": prediction.p_value,
         "image_threshold": prediction.image_threshold, "pixel_threshold": prediction.pixel_threshold,
-        "verdict": verdict_of(prediction), "regions": [region.to_json() for region in prediction.regions],
+        "verdict": prediction.verdict, "regions": [region.to_json() for region in prediction.regions],
         **{name: None if value is None else str(Path(value).resolve()) for name, value in paths.items()},
     }
 

@@ -53,7 +53,7 @@ from .calibration import ShiftMonitor
 from .detector import FittedModel
 from .errors import ImageReadError, OutputError
 from .record import EvidenceStore, RecordUnavailable, file_sha256
-from .recording import Recorder, verdict_of
+from .recording import Recorder
 from .writers import SCORES_FILE, PredictionWriter
 
 if TYPE_CHECKING:
@@ -330,7 +330,7 @@ class Watcher:
             self.result.errors += 1
         else:
             prediction = prediction.with_(name=source)
-            verdict = verdict_of(prediction)
+            verdict = prediction.verdict
             target = self._destination(source, verdict)
             # the row names where the file will be (moved once its outputs are written and it is marked done)
             self._fields = {"path": target or path, "sha256": sha256, "kept_path": kept}

@@ -63,16 +63,8 @@ def inspection_message(prediction: Prediction, *, source: str, sha256: str | Non
     file's name as the line knows it (relative to the watched folder, or the upload's name), `sha256` its content
     hash, `model_name` / `model_id` the model that judged it (the record's model identity), `inspection_id` the
     record's row id when recorded, `at` when it was inspected (seconds since the epoch or a datetime; now)."""
-    if prediction.is_anomalous is None:
-        verdict = "none"  # an uncalibrated model: no threshold, no verdict
-    else:
-        verdict = "defect" if prediction.is_anomalous else "good"
-    if prediction.image is not None:
-        width, height = prediction.image.width, prediction.image.height
-    elif prediction.original_map is not None:
-        height, width = prediction.original_map.shape[:2]
-    else:
-        width = height = None
+    verdict = prediction.verdict  # "none": an uncalibrated model, no threshold, no verdict
+    width, height = prediction.image_size or (None, None)
     found_in = prediction.original_map if prediction.original_map is not None else prediction.anomaly_map
     regions = prediction.regions
     return {
