@@ -22,5 +22,7 @@ def test_bottle_default_settings_reach_the_bar(bottle_root: Path, tmp_path: Path
     assert bottle["au_pro"] >= 0.945
     # The threshold comes from good images only, yet separates most of the test set, at the rate asked.
     assert bottle["at_threshold"]["f1"] >= 0.9
-    assert bottle["false_alarm_rate_asked"] == 0.01 and bottle["false_alarm_rate_guaranteed"] < 0.01
+    # With 209 good images the 1% point rests on the top 2-3 scores: the threshold is the fitted tail's (no single
+    # image sets it), whose stated guarantee is at most twice the rate (calibration.py, docs/detection.md).
+    assert bottle["false_alarm_rate_asked"] == 0.01 and bottle["false_alarm_rate_guaranteed"] <= 2 * 0.01
     assert bottle["false_alarm_rate_measured"] <= 0.05  # at most 1 of the 20 good test images
