@@ -365,3 +365,22 @@ def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
     monitor = ShiftMonitor()
     said = [index for index in range(1, 1101) if monitor.add(calibration, high) is not None]
     assert said == [30, 100, 300, 1000] and len(monitor.warnings) == 4 and len(monitor.scores) == 1000
+
+
+def test_retention_removes_old_kept_copies_only(tmp_path: Path) -> None:
+    """--keep-days prunes the kept copies; the outboxes and uploads beside them are never touched."""
+    import os
+
+    store = EvidenceStore(tmp_path / "files")
+    old_image = tmp_path / "old.png"
+    old_image.write_bytes(b"old pixels")
+    kept, _ = store.keep(old_image)
+    outbox = tmp_path / "files" / "record-outbox-default.jsonl"
+    outbox.write_text('{"row": {}}\n')
+    week_ago = time.time() - 7 * 86400
+    for path in (kept, outbox):
+        os.utime(path, (week_ago, week_ago))
+    pruned = EvidenceStore(tmp_path / "files", max_days=3)
+    assert not kept.exists() and outbox.exists()
+    fresh, _ = pruned.keep(tmp_path / "old.png")
+    assert fresh.exists()

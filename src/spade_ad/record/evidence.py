@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -64,8 +65,6 @@ class EvidenceStore:
     def keep(self, source: str | os.PathLike[str]) -> tuple[Path, str]:
         """Copy `source` into the store; (the kept copy, its SHA-256). The hash is of the bytes copied, so the copy
         is exactly what was hashed even if the file changes meanwhile."""
-        import hashlib
-
         source = Path(source)
         staging = self.folder / "sha256" / f".incoming-{os.getpid()}-{secrets.token_hex(4)}.partial"
         digest = hashlib.sha256()
@@ -99,7 +98,8 @@ class EvidenceStore:
         if self.max_days is None and self.max_bytes is None:
             return 0, 0
         files = []
-        for root, _, names in os.walk(self.folder):
+        # only the kept copies: the folder also holds the service's uploads and the outboxes, never pruned here
+        for root, _, names in os.walk(self.folder / "sha256"):
             for name in names:
                 if name.endswith(".partial"):
                     continue
