@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from ..calibration import ShiftMonitor, conformal_threshold
 from ..errors import ImageReadError, SettingError
 from ..images import UPLOAD_FORMATS, check_bytes, decode_bytes
 from ..settings import BY_NAME
-from ..visualize import color_range, heatmap, overlay_picture, threshold_color_range, why_picture
+from ..visualize import color_range, encode_png, heatmap, overlay_picture, threshold_color_range, why_picture
 from .config import ServiceSettings
 from .errors import ApiError, image_error
 from .schemas import (
@@ -77,9 +76,9 @@ def _explanation(prediction: Prediction) -> dict[str, Any] | None:
 
 
 def _png_data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=3)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    """A picture as a PNG data URL, encoded as the files are (`visualize.encode_png`: about twice Pillow's speed)."""
+    pixels = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    return "data:image/png;base64," + base64.b64encode(encode_png(pixels)).decode("ascii")
 
 
 @dataclass(frozen=True)
