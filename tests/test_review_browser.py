@@ -116,6 +116,7 @@ def test_more_pages_on_then_hides_and_error_rows_have_their_own_filter(
     """25 flagged inspections and an unreadable file in the record: the queue shows 20 with "More"; "More" adds the
     last 5 and hides; clicking it again (it is only hidden) loads nothing twice; the unreadable file is not in the
     queue but under "not readable", without label buttons."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -131,7 +132,8 @@ def test_more_pages_on_then_hides_and_error_rows_have_their_own_filter(
     cards = "#review-list .review-item"
     with serve_in_subprocess(root / "model.safetensors", "--record", str(db)) as child:
         browser.get(child.url)
-        wait = WebDriverWait(browser, 60)
+        # the list is drawn anew when a page arrives: an element read while it is redrawn is stale, and read again
+        wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
         wait.until(lambda d: d.find_element(By.ID, "view-tabs").is_displayed())
         browser.find_element(By.CSS_SELECTOR, '#view-tabs [data-view="review"]').click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, cards)) == 20)
@@ -149,7 +151,7 @@ def test_more_pages_on_then_hides_and_error_rows_have_their_own_filter(
         Select(browser.find_element(By.ID, "review-verdict")).select_by_value("error")
         browser.find_element(By.CSS_SELECTOR, '#review-filters button[type="submit"]').click()
         wait.until(lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, f"{cards} .name")] == ["cam/notes.txt"])
-        [card] = browser.find_elements(By.CSS_SELECTOR, cards)
-        assert card.find_element(By.CSS_SELECTOR, ".verdict").text == "Not readable"
-        assert not card.find_elements(By.CSS_SELECTOR, "button")  # no Good / Defect: nothing to label
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"{cards} .verdict").text == "Not readable")
+        assert wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, cards)) == 1 and not d.find_elements(
+            By.CSS_SELECTOR, f"{cards} button"))  # no Good / Defect: nothing to label
         assert not browser.find_element(By.ID, "review-more").is_displayed()
