@@ -247,16 +247,21 @@ class Predictor:
             except SettingError as exc:
                 raise ApiError(400, str(exc)) from exc
             self.model.save(self.save_to)
-            shared = threshold_color_range(self.model.pixel_threshold_)
-            self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
-            if self.recorder is not None:
-                self.recorder.set_model(self.model, self.identity_file or self.save_to,
-                                        name=self.recorder.model_name)
-            elif self.publisher is not None:
-                self._published_as = self._identify()
+            self._saved_model_changed()
             return RoiResponse(inspected_share=float(self.model.roi_.mean()),
                                image_threshold=self.model.image_threshold_, pixel_threshold=self.model.pixel_threshold_,
                                warning=self.model.calibration_.warning or "")
+
+    def _saved_model_changed(self) -> None:
+        """After `add` or a new ROI changed the model and it was saved (under the model lock): the shared colour
+        scale follows its pixel threshold, and the next predictions are recorded (or published) under its new
+        identity."""
+        shared = threshold_color_range(self.model.pixel_threshold_)
+        self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
+        if self.recorder is not None:
+            self.recorder.set_model(self.model, self.identity_file or self.save_to, name=self.recorder.model_name)
+        elif self.publisher is not None:
+            self._published_as = self._identify()
 
     def add_images(self, images: list[Any]) -> AddResponse:
         """Add images (decoded, or files) to the model as good ones and save it, under the model lock; with a
@@ -265,13 +270,7 @@ class Predictor:
         with self._model_lock:
             self.model.add(images)
             self.model.save(self.save_to)  # atomic: written beside the file, then renamed over it
-            shared = threshold_color_range(self.model.pixel_threshold_)
-            self.color_scale = ColorScale(vmin=shared[0], vmax=shared[1], fixed=True) if shared else None
-            if self.recorder is not None:
-                self.recorder.set_model(self.model, self.identity_file or self.save_to,
-                                        name=self.recorder.model_name)
-            elif self.publisher is not None:
-                self._published_as = self._identify()
+            self._saved_model_changed()
             return AddResponse(added=len(images), n_train_images=len(self.model.train_names_),
                                image_threshold=self.model.image_threshold_)
 
