@@ -67,6 +67,9 @@ class Calibration:
     #: the training folder, or rare good ones; and their scores, in the same order.
     suspects: list[str] = field(default_factory=list)
     suspect_scores: list[float] = field(default_factory=list)
+    #: Each training image's leave-one-out score parts [map, coarse, knn] (N x 3), in stored order: what the
+    #: density normalisation divides by (`density_normalised`); empty when it is off (files from before: off).
+    train_parts: list[list[float]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -332,35 +335,75 @@ def robust_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
     return median, 1.0
 
 
+#: The columns of a score-parts array (n, 3): the map's top 1%, the coarsest level's own top 1%, the global kNN.
+PARTS = ("map", "coarse", "knn")
+
+
+def density_floor(train_parts: np.ndarray) -> np.ndarray:
+    """The smallest divisor of each part (3,): 1e-6 of its largest training value, so that a neighbourhood of
+    duplicates (leave-one-out parts 0) cannot divide by zero."""
+    return 1e-6 * np.maximum(np.abs(train_parts).max(0), 1e-12)
+
+
+def density_normalised(parts: np.ndarray, near: np.ndarray, train_parts: np.ndarray | Sequence[Sequence[float]],
+                       k: int) -> np.ndarray:
+    """Image-level local-density normalisation (as LOF does): each score part (n, 3) divided by the mean
+    leave-one-out value of that part over the image's `k` nearest training images by global feature (`near`:
+    (n, >= k) stored indices, nearest first; for a training image's own leave-one-out parts, itself left out).
+    A rare good part's nearest training images are the other rare parts, whose own leave-one-out scores are high,
+    so it is measured against them; a defect on a usual part is measured against usual parts. `k` 0 or no
+    `train_parts`: the parts unchanged."""
+    parts = np.asarray(parts, dtype=np.float64)
+    train = np.asarray(train_parts, dtype=np.float64).reshape(-1, len(PARTS))
+    if k <= 0 or not len(train):
+        return parts
+    near = np.asarray(near, dtype=np.int64).reshape(len(parts), -1)[:, :k]
+    return parts / np.maximum(train[near].mean(1), density_floor(train))
+
+
 def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_part: np.ndarray,
-                   knn: np.ndarray, map_weight: float = 0.5) -> np.ndarray:
-    """The image score from its two parts: the map's part (the mean of its top values, or with "map_max" its
+                   knn: np.ndarray, map_weight: float = 0.5, coarse: np.ndarray | None = None,
+                   coarse_weight: float = 0.0) -> np.ndarray:
+    """The image score from its parts: the map's part (the mean of its top values, or with "map_max" its
     maximum: `spade_ad.maps.map_score`), the global kNN score, or ("fused") their weighted average after each is
-    scaled by its (median, spread) on good images: `map_weight` for the map, the rest for the kNN."""
+    scaled by its (median, spread) on good images: `map_weight` for the map, `coarse_weight` for the coarsest
+    level's own top 1% (`coarse`; 0: not used), the rest for the kNN."""
     map_part, knn = np.asarray(map_part, dtype=np.float64), np.asarray(knn, dtype=np.float64)
     if image_score in ("map_max", "map_top"):
         return map_part
     if image_score == "knn":
         return knn
-    if "map" not in scale or "knn" not in scale:
+    if "map" not in scale or "knn" not in scale or (coarse_weight > 0 and "coarse" not in scale):
         raise SettingError("image_score", "needs a calibrated model to scale its parts", image_score,
                            "calibrate the model on good images (spade-ad calibrate --good DIR), or map_top")
     (m1, s1), (m2, s2) = scale["map"], scale["knn"]
-    return map_weight * (map_part - m1) / s1 + (1.0 - map_weight) * (knn - m2) / s2
+    if coarse_weight <= 0:  # two parts: exactly the formula of the files written before the coarse part
+        return map_weight * (map_part - m1) / s1 + (1.0 - map_weight) * (knn - m2) / s2
+    (m3, s3) = scale["coarse"]
+    coarse = np.asarray(coarse, dtype=np.float64)
+    return (map_weight * (map_part - m1) / s1 + coarse_weight * (coarse - m3) / s3
+            + (1.0 - map_weight - coarse_weight) * (knn - m2) / s2)
 
 
 def calibrate(
     map_parts: Sequence[float], knn_scores: Sequence[float], pixel_samples: np.ndarray, *, image_score: str,
     false_alarm_rate: float, pixel_false_alarm_rate: float, source: str, map_weight: float = 0.5,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, coarse_parts: Sequence[float] | None = None, coarse_weight: float = 0.0,
+    train_parts: np.ndarray | Sequence[Sequence[float]] | None = None,
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
-    """Thresholds and score scales from good images' score parts and a sample of their map values; with `names`
-    (the images', in the order of the parts), the `suspects` among them are kept by name."""
+    """Thresholds and score scales from good images' score parts (density-normalised already, when the model
+    normalises them) and a sample of their map values; with `names` (the images', in the order of the parts), the
+    `suspects` among them are kept by name. `coarse_parts` with `coarse_weight` > 0: the third part, scaled as
+    "coarse". `train_parts` (the training images' leave-one-out parts, N x 3) are kept in the calibration."""
+    kept = [] if train_parts is None else np.asarray(train_parts, dtype=np.float64).reshape(-1, 3).tolist()
     if len(map_parts) == 0:
         return Calibration("none", [], false_alarm_rate, None, pixel_false_alarm_rate, None,
-                           note="no thresholds: no good images to calibrate on"), {}
+                           note="no thresholds: no good images to calibrate on", train_parts=kept), {}
     scale = {"map": robust_scale(map_parts), "knn": robust_scale(knn_scores)}
-    combined = combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores), map_weight)
+    if coarse_weight > 0 and coarse_parts is not None:
+        scale["coarse"] = robust_scale(coarse_parts)
+    combined = combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores), map_weight,
+                              None if coarse_parts is None else np.asarray(coarse_parts), coarse_weight)
     scores = sorted(combined.tolist())
     threshold, note = conformal_threshold(scores, false_alarm_rate)
     quantiles = pixel_quantiles(pixel_samples)
@@ -369,7 +412,7 @@ def calibrate(
         source, scores, false_alarm_rate, threshold, pixel_false_alarm_rate,
         pixel_threshold_at(quantiles, pixel_false_alarm_rate), quantiles, float(np.median(scores)), note=note,
         suspects=[str(names[i]) for i in odd] if names is not None else [],
-        suspect_scores=[float(combined[i]) for i in odd],
+        suspect_scores=[float(combined[i]) for i in odd], train_parts=kept,
     ), scale
 
 

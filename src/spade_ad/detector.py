@@ -34,6 +34,11 @@ class ScoredImage(NamedTuple):
     original_map: np.ndarray | None = None
     neighbours: list[tuple[str, float]] | None = None
     explanation: Any = None
+    #: The third part of the fused score: the coarsest level's own map's top 1% (0 when the model has none).
+    coarse_part: float = 0.0
+    #: The image's nearest training images by global feature (stored indices, nearest first; for a training
+    #: image's leave-one-out parts, without itself): what the density normalisation divides by.
+    near: Any = None
 
 
 @runtime_checkable
@@ -81,6 +86,9 @@ class Detector:
     score_scale_: dict[str, tuple[float, float]]
     image_score: str
     map_weight: float
+    coarse_weight: float
+    density_k: int
+    tile_size: int | None
     train_names_: list[str]
     thumbnails_: Any = None
 
@@ -91,10 +99,27 @@ class Detector:
         self.image_threshold_ = self.calibration_.image_threshold
         self.pixel_threshold_ = self.calibration_.pixel_threshold
         self.calibration_scores_ = list(self.calibration_.scores)
+        self._train_parts = np.asarray(self.calibration_.train_parts, dtype=np.float64).reshape(-1, 3)
 
-    def _combine(self, map_part: np.ndarray, knn: np.ndarray) -> np.ndarray:
-        """Image scores from their map part and kNN part, per the `image_score` setting."""
-        return calibration.combine_scores(self.image_score, self.score_scale_, map_part, knn, self.map_weight)
+    def _normalised(self, parts: np.ndarray, near: Any) -> np.ndarray:
+        """Score parts (n, 3) [map, coarse, knn] divided by their local density (`calibration.density_normalised`
+        over the images' nearest training images `near` (n, >= density_k)) when the model normalises them."""
+        k = settings_table.density_k(self)
+        train = getattr(self, "_train_parts", None)
+        if not k or train is None or not len(train) or near is None:
+            return np.asarray(parts, dtype=np.float64)
+        return calibration.density_normalised(parts, near, train, k)
+
+    def _combine(self, map_part: np.ndarray, knn: np.ndarray, coarse: np.ndarray | None = None,
+                 near: Any = None) -> np.ndarray:
+        """Image scores from their parts, per the `image_score` setting: the map part, the kNN part and (fused,
+        coarse_weight > 0) the coarse part, each divided by its local density first when density_k > 0."""
+        map_part = np.asarray(map_part, dtype=np.float64)
+        coarse = np.zeros_like(map_part) if coarse is None else np.asarray(coarse, dtype=np.float64)
+        parts = self._normalised(np.stack([map_part, coarse, np.asarray(knn, dtype=np.float64)], 1), near)
+        weight = float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0
+        return calibration.combine_scores(self.image_score, self.score_scale_, parts[:, 0], parts[:, 2],
+                                          self.map_weight, parts[:, 1], weight)
 
     def set_thresholds(
         self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,
@@ -126,11 +151,14 @@ class Detector:
             else float(normalized_scores([score], cal.median, threshold)[0]),
         }
 
-    def _prediction(self, map_part: float, knn_part: float, **fields: Any) -> Prediction:
-        """The Prediction of one image from its score parts: score, verdict, normalised score and p-value at the
-        current thresholds; `fields` are the rest (name, path, maps, geometry, image, neighbours, explanation)."""
+    def _prediction(self, map_part: float, knn_part: float, *, coarse_part: float = 0.0, near: Any = None,
+                    **fields: Any) -> Prediction:
+        """The Prediction of one image from its score parts (and its nearest training images `near`, for the
+        density normalisation): score, verdict, normalised score and p-value at the current thresholds; `fields`
+        are the rest (name, path, maps, geometry, image, neighbours, explanation)."""
         cal = self.calibration_
-        score = float(self._combine(np.array([map_part]), np.array([knn_part]))[0])
+        score = float(self._combine(np.array([map_part]), np.array([knn_part]), np.array([coarse_part]),
+                                    None if near is None else np.asarray(near)[None])[0])
         return Prediction(
             score=score, pixel_threshold=cal.pixel_threshold, **self._verdict(score, cal.image_threshold),
             p_value=float(p_values([score], cal.scores)[0]) if cal.scores else None, **fields,

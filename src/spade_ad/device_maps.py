@@ -75,9 +75,12 @@ def batched_topk_squared_distances(queries: torch.Tensor, banks: torch.Tensor, k
 
 
 def batch_maps(pyramid: list[torch.Tensor], store: FeatureStore, neighbours: torch.Tensor,
-               input_size: tuple[int, int], settings: SearchSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Smoothed maps (B, H, W) at the input size of a batch whose `supports` is true, on the pyramid's device, and
-    their map scores (B,) (None for an image score `maps_torch` does not compute).
+               input_size: tuple[int, int], settings: SearchSettings
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Smoothed maps (B, H, W) at the input size of a batch whose `supports` is true, on the pyramid's device,
+    their map scores (B,) (None for an image score `maps_torch` does not compute) and, with `settings.coarse`, the
+    coarsest level's own grids (B, h_L, w_L) and their parts (B,): the top 1% of each grid upsampled and smoothed
+    as the map is (`maps.coarse_map`); else None and None.
 
     `pyramid`: [(B, C_l, h_l, w_l)]; `neighbours`: (B, K) gallery images per image. With `max_pairs`, a level whose
     queries x gallery vectors exceed it searches the same share of every gallery image's vectors (its coreset
@@ -99,7 +102,12 @@ def batch_maps(pyramid: list[torch.Tensor], store: FeatureStore, neighbours: tor
         squared = batched_topk_squared_distances(queries, banks, settings.kappa, settings.memory_budget)
         levels.append(maps_torch.position_scores(squared, settings.distance).view(n_images, height, width))
     smoothed = maps_torch.smooth(maps_torch.fuse(levels, input_size), settings.sigma)
-    return smoothed, maps_torch.map_scores(smoothed, settings.image_score)
+    coarse = coarse_parts = None
+    if settings.coarse:
+        coarse = levels[-1]
+        coarse_parts = maps_torch.map_scores(maps_torch.smooth(maps_torch.upsample(coarse, input_size),
+                                                               settings.sigma), "map_top")
+    return smoothed, maps_torch.map_scores(smoothed, settings.image_score), coarse, coarse_parts
 
 
 class DeviceMaps:
@@ -108,10 +116,13 @@ class DeviceMaps:
     queued after them); `image(i)` waits for them on first use."""
 
     def __init__(self, smoothed: torch.Tensor, scores: torch.Tensor | None, image_score: str,
-                 geometries: list[Geometry] | None) -> None:
+                 geometries: list[Geometry] | None, coarse: torch.Tensor | None = None,
+                 coarse_parts: torch.Tensor | None = None) -> None:
         self.image_score = image_score
         originals = [maps_torch.to_original(smoothed[i], g) for i, g in enumerate(geometries)] if geometries else []
-        tensors = [smoothed, *originals] + ([] if scores is None else [scores])
+        self._has_coarse = coarse is not None and coarse_parts is not None
+        tensors = [smoothed, *originals] + ([coarse, coarse_parts] if self._has_coarse else []) + \
+            ([] if scores is None else [scores])
         self._event = None
         if smoothed.device.type == "cuda":
             stream = torch.cuda.Stream(smoothed.device)
@@ -146,10 +157,21 @@ class DeviceMaps:
         score = float(self._arrays[-1][index]) if self._has_scores else maps.map_score(array, self.image_score)
         return score, array, original
 
+    def coarse(self, index: int) -> tuple[float | None, np.ndarray | None]:
+        """(coarse part, the coarsest level's own grid (h_L, w_L), a copy) of image `index`; (None, None) when the
+        model's score has no coarse part."""
+        if not self._has_coarse:
+            return None, None
+        self._wait()
+        first = 1 + self._count
+        return float(self._arrays[first + 1][index]), self._arrays[first][index].copy()
+
 
 def predict_batch(pyramid: list[torch.Tensor], store: FeatureStore, neighbours: torch.Tensor,
                   geometries: list[Geometry], settings: SearchSettings, *, original_size: bool) -> DeviceMaps:
     """`batch_maps` of a batch (images of one input size) and, with `original_size`, its maps at the original
     sizes, all on the device, on their way to the host (`DeviceMaps`)."""
-    smoothed, scores = batch_maps(pyramid, store, neighbours, geometries[0].input_size, settings)
-    return DeviceMaps(smoothed, scores, settings.image_score, geometries if original_size else None)
+    smoothed, scores, coarse, coarse_parts = batch_maps(pyramid, store, neighbours, geometries[0].input_size,
+                                                        settings)
+    return DeviceMaps(smoothed, scores, settings.image_score, geometries if original_size else None, coarse,
+                      coarse_parts)

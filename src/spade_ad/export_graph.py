@@ -14,7 +14,8 @@ verdict at the model's image threshold. The contract (docs/single-graph.md):
              normalized_score float64 (N,)     0 = median good, 1 = threshold (NaN without a threshold)
              anomaly_map   float32 (N, H, W)   the smoothed map at the input size, as `Prediction.anomaly_map`
                                                 (NaN outside the model's region of interest, if it has one)
-             map_score, knn_score float32 (N,) the two parts of the score
+             map_score, knn_score float32 (N,) two parts of the score (before the density normalisation)
+             coarse_score  float32 (N,)        the third: the coarsest level's own map's top 1% (0 without it)
 
 H and W are fixed (the training images' network input size); N is dynamic. The model's settings, thresholds and
 this contract are in the model's metadata (key "spade_ad", JSON). Settings the graph cannot express are refused
@@ -39,12 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, calibration
 from .errors import OutputError, SettingError
 from .export import OPSET, _ExportedBackbone, exportable
 from .geometry import plan_geometry
 from .maps import TOP_SHARE, _linear_taps, roi_grid
 from .model import Spade, load
+from .settings import density_k, uses_coarse
 
 #: Key of the graph's metadata entry (ONNX `metadata_props`) that holds the contract and the settings as JSON.
 METADATA_KEY = "spade_ad"
@@ -90,7 +92,13 @@ class SingleGraph(nn.Module):
         self.backbone = _ExportedBackbone(model)
         self.needs_global_image = needs_global_image
         n_train = store.n_images
-        self.k = min(max(model.k_gallery, model.k_image), n_train)
+        train_parts = np.asarray(model.calibration_.train_parts, dtype=np.float64).reshape(-1, 3)
+        self.density_k = density_k(model) if len(train_parts) else 0
+        self.k = min(max(model.k_gallery, model.k_image, self.density_k), n_train)
+        self.coarse_weight = float(model.coarse_weight) if uses_coarse(model) else 0.0
+        if self.density_k:  # the training images' leave-one-out parts and the smallest divisor of each part
+            self.register_buffer("train_parts", torch.from_numpy(train_parts))
+            self.register_buffer("density_floor", torch.from_numpy(calibration.density_floor(train_parts)))
         self.k_gallery, self.k_image = min(model.k_gallery, self.k), min(model.k_image, self.k)
         self.kappa, self.euclidean = int(model.kappa), model.distance == "euclidean"
         height, width = input_size
@@ -144,7 +152,7 @@ class SingleGraph(nn.Module):
         distances, neighbours = torch.topk((difference * difference).sum(-1), self.k, dim=1, largest=False)
         knn = distances[:, :self.k_image].mean(1)
         gallery = neighbours[:, :self.k_gallery]
-        maps = []
+        maps: list[torch.Tensor] = []
         for level, fmap in enumerate(pyramid):
             channels = fmap.shape[1]
             queries = fmap.flatten(2).transpose(1, 2)  # (N, Q, C)
@@ -170,30 +178,44 @@ class SingleGraph(nn.Module):
             h, w = self.level_shapes[level]
             grid = values.mean(2).reshape(batch, h, w)
             maps.append(torch.matmul(torch.matmul(self.rows_up[level], grid), self.cols_up[level]))
-        anomaly_map = torch.stack(maps, 0).mean(0)
-        if self.smooths:
-            anomaly_map = torch.matmul(torch.matmul(self.rows_smooth, anomaly_map), self.cols_smooth)
-        if self.masked:  # the region of interest: NaN (not scored) outside, as `maps.apply_roi`
-            flat = torch.where(self.inside, anomaly_map, float("-inf")).reshape(batch, -1)
-            anomaly_map = torch.where(self.inside, anomaly_map, float("nan"))
-        else:
-            flat = anomaly_map.reshape(batch, -1)
+        anomaly_map, flat = self._scored(torch.stack(maps, 0).mean(0))
         if self.scored == 0:  # nothing to score in the region: `maps.map_score` says 0
             map_part = torch.zeros_like(flat[:, 0])
         elif self.top is None:
             map_part = flat.max(1).values
         else:
             map_part = torch.topk(flat, self.top, dim=1).values.mean(1)
-        score = self._combine(map_part.to(torch.float64), knn.to(torch.float64))
+        coarse_part = torch.zeros_like(map_part)
+        if self.coarse_weight > 0 and self.scored > 0:  # the coarsest level's own map, as `maps.coarse_map`
+            _, coarse_flat = self._scored(maps[-1])
+            coarse_part = torch.topk(coarse_flat, max(1, int(self.scored * TOP_SHARE)), dim=1).values.mean(1)
+        parts = torch.stack([map_part.to(torch.float64), coarse_part.to(torch.float64), knn.to(torch.float64)], 1)
+        if self.density_k:  # `calibration.density_normalised` over the image's density_k nearest training images
+            near = neighbours[:, :self.density_k]
+            density = self.train_parts[near.reshape(-1)].reshape(batch, -1, 3).mean(1)
+            parts = parts / torch.maximum(density, self.density_floor)
+        score = self._combine(parts[:, 0], parts[:, 2], parts[:, 1])
         if self.threshold is None:
             verdict = torch.zeros_like(score, dtype=torch.bool)
             normalized = torch.full_like(score, float("nan"))
         else:
             verdict = score > self.threshold
             normalized = self._normalized(score)
-        return score, verdict, normalized, anomaly_map, map_part, knn
+        return score, verdict, normalized, anomaly_map, map_part, knn, coarse_part
 
-    def _combine(self, map_part: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+    def _scored(self, upsampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A map at the input size (N, H, W) smoothed, with NaN outside the region of interest (`maps.apply_roi`),
+        and its scored values flattened (N, H * W; -inf outside the region, never among the top values)."""
+        anomaly_map = upsampled
+        if self.smooths:
+            anomaly_map = torch.matmul(torch.matmul(self.rows_smooth, anomaly_map), self.cols_smooth)
+        batch = anomaly_map.shape[0]
+        if self.masked:  # the region of interest: NaN (not scored) outside, as `maps.apply_roi`
+            flat = torch.where(self.inside, anomaly_map, float("-inf")).reshape(batch, -1)
+            return torch.where(self.inside, anomaly_map, float("nan")), flat
+        return anomaly_map, anomaly_map.reshape(batch, -1)
+
+    def _combine(self, map_part: torch.Tensor, knn: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """`calibration.combine_scores`, same operations in the same order, in float64."""
         if self.image_score in ("map_max", "map_top"):
             return map_part
@@ -201,7 +223,10 @@ class SingleGraph(nn.Module):
             return knn
         (m1, s1), (m2, s2) = self.scale["map"], self.scale["knn"]
         w = self.map_weight
-        return w * (map_part - m1) / s1 + (1.0 - w) * (knn - m2) / s2
+        if self.coarse_weight <= 0:
+            return w * (map_part - m1) / s1 + (1.0 - w) * (knn - m2) / s2
+        (m3, s3), c = self.scale["coarse"], self.coarse_weight
+        return w * (map_part - m1) / s1 + c * (coarse - m3) / s3 + (1.0 - w - c) * (knn - m2) / s2
 
     def _normalized(self, score: torch.Tensor) -> torch.Tensor:
         """`calibration.normalized_scores` at the model's threshold and median."""
@@ -247,7 +272,8 @@ def check_expressible(model: Spade, input_size: tuple[int, int], level_shapes: l
     if getattr(model, "tile_size", None) is not None:
         raise SettingError("tile_size", "is not exported as one graph (the tiled loop runs in torch only)",
                            model.tile_size, "score tiled models with the model file (spade-ad predict MODEL)")
-    if model.image_score == "fused" and not {"map", "knn"} <= set(model.score_scale_):
+    if model.image_score == "fused" and not ({"map", "knn"} | ({"coarse"} if uses_coarse(model) else set())
+                                             ) <= set(model.score_scale_):
         raise SettingError("image_score", "fused needs a calibrated model to scale its parts", model.image_score,
                            "calibrate the model (spade-ad calibrate MODEL --good DIR), or refit with map_top")
     if model.max_search_pairs is not None:
@@ -285,6 +311,7 @@ def contract(model: Spade, input_size: tuple[int, int], needs_global_image: bool
             {"name": "anomaly_map", "dtype": "float32", "shape": ["N", height, width]},
             {"name": "map_score", "dtype": "float32", "shape": ["N"]},
             {"name": "knn_score", "dtype": "float32", "shape": ["N"]},
+            {"name": "coarse_score", "dtype": "float32", "shape": ["N"]},
         ],
         "region_of_interest": getattr(model, "roi_", None) is not None,
         "image_threshold": cal.image_threshold, "pixel_threshold": cal.pixel_threshold,
@@ -295,7 +322,8 @@ def contract(model: Spade, input_size: tuple[int, int], needs_global_image: bool
     }
 
 
-OUTPUT_NAMES = ("score", "is_anomalous", "normalized_score", "anomaly_map", "map_score", "knn_score")
+OUTPUT_NAMES = ("score", "is_anomalous", "normalized_score", "anomaly_map", "map_score", "knn_score",
+                "coarse_score")
 
 
 def export_single_graph(model: str | Path | Spade, output: str | Path, *, overwrite: bool = False,

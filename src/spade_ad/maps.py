@@ -70,6 +70,12 @@ def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.correlate1d(smoothed, kernel, axis=0, mode="mirror")
 
 
+def coarse_map(grid: np.ndarray, input_size: tuple[int, int], sigma: float) -> np.ndarray:
+    """The coarsest pyramid level's own map (h, w) as the fused map is made: upsampled to the network input size
+    and smoothed. Its top 1% (`map_score(..., "map_top")`) is the fused image score's third part."""
+    return smooth(upsample(grid, input_size), sigma)
+
+
 def map_score(anomaly_map: np.ndarray, image_score: str, top_count: int | None = None) -> float:
     """The map's part of the image score: with "map_max" its maximum, otherwise ("map_top", and the map part of
     "fused") the mean of its highest TOP_SHARE values (less sensitive to one noisy peak on large, busy images such

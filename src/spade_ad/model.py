@@ -34,11 +34,11 @@ from .explain import explain as explain_region
 from .explain import strongest_region
 from .geometry import plan_geometry
 from .inputs import ImageItem, collect_images
-from .maps import apply_roi, as_roi, map_score, original_with_roi, roi_grid, smooth
+from .maps import apply_roi, as_roi, coarse_map, map_score, original_with_roi, roi_grid, smooth
 from .modelfile import read_model, write_model
 from .prediction import Prediction, Region
 from .pyramid import SkipCallback, extract, global_view_features, iter_batches, resolve_device, thumbnails
-from .scoring import knn_image_scores, leave_one_out, pixel_anomaly_map
+from .scoring import knn_image_scores, leave_one_out, pixel_maps
 from .settings import SearchSettings
 from .store import FeatureStore, FeatureStoreWriter
 from .tiled import TileSettings
@@ -106,6 +106,8 @@ class Spade(Detector, BaseEstimator):
         distance: str = D["distance"],
         image_score: str = D["image_score"],
         map_weight: float = D["map_weight"],
+        coarse_weight: float = D["coarse_weight"],
+        density_k: int = D["density_k"],
         k_image: int = D["k_image"],
         sigma: float = D["sigma"],
         calibration: str = D["calibration"],
@@ -139,6 +141,8 @@ class Spade(Detector, BaseEstimator):
         self.distance = distance
         self.image_score = image_score
         self.map_weight = map_weight
+        self.coarse_weight = coarse_weight
+        self.density_k = density_k
         self.k_image = k_image
         self.sigma = sigma
         self.calibration = calibration
@@ -258,10 +262,13 @@ class Spade(Detector, BaseEstimator):
             raise NoImagesError("no training image could be read: every input was skipped")
         self.store_ = writer.build()
         if validation is not None or settings["calibration"] == "holdout":
+            # the training images' leave-one-out parts: what the density normalisation divides by, and what the
+            # held-out good scores are compared with (parts only: the maps are not kept)
+            loo = [part._replace(anomaly_map=None) for part in self._leave_one_out_scores()]
             self._calibrate(self._held_out_scores(held_out, skip_bad, record_skip), "validation"
-                            if validation is not None else "holdout")
-            if self.calibration_.scores and self.store_.n_images >= 2:
-                self._check_calibration(self._scores_of(self._leave_one_out_scores()), self.calibration_.scores,
+                            if validation is not None else "holdout", train_parts=self._parts_array(loo))
+            if self.calibration_.scores and loo:
+                self._check_calibration(self._scores_of(loo), self.calibration_.scores,
                                         "training images' leave-one-out scores", "held-out good images",
                                         "the thresholds come from the held-out images; refit with good images "
                                         "like them")
@@ -300,6 +307,11 @@ class Spade(Detector, BaseEstimator):
         self.thumbnails_ = [*self.thumbnails_, *new_thumbnails] if len(self.thumbnails_) == before else []
         if self.calibration == "leave_one_out" and self.calibration_.source == "leave_one_out":
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")
+        elif settings_table.density_k(self) and self.calibration_.train_parts:
+            # the thresholds are kept, but the density normalisation needs every stored image's leave-one-out parts
+            loo = [part._replace(anomaly_map=None) for part in self._leave_one_out_scores()]
+            self.calibration_.train_parts = self._parts_array(loo).tolist()
+            self._apply_calibration()
         return self
 
     def set_roi(self, roi: Any) -> Spade:
@@ -335,41 +347,84 @@ class Spade(Detector, BaseEstimator):
         """The score parts and map of every training image scored without itself."""
         if self.store_.n_images < 2:
             return
-        for _, knn, anomaly_map in tiled_leave_one_out(
-                self.store_, self.backbone_.strides, self.backbone_.channels, TileSettings.of(self)) \
-                if self.tile_size is not None else leave_one_out(
+        if self.tile_size is not None:
+            for _, knn, anomaly_map in tiled_leave_one_out(self.store_, self.backbone_.strides,
+                                                           self.backbone_.channels, TileSettings.of(self)):
+                anomaly_map = self._inside_roi(anomaly_map)
+                yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map)
+            return
+        k_density = settings_table.density_k(self)
+        for _, knn, anomaly_map, coarse, near in leave_one_out(
             self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery,
-            search=SearchSettings.of(self), device=self.device_,
+            search=SearchSettings.of(self), device=self.device_, density_k=k_density,
         ):
-            if self.roi_ is not None:  # the training images' own geometry, planned on the ROI's size
-                inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
-                                  self.roi_.shape, anomaly_map.shape)
-                anomaly_map = np.where(inside, anomaly_map, np.float32(np.nan))
-            yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map)
+            anomaly_map = self._inside_roi(anomaly_map)
+            coarse_part = 0.0 if coarse is None else map_score(self._inside_roi(coarse), "map_top")
+            yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map, coarse_part=coarse_part,
+                              near=near if k_density else None)
 
-    def _calibrate(self, parts: Iterable[ScoredImage], source: str) -> None:
+    def _inside_roi(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """A training image's map with NaN outside the region of interest (its own geometry, planned on the ROI's
+        size); the map itself without one."""
+        if self.roi_ is None:
+            return anomaly_map
+        inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
+                          self.roi_.shape, anomaly_map.shape)
+        return np.where(inside, anomaly_map, np.float32(np.nan))
+
+    def _calibrate(self, parts: Iterable[ScoredImage], source: str, train_parts: np.ndarray | None = None) -> None:
         """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
-        `pixel_false_alarm_rate`, from good images' score parts and maps."""
-        map_parts, knn_scores, pixels = [], [], []
-        for map_part, knn, anomaly_map, *_ in parts:
-            map_parts.append(map_part)
-            knn_scores.append(knn)
+        `pixel_false_alarm_rate`, from good images' score parts and maps. With density_k, the parts are divided by
+        their local density first: over the training images' leave-one-out parts, which are these parts
+        themselves for leave-one-out calibration, else `train_parts` (or those the model keeps)."""
+        scored, pixels = [], []
+        for part in parts:
+            scored.append(part._replace(anomaly_map=None))
+            anomaly_map = part.anomaly_map
             step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
             sample = anomaly_map[::step, ::step].ravel()
             pixels.append(sample[~np.isnan(sample)])  # outside the region of interest: not scored
+        raw = self._parts_array(scored)
+        train = None
+        if settings_table.density_k(self):
+            train = raw if source == "leave_one_out" else \
+                train_parts if train_parts is not None else getattr(self, "_train_parts", None)
+            if train is not None and not len(train):
+                train = None
+        normalised = self._normalised_parts(scored, raw, train)
         self.calibration_, self.score_scale_ = calibration.calibrate(
-            map_parts, knn_scores, np.concatenate(pixels) if pixels else np.zeros(0), image_score=self.image_score,
-            false_alarm_rate=self.false_alarm_rate, pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source,
-            map_weight=self.map_weight, names=self.train_names_ if source == "leave_one_out" else None,
+            normalised[:, 0], normalised[:, 2], np.concatenate(pixels) if pixels else np.zeros(0),
+            image_score=self.image_score, false_alarm_rate=self.false_alarm_rate,
+            pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source, map_weight=self.map_weight,
+            names=self.train_names_ if source == "leave_one_out" else None, coarse_parts=normalised[:, 1],
+            coarse_weight=float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0,
+            train_parts=train,
         )
         self._apply_calibration()
+
+    @staticmethod
+    def _parts_array(parts: Sequence[ScoredImage]) -> np.ndarray:
+        """The score parts (n, 3) [map, coarse, knn] of `ScoredImage`s (`calibration.PARTS`)."""
+        return np.array([(p.map_part, p.coarse_part, p.knn_part) for p in parts], dtype=np.float64).reshape(-1, 3)
+
+    def _normalised_parts(self, parts: Sequence[ScoredImage], raw: np.ndarray, train: np.ndarray | None
+                          ) -> np.ndarray:
+        """`raw` parts of `parts` divided by their local density over `train` (None or density_k 0: unchanged)."""
+        k = settings_table.density_k(self)
+        if not k or train is None or not len(raw) or any(p.near is None for p in parts):
+            return raw
+        return np.concatenate([calibration.density_normalised(raw[i:i + 1], np.asarray(p.near)[None], train, k)
+                               for i, p in enumerate(parts)])
 
     def _scores_of(self, parts: Iterable[ScoredImage], scale: dict[str, tuple[float, float]] | None = None
                    ) -> np.ndarray:
         """Image scores of `ScoredImage`s, at the current score scales or at `scale`."""
-        pairs = np.array([(p.map_part, p.knn_part) for p in parts], dtype=np.float64).reshape(-1, 2)
-        return calibration.combine_scores(self.image_score, self.score_scale_ if scale is None else scale,
-                                          pairs[:, 0], pairs[:, 1], self.map_weight)
+        parts = list(parts)
+        normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
+        return calibration.combine_scores(
+            self.image_score, self.score_scale_ if scale is None else scale, normalised[:, 0], normalised[:, 2],
+            self.map_weight, normalised[:, 1],
+            float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0)
 
     def _check_calibration(self, reference: Sequence[float] | np.ndarray, new: Sequence[float] | np.ndarray,
                            reference_name: str, new_name: str, advice: str) -> None:
@@ -473,7 +528,8 @@ class Spade(Detector, BaseEstimator):
         self._check_fitted()
         for part in self._predict_parts(images, original_size=original_size, keep_images=keep_images,
                                         skip_bad=skip_bad, on_skip=on_skip, full=True, explain=explain):
-            yield self._prediction(part.map_part, part.knn_part, name=part.item.name, path=part.item.path,
+            yield self._prediction(part.map_part, part.knn_part, coarse_part=part.coarse_part, near=part.near,
+                                   name=part.item.name, path=part.item.path,
                                    anomaly_map=part.anomaly_map, geometry=part.geometry, original_map=part.original_map,
                                    image=part.image, neighbours=part.neighbours, explanation=part.explanation)
 
@@ -487,19 +543,25 @@ class Spade(Detector, BaseEstimator):
         items = collect_images(images)
         maps = self._tiled_maps(items, skip_bad, on_skip, keep_images) if self.tile_size is not None else \
             self._batch_maps(items, skip_bad, on_skip, keep_images, original_size and full)
-        for map_part, knn, array, item, geometry, image, original, nearest, levels in maps:
+        k_density = settings_table.density_k(self)
+        for map_part, coarse_part, coarse_grid, knn, array, item, geometry, image, original, nearest, levels in maps:
             if self.roi_ is not None:  # the region of interest: NaN (not scored) outside
                 array = apply_roi(array, self.roi_, geometry)
                 map_part = self._map_score(array)
                 original = None if original is None else original_with_roi(array, self.roi_, geometry)
+                if coarse_grid is not None:
+                    coarse_part = map_score(apply_roi(coarse_map(coarse_grid, geometry.input_size, self.sigma),
+                                                      self.roi_, geometry), "map_top")
+            near = np.array([n for n, _ in nearest[:k_density]], dtype=np.int64) if k_density else None
+            coarse_part = 0.0 if coarse_part is None else coarse_part
             if not full:
-                yield ScoredImage(map_part, knn, array)
+                yield ScoredImage(map_part, knn, array, coarse_part=coarse_part, near=near)
                 continue
             if original is None and original_size:
                 original = original_with_roi(array, self.roi_, geometry)
             why = self._explain(array, levels, nearest) if explain and levels is not None else None
             yield ScoredImage(map_part, knn, array, item, geometry, image, original,
-                              [(self.train_names_[n], d) for n, d in nearest[:self.k_image]], why)
+                              [(self.train_names_[n], d) for n, d in nearest[:self.k_image]], why, coarse_part, near)
 
     def _map_score(self, array: np.ndarray) -> float:
         """The map's part of the image score (`maps.map_score`); in tiled mode its top share is one tile's (1% of
@@ -508,24 +570,27 @@ class Spade(Detector, BaseEstimator):
 
     def _tiled_maps(self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None,
                     keep_images: bool) -> Iterator[tuple[Any, ...]]:
-        """Tiled mode (`spade_ad.tiled`), one image at a time stitched from its tiles: (map score, kNN, map, item,
-        geometry, image, None, nearest [(index, distance)], None: no pyramid kept, so no explanation)."""
+        """Tiled mode (`spade_ad.tiled`), one image at a time stitched from its tiles: (map score, no coarse part
+        or grid, kNN, map, item, geometry, image, None, nearest [(index, distance)], None: no pyramid kept, so no
+        explanation). The stitched map keeps no per-level map: a tiled model's score has no coarse part."""
         for array, knn, item, geometry, image, neighbours, distances in tiled_predict_parts(
                 self.backbone_, self.store_, items, TileSettings.of(self), skip_bad=skip_bad, on_skip=on_skip,
                 keep_images=keep_images, progress=self.progress):
-            yield (self._map_score(array), knn, array, item, geometry, image, None,
+            yield (self._map_score(array), None, None, knn, array, item, geometry, image, None,
                    list(zip(neighbours, distances)), None)
 
     def _batch_maps(self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None, keep_images: bool,
                     original_size: bool) -> Iterator[tuple[Any, ...]]:
-        """The batched loop: (map score, kNN, map, item, geometry, image, original-size map or None, nearest
-        [(index, distance)], the image's pyramid). One image-level search serves both the gallery (K nearest) and
-        the paper's kNN score (k nearest); off the CPU the whole batch's maps are made on the device
-        (`spade_ad.device_maps`), on the CPU image by image with the numpy search."""
+        """The batched loop: (map score, coarse part or None, coarse grid or None, kNN, map, item, geometry, image,
+        original-size map or None, nearest [(index, distance)], the image's pyramid). One image-level search serves
+        the gallery (K nearest), the paper's kNN score (k nearest) and the density normalisation (density_k
+        nearest); off the CPU the whole batch's maps are made on the device (`spade_ad.device_maps`), on the CPU
+        image by image with the numpy search."""
         search = SearchSettings.of(self)
+        wanted = max(self.k_gallery, self.k_image, settings_table.density_k(self))
         for batch in self._batches(items, skip_bad, on_skip, "predict", keep_images):
             pyramid, global_features = extract(self.backbone_, batch, self.patch_size)
-            distances, neighbours = self.store_.nearest_images(global_features, max(self.k_gallery, self.k_image))
+            distances, neighbours = self.store_.nearest_images(global_features, wanted)
             knn_scores = knn_image_scores(distances, self.k_image)
             on_device = None
             if (self.device_.type != "cpu" if self._device_pipeline is None else self._device_pipeline) and \
@@ -535,17 +600,19 @@ class Spade(Detector, BaseEstimator):
                                                       batch.geometries, search, original_size=original_size)
                 distances, neighbours, knn_scores = distances.cpu(), neighbours.cpu(), knn_scores.cpu()
             for i, (item, geometry) in enumerate(zip(batch.items, batch.geometries)):
-                original = None
+                original = coarse_part = None
                 if on_device is not None:
                     map_part, array, original = on_device.image(i)
+                    coarse_part, coarse_grid = on_device.coarse(i)
                 else:
-                    raw = pixel_anomaly_map([level[i] for level in pyramid], self.store_,
-                                            neighbours[i, :self.k_gallery].cpu(), geometry.input_size, search)
+                    raw, coarse_grid = pixel_maps([level[i] for level in pyramid], self.store_,
+                                                  neighbours[i, :self.k_gallery].cpu(), geometry.input_size, search)
                     array = smooth(raw, search.sigma)
                     map_part = map_score(array, self.image_score)
-                nearest = list(zip(neighbours[i, :max(self.k_gallery, self.k_image)].tolist(),
-                                   distances[i, :max(self.k_gallery, self.k_image)].tolist()))
-                yield (map_part, float(knn_scores[i]), array, item, geometry,
+                    if coarse_grid is not None:
+                        coarse_part = map_score(coarse_map(coarse_grid, geometry.input_size, search.sigma), "map_top")
+                nearest = list(zip(neighbours[i, :wanted].tolist(), distances[i, :wanted].tolist()))
+                yield (map_part, coarse_part, coarse_grid, float(knn_scores[i]), array, item, geometry,
                        batch.originals[i] if keep_images else None, original, nearest, [level[i] for level in pyramid])
 
     def _explain(self, array: np.ndarray, levels: list[torch.Tensor], nearest: list[tuple[int, float]]) -> Any:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import numpy_search
 from .gallery import gallery_fraction
-from .maps import fuse, position_scores, smooth, upsample
+from .maps import coarse_map, fuse, position_scores, smooth, upsample
 from .search import topk_squared_distances, window_topk_squared_distances
 from .settings import SearchSettings
 from .store import FeatureStore
@@ -40,7 +40,21 @@ def pixel_anomaly_map(
     search: SearchSettings = DEFAULT_SEARCH,
 ) -> np.ndarray:
     """Unsmoothed pixel anomaly map (H, W), float32, of one test image against the gallery of training images
-    `neighbours`.
+    `neighbours` (`pixel_maps`' first map)."""
+    return pixel_maps(maps, store, neighbours, input_size, search)[0]
+
+
+def pixel_maps(
+    maps: list[torch.Tensor],
+    store: FeatureStore,
+    neighbours: torch.Tensor,
+    input_size: tuple[int, int],
+    search: SearchSettings = DEFAULT_SEARCH,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unsmoothed pixel anomaly map (H, W), float32, of one test image against the gallery of training images
+    `neighbours`, and with `search.coarse` the coarsest level's own score grid (h_L, w_L) (None otherwise): the
+    fused score's third part is its top 1% once upsampled and smoothed (`maps.coarse_map`). With "mean" fusion it
+    is that level's map before the fusion (no extra search); with "concat", that level searched on its own.
 
     With `max_pairs`, a level whose queries x gallery vectors exceed it (long or large images) searches a reduced
     gallery: the same share of every gallery image's vectors, taken in each image's coreset order (greedy k-centre,
@@ -70,17 +84,19 @@ def pixel_anomaly_map(
         return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
 
     device = maps[0].device
+
+    def level_map(level: int, fmap: torch.Tensor) -> np.ndarray:
+        shapes = store.shapes[neighbours.cpu().numpy(), level]
+        fraction = 1.0 if search_radius is not None else \
+            gallery_fraction(fmap.shape[1] * fmap.shape[2], shapes, max_pairs)
+        gallery = store.gallery(level, neighbours, device, fraction)
+        if search_radius is not None:
+            gallery = _rows_to_maps(gallery, shapes, tuple(fmap.shape))
+        return score(fmap, gallery)
+
     if search.fusion == "mean":
-        levels = []
-        for level, fmap in enumerate(maps):
-            shapes = store.shapes[neighbours.cpu().numpy(), level]
-            fraction = 1.0 if search_radius is not None else \
-                gallery_fraction(fmap.shape[1] * fmap.shape[2], shapes, max_pairs)
-            gallery = store.gallery(level, neighbours, device, fraction)
-            if search_radius is not None:
-                gallery = _rows_to_maps(gallery, shapes, tuple(fmap.shape))
-            levels.append(score(fmap, gallery))
-        return fuse(levels, input_size)
+        levels = [level_map(level, fmap) for level, fmap in enumerate(maps)]
+        return fuse(levels, input_size), (levels[-1] if search.coarse else None)
     size = tuple(maps[0].shape[1:])
     query = torch.cat([resample(m.float(), size) for m in maps], 0)
     gallery = torch.stack([
@@ -89,7 +105,8 @@ def pixel_anomaly_map(
     ])  # (K, C, h, w): every training map resampled onto the test image's grid
     if search_radius is None:
         gallery = gallery.permute(0, 2, 3, 1).reshape(-1, query.shape[0])
-    return upsample(score(query, gallery), input_size)
+    coarse = level_map(len(maps) - 1, maps[-1]) if search.coarse else None
+    return upsample(score(query, gallery), input_size), coarse
 
 
 def _rows_to_maps(rows: torch.Tensor, shapes: np.ndarray, query_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -124,15 +141,17 @@ def leave_one_out(
     search: SearchSettings = DEFAULT_SEARCH,
     device: torch.device | str = "cpu",
     batch: int = 32,
-) -> Iterator[tuple[int, float, np.ndarray]]:
+    density_k: int = 0,
+) -> Iterator[tuple[int, float, np.ndarray, np.ndarray | None, np.ndarray]]:
     """Score every training image against the store without itself: its own global feature leaves its kNN, its own
     maps leave its gallery (the next nearest image takes its place). Yields (index, kNN image score, smoothed map at
-    its input size). The queries are the stored features (float16 by default), so the scores differ from a fresh
-    prediction of the same image by that rounding only. Needs at least two training images."""
+    its input size, the coarsest level's own smoothed map with `search.coarse` (else None), its `density_k` nearest
+    other training images). The queries are the stored features (float16 by default), so the scores differ from a
+    fresh prediction of the same image by that rounding only. Needs at least two training images."""
     n = store.n_images
     if n < 2:
         raise ValueError("leave-one-out needs at least two training images")
-    want = min(n, max(k_gallery, k_image) + 1)
+    want = min(n, max(k_gallery, k_image, density_k) + 1)
     for first in range(0, n, batch):
         indices = list(range(first, min(n, first + batch)))
         queries = store.global_features[indices].to(device)
@@ -143,6 +162,8 @@ def leave_one_out(
                 keep[-1] = False
             d, nearest = distances[row][keep], neighbours[row][keep]
             maps = [store.image_map(level, index).to(device) for level in range(len(store.levels))]
-            raw = pixel_anomaly_map(maps, store, nearest[:k_gallery].cpu(),
-                                    training_input_size(store, index, first_stride), search)
-            yield index, float(d[:k_image].mean()), smooth(raw, search.sigma)
+            size = training_input_size(store, index, first_stride)
+            raw, coarse = pixel_maps(maps, store, nearest[:k_gallery].cpu(), size, search)
+            yield (index, float(d[:k_image].mean()), smooth(raw, search.sigma),
+                   None if coarse is None else coarse_map(coarse, size, search.sigma),
+                   nearest[:density_k].cpu().numpy())

@@ -258,13 +258,21 @@ SETTINGS: tuple[Setting, ...] = (
             "concatenated features (the paper's text)", "scoring", choices=("mean", "concat")),
     Setting("distance", "euclidean", "str", "pixel distances before the levels are fused; squared is the paper's",
             "scoring", choices=("euclidean", "squared")),
-    Setting("image_score", "fused", "str", "fused: map_top and knn, each scaled by its spread on the good "
-            "images' calibration scores, then weighted by map_weight (needs calibration); map_top: mean of the "
+    Setting("image_score", "fused", "str", "fused: map_top, the coarsest level's own top 1% and knn, each "
+            "divided by its local density (density_k) and scaled by its spread on the good images' calibration "
+            "scores, then weighted by map_weight and coarse_weight (needs calibration); map_top: mean of the "
             "highest 1% of the smoothed map; map_max: its maximum; knn: the paper's mean squared distance to the "
             "k_image nearest global features", "scoring",
             choices=("fused", "map_top", "map_max", "knn")),
-    Setting("map_weight", 2 / 3, "float", "share of the map part in the fused image score (the kNN part has the "
-            "rest): 2/3 counts the map twice the kNN", "scoring", low=0, high=1, before=0.5),
+    Setting("map_weight", 1 / 3, "float", "share of the map part in the fused image score (the kNN part has what "
+            "map_weight and coarse_weight leave): 1/3 with coarse_weight 1/3 weighs the three parts equally",
+            "scoring", low=0, high=1, before=0.5),
+    Setting("coarse_weight", 1 / 3, "float", "share in the fused image score of the coarsest pyramid level's own "
+            "map (upsampled and smoothed like the map, its top 1%); 0: two parts only, as before (tiled mode: "
+            "always 0)", "scoring", low=0, high=1, before=0.0),
+    Setting("density_k", 3, "int", "fused score: each part divided by the mean leave-one-out part of the image's "
+            "density_k nearest training images by global feature, so a rare good part is measured against the "
+            "rare parts like it (LOF); 0: off (tiled mode: always off)", "scoring", low=0, high=50, before=0),
     Setting("k_image", 1, "int", "neighbours of the global kNN image score (paper: 3 in its public code)",
             "scoring", low=1),
     Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
@@ -314,13 +322,27 @@ class SearchSettings:
     max_pairs: int | None = None
     sigma: float = 4.0
     image_score: str = "fused"
+    #: Whether the coarsest level's own map is made too (its top 1% is the fused score's third part).
+    coarse: bool = False
 
     @classmethod
     def of(cls, model: Any) -> SearchSettings:
         """From an estimator's settings (`Spade` or `Runtime`: attributes named as in the table)."""
         return cls(kappa=int(model.kappa), fusion=model.fusion, distance=model.distance,
                    memory_budget=model.memory_budget, search_radius=model.search_radius,
-                   max_pairs=model.max_search_pairs, sigma=float(model.sigma), image_score=model.image_score)
+                   max_pairs=model.max_search_pairs, sigma=float(model.sigma), image_score=model.image_score,
+                   coarse=uses_coarse(model))
+
+
+def uses_coarse(model: Any) -> bool:
+    """Whether a model's image score has the coarse part: "fused" with coarse_weight > 0, not tiled (the tiled
+    loop stitches the fused map of its tiles and keeps no per-level map)."""
+    return model.image_score == "fused" and float(model.coarse_weight) > 0 and model.tile_size is None
+
+
+def density_k(model: Any) -> int:
+    """The density normalisation's K for a model's image score: density_k for "fused", not tiled; else 0 (off)."""
+    return int(model.density_k) if model.image_score == "fused" and model.tile_size is None else 0
 
 
 def validate(params: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any]:
@@ -335,6 +357,10 @@ def validate(params: Mapping[str, Any], *, partial: bool = False) -> dict[str, A
     values = {name: BY_NAME[name].validate(value) for name, value in params.items()}
     if not partial:
         values = {**{n: d for n, d in DEFAULTS.items() if n not in values}, **values}
+    if "map_weight" in values and "coarse_weight" in values and \
+            values["map_weight"] + values["coarse_weight"] > 1 + 1e-9:
+        raise SettingError("coarse_weight", f"and map_weight ({_num(values['map_weight'])}) add up to more than 1",
+                           values["coarse_weight"], "shares whose sum is at most 1 (the kNN part has the rest)")
     return values
 
 
@@ -393,7 +419,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "backbone": "wide_resnet50_2", "layers": (1, 2, 3), "k_image": 3, "k_gallery": 50, "kappa": 1,
         "fusion": "mean", "distance": "squared", "image_score": "knn", "sigma": 4.0, "image_size": 224,
-        "resize": "paper_crop", "max_search_pairs": None,
+        "resize": "paper_crop", "max_search_pairs": None, "coarse_weight": 0.0, "density_k": 0,
     },
 }
 #: Resolution metrics are computed at for each preset (None: the original image size).

@@ -31,10 +31,10 @@ from ..gallery import (
 )
 from ..geometry import global_view_geometry, image_to_array, plan_geometry
 from ..inputs import ImageItem, collect_images, iter_loaded
-from ..maps import apply_roi, fuse, map_score, original_with_roi, position_scores, smooth
+from ..maps import apply_roi, coarse_map, fuse, map_score, original_with_roi, position_scores, smooth
 from ..numpy_search import ranking_bank, topk_squared_distances
 from ..prediction import Prediction
-from ..settings import SearchSettings
+from ..settings import SearchSettings, density_k
 from .bundle import Bundle, read_bundle
 from .engines import ENGINES, open_engine
 
@@ -137,7 +137,7 @@ class Runtime(Detector):
             pyramid, global_features = self.network(np.stack([array for _, _, array, _, _ in batch]))
             if batch[0][4] is not None:  # one input size per batch: all of its images have a separate global view
                 _, global_features = self.network(np.stack([view for *_, view in batch]))
-            k = max(self.k_gallery, self.k_image)
+            k = max(self.k_gallery, self.k_image, density_k(self))
             distances, neighbours = topk_squared_distances(global_features, self.global_features, k,
                                                            ranking=self._global_ranking)
             for i, (item, image, _, geometry, _) in enumerate(batch):
@@ -164,8 +164,11 @@ class Runtime(Detector):
     def _predict_one(self, levels: list[np.ndarray], distances: np.ndarray, neighbours: np.ndarray, item: ImageItem,
                      image: Any, geometry: Any, original_size: bool, explain: bool) -> Prediction:
         """One image's Prediction from its pyramid and its nearest training images (squared distances, indices)."""
-        raw = self._pixel_map(levels, neighbours[:self.k_gallery], geometry.input_size)
+        raw, coarse = self._pixel_map(levels, neighbours[:self.k_gallery], geometry.input_size)
         anomaly_map = apply_roi(smooth(raw, self.search.sigma), self.roi_, geometry)  # NaN outside the ROI
+        coarse_part = 0.0 if coarse is None else map_score(
+            apply_roi(coarse_map(coarse, geometry.input_size, self.search.sigma), self.roi_, geometry), "map_top")
+        k_density = density_k(self)
         nearest = [(self.train_names_[int(n)], float(d))
                    for n, d in zip(neighbours[:self.k_image], distances[:self.k_image])]
         why = None
@@ -176,14 +179,17 @@ class Runtime(Detector):
             why = explain_region(levels, self.strides, normal, first, self.train_names_[first], region)
         return self._prediction(
             map_score(anomaly_map, self.image_score), float(distances[:self.k_image].mean()),
+            coarse_part=coarse_part, near=np.asarray(neighbours[:k_density], dtype=np.int64) if k_density else None,
             name=item.name, path=item.path, anomaly_map=anomaly_map, geometry=geometry,
             original_map=original_with_roi(anomaly_map, self.roi_, geometry) if original_size else None, image=image,
             neighbours=nearest, explanation=why,
         )
 
-    def _pixel_map(self, levels: list[np.ndarray], gallery: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
+    def _pixel_map(self, levels: list[np.ndarray], gallery: np.ndarray, input_size: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
         """Unsmoothed map at the input size: per level, each position's distance to its kappa nearest gallery
-        vectors (a reduced gallery beyond `max_search_pairs`), fused by the shared `spade_ad.maps.fuse`."""
+        vectors (a reduced gallery beyond `max_search_pairs`), fused by the shared `spade_ad.maps.fuse`; and the
+        coarsest level's own grid when the score has a coarse part (else None), as `scoring.pixel_maps`."""
         level_maps = []
         for level, fmap in enumerate(levels):
             positions = fmap.shape[1] * fmap.shape[2]
@@ -201,7 +207,7 @@ class Runtime(Detector):
             squared, _ = topk_squared_distances(queries, ranking[:, :-1], self.search.kappa, self.search.memory_budget,
                                                 ranking=ranking)
             level_maps.append(position_scores(squared, self.search.distance).reshape(fmap.shape[1:]))
-        return fuse(level_maps, input_size)
+        return fuse(level_maps, input_size), (level_maps[-1] if self.search.coarse else None)
 
 def load_bundle(path: str | Path, *, engine: str = "onnxruntime", threads: int | None = None) -> Runtime:
     """Read and verify a bundle (`spade-ad export`) and open its graph: a `Runtime` ready to predict."""
