@@ -343,7 +343,7 @@ def test_model_files_from_before_map_weight_keep_equal_weights(
     old = fitted_model.save(tmp_path / "old.safetensors")
     monkeypatch.undo()
     assert load(old).map_weight == 0.5
-    assert load(fitted_model.save(tmp_path / "new.safetensors")).map_weight == pytest.approx(2 / 3)
+    assert load(fitted_model.save(tmp_path / "new.safetensors")).map_weight == pytest.approx(1 / 3)
 
 
 def test_fit_names_the_defective_parts_in_its_training_folder(tmp_path: Path) -> None:
@@ -362,3 +362,74 @@ def test_fit_names_the_defective_parts_in_its_training_folder(tmp_path: Path) ->
     assert "these 2 training images score like defects" in suspects_warning(cal)
     loaded = load(model.save(tmp_path / "m.safetensors")).calibration_
     assert (loaded.suspects, loaded.suspect_scores) == (cal.suspects, cal.suspect_scores)
+
+
+def test_density_normalisation_measures_a_rare_part_against_its_own_kind() -> None:
+    """LOF at the image level: each part over the mean leave-one-out part of the image's nearest training images.
+    A rare good part among the rare training parts it resembles comes out as usual; a defect on a usual part
+    stands out by the same measure; duplicates (leave-one-out parts 0) do not divide by zero."""
+    from spade_ad.calibration import density_floor, density_normalised
+
+    train = np.array([[1.0, 2.0, 0.5]] * 8 + [[5.0, 8.0, 3.0]] * 2)  # 8 usual parts, 2 rare ones
+    rare_good = density_normalised(np.array([[5.0, 8.0, 3.0]]), np.array([[8, 9, 0]]), train, 2)
+    usual_defect = density_normalised(np.array([[5.0, 8.0, 3.0]]), np.array([[0, 1, 2]]), train, 3)
+    np.testing.assert_allclose(rare_good, [[1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(usual_defect, [[5.0, 4.0, 6.0]])
+    assert (density_normalised(np.ones((2, 3)), np.zeros((2, 3), int), train, 0) == 1).all()  # K = 0: off
+    zeros = np.zeros((4, 3))
+    zeros[3] = [2.0, 4.0, 1.0]
+    out = density_normalised(np.ones((1, 3)), np.array([[0, 1, 2]]), zeros, 3)
+    np.testing.assert_allclose(out, 1 / density_floor(zeros)[None]) and np.isfinite(out).all()
+
+
+def test_map_and_coarse_weights_add_up_to_at_most_one() -> None:
+    from spade_ad import settings as table
+
+    assert table.validate({})["map_weight"] + table.validate({})["coarse_weight"] == pytest.approx(2 / 3)
+    with pytest.raises(SettingError, match="coarse_weight and map_weight"):
+        table.validate({"map_weight": 0.8})
+    assert table.validate({"map_weight": 0.8, "coarse_weight": 0.0})["map_weight"] == 0.8
+
+
+def test_model_files_from_before_the_coarse_part_score_exactly_as_before(
+        fitted_model: Spade, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file written before `coarse_weight` and `density_k` existed (here: without them in its header) loads with
+    both off and scores with the two-part formula of that time, to the bit: its image scores, its calibration
+    scores and its threshold."""
+    from sklearn.base import clone
+
+    from spade_ad import load, modelfile
+
+    model = clone(fitted_model).set_params(map_weight=2 / 3, coarse_weight=0.0, density_k=0)
+    model.fit(synthetic_root / "train" / "good")
+    stored = modelfile.settings_table.stored
+    monkeypatch.setattr(modelfile.settings_table, "stored", lambda params: {
+        k: v for k, v in stored(params).items() if k not in ("coarse_weight", "density_k")})
+    old = load(model.save(tmp_path / "old.safetensors"))
+    monkeypatch.undo()
+    assert (old.coarse_weight, old.density_k, old.map_weight) == (0.0, 0, 2 / 3)
+    assert old.calibration_.train_parts == [] and set(old.score_scale_) == {"map", "knn"}
+
+    def two_parts(parts: list) -> np.ndarray:  # the fused score as the files of that time compute it
+        (m1, s1), (m2, s2) = old.score_scale_["map"], old.score_scale_["knn"]
+        return np.array([2 / 3 * (p.map_part - m1) / s1 + (1.0 - 2 / 3) * (p.knn_part - m2) / s2 for p in parts])
+
+    images = list_images(synthetic_root / "test")
+    assert [p.score for p in old.predict(images)] == two_parts(list(old._predict_parts(images))).tolist()
+    loo = two_parts(list(old._leave_one_out_scores()))
+    assert old.calibration_.scores == sorted(loo.tolist())
+    assert old.image_threshold_ == conformal_threshold(loo, old.false_alarm_rate)[0]
+
+
+def test_held_out_calibration_and_add_keep_every_training_image_s_parts(synthetic_root: Path) -> None:
+    """With held-out good images the density normalisation still divides by the training images' leave-one-out
+    parts (computed once, also for the held-out check); `add` extends them to the added images."""
+    train = list_images(synthetic_root / "train" / "good")
+    model = Spade(k_gallery=4, device="cpu", progress=False).fit(train[:8], validation=synthetic_root / "test" / "good")
+    assert model.calibration_.source == "validation" and np.shape(model.calibration_.train_parts) == (8, 3)
+    assert model.calibration_.check["n_reference"] == 8  # the held-out scores compared with the leave-one-out ones
+    before = model.score(synthetic_root / "test" / "good")
+    assert np.isfinite(before).all() and model.calibration_.image_threshold is not None
+    model.add(train[8:10])
+    assert np.shape(model.calibration_.train_parts) == (10, 3) and model.store_.n_images == 10
+    assert np.isfinite(model.score(synthetic_root / "test" / "good")).all()

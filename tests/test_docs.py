@@ -26,7 +26,7 @@ def test_spade_docstring_lists_every_setting_in_table_order() -> None:
     assert list(parameters) == list(table.NAMES)
     for setting in table.SETTINGS:
         assert f"default={setting.default!r}" in parameters[setting.name] or isinstance(setting.default, float)
-    assert "default=0.6667" in parameters["map_weight"] and "default=None" in parameters["weights"]
+    assert "default=0.3333" in parameters["map_weight"] and "default=None" in parameters["weights"]
     assert "or None" in parameters["search_radius"] and "or None" not in parameters["k_gallery"]
     # Each setting's help text is there (wrapped), and what it allows.
     flat = " ".join(doc.split())

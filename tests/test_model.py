@@ -87,6 +87,9 @@ def test_calibration_can_be_disabled_or_use_a_validation_folder(synthetic_root: 
 def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: Path) -> None:
     paths, labels, masks = _test_set(synthetic_root)
     predictions = fitted_model.predict(paths, original_size=True)
+    parts = {part.item.name: part for part in fitted_model._predict_parts(paths, full=True)}
+    train_parts = np.asarray(fitted_model.calibration_.train_parts)
+    assert train_parts.shape == (fitted_model.store_.n_images, 3) and (train_parts > 0).all()
     assert [p.name for p in predictions] == [str(p) for p in paths]
     for prediction in predictions:
         assert prediction.anomaly_map.dtype == np.float32
@@ -95,13 +98,18 @@ def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: 
         assert np.isfinite(prediction.original_map).all() and prediction.original_map.min() >= 0
         top = np.sort(prediction.anomaly_map.ravel())[-int(prediction.anomaly_map.size * 0.01):]
         knn = np.mean([distance for _, distance in prediction.neighbours])  # the k_image nearest global features
-        (map_median, map_spread), (knn_median, knn_spread) = (fitted_model.score_scale_[k] for k in ("map", "knn"))
-        # image_score="fused": the top 1% of the map and the kNN score, each scaled by its spread on good images,
-        # weighted map_weight (2/3) and the rest
-        weight = fitted_model.map_weight
-        assert weight == pytest.approx(2 / 3)
-        assert prediction.score == pytest.approx(weight * (float(top.mean()) - map_median) / map_spread
-                                                 + (1 - weight) * (knn - knn_median) / knn_spread, rel=1e-5)
+        part = parts[prediction.name]
+        assert part.map_part == pytest.approx(float(top.mean()), rel=1e-6) and part.knn_part == pytest.approx(knn)
+        # image_score="fused": the top 1% of the map, the coarsest level's own top 1% and the kNN score, each
+        # divided by the mean leave-one-out value of that part over the image's 3 nearest training images (by
+        # global feature: the first is the kNN's neighbour), scaled by its spread on good images, weighted 1:1:1
+        assert fitted_model.train_names_[int(part.near[0])] == prediction.neighbours[0][0] and len(part.near) == 3
+        density = train_parts[np.asarray(part.near)].mean(0)
+        values = np.array([part.map_part, part.coarse_part, knn]) / density
+        (m1, s1), (m2, s2), (m3, s3) = (fitted_model.score_scale_[k] for k in ("map", "coarse", "knn"))
+        assert fitted_model.map_weight == fitted_model.coarse_weight == pytest.approx(1 / 3)
+        assert prediction.score == pytest.approx(((values[0] - m1) / s1 + (values[1] - m2) / s2
+                                                  + (values[2] - m3) / s3) / 3, rel=1e-5)
     scores = [p.score for p in predictions]
     maps = [p.original_map for p in predictions]
     full_masks = [m if m is not None else np.zeros((160, 224), bool) for m in masks]
@@ -265,3 +273,15 @@ def test_global_feature_comes_from_the_global_view(synthetic_root: Path, global_
     same, other = ("squash", "keep_aspect") if global_view == "square" else ("keep_aspect", "squash")
     assert torch.allclose(stored, expected[same], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(stored, expected[other], rtol=1e-2, atol=1e-2)
+
+
+def test_the_coarse_part_is_the_coarsest_level_s_map_made_as_the_map_is(synthetic_root: Path) -> None:
+    """With one pyramid level the coarsest level's own map is the fused map: the third part equals the map part,
+    at predict and in the training images' leave-one-out parts (a real check that it is upsampled and smoothed
+    like the fused map)."""
+    train = list_images(synthetic_root / "train" / "good")[:6]
+    model = Spade(layers=(3,), k_gallery=3, device="cpu", progress=False).fit(train)
+    parts = list(model._predict_parts(list_images(synthetic_root / "test")[:4]))
+    assert [p.coarse_part for p in parts] == pytest.approx([p.map_part for p in parts], rel=1e-6)
+    train_parts = np.asarray(model.calibration_.train_parts)
+    np.testing.assert_allclose(train_parts[:, 1], train_parts[:, 0], rtol=1e-6)

@@ -61,6 +61,8 @@ def test_runtime_gives_the_torch_answers(fitted_model: Spade, bundle: Path, synt
     images = sorted((synthetic_root / "test").rglob("*.png"))
     runtime = load_bundle(bundle)
     assert isinstance(runtime, Runtime) and runtime.k_gallery == fitted_model.k_gallery
+    # the default score has all three parts, density-normalised: the runtime computes each as the torch path does
+    assert "coarse" in runtime.score_scale_ and len(runtime.calibration_.train_parts) == fitted_model.store_.n_images
     expected = fitted_model.predict(images, original_size=True, explain=True)
     got = runtime.predict(images, original_size=True, explain=True)
     assert len(got) == len(expected) == len(images)

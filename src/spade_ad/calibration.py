@@ -389,12 +389,16 @@ def calibrate(
     map_parts: Sequence[float], knn_scores: Sequence[float], pixel_samples: np.ndarray, *, image_score: str,
     false_alarm_rate: float, pixel_false_alarm_rate: float, source: str, map_weight: float = 0.5,
     names: Sequence[str] | None = None, coarse_parts: Sequence[float] | None = None, coarse_weight: float = 0.0,
-    train_parts: np.ndarray | Sequence[Sequence[float]] | None = None,
+    train_parts: np.ndarray | Sequence[Sequence[float]] | None = None, raw_parts: np.ndarray | None = None,
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
     """Thresholds and score scales from good images' score parts (density-normalised already, when the model
     normalises them) and a sample of their map values; with `names` (the images', in the order of the parts), the
     `suspects` among them are kept by name. `coarse_parts` with `coarse_weight` > 0: the third part, scaled as
-    "coarse". `train_parts` (the training images' leave-one-out parts, N x 3) are kept in the calibration."""
+    "coarse". `train_parts` (the training images' leave-one-out parts, N x 3) are kept in the calibration.
+    `raw_parts` (n, 3): the same parts before the density normalisation, when they were normalised: the `suspects`
+    are sought in the score they give (scaled and weighted alike), because the normalisation measures each image
+    against its neighbours, which hides the very unusualness a suspect is (a defective training part whose
+    neighbours include the other one scored like a good part); their scores reported are the calibration ones."""
     kept = [] if train_parts is None else np.asarray(train_parts, dtype=np.float64).reshape(-1, 3).tolist()
     if len(map_parts) == 0:
         return Calibration("none", [], false_alarm_rate, None, pixel_false_alarm_rate, None,
@@ -407,7 +411,12 @@ def calibrate(
     scores = sorted(combined.tolist())
     threshold, note = conformal_threshold(scores, false_alarm_rate)
     quantiles = pixel_quantiles(pixel_samples)
-    odd = suspects(combined) if names is not None and len(names) == len(combined) else []
+    basis = combined
+    if raw_parts is not None and image_score == "fused" and len(raw_parts) == len(combined):
+        raw = np.asarray(raw_parts, dtype=np.float64).reshape(-1, 3)
+        raw_scale = {name: robust_scale(raw[:, j]) for j, name in enumerate(PARTS)}
+        basis = combine_scores(image_score, raw_scale, raw[:, 0], raw[:, 2], map_weight, raw[:, 1], coarse_weight)
+    odd = suspects(basis) if names is not None and len(names) == len(combined) else []
     return Calibration(
         source, scores, false_alarm_rate, threshold, pixel_false_alarm_rate,
         pixel_threshold_at(quantiles, pixel_false_alarm_rate), quantiles, float(np.median(scores)), note=note,

@@ -398,7 +398,7 @@ class Spade(Detector, BaseEstimator):
             pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source, map_weight=self.map_weight,
             names=self.train_names_ if source == "leave_one_out" else None, coarse_parts=normalised[:, 1],
             coarse_weight=float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0,
-            train_parts=train,
+            train_parts=train, raw_parts=raw if train is not None else None,
         )
         self._apply_calibration()
 
