@@ -178,3 +178,20 @@ def test_cuda_pipeline_gives_the_cpu_path_s_maps_and_verdicts(fitted_model: Spad
         span = float(np.ptp(theirs.anomaly_map)) or 1.0
         assert np.abs(mine.anomaly_map - theirs.anomaly_map).max() <= 1e-2 * span
         assert mine.is_anomalous == theirs.is_anomalous
+
+
+def test_device_pipeline_gives_the_coarse_part_inside_a_region_of_interest(synthetic_root: Path) -> None:
+    """The fused score's third part (the coarsest level's own map's top 1%) from the device pipeline: on the device
+    without a region of interest, from its grid on the host with one; both as the per-image CPU path gives it."""
+    train = list_images(synthetic_root / "train" / "good")[:6]
+    roi = np.zeros((160, 224), dtype=bool)
+    roi[20:130, 30:170] = True
+    paths = list_images(synthetic_root / "test")[:6]
+    for region in (None, roi):
+        model = Spade(image_size=96, k_gallery=3, device="cpu", progress=False).fit(train, roi=region)
+        want = list(model._predict_parts(paths))
+        model._device_pipeline = True
+        got = list(model._predict_parts(paths))
+        assert [p.coarse_part for p in got] == pytest.approx([p.coarse_part for p in want], rel=1e-5)
+        assert [p.coarse_part for p in want] != pytest.approx([p.map_part for p in want], rel=1e-3)  # its own part
+        np.testing.assert_array_equal(np.stack([p.near for p in got]), np.stack([p.near for p in want]))
