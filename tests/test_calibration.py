@@ -433,3 +433,14 @@ def test_held_out_calibration_and_add_keep_every_training_image_s_parts(syntheti
     model.add(train[8:10])
     assert np.shape(model.calibration_.train_parts) == (10, 3) and model.store_.n_images == 10
     assert np.isfinite(model.score(synthetic_root / "test" / "good")).all()
+
+
+def test_the_tiled_mode_and_the_other_image_scores_keep_two_parts_without_normalisation() -> None:
+    """A tiled model stitches the fused map of its tiles (no per-level map), and map_top / knn have no parts to
+    weigh: there the coarse part and the density normalisation do not apply, whatever the settings say."""
+    from spade_ad.settings import SearchSettings, density_k, uses_coarse
+
+    assert uses_coarse(Spade()) and density_k(Spade()) == 3 and SearchSettings.of(Spade()).coarse
+    for model in (Spade(tile_size=256), Spade(image_score="map_top"), Spade(image_score="knn")):
+        assert not uses_coarse(model) and density_k(model) == 0 and not SearchSettings.of(model).coarse
+    assert not uses_coarse(Spade(coarse_weight=0.0)) and density_k(Spade(density_k=0)) == 0

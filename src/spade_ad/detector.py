@@ -21,9 +21,10 @@ from .prediction import Prediction
 
 
 class ScoredImage(NamedTuple):
-    """One image through an estimator's predict loop: the two parts of its image score (the map's, per
-    `image_score`, and the global kNN distance) and its anomaly map at the network input size; with the full loop
-    also what its `Prediction` is made of. Calibration reads the first three; `_prediction` all of them."""
+    """One image through an estimator's predict loop: the parts of its image score (the map's, per `image_score`,
+    the global kNN distance and, last, the coarsest level's own part and the nearest training images the density
+    normalisation divides by) and its anomaly map at the network input size; with the full loop also what its
+    `Prediction` is made of. Calibration reads the parts and the map; `_prediction` all of them."""
 
     map_part: float
     knn_part: float
