@@ -367,6 +367,25 @@ def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
     assert said == [30, 100, 300, 1000] and len(monitor.warnings) == 4 and len(monitor.scores) == 1000
 
 
+def test_the_shift_monitor_checks_what_is_left_at_the_end_of_a_batch(small) -> None:
+    """`finish` (the end of a `predict` run) checks the scores since the last checkpoint, never the same ones
+    twice."""
+    from spade_ad.calibration import ShiftMonitor
+
+    model, _, _, _ = small
+    calibration = model.calibration_
+    high = max(calibration.scores) * 10 + 10
+    for count, expected in ((25, True), (30, False), (45, True)):
+        monitor = ShiftMonitor()
+        for _ in range(count):
+            monitor.add(calibration, high)
+        assert (monitor.finish(calibration) is not None) is expected, count
+    quiet = ShiftMonitor()
+    for score in sorted(calibration.scores)[: len(calibration.scores) // 2] * 2:
+        quiet.add(calibration, score)
+    assert quiet.finish(calibration) is None  # good scores like the calibration's: nothing to say
+
+
 def test_retention_removes_old_kept_copies_only(tmp_path: Path) -> None:
     """--keep-days prunes the kept copies; the outboxes and uploads beside them are never touched."""
     import os

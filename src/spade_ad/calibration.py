@@ -261,9 +261,10 @@ def check_shift(calibration: Calibration, scores: Sequence[float], *, alpha: flo
 
 
 class ShiftMonitor:
-    """`check_shift` for a front door that scores a line (`watch`, `serve`): fed each score with `add`, it checks
-    after the first 30, 100 and 300 scores, then every 1000, on the last 1000, and returns the warning then (None
-    otherwise), so that a new session shows in the log before it shows in the reject bin. Thread-safe."""
+    """`check_shift` for a front door that scores a line (`watch`, `serve`, `predict`): fed each score with `add`, it
+    checks after the first 30, 100 and 300 scores, then every 1000, on the last 1000, and returns the warning then
+    (None otherwise), so that a new session shows in the log before it shows in the reject bin; `finish` checks the
+    rest at the end of a batch. Thread-safe."""
 
     CHECKS = (30, 100, 300)
     EVERY = 1000
@@ -284,6 +285,18 @@ class ShiftMonitor:
             if self._count not in self.CHECKS and self._count % self.EVERY:
                 return None
             recent = list(self.scores)
+        return self._check(calibration, recent)
+
+    def finish(self, calibration: Calibration) -> str | None:
+        """At the end of a batch (`predict`): the check on the last scores, unless `add` has just checked them
+        (the warning then, or None)."""
+        with self._lock:
+            if self._count in self.CHECKS or not self._count % self.EVERY:
+                return None
+            recent = list(self.scores)
+        return self._check(calibration, recent)
+
+    def _check(self, calibration: Calibration, recent: list[float]) -> str | None:
         warning = check_shift(calibration, recent)
         if warning is not None:
             with self._lock:
