@@ -679,3 +679,19 @@ def test_image_read_error_kinds() -> None:
     with pytest.raises(ImageReadError) as info:
         read_image(Path("no-such-file.png"))
     assert info.value.kind == "missing"
+
+
+def test_exclude_images_by_name_or_file_name_and_refuses_a_pattern_that_matches_nothing(tmp_path: Path) -> None:
+    from spade_ad.errors import NoImagesError, SpadeError
+    from spade_ad.inputs import collect_images, exclude_images
+
+    for name in ("a/001.png", "a/002.png", "b/003.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    items = collect_images(tmp_path)
+    kept, excluded = exclude_images(items, ["002.png", "b/*"])
+    assert [i.name for i in kept] == ["a/001.png"] and [i.name for i in excluded] == ["a/002.png", "b/003.png"]
+    with pytest.raises(SpadeError, match="'00x.png' matches none of the 3 training images"):
+        exclude_images(items, ["002.png", "00x.png"])
+    with pytest.raises(NoImagesError, match="leaves none of the 3"):
+        exclude_images(items, ["*.png"])

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 import warnings
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageReadError, NoImagesError
+from .errors import ImageReadError, NoImagesError, SpadeError
 from .images import NonFinitePixelsError, array_to_rgb, list_images, read_image, to_rgb
 
 if TYPE_CHECKING:
@@ -155,6 +156,29 @@ def collect_images(images: ImageLike | Sequence[ImageLike]) -> list[ImageItem]:
             items.extend(_one_input(x, i, in_list=True))
         return items
     return _one_input(images, 0, in_list=False)
+
+
+def exclude_images(items: Sequence[ImageItem], patterns: Sequence[str]) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(kept, excluded): the items whose name or file name matches none of the shell `patterns` (fnmatch, `*`, `?`,
+    `[...]`), and those that match one, each in the order given. For `fit --exclude`: the training images `fit`
+    names as suspects, left out without moving files. A pattern that matches no item is refused (a typo would
+    otherwise keep the image it meant), and so is leaving no image."""
+    kept: list[ImageItem] = []
+    excluded: list[ImageItem] = []
+    used: set[str] = set()
+    for item in items:
+        names = {item.name, item.name.replace("\\", "/").rsplit("/", 1)[-1]}
+        hits = [pattern for pattern in patterns if any(fnmatch.fnmatchcase(name, pattern) for name in names)]
+        used.update(hits)
+        (excluded if hits else kept).append(item)
+    unused = [pattern for pattern in patterns if pattern not in used]
+    if unused:
+        example = items[0].name if items else "none"
+        raise SpadeError(f"--exclude {unused[0]!r} matches none of the {len(items)} training images (names look "
+                         f"like {example!r}); check the pattern")
+    if not kept:
+        raise NoImagesError(f"--exclude leaves none of the {len(items)} training images")
+    return kept, excluded
 
 
 # ---------------------------------------------------------------- loading
