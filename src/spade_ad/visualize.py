@@ -85,14 +85,28 @@ def overlay(
         scores = np.asarray(Image.fromarray(filled).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
         gaps = Image.fromarray(missing.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
         scores = np.where(np.asarray(gaps) > 0, np.nan, scores)
-    shown = np.isfinite(scores) if level is None else np.nan_to_num(scores, nan=-np.inf) >= level
+    with np.errstate(invalid="ignore"):  # NaN is never shown
+        shown = np.isfinite(scores) if level is None else scores >= level
     pixels = np.array(base)
-    if shown.all():
-        pixels = _blend(pixels, _colour(scores, low, high, cmap), alpha)
-    elif shown.any():  # blended only where heat is shown
-        pixels[shown] = _blend(pixels[shown], _colour(scores[shown], low, high, cmap), alpha)
+    box = _box(shown)
+    if box is not None:  # blended only where heat is shown, on the box around it (elementwise: the same values)
+        rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+        part = pixels[rows, cols]
+        blended = _blend(part, _colour(scores[rows, cols], low, high, cmap), alpha)
+        pixels[rows, cols] = np.where(shown[rows, cols, None], blended, part)
     result = Image.fromarray(pixels)
     return result if mask is None else contour(result, mask, color=(255, 255, 255))
+
+
+def _box(inside: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), bottom and right exclusive, of the True pixels of a 2-D mask, grown by `margin`
+    pixels within the array; None when there are none."""
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:
+        return None
+    height, width = inside.shape
+    return (max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + 1 + margin),
+            max(0, int(cols[0]) - margin), min(width, int(cols[-1]) + 1 + margin))
 
 
 def _blend(pixels: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
@@ -118,13 +132,16 @@ def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = 
     if inside.shape != (base.height, base.width):
         resized = Image.fromarray(inside.astype(np.uint8) * 255).resize(base.size, Image.Resampling.NEAREST)
         inside = np.asarray(resized) > 0
-    if not inside.any():
+    box = _box(inside, margin=1)  # the outline lies in the mask's box; one pixel around it is outside or the border
+    if box is None:
         return base
-    padded = np.pad(inside, 1, constant_values=True)  # the border is not outside
+    rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+    part = inside[rows, cols]
+    padded = np.pad(part, 1, constant_values=True)  # the border is not outside (the margin, where there is one, is)
     # eroded with the 4-neighbour cross (as scipy's binary_erosion, border_value=1), by shifted views: fast on big masks
-    eroded = inside & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    eroded = part & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     pixels = np.array(base)
-    pixels[inside & ~eroded] = color
+    pixels[rows, cols][part & ~eroded] = color
     return Image.fromarray(pixels)
 
 
@@ -301,6 +318,8 @@ def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
 
 def _bounds(scores: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
     """Colour-scale bounds: the given ones, else the finite extremes of the map (0 for an all-NaN map)."""
+    if vmin is not None and vmax is not None:
+        return float(vmin), float(vmax)
     finite = scores[np.isfinite(scores)]
     low = float(vmin) if vmin is not None else float(finite.min()) if finite.size else 0.0
     high = float(vmax) if vmax is not None else float(finite.max()) if finite.size else 0.0
