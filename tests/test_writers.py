@@ -410,3 +410,25 @@ def test_the_service_shows_the_same_overlay_as_the_files(calibrated: bool, fitte
     data = response.json()["results"][0]["overlay"].split(",", 1)[1]
     from_http = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
     np.testing.assert_array_equal(from_http, from_file)
+
+
+def test_a_writer_that_starts_clears_what_a_killed_run_left(tmp_path: Path) -> None:
+    """A run killed while writing left temporary files; the next run into the folder removes them (its own and a
+    running process's are kept), in both modes."""
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    dead = int(ended.stdout)  # a pid whose process has ended
+    for mode in ("w", "a"):
+        out = tmp_path / mode
+        left = out / "overlays" / f".x.png.{dead}-ab12cd34{PARTIAL_SUFFIX}"
+        live = out / "masks" / f".y.png.{os.getppid()}-ef56ab78{PARTIAL_SUFFIX}"
+        for path in (left, live):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half")
+        with PredictionWriter(out, mode=mode, overwrite=True):
+            pass
+        assert not left.exists(), mode
+        assert live.exists(), mode

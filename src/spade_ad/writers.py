@@ -296,16 +296,37 @@ def write_whole(target: Path, save: Callable[[Path], object]) -> None:
         raise
 
 
-def remove_partials(out_dir: str | Path) -> int:
-    """Remove the temporary files a killed writer left in the per-image folders of `out_dir`; how many."""
+def remove_partials(out_dir: str | Path, *, keep_live: bool = False) -> int:
+    """Remove the temporary files a killed writer left in the per-image folders of `out_dir`; how many. With
+    `keep_live`, those of a process still running on this machine (the pid in their name) are kept: a writer that
+    starts clears what a killed one left, never what another one is writing."""
     removed = 0
     for folder in IMAGE_FOLDERS:
         root = Path(out_dir) / folder
         if root.is_dir():
             for leftover in root.rglob(f".*{PARTIAL_SUFFIX}"):
+                if keep_live and _writer_alive(leftover.name):
+                    continue
                 leftover.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def _writer_alive(partial_name: str) -> bool:
+    """Whether the process that names the temporary file `partial_name` (see `write_whole`) is running here."""
+    pid_part = partial_name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1].split("-", 1)[0]
+    if not pid_part.isdigit():
+        return False
+    pid = int(pid_part)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def output_stems(names: Iterable[str]) -> list[str]:
@@ -401,6 +422,8 @@ class PredictionWriter:
             self._on_skipped.append(on_skipped)
 
     def __enter__(self) -> PredictionWriter:
+        if self.out_dir.is_dir():  # what a killed run left half-written
+            remove_partials(self.out_dir, keep_live=True)
         if self.mode == "a":
             self._open_appending()
         else:
