@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SpadeError
 from .schema import INDEXES, MIGRATIONS, SCHEMA_VERSION, inspections, labels, metadata, models, versions
 
