@@ -72,7 +72,7 @@ def watch(model_path: Path, folder: Path, output: Path, record_target: str | Non
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is not a folder; give the folder the camera writes into",
                                  param_hint="DIR")
-    from ..writers import parse_outputs
+    from ..image_files import parse_outputs
 
     chosen = parse_outputs(outputs, save_maps=save_maps)
     if record_target is None and (record_files, keep_days, keep_gb) != (None, None, None):

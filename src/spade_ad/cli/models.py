@@ -117,8 +117,9 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     (row by row, with is_anomalous when the model has a threshold), regions.jsonl, and per image the files of
     --outputs (by default an overlay and the predicted defect mask). An output folder holding an earlier run's
     scores.csv is refused unless --overwrite; inputs with the same name get numbered files (x.png, x~2.png)."""
+    from ..image_files import parse_outputs
     from ..loading import open_model
-    from ..writers import PredictionWriter, check_output_dir, parse_outputs
+    from ..writers import PredictionWriter, check_output_dir
 
     check_output_dir(output, overwrite=overwrite)  # before the model loads: a refusal costs nothing
     chosen = parse_outputs(outputs, save_maps=save_maps)
