@@ -24,8 +24,9 @@ from PIL import Image
 
 from .detector import Detector
 from .errors import OutputError
+from .png import save_png
 from .prediction import Prediction
-from .visualize import heatmap, overlay_picture, save_png, threshold_color_range, why_picture
+from .visualize import heatmap, overlay_picture, threshold_color_range, why_picture
 
 #: Writes one per-image file: (save(path), folder, stem, suffix).
 Saver = Callable[[Callable[[Path], object], str, str, str], None]

@@ -1,10 +1,10 @@
 """Render anomaly maps for people: colour heat maps, overlays on the inspected image, mask contours, and the
 annotations a person acts on (a box and peak score per defect region, the verdict in a corner label).
 
-Only numpy, zlib and Pillow (ImageDraw with its built-in default font: no font files; a built-in copy of matplotlib's
+Only numpy and Pillow (ImageDraw with its built-in default font: no font files; a built-in copy of matplotlib's
 "jet" table) are used: no matplotlib, so these functions work in servers, tests and the light runtime install.
 NaN in an anomaly map means "not scored" and is shown as such (mid-grey in a heat map, the untouched image in an
-overlay) rather than as a low score.
+overlay) rather than as a low score. PNG files are encoded by `spade_ad.png`.
 Files (`spade_ad.writers`: predict, watch, the Ray actors) and the service draw an image's overlay through one
 function, `overlay_picture`, so the same prediction gives the same pixels whoever shows it. For a calibrated model
 it shows heat only where it matters: pixels below `HEAT_FROM` (0.75) x the pixel threshold are left as they are (a
@@ -16,8 +16,6 @@ min..max scale (as every overlay was before), with the raw score in the corner l
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -30,8 +28,8 @@ if TYPE_CHECKING:
     from .prediction import Prediction, Region
 
 __all__ = [
-    "HEAT_FROM", "annotate", "color_range", "contour", "encode_png", "heat_level", "heatmap", "overlay",
-    "overlay_picture", "save_png", "threshold_color_range", "verdict_label", "side_by_side", "why_picture",
+    "HEAT_FROM", "annotate", "color_range", "contour", "heat_level", "heatmap", "overlay", "overlay_picture",
+    "threshold_color_range", "verdict_label", "side_by_side", "why_picture",
 ]
 
 NAN_GREY = (128, 128, 128)
@@ -266,47 +264,6 @@ def _text_on_ground(
     x, y = at
     draw.rectangle((x, y, x + text_w + 2 * pad - 1, y + text_h + 2 * pad - 1), fill=ground)
     draw.text((x + pad, y + pad), text, fill=TEXT_COLOR, font=font)
-
-
-#: zlib level of the PNG files written (0-9): chosen by measuring size against encoding time on bottle and the metal
-#: plate (benchmarks/bench_outputs.py --levels, docs/outputs.md).
-PNG_LEVEL = 2
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def save_png(img: Image.Image, path: str | Path, *, compress_level: int = PNG_LEVEL) -> Path:
-    """Save `img` as PNG at `path` (zlib level `compress_level`), creating parent folders; return the path.
-    8-bit greyscale and RGB images are encoded by `encode_png`, others by Pillow."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if img.mode in ("L", "RGB"):
-        path.write_bytes(encode_png(np.asarray(img), compress_level))
-    else:
-        img.save(path, format="PNG", compress_level=compress_level)
-    return path
-
-
-def encode_png(pixels: np.ndarray, level: int = PNG_LEVEL) -> bytes:
-    """The PNG file of an 8-bit greyscale (H, W) or RGB (H, W, 3) array, every row "Up"-filtered (its difference to
-    the row above, computed by numpy for the whole image at once) and deflated by zlib at `level` (which releases
-    the GIL). About twice as fast as Pillow's encoder for the same size (docs/outputs.md): Pillow tries all five PNG
-    filters on every row."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)) or pixels.size == 0:
-        raise ValueError(f"encode_png takes a non-empty (H, W) or (H, W, 3) array, got shape {pixels.shape}")
-    height, width = pixels.shape[:2]
-    rows = pixels.reshape(height, -1)
-    raw = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
-    raw[:, 0] = 2  # filter type Up; the first row's "row above" is zeros
-    raw[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # modulo 256, as PNG wants
-    header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
-    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(raw, level)),
-                     _png_chunk(b"IEND", b"")))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
