@@ -34,7 +34,8 @@ from spade_ad.evaluation.metrics import (
     recall_at_false_alarm_rate,
 )
 from spade_ad.evaluation.runner import resize_for_eval
-from spade_ad.synthetic import OBJECT_DEFECT_TYPES, make_line_dataset, make_synthetic_dataset
+from spade_ad.synthetic import make_line_dataset, make_synthetic_dataset
+from spade_ad.synthetic_drawing import OBJECT_DEFECT_TYPES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

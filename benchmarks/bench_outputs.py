@@ -13,7 +13,7 @@
 3. `--in-process`: the same without the command's start-up: the library against `PredictionWriter` in this
    process, with each output set and with the default set written on the caller's thread (no pool), interleaved.
 4. `--levels`: PNG encoders and zlib levels, size against encoding time, on the overlays, masks and heat maps of
-   real predictions: Pillow's and `spade_ad.visualize.encode_png` (what chose it and `PNG_LEVEL`).
+   real predictions: Pillow's and `spade_ad.png.encode_png` (what chose it and `PNG_LEVEL`).
 
 The machine is shared: compare the figures of one run only (ratios); the load average is printed before and after.
 Results: benchmarks/results/outputs.json and outputs.md.
@@ -220,12 +220,13 @@ def bench_startup(model_path: Path, image: Path, src: Path | None = None) -> dic
 def bench_levels(model_path: Path, images: list[Path], rounds: int = 5) -> dict[str, dict[str, list[float]]]:
     """Per encoder and zlib level: the fastest of `rounds` encodings (ms, interleaved, so that a busy moment of the
     shared machine hurts none more than another) and the mean kB, over the overlays, masks and heat maps of
-    `images`: Pillow's encoder and `spade_ad.visualize.encode_png`."""
+    `images`: Pillow's encoder and `spade_ad.png.encode_png`."""
     import numpy as np
     from PIL import Image
 
     from spade_ad.loading import open_model
-    from spade_ad.visualize import encode_png, heatmap, overlay_picture, threshold_color_range
+    from spade_ad.png import encode_png
+    from spade_ad.visualize import heatmap, overlay_picture, threshold_color_range
 
     model = open_model(model_path)
     model.set_params(progress=False)

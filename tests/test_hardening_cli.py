@@ -260,9 +260,9 @@ def test_disk_full_while_writing_scores_keeps_every_row_before_it(
 def test_disk_full_while_writing_images_keeps_every_row_before_it(
     tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spade_ad import writers
+    from spade_ad import image_files
 
-    real = writers.save_png
+    real = image_files.save_png
 
     def filling(image: Any, path: Path, **kwargs: Any) -> None:
         # the 3rd image's mask (its temporary name, .img_02.png.<pid>-<random>.partial) finds the disk full: a PIL
@@ -271,7 +271,7 @@ def test_disk_full_while_writing_images_keeps_every_row_before_it(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(image, path, **kwargs)
 
-    monkeypatch.setattr(writers, "save_png", filling)
+    monkeypatch.setattr(image_files, "save_png", filling)
     out = tmp_path / "out"
     code, err = run(["predict", tiny[0], tiny[1], "-o", out], capsys)
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and ".png" in err[0]

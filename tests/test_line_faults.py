@@ -124,9 +124,11 @@ def test_sqlite_locked_past_its_busy_timeout_loses_nothing(small, tmp_path: Path
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process holds the record's write lock longer than the busy timeout: the files dropped during and
     after the lock are all in the record soon after it is released, each once; the watcher never stops."""
+    import spade_ad.record.connection as connection
     import spade_ad.record.store as store
 
-    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 500)
+    for module in (connection, store):  # the engine's busy timeout, and the one a retried write restores
+        monkeypatch.setattr(module, "BUSY_TIMEOUT_MS", 500)
     model, model_path, goods, _ = small
     camera, out, db = tmp_path / "cam", tmp_path / "out", tmp_path / "line.db"
     camera.mkdir()

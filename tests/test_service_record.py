@@ -181,7 +181,7 @@ def test_serve_cli_refuses_bad_product_options(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_models_folder_lists_each_model_file_by_name(tmp_path: Path, fitted: Path) -> None:
-    from spade_ad.cli import _served_products
+    from spade_ad.cli.deploy import _served_products
 
     for name in ("bottle", "plate"):
         shutil.copy(fitted / "model.safetensors", tmp_path / f"{name}.safetensors")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spade_ad.png import encode_png, save_png
 from spade_ad.prediction import Prediction, Region
 from spade_ad.visualize import (
     BOX_COLOR,
@@ -19,13 +20,11 @@ from spade_ad.visualize import (
     annotate,
     color_range,
     contour,
-    encode_png,
     heat_level,
     heatmap,
     legend_box,
     overlay,
     overlay_picture,
-    save_png,
     threshold_color_range,
     verdict_label,
 )

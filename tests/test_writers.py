@@ -16,21 +16,17 @@ from PIL import Image
 
 from spade_ad import Spade
 from spade_ad.errors import ImageReadError, OutputError
+from spade_ad.image_files import DEFAULT_OUTPUTS, PARTIAL_SUFFIX, ImageFiles, parse_outputs, remove_partials
 from spade_ad.prediction import Prediction
 from spade_ad.visualize import BOX_COLOR, heat_level, legend_box, overlay_picture
 from spade_ad.writers import (
-    DEFAULT_OUTPUTS,
-    PARTIAL_SUFFIX,
     REGIONS_FILE,
     SCORE_COLUMNS,
     VERDICT_COLUMNS,
-    ImageFiles,
     PredictionWriter,
     check_output_dir,
     output_stems,
-    parse_outputs,
     read_regions,
-    remove_partials,
 )
 
 
@@ -226,7 +222,7 @@ def test_a_file_is_replaced_whole_or_not_at_all(predictions: list[Prediction], t
     file as it was and no temporary file, and names the file it was writing."""
     import errno
 
-    from spade_ad import writers
+    from spade_ad import image_files
 
     files = ImageFiles(tmp_path, verdicts=True, outputs=["heatmap", "mask", "overlay", "map"])
     first, second = predictions[0], predictions[-1]
@@ -236,13 +232,13 @@ def test_a_file_is_replaced_whole_or_not_at_all(predictions: list[Prediction], t
     files.write(second, "x")  # replaced whole: the second prediction's map
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "maps" / "x.tiff"), second.original_map)
     replaced = (tmp_path / "heatmaps" / "x.png").read_bytes()
-    real = writers.save_png
+    real = image_files.save_png
 
     def half_then_full_disk(image: Any, path: Path, **kwargs: Any) -> None:
         Path(path).write_bytes(real(image, path, **kwargs).read_bytes()[:100])  # half a PNG, then the disk fills
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writers, "save_png", half_then_full_disk)
+    monkeypatch.setattr(image_files, "save_png", half_then_full_disk)
     with pytest.raises(OSError, match="No space left") as raised:
         files.write(first, "x")
     assert raised.value.filename == str(tmp_path / "heatmaps" / "x.png")
@@ -307,9 +303,9 @@ def test_a_file_failing_on_the_pool_is_raised_naming_it(predictions: list[Predic
     rows written stay, in input order, every other file is whole and no temporary file is left."""
     import errno
 
-    from spade_ad import writers
+    from spade_ad import image_files
 
-    real = writers.save_png
+    real = image_files.save_png
     failing = predictions[1].name
 
     def full_for_one(image: Any, path: Path, **kwargs: Any) -> Path:
@@ -318,7 +314,7 @@ def test_a_file_failing_on_the_pool_is_raised_naming_it(predictions: list[Predic
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(image, path, **kwargs)
 
-    monkeypatch.setattr(writers, "save_png", full_for_one)
+    monkeypatch.setattr(image_files, "save_png", full_for_one)
     with pytest.raises(OSError, match="No space left") as raised:
         with PredictionWriter(tmp_path, verdicts=True) as writer:
             writer.write_all(predictions)
@@ -410,3 +406,25 @@ def test_the_service_shows_the_same_overlay_as_the_files(calibrated: bool, fitte
     data = response.json()["results"][0]["overlay"].split(",", 1)[1]
     from_http = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
     np.testing.assert_array_equal(from_http, from_file)
+
+
+def test_a_writer_that_starts_clears_what_a_killed_run_left(tmp_path: Path) -> None:
+    """A run killed while writing left temporary files; the next run into the folder removes them (its own and a
+    running process's are kept), in both modes."""
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    dead = int(ended.stdout)  # a pid whose process has ended
+    for mode in ("w", "a"):
+        out = tmp_path / mode
+        left = out / "overlays" / f".x.png.{dead}-ab12cd34{PARTIAL_SUFFIX}"
+        live = out / "masks" / f".y.png.{os.getppid()}-ef56ab78{PARTIAL_SUFFIX}"
+        for path in (left, live):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half")
+        with PredictionWriter(out, mode=mode, overwrite=True):
+            pass
+        assert not left.exists(), mode
+        assert live.exists(), mode

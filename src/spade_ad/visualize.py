@@ -1,10 +1,10 @@
 """Render anomaly maps for people: colour heat maps, overlays on the inspected image, mask contours, and the
 annotations a person acts on (a box and peak score per defect region, the verdict in a corner label).
 
-Only numpy, zlib and Pillow (ImageDraw with its built-in default font: no font files; a built-in copy of matplotlib's
+Only numpy and Pillow (ImageDraw with its built-in default font: no font files; a built-in copy of matplotlib's
 "jet" table) are used: no matplotlib, so these functions work in servers, tests and the light runtime install.
 NaN in an anomaly map means "not scored" and is shown as such (mid-grey in a heat map, the untouched image in an
-overlay) rather than as a low score.
+overlay) rather than as a low score. PNG files are encoded by `spade_ad.png`.
 Files (`spade_ad.writers`: predict, watch, the Ray actors) and the service draw an image's overlay through one
 function, `overlay_picture`, so the same prediction gives the same pixels whoever shows it. For a calibrated model
 it shows heat only where it matters: pixels below `HEAT_FROM` (0.75) x the pixel threshold are left as they are (a
@@ -16,8 +16,6 @@ min..max scale (as every overlay was before), with the raw score in the corner l
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -30,8 +28,8 @@ if TYPE_CHECKING:
     from .prediction import Prediction, Region
 
 __all__ = [
-    "HEAT_FROM", "annotate", "color_range", "contour", "encode_png", "heat_level", "heatmap", "overlay",
-    "overlay_picture", "save_png", "threshold_color_range", "verdict_label", "side_by_side", "why_picture",
+    "HEAT_FROM", "annotate", "color_range", "contour", "heat_level", "heatmap", "overlay", "overlay_picture",
+    "threshold_color_range", "verdict_label", "side_by_side", "why_picture",
 ]
 
 NAN_GREY = (128, 128, 128)
@@ -85,14 +83,28 @@ def overlay(
         scores = np.asarray(Image.fromarray(filled).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
         gaps = Image.fromarray(missing.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
         scores = np.where(np.asarray(gaps) > 0, np.nan, scores)
-    shown = np.isfinite(scores) if level is None else np.nan_to_num(scores, nan=-np.inf) >= level
+    with np.errstate(invalid="ignore"):  # NaN is never shown
+        shown = np.isfinite(scores) if level is None else scores >= level
     pixels = np.array(base)
-    if shown.all():
-        pixels = _blend(pixels, _colour(scores, low, high, cmap), alpha)
-    elif shown.any():  # blended only where heat is shown
-        pixels[shown] = _blend(pixels[shown], _colour(scores[shown], low, high, cmap), alpha)
+    box = _box(shown)
+    if box is not None:  # blended only where heat is shown, on the box around it (elementwise: the same values)
+        rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+        part = pixels[rows, cols]
+        blended = _blend(part, _colour(scores[rows, cols], low, high, cmap), alpha)
+        pixels[rows, cols] = np.where(shown[rows, cols, None], blended, part)
     result = Image.fromarray(pixels)
     return result if mask is None else contour(result, mask, color=(255, 255, 255))
+
+
+def _box(inside: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), bottom and right exclusive, of the True pixels of a 2-D mask, grown by `margin`
+    pixels within the array; None when there are none."""
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:
+        return None
+    height, width = inside.shape
+    return (max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + 1 + margin),
+            max(0, int(cols[0]) - margin), min(width, int(cols[-1]) + 1 + margin))
 
 
 def _blend(pixels: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
@@ -118,13 +130,16 @@ def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = 
     if inside.shape != (base.height, base.width):
         resized = Image.fromarray(inside.astype(np.uint8) * 255).resize(base.size, Image.Resampling.NEAREST)
         inside = np.asarray(resized) > 0
-    if not inside.any():
+    box = _box(inside, margin=1)  # the outline lies in the mask's box; one pixel around it is outside or the border
+    if box is None:
         return base
-    padded = np.pad(inside, 1, constant_values=True)  # the border is not outside
+    rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+    part = inside[rows, cols]
+    padded = np.pad(part, 1, constant_values=True)  # the border is not outside (the margin, where there is one, is)
     # eroded with the 4-neighbour cross (as scipy's binary_erosion, border_value=1), by shifted views: fast on big masks
-    eroded = inside & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    eroded = part & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     pixels = np.array(base)
-    pixels[inside & ~eroded] = color
+    pixels[rows, cols][part & ~eroded] = color
     return Image.fromarray(pixels)
 
 
@@ -251,47 +266,6 @@ def _text_on_ground(
     draw.text((x + pad, y + pad), text, fill=TEXT_COLOR, font=font)
 
 
-#: zlib level of the PNG files written (0-9): chosen by measuring size against encoding time on bottle and the metal
-#: plate (benchmarks/bench_outputs.py --levels, docs/outputs.md).
-PNG_LEVEL = 2
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def save_png(img: Image.Image, path: str | Path, *, compress_level: int = PNG_LEVEL) -> Path:
-    """Save `img` as PNG at `path` (zlib level `compress_level`), creating parent folders; return the path.
-    8-bit greyscale and RGB images are encoded by `encode_png`, others by Pillow."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if img.mode in ("L", "RGB"):
-        path.write_bytes(encode_png(np.asarray(img), compress_level))
-    else:
-        img.save(path, format="PNG", compress_level=compress_level)
-    return path
-
-
-def encode_png(pixels: np.ndarray, level: int = PNG_LEVEL) -> bytes:
-    """The PNG file of an 8-bit greyscale (H, W) or RGB (H, W, 3) array, every row "Up"-filtered (its difference to
-    the row above, computed by numpy for the whole image at once) and deflated by zlib at `level` (which releases
-    the GIL). About twice as fast as Pillow's encoder for the same size (docs/outputs.md): Pillow tries all five PNG
-    filters on every row."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)) or pixels.size == 0:
-        raise ValueError(f"encode_png takes a non-empty (H, W) or (H, W, 3) array, got shape {pixels.shape}")
-    height, width = pixels.shape[:2]
-    rows = pixels.reshape(height, -1)
-    raw = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
-    raw[:, 0] = 2  # filter type Up; the first row's "row above" is zeros
-    raw[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # modulo 256, as PNG wants
-    header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
-    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(raw, level)),
-                     _png_chunk(b"IEND", b"")))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
     scores = np.asarray(anomaly_map, dtype=np.float64)
     if scores.ndim != 2 or scores.size == 0:
@@ -301,6 +275,8 @@ def _as_map(anomaly_map: np.ndarray) -> np.ndarray:
 
 def _bounds(scores: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
     """Colour-scale bounds: the given ones, else the finite extremes of the map (0 for an all-NaN map)."""
+    if vmin is not None and vmax is not None:
+        return float(vmin), float(vmax)
     finite = scores[np.isfinite(scores)]
     low = float(vmin) if vmin is not None else float(finite.min()) if finite.size else 0.0
     high = float(vmax) if vmax is not None else float(finite.max()) if finite.size else 0.0

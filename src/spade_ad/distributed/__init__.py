@@ -6,7 +6,7 @@ file://, or for paths inside a given pyarrow or fsspec filesystem). Ray Data's o
 (`ray.data.read_binary_files`) reads their bytes, Ray tasks decode them with `spade_ad.images.decode_bytes` (the
 checks and errors of `read_image`), and a pool of actors, each opening the model once (a model file or an exported
 bundle, `spade_ad.loading.open_model`), scores them with the model's own `iter_predict`. Each actor writes the
-per-image files of the images it scored (heat maps, overlays, masks, maps, explanations: `spade_ad.writers.
+per-image files of the images it scored (heat maps, overlays, masks, maps, explanations: `spade_ad.image_files.
 ImageFiles`, each file whole, under the names the driver planned); the driver writes the rows as they arrive, in
 input order, with `spade_ad.writers.PredictionWriter` (scores.csv, regions.jsonl, skipped.csv), and adds
 `scores.parquet` (typed scores, written when the run completes). Together: the files of a plain predict. The

@@ -83,15 +83,15 @@ class _Scorer:
     out).
 
     With `files` ({"out_dir", "save_maps", "stems": {path: [stem, ...]}}), the actor writes the per-image files of
-    the images it scored itself (`spade_ad.writers.ImageFiles`, each file whole: a retried batch replaces them
+    the images it scored itself (`spade_ad.image_files.ImageFiles`, each file whole: a retried batch replaces them
     whole) under the stems the driver planned, and returns the Prediction without its maps and image: the driver
     then only writes rows."""
 
     def __init__(self, model_path: str, *, weights: str | None, device: str | None, engine: str | None,
                  thresholds: dict[str, float], explain: bool, images: bool, threads: int,
                  files: dict[str, Any] | None = None, crash: tuple[Any, ...] | None = None) -> None:
+        from ..image_files import ImageFiles
         from ..loading import open_model
-        from ..writers import ImageFiles
 
         self.model = open_model(model_path, weights=weights, device=device, engine=engine)
         _set_threads(threads)

@@ -171,8 +171,9 @@ def predict(
     (see `_CrashOnce`)."""
     from tqdm.auto import tqdm
 
+    from ..image_files import remove_partials
     from ..loading import open_model
-    from ..writers import PredictionWriter, check_output_dir, output_stems, remove_partials
+    from ..writers import PredictionWriter, check_output_dir, output_stems
 
     _check_counts(workers, cpus_per_worker)
     if not images and (save_maps or explain):

@@ -246,7 +246,7 @@ class HttpTransport:
     """POSTs each message to a webhook (see the module's description)."""
 
     def __init__(self, target: Target, *, timeout: float = 10.0) -> None:
-        from .. import __version__
+        from .._version import __version__
 
         self.target = target
         self.timeout = timeout

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .connection import RecordError
 from .identity import file_sha256
-from .store import RecordError
 
 __all__ = ["EvidenceChanged", "EvidenceStore", "default_files_dir", "verified_image"]
 

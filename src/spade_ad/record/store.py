@@ -1,8 +1,8 @@
 """Opening an inspection record and reading and writing it: `Record`.
 
-Where: a file path is a SQLite database (created when missing) in WAL mode with a busy timeout, so that several
-processes (a watcher, the service, `drift`) can write and read one file at once; a URL `postgresql://...` is a
-PostgreSQL database (driver psycopg 3), `sqlite:///path` a SQLite file by URL.
+Where (`connection`): a file path is a SQLite database (created when missing) in WAL mode with a busy timeout, so
+that several processes (a watcher, the service, `drift`) can write and read one file at once; a URL
+`postgresql://...` is a PostgreSQL database (driver psycopg 3), `sqlite:///path` a SQLite file by URL.
 
 Opening checks the record and brings it to this release's schema (`schema.MIGRATIONS`, in one transaction that
 takes the write lock first, so two processes opening one new file do not both build it). What is refused, as a
@@ -20,162 +20,43 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-import time
-import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
-from .. import __version__
-from ..errors import SpadeError
-from .schema import INDEXES, MIGRATIONS, SCHEMA_VERSION, inspections, labels, metadata, models, versions
+from .._version import __version__
+from .connection import (
+    BUSY_TIMEOUT_MS,
+    RecordError,
+    RecordUnavailable,
+    driver_problem,
+    is_url,
+    make_engine,
+    now_ms,
+    shown,
+)
+from .schema import MIGRATIONS, SCHEMA_VERSION, inspections, labels, metadata, models, versions
 
-__all__ = ["BORDERLINE", "LABELS", "Record", "RecordError", "RecordUnavailable", "now_ms", "open_record"]
+__all__ = ["BORDERLINE", "LABELS", "Record", "open_record"]
 
-BUSY_TIMEOUT_MS = 15_000
-"""How long a SQLite writer waits for another process's transaction before giving up."""
+
+
+
 BORDERLINE = 0.8
+
+
 """Normalised score (1 = the threshold) from which an image that passed still goes to the review queue."""
+
+
 LABELS = ("good", "defect")
+
+
 _VERDICTS = ("good", "defect", "none", "error")
-_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
 _EMPTY_ROW = {column.name: None for column in inspections.columns if column.name != "id"}
-
-
-class RecordError(SpadeError):
-    """A record that cannot be used as it is (not a database, newer schema, read-only, unreachable)."""
-
-
-class RecordUnavailable(RecordError):
-    """The record went away while in use (a server stopped, a disk failed): what was written before stays."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _is_url(target: str) -> bool:
-    return "://" in target
-
-
-def shown(target: str | os.PathLike[str]) -> str:
-    """The record as messages show it: a file path as given, a URL without its password."""
-    text = os.fspath(target)
-    if not _is_url(text):
-        return text
-    try:
-        return make_url(text).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return text
-
-
-def _check_file(path: Path, readonly: bool = False) -> None:
-    """Refuse, before SQLite touches it, a file that cannot become or be a record (`readonly`: that cannot be read)."""
-    where = shown(path)
-    if readonly:
-        _check_readable(path)
-        return
-    if path.is_dir():
-        raise RecordError(f"record {where} is a folder; give a file name for the record (e.g. inspections.db)")
-    if not path.parent.is_dir():
-        raise RecordError(f"record {where}: folder {path.parent} does not exist; create it or give another path")
-    if path.exists():
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-        if head and head != _SQLITE_MAGIC:
-            raise RecordError(f"record {where} is not a database (not a SQLite file); give a new file name or an "
-                              f"existing inspection record")
-        # Read-only by its mode: refused even for root (whom the system would let write), as the owner meant it.
-        if not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK):
-            raise RecordError(f"record {where} is read-only; make it writable (chmod u+w) or give another file")
-    folder = path.parent
-    if not os.access(folder, os.W_OK | os.X_OK) or not folder.stat().st_mode & stat.S_IWUSR:
-        raise RecordError(f"record {where}: folder {folder} is read-only (SQLite writes its journal beside the file); "
-                          f"make it writable or give another path")
-
-
-def _check_readable(path: Path) -> None:
-    """Refuse, for a read-only opening, a path that is not an existing SQLite file."""
-    where = shown(path)
-    if path.is_dir():
-        raise RecordError(f"record {where} is a folder; give the record's file (e.g. inspections.db)")
-    if not path.is_file():
-        raise RecordError(f"record {where} does not exist; give the record that predict, watch or serve wrote "
-                          f"(--record)")
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head != _SQLITE_MAGIC:
-        raise RecordError(f"record {where} is not a database (not a SQLite file); give an existing inspection record")
-
-
-def _readonly_url(path: Path) -> sa.URL:
-    """A SQLite URI that opens `path` read-only (`mode=ro`: nothing is written, a read-only file or folder is
-    fine). Without write access to the folder and no `-wal` file beside it (no writer has it open: one always keeps
-    its `-wal`), SQLite cannot make the shared-memory file a WAL database needs: then `immutable=1`."""
-    resolved = path.resolve()
-    folder_writable = os.access(resolved.parent, os.W_OK | os.X_OK) and resolved.parent.stat().st_mode & stat.S_IWUSR
-    wal = Path(f"{resolved}-wal")
-    parameters = "mode=ro" if folder_writable or wal.exists() else "mode=ro&immutable=1"
-    return sa.URL.create("sqlite+pysqlite", database=f"file:{urllib.parse.quote(str(resolved))}?{parameters}",
-                         query={"uri": "true"})
-
-
-def _engine(target: str, readonly: bool = False) -> sa.Engine:
-    if not _is_url(target):
-        path = Path(target).expanduser()
-        _check_file(path, readonly)
-        url = _readonly_url(path) if readonly else sa.URL.create("sqlite+pysqlite", database=str(path.resolve()))
-    else:
-        try:
-            url = make_url(target)
-        except sa.exc.ArgumentError as exc:
-            raise RecordError(f"record {target!r} is neither a file path nor a database URL "
-                              f"(postgresql://user@host/db, sqlite:///file.db)") from exc
-        if url.drivername in ("postgresql", "postgres"):
-            url = url.set(drivername="postgresql+psycopg")
-        elif url.drivername == "sqlite" and url.database:
-            _check_file(Path(url.database), readonly)
-            if readonly:
-                url = _readonly_url(Path(url.database))
-        elif not url.drivername.startswith(("postgresql", "sqlite")):
-            raise RecordError(f"record {shown(target)}: only SQLite files and PostgreSQL URLs are supported")
-    if url.get_backend_name() == "sqlite":
-        engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-
-        @sa.event.listens_for(engine, "connect")
-        def _connect(dbapi_connection: Any, _: Any) -> None:
-            dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if readonly:  # mode=ro: a WAL record is read as WAL; nothing to set (setting would write)
-                cursor.execute("PRAGMA query_only = ON")
-                cursor.close()
-                return
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _begin(connection: sa.Connection) -> None:
-            # A transaction that writes takes the lock at once (waiting up to the busy timeout), so that two
-            # processes never both read, then both fail to upgrade to writing.
-            immediate = connection.get_execution_options().get("write", False)
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
-    options = {"options": "-c default_transaction_read_only=on"} if readonly else {}
-    return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10, **options})
-
-
-def _problem(exc: BaseException) -> str:
-    """A driver error in one line."""
-    original = getattr(exc, "orig", None) or exc
-    return " ".join(str(original).split()) or type(original).__name__
 
 
 class Record:
@@ -186,10 +67,10 @@ class Record:
         self.target = os.fspath(target)
         self.shown = shown(self.target)
         self.readonly = readonly
-        if (not create or readonly) and not _is_url(self.target) and not Path(self.target).expanduser().exists():
+        if (not create or readonly) and not is_url(self.target) and not Path(self.target).expanduser().exists():
             raise RecordError(f"record {self.shown} does not exist; give the record that predict, watch or serve "
                               f"wrote (--record)")
-        self.engine = _engine(self.target, readonly)
+        self.engine = make_engine(self.target, readonly)
         self.backend = self.engine.url.get_backend_name()
         self.schema_version = self._check_version() if readonly else self._migrate()
         self._file = self._sqlite_file()
@@ -234,7 +115,7 @@ class Record:
             self._check_alive()
         self.engine.dispose()
         try:
-            self.engine = _engine(self.target)
+            self.engine = make_engine(self.target)
             self._migrate()
         except RecordError as exc:
             raise RecordUnavailable(str(exc)) from None
@@ -272,7 +153,7 @@ class Record:
             raise
         except sa.exc.DatabaseError as exc:
             self.engine.dispose()
-            problem = _problem(exc)
+            problem = driver_problem(exc)
             if "not a database" in problem or "malformed" in problem:
                 raise RecordError(f"record {self.shown} is not a database ({problem}); give a new file name or an "
                                   f"existing inspection record") from None
@@ -295,7 +176,7 @@ class Record:
             raise
         except sa.exc.DBAPIError as exc:
             self.engine.dispose()
-            raise RecordError(f"cannot read record {self.shown}: {_problem(exc)}") from None
+            raise RecordError(f"cannot read record {self.shown}: {driver_problem(exc)}") from None
         if found != SCHEMA_VERSION:
             self.engine.dispose()
             newer = found > SCHEMA_VERSION
@@ -326,7 +207,7 @@ class Record:
                 if known is None:
                     connection.execute(models.insert().values(first_seen_ms=now_ms(), **row))
         except sa.exc.DBAPIError as exc:
-            raise RecordUnavailable(f"record {self.shown}: cannot write ({_problem(exc)})") from None
+            raise RecordUnavailable(f"record {self.shown}: cannot write ({driver_problem(exc)})") from None
         return str(row["id"])
 
     def add(self, rows: Sequence[Mapping[str, Any]], *, wait: float | None = None) -> list[int]:
@@ -358,7 +239,7 @@ class Record:
         except sa.exc.DBAPIError as exc:
             raise RecordUnavailable(f"record {self.shown}: {len(values)} inspection{'s' if len(values) != 1 else ''} "
                                     f"not written "
-                                    f"({_problem(exc)})") from None
+                                    f"({driver_problem(exc)})") from None
 
     def _insert(self, connection: sa.Connection, values: list[dict[str, Any]]) -> list[int]:
         uids = [row["uid"] for row in values if row.get("uid")]
@@ -400,7 +281,7 @@ class Record:
                 connection.execute(inspections.update().where(inspections.c.id == inspection_id)
                                    .values(label=label, label_by=by, label_ms=stamp))
         except sa.exc.DBAPIError as exc:
-            raise RecordUnavailable(f"record {self.shown}: label not written ({_problem(exc)})") from None
+            raise RecordUnavailable(f"record {self.shown}: label not written ({driver_problem(exc)})") from None
         row = self.get(inspection_id)
         assert row is not None
         return row
@@ -440,7 +321,7 @@ class Record:
             with self.engine.connect() as connection:
                 return connection.execute(query).first() is not None
         except sa.exc.DBAPIError as exc:
-            raise RecordUnavailable(f"record {self.shown}: cannot read ({_problem(exc)})") from None
+            raise RecordUnavailable(f"record {self.shown}: cannot read ({driver_problem(exc)})") from None
 
     def models(self) -> list[dict[str, Any]]:
         """The models seen, newest first, each with its number of inspections."""
@@ -561,18 +442,3 @@ def open_record(target: str | os.PathLike[str], *, create: bool = True, readonly
     `readonly`: open an existing record for reading only (SQLite `mode=ro`, PostgreSQL read-only transactions):
     a read-only file, folder or mount is fine; nothing is written, so a record that needs migrating is refused."""
     return Record(target, create=create, readonly=readonly)
-
-
-def index_names() -> list[str]:
-    return sorted(str(index.name) for index in INDEXES)
-
-
-def plain_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows as JSON-ready dicts: regions decoded."""
-    out = []
-    for row in rows:
-        item = dict(row)
-        if isinstance(item.get("regions"), str):
-            item["regions"] = json.loads(item["regions"])
-        out.append(item)
-    return out

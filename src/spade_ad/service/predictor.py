@@ -37,8 +37,9 @@ from PIL import Image
 from ..calibration import ShiftMonitor, conformal_threshold
 from ..errors import ImageReadError, SettingError
 from ..images import UPLOAD_FORMATS, check_bytes, decode_bytes
+from ..png import encode_png
 from ..settings import BY_NAME
-from ..visualize import color_range, encode_png, heatmap, overlay_picture, threshold_color_range, why_picture
+from ..visualize import color_range, heatmap, overlay_picture, threshold_color_range, why_picture
 from .config import ServiceSettings
 from .errors import ApiError, image_error
 from .schemas import (
@@ -76,7 +77,7 @@ def _explanation(prediction: Prediction) -> dict[str, Any] | None:
 
 
 def _png_data_url(image: Image.Image) -> str:
-    """A picture as a PNG data URL, encoded as the files are (`visualize.encode_png`: about twice Pillow's speed)."""
+    """A picture as a PNG data URL, encoded as the files are (`png.encode_png`: about twice Pillow's speed)."""
     pixels = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
     return "data:image/png;base64," + base64.b64encode(encode_png(pixels)).decode("ascii")
 
