@@ -296,9 +296,10 @@ def test_overlay_picture_without_thresholds_is_washed_in_its_own_range_with_the_
 def test_encode_png_round_trips_through_pillow(shape: tuple[int, ...], tmp_path: Path) -> None:
     pixels = np.random.default_rng(2).integers(0, 256, size=shape, dtype=np.uint8)
     pixels[..., 0] = 255  # rows whose differences wrap around 256
-    decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels))))
-    assert decoded.dtype == np.uint8 and decoded.shape == shape
-    np.testing.assert_array_equal(decoded, pixels)
+    for level in (0, 1, 3):
+        decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels, level))))
+        assert decoded.dtype == np.uint8 and decoded.shape == shape
+        np.testing.assert_array_equal(decoded, pixels)
     image = Image.fromarray(pixels)
     np.testing.assert_array_equal(np.asarray(Image.open(save_png(image, tmp_path / "a" / "x.png"))), pixels)
     with pytest.raises(ValueError, match="shape"):

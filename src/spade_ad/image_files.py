@@ -6,7 +6,7 @@ scoring thread (`FilePool`).
 images it scored, the driver only the rows: `spade_ad.distributed`). Each file is written under a temporary name
 beside it (`.<name>.<pid>-<random>.partial`) and renamed into place (`os.replace`, `write_whole`), so a file by its
 own name is always whole, and writing it again (a retried batch) replaces it whole; `remove_partials` clears what a
-killed writer left. PNG files are written at zlib level `PNG_LEVEL`, chosen by measurement (docs/outputs.md).
+killed writer left. PNG files are deflated by ISA-L at `PNG_LEVEL`, chosen by measurement (docs/outputs.md).
 """
 
 from __future__ import annotations

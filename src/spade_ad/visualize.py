@@ -85,15 +85,20 @@ def overlay(
         scores = np.where(np.asarray(gaps) > 0, np.nan, scores)
     with np.errstate(invalid="ignore"):  # NaN is never shown
         shown = np.isfinite(scores) if level is None else scores >= level
-    pixels = np.array(base)
     box = _box(shown)
-    if box is not None:  # blended only where heat is shown, on the box around it (elementwise: the same values)
-        rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
-        part = pixels[rows, cols]
-        blended = _blend(part, _colour(scores[rows, cols], low, high, cmap), alpha)
-        pixels[rows, cols] = np.where(shown[rows, cols, None], blended, part)
-    result = Image.fromarray(pixels)
-    return result if mask is None else contour(result, mask, color=(255, 255, 255))
+    if box is not None:  # blended on the box around the heat, pasted where it is shown (Pillow: a fast masked copy)
+        top, bottom, left, right = box
+        rows, cols = slice(top, bottom), slice(left, right)
+        heat = Image.frombytes("P", (right - left, bottom - top), _colour_index(scores[rows, cols], low, high))
+        heat.putpalette(_lookup_table(cmap).tobytes())
+        blended = Image.blend(base.crop((left, top, right, bottom)), heat.convert("RGB"), alpha)
+        base.paste(blended, (left, top), _mask_picture(shown[rows, cols]))
+    return base if mask is None else contour(base, mask, color=(255, 255, 255))
+
+
+def _mask_picture(inside: np.ndarray) -> Image.Image:
+    """A boolean array as a Pillow paste mask (mode "L": 255 inside, 0 outside)."""
+    return Image.fromarray(np.ascontiguousarray(inside).view(np.uint8) * np.uint8(255))
 
 
 def _box(inside: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
@@ -105,15 +110,6 @@ def _box(inside: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | Non
     height, width = inside.shape
     return (max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + 1 + margin),
             max(0, int(cols[0]) - margin), min(width, int(cols[-1]) + 1 + margin))
-
-
-def _blend(pixels: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
-    """(1 - alpha) x pixels + alpha x colours, rounded to uint8 (float32: exact for alpha = 0.5)."""
-    blended = pixels.astype(np.float32)
-    blended *= np.float32(1.0 - alpha)
-    blended += np.float32(alpha) * colours.astype(np.float32)
-    np.rint(blended, out=blended)
-    return np.clip(blended, 0, 255, out=blended).astype(np.uint8)
 
 
 def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0)) -> Image.Image:
@@ -138,9 +134,8 @@ def contour(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = 
     padded = np.pad(part, 1, constant_values=True)  # the border is not outside (the margin, where there is one, is)
     # eroded with the 4-neighbour cross (as scipy's binary_erosion, border_value=1), by shifted views: fast on big masks
     eroded = part & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    pixels = np.array(base)
-    pixels[rows, cols][part & ~eroded] = color
-    return Image.fromarray(pixels)
+    base.paste(color, (box[2], box[0], box[3], box[1]), _mask_picture(part & ~eroded))
+    return base
 
 
 def verdict_label(is_anomalous: bool | None, normalized_score: float | None, score: float | None = None) -> str:
@@ -313,20 +308,23 @@ def _lookup_table(cmap: str) -> np.ndarray:
 
 def _colour(scores: np.ndarray, low: float, high: float, cmap: str) -> np.ndarray:
     """(H, W, 3) uint8 colours of `scores` scaled to [low, high]; NaN → mid-grey."""
+    rgb = np.take(_lookup_table(cmap), _colour_index(scores, low, high), axis=0)
     missing = np.isnan(scores)
-    if high > low:  # the table index of each score, in place on one float64 copy (big maps: a few ms)
-        unit = np.subtract(scores, low, dtype=np.float64)
-        unit /= high - low
-        unit *= _LUT_SIZE
-        np.clip(unit, 0.0, _LUT_SIZE - 1, out=unit)
-        unit[missing] = 0.0
-        index = unit.astype(np.uint8)
-    else:
-        index = np.zeros(scores.shape, dtype=np.uint8)
-    rgb = np.take(_lookup_table(cmap), index, axis=0)
     if missing.any():
         rgb[missing] = NAN_GREY
     return rgb
+
+
+def _colour_index(scores: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The colour table's index (uint8, C-ordered) of each score scaled to [low, high] (float32: a millisecond on a
+    big map); NaN and a constant scale give 0."""
+    if not high > low:
+        return np.zeros(scores.shape, dtype=np.uint8)
+    unit = np.subtract(scores, low, dtype=np.float32)
+    unit *= np.float32(_LUT_SIZE / (high - low))
+    np.clip(unit, 0.0, _LUT_SIZE - 1, out=unit)
+    np.nan_to_num(unit, copy=False, nan=0.0)
+    return unit.astype(np.uint8, order="C")
 
 
 #: Heat maps of a calibrated model share one colour scale, 0 .. THRESHOLD_SCALE x the pixel threshold, so that maps

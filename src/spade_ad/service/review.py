@@ -36,6 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..png import save_png
 from ..record import EvidenceChanged, RecordError, default_files_dir, now_ms, open_record, verified_image
 from ..recording import Recorder
 from .errors import ApiError
@@ -126,11 +127,11 @@ class ReviewStore:
         image_path = folder / f"{stem}{suffix.group(0).lower() if suffix else '.img'}"
         image_path.write_bytes(data)
         overlay_path = folder / f"{stem}-overlay.png"
-        overlay.save(overlay_path, format="PNG", compress_level=3)
+        save_png(overlay, overlay_path)
         why_path = None
         if why is not None:
             why_path = folder / f"{stem}-why.png"
-            why.save(why_path, format="PNG", compress_level=3)
+            save_png(why, why_path)
         return recorder.row(prediction, source=public_name(name), path=image_path, sha256=sha,
                             overlay_path=overlay_path, why_path=why_path, map_path=None, kept_path=image_path)
 
