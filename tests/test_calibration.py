@@ -364,6 +364,33 @@ def test_fit_names_the_defective_parts_in_its_training_folder(tmp_path: Path) ->
     assert (loaded.suspects, loaded.suspect_scores) == (cal.suspects, cal.suspect_scores)
 
 
+def test_fit_exclude_leaves_the_named_training_images_out(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`fit --exclude` with the two names fit gave: the model is fitted without them (and names no suspect then); a
+    pattern that matches no training image is one line and exit code 2, before anything is fitted."""
+    from spade_ad import load
+    from spade_ad.cli import main
+    from spade_ad.synthetic import make_synthetic_dataset, read_variants
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=24, n_test_good=0, n_test_defect=0, size=(160, 224),
+                                  seed=3, train_defects=2)
+    slipped = sorted(Path(name).name for name, kind in read_variants(root)["train"].items()
+                     if kind.startswith("defect"))
+    common = ["--k-gallery", "5", "--device", "cpu"]
+    main(["fit", str(root / "train" / "good"), "-o", str(tmp_path / "m.safetensors"), *common,
+          *[arg for name in slipped for arg in ("--exclude", name)]])
+    out, err = capsys.readouterr()
+    assert f"left out 2 training images: {', '.join(slipped)}" in out and "like defects" not in err
+    model = load(tmp_path / "m.safetensors")
+    assert len(model.train_names_) == 22 and not set(slipped) & {Path(n).name for n in model.train_names_}
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", str(root / "train" / "good"), "-o", str(tmp_path / "n.safetensors"), *common,
+              "--exclude", "nothing-*.png"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "'nothing-*.png' matches none of the 24" in err
+    assert not (tmp_path / "n.safetensors").exists()
+
+
 def test_density_normalisation_measures_a_rare_part_against_its_own_kind() -> None:
     """LOF at the image level: each part over the mean leave-one-out part of the image's nearest training images.
     A rare good part among the rare training parts it resembles comes out as usual; a defect on a usual part

@@ -356,6 +356,32 @@ def test_a_line_unlike_the_calibration_is_warned_about_after_30_images(tmp_path:
             assert "false-alarm rate" in warning and any(line.startswith("warning:") for line in lines)
 
 
+def test_predict_warns_when_its_images_score_above_the_calibration(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The batch front door says it too: `predict` on 30 good parts lit brighter warns (during the run, on its
+    stderr) with the false-alarm rate the shift implies; on good parts like the training ones it says nothing."""
+    from PIL import Image, ImageEnhance
+
+    from spade_ad.cli import main
+
+    root = make_synthetic_dataset(tmp_path / "part", n_train=40, n_test_good=30, n_test_defect=1, size=(64, 64),
+                                  seed=3)
+    model_path = Spade(k_gallery=3, image_size=64, device="cpu", progress=False).fit(root / "train" / "good").save(
+        tmp_path / "m.safetensors")
+    goods = sorted((root / "test" / "good").glob("*.png"))
+    for name, factor in (("same", 1.0), ("brighter", 1.6)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for index, source in enumerate(goods):
+            ImageEnhance.Brightness(Image.open(source).convert("RGB")).enhance(factor).save(folder / f"{index}.png")
+        main(["predict", str(model_path), str(folder), "-o", str(tmp_path / f"out-{name}"), "--outputs", "none"])
+        err = capsys.readouterr().err
+        if name == "same":
+            assert "warning" not in err
+        else:
+            assert err.count("warning:") == 1 and "false-alarm rate" in err
+
+
 def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
     """The service and watch share one schedule: a warning can come at the 30th, 100th and 300th score, then every
     1000th, never in between (each check costs a Mann-Whitney test)."""

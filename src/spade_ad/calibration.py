@@ -449,7 +449,8 @@ def suspects_warning(calibration: Calibration) -> str:
             f"{'a defect' if count == 1 else 'defects'} (leave-one-out score; the other good images end at "
             f"{max(rest) if rest else float('nan'):.3g}): {listed}; check "
             f"{'it' if count == 1 else 'them'}: a defective part in the training folder raises every threshold; "
-            f"remove {'it' if count == 1 else 'them'} from the training images and refit, or keep a rare good part")
+            f"refit without {'it' if count == 1 else 'them'} (spade-ad fit ... --exclude NAME), or keep a rare good "
+            f"part")
 
 
 def compare_good_scores(reference: Sequence[float], new: Sequence[float], *, threshold: float, rate: float,

@@ -11,6 +11,6 @@ code), `models` (fit, add, calibrate, predict, evaluate, demo), `line` (watch, d
 serve), `options` (the options and helpers the commands share).
 """
 
-from .entry import app, main
+from .entry import app, main, run
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run"]

@@ -39,17 +39,19 @@ _EXTRAS = {"torch": "fit", "torchvision": "fit", "timm": "fit", "sklearn": "fit"
            "ray": "ray"}
 
 
+def run() -> None:
+    """The process entry (`spade-ad`, `python -m spade_ad`): `main`, then the process ends without its last garbage
+    collection, which would walk every object torch and timm made: 1.2 s of a 5 s run (docs/outputs.md). A program
+    that calls the command and goes on calls `main`."""
+    try:
+        main()
+    finally:
+        gc.freeze()  # the objects alive now are never collected again: the process is ending
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors and bad input become one line on stderr and exit code 2, I/O faults one line and
     exit code 1; never a traceback."""
-    try:
-        _run(argv)
-    finally:
-        if argv is None:  # the process ends here: its last garbage collection would walk every object torch and
-            gc.freeze()   # timm made, 1.2 s of a 5 s run (docs/outputs.md); freezing them skips that walk only
-
-
-def _run(argv: list[str] | None) -> None:
     try:
         app.main(args=argv, prog_name="spade-ad", standalone_mode=False)
     except click.exceptions.Exit as exc:

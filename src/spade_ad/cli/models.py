@@ -37,17 +37,29 @@ from .options import (
 @click.option("--roi", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Region of interest: a mask image in the images' pixels, white = inspect, black = ignore (fixtured "
               "parts only); stored in the model, the maps, scores and thresholds see only the white pixels.")
+@click.option("--exclude", "exclude", metavar="PATTERN", multiple=True,
+              help="Leave out the training images whose name or file name matches (shell pattern, repeatable): "
+              "the ones fit names as scoring like defects, without moving files.")
 @skip_bad_option
 @ray_options
 @setting_options
-def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi: Path | None, skip_bad: bool,
-        ray_address: str | None, ray_workers: int, **options: Any) -> None:
+def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi: Path | None, exclude: tuple[str, ...],
+        skip_bad: bool, ray_address: str | None, ray_workers: int, **options: Any) -> None:
     """Fit a model on a folder of good images and save it."""
     settings = {**settings_table.PRESETS[preset], **given_settings(options)}
     on_skip = report_skip if skip_bad else None
     if ray_address is not None and roi is not None:
         raise click.UsageError("--roi is not available with --ray-address yet: fit here, or set the ROI afterwards "
                                "with `spade-ad calibrate MODEL --good DIR --roi MASK`")
+    if ray_address is not None and exclude:
+        raise click.UsageError("--exclude is not available with --ray-address yet: remove the images from the "
+                               "training folder, or fit here")
+    training: Any = train_dir
+    if exclude:
+        from ..inputs import collect_images, exclude_images
+
+        training, left_out = exclude_images(collect_images(train_dir), exclude)
+        click.echo(f"left out {len(left_out)} training images: {', '.join(item.name for item in left_out)}")
     if ray_address is not None:
         from ..distributed import fit as fit_on_ray
 
@@ -56,7 +68,7 @@ def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi:
     else:
         from ..model import Spade
 
-        model = Spade(**settings).fit(train_dir, validation=validation, roi=roi, skip_bad=skip_bad, on_skip=on_skip)
+        model = Spade(**settings).fit(training, validation=validation, roi=roi, skip_bad=skip_bad, on_skip=on_skip)
     model.save(output)
     click.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
     _echo_calibration(model)
@@ -117,6 +129,7 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     (row by row, with is_anomalous when the model has a threshold), regions.jsonl, and per image the files of
     --outputs (by default an overlay and the predicted defect mask). An output folder holding an earlier run's
     scores.csv is refused unless --overwrite; inputs with the same name get numbered files (x.png, x~2.png)."""
+    from ..calibration import ShiftMonitor
     from ..image_files import parse_outputs
     from ..loading import open_model
     from ..writers import PredictionWriter, check_output_dir
@@ -150,6 +163,8 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     writer = PredictionWriter.for_model(model, output, overwrite=overwrite, explain=explain, outputs=chosen)
     if recorder is not None:
         recorder.follow(writer)
+    shift = ShiftMonitor()  # do these images score above the good images the threshold came from?
+    writer.subscribe(lambda prediction, _: _warn(shift.add(model.calibration_, prediction.score)))
     try:
         with writer:
             def on_skip(item: object, error: Exception) -> None:
@@ -164,8 +179,14 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     finally:
         if recorder is not None:  # what was predicted before a failure is recorded too
             recorder.close()
+    _warn(shift.finish(model.calibration_))
     click.echo(f"scored {writer.count} images ({len(writer.skipped)} skipped): {output / 'scores.csv'}")
     report_unrecorded(recorder, output)
+
+
+def _warn(warning: str | None) -> None:
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command()
