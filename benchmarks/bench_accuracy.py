@@ -7,7 +7,7 @@ the latest tables.
     .venv/bin/python benchmarks/bench_accuracy.py                     # presets fast, default, quality
     .venv/bin/python benchmarks/bench_accuracy.py --config fused=image_score:fused --category bottle
 
-Everything goes through the library (`Spade`, `spade_ad.evaluation`): the same code users run.
+Everything goes through the library (`Spade`, `spade_ad.apps.evaluation`): the same code users run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import numpy as np
 
 from spade_ad import Spade
 from spade_ad import settings as table
-from spade_ad.datasets import CategoryData, load_dataset, load_mvtec_category
-from spade_ad.evaluation.metrics import (
+from spade_ad.apps.evaluation.metrics import (
     au_pro,
     best_f1,
     f1_at_threshold,
@@ -33,9 +32,10 @@ from spade_ad.evaluation.metrics import (
     pixel_auroc,
     recall_at_false_alarm_rate,
 )
-from spade_ad.evaluation.runner import resize_for_eval
-from spade_ad.synthetic import make_line_dataset, make_synthetic_dataset
-from spade_ad.synthetic_drawing import OBJECT_DEFECT_TYPES
+from spade_ad.apps.evaluation.runner import resize_for_eval
+from spade_ad.data.datasets import CategoryData, load_dataset, load_mvtec_category
+from spade_ad.data.synthetic import make_line_dataset, make_synthetic_dataset
+from spade_ad.data.synthetic_drawing import OBJECT_DEFECT_TYPES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

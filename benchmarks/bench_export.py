@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from spade_ad.drift import check_drift
     from spade_ad.record import open_record
+    from spade_ad.record.drift import check_drift
     from spade_ad.record.export import Selection, format_table, iter_rows, write_csv, write_parquet
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as name:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from spade_ad import Spade
-from spade_ad.datasets import load_mvtec_category
+from spade_ad.data.datasets import load_mvtec_category
 
 AITEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "aitex"
 

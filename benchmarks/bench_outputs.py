@@ -13,7 +13,7 @@
 3. `--in-process`: the same without the command's start-up: the library against `PredictionWriter` in this
    process, with each output set and with the default set written on the caller's thread (no pool), interleaved.
 4. `--levels`: PNG encoders and zlib levels, size against encoding time, on the overlays, masks and heat maps of
-   real predictions: Pillow's and `spade_ad.png.encode_png` (what chose it and `PNG_LEVEL`).
+   real predictions: Pillow's and `spade_ad.outputs.png.encode_png` (what chose it and `PNG_LEVEL`).
 
 The machine is shared: compare the figures of one run only (ratios); the load average is printed before and after.
 Results: benchmarks/results/outputs.json and outputs.md.
@@ -69,7 +69,7 @@ def _load() -> str:
 
 def _library(model_path: Path, images: list[Path]) -> float:
     """Seconds per image of `predict(original_size=True)` after a warm-up."""
-    from spade_ad.loading import open_model
+    from spade_ad.estimators.opening import open_model
 
     model = open_model(model_path)
     model.set_params(progress=False)
@@ -146,8 +146,8 @@ def bench_in_process(model_path: Path, images: list[Path], rounds: int = 3) -> d
     against `PredictionWriter` with each output set (pool of the default size) and the default set written on the
     caller's thread (`workers=0`), interleaved for `rounds` rounds; the fastest round of each (the one least
     disturbed by the other users of a shared machine) and the median."""
-    from spade_ad.loading import open_model
-    from spade_ad.writers import PredictionWriter
+    from spade_ad.estimators.opening import open_model
+    from spade_ad.outputs.writers import PredictionWriter
 
     model = open_model(model_path)
     model.set_params(progress=False)
@@ -184,13 +184,13 @@ def bench_in_process(model_path: Path, images: list[Path], rounds: int = 3) -> d
 _PHASES = r"""
 import json, sys, time
 t = [time.perf_counter()]
-import spade_ad.cli; t.append(time.perf_counter())
+import spade_ad.apps.cli; t.append(time.perf_counter())
 import numpy, PIL.Image; t.append(time.perf_counter())
 import torch; t.append(time.perf_counter())
 import timm; t.append(time.perf_counter())
 import sklearn.base; t.append(time.perf_counter())
-import spade_ad.model, spade_ad.writers; t.append(time.perf_counter())
-from spade_ad.loading import open_model
+import spade_ad.estimators.spade, spade_ad.outputs.writers; t.append(time.perf_counter())
+from spade_ad.estimators.opening import open_model
 model = open_model(sys.argv[1]); model.set_params(progress=False); t.append(time.perf_counter())
 next(model.iter_predict([sys.argv[2]], original_size=True, keep_images=True)); t.append(time.perf_counter())
 next(model.iter_predict([sys.argv[2]], original_size=True, keep_images=True)); t.append(time.perf_counter())
@@ -206,27 +206,27 @@ def bench_startup(model_path: Path, image: Path, src: Path | None = None) -> dic
     if src is not None:
         env["PYTHONPATH"] = str(src)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import spade_ad.model"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", "import spade_ad.estimators.spade"], env=env, check=True, capture_output=True)
     interpreter = time.perf_counter() - started
     done = subprocess.run([sys.executable, "-c", _PHASES, str(model_path), str(image)], env=env, check=True,
                           capture_output=True, text=True)
     phases = json.loads(done.stdout.strip().splitlines()[-1])
     for name, seconds in phases.items():
         print(f"  {name:26s} {seconds:6.2f} s", flush=True)
-    phases["(warm-up run: python -c 'import spade_ad.model')"] = interpreter
+    phases["(warm-up run: python -c 'import spade_ad.estimators.spade')"] = interpreter
     return phases
 
 
 def bench_levels(model_path: Path, images: list[Path], rounds: int = 5) -> dict[str, dict[str, list[float]]]:
     """Per encoder and zlib level: the fastest of `rounds` encodings (ms, interleaved, so that a busy moment of the
     shared machine hurts none more than another) and the mean kB, over the overlays, masks and heat maps of
-    `images`: Pillow's encoder and `spade_ad.png.encode_png`."""
+    `images`: Pillow's encoder and `spade_ad.outputs.png.encode_png`."""
     import numpy as np
     from PIL import Image
 
-    from spade_ad.loading import open_model
-    from spade_ad.png import encode_png
-    from spade_ad.visualize import heatmap, overlay_picture, threshold_color_range
+    from spade_ad.estimators.opening import open_model
+    from spade_ad.outputs.png import encode_png
+    from spade_ad.outputs.visualize import heatmap, overlay_picture, threshold_color_range
 
     model = open_model(model_path)
     model.set_params(progress=False)

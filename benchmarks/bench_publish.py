@@ -1,4 +1,4 @@
-"""What the durable outbox costs: messages published through `spade_ad.publish.Publisher` (outbox in SQLite, one
+"""What the durable outbox costs: messages published through `spade_ad.apps.publish.Publisher` (outbox in SQLite, one
 sender thread) against the same messages sent straight with paho (QoS 1, waiting for every PUBACK) or urllib (one
 POST each), to a throw-away Mosquitto broker and a local webhook on loopback, in the same run.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import publish_targets  # noqa: E402
-from spade_ad.publish import Publisher, message_id  # noqa: E402
+from spade_ad.apps.publish import Publisher, message_id  # noqa: E402
 
 
 def messages(n: int) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 Each configuration runs in its own process, one after the other, on the same N images (the MVTec AD bottle test
 images, 900 x 900 PNG, cycled to N and copied under distinct names): the plain `spade-ad predict` path (`load`,
-`iter_predict`, `PredictionWriter`) and `spade_ad.distributed.predict` with W workers on a local Ray cluster (W + 1
+`iter_predict`, `PredictionWriter`) and `spade_ad.apps.distributed.predict` with W workers on a local Ray cluster (W + 1
 logical CPUs); then the same three writing scores and regions only, without the per-image pictures
 (`distributed.predict(images=False)`; the plain run drops the same parts), which is where the cost moves when the
 pictures are not wanted. Measured from outside each process:
@@ -59,7 +59,7 @@ def run_child(mode: str, model: Path, inputs: Path, out: Path, workers: int, ima
         import torch
 
         from spade_ad import load
-        from spade_ad.writers import PredictionWriter
+        from spade_ad.outputs.writers import PredictionWriter
 
         if threads:
             torch.set_num_threads(threads)
@@ -70,7 +70,7 @@ def run_child(mode: str, model: Path, inputs: Path, out: Path, workers: int, ima
                     prediction = prediction.without_pixels()
                 writer.write(prediction)
     else:
-        from spade_ad import distributed
+        from spade_ad.apps import distributed
 
         distributed.predict(model, inputs, out, workers=workers, device="cpu", overwrite=True, progress=False,
                             images=images, save_maps=save_maps)
@@ -81,10 +81,10 @@ def run_stages(model_path: Path, inputs: Path, out: Path, count: int = 16) -> di
     import torch
 
     from spade_ad import load
-    from spade_ad.images import decode_bytes
-    from spade_ad.inputs import ImageItem
-    from spade_ad.pyramid import extract, iter_batches
-    from spade_ad.writers import PredictionWriter
+    from spade_ad.core.features import extract, iter_batches
+    from spade_ad.data.images import decode_bytes
+    from spade_ad.data.inputs import ImageItem
+    from spade_ad.outputs.writers import PredictionWriter
 
     torch.set_num_threads(1)
     model = load(model_path, device="cpu")

@@ -49,10 +49,10 @@ def _model(path: Path | None, cache: Path) -> Path:
 
 
 def overhead(model_path: Path, n_images: int, rounds: int) -> dict[str, object]:
-    from spade_ad.loading import open_model
+    from spade_ad.estimators.opening import open_model
+    from spade_ad.outputs.writers import PredictionWriter
     from spade_ad.record import open_record
-    from spade_ad.recording import Recorder
-    from spade_ad.writers import PredictionWriter
+    from spade_ad.record.recorder import Recorder
 
     images = sorted((BOTTLE / "test").rglob("*.png"))
     random.Random(0).shuffle(images)
@@ -109,8 +109,8 @@ def overhead(model_path: Path, n_images: int, rounds: int) -> dict[str, object]:
 
 
 def million(rows: int, folder: Path) -> dict[str, object]:
-    from spade_ad.drift import check_drift
     from spade_ad.record import open_record
+    from spade_ad.record.drift import check_drift
 
     target = folder / "million.db"
     rng = np.random.default_rng(0)
@@ -175,10 +175,10 @@ def million(rows: int, folder: Path) -> dict[str, object]:
 
 
 def drift_on_bottle(model_path: Path, folder: Path) -> dict[str, object]:
-    from spade_ad.drift import check_drift
-    from spade_ad.loading import open_model
+    from spade_ad.estimators.opening import open_model
     from spade_ad.record import open_record
-    from spade_ad.recording import Recorder
+    from spade_ad.record.drift import check_drift
+    from spade_ad.record.recorder import Recorder
 
     model = open_model(model_path, device="cpu")
     model.set_params(progress=False)

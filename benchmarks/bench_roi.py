@@ -1,5 +1,5 @@
 """Regions of interest (issue 29): false alarms and recall with and without the ROI on the generated product whose
-good parts carry a printed code that changes on every test part (`spade_ad.synthetic.make_printed_dataset`).
+good parts carry a printed code that changes on every test part (`spade_ad.data.synthetic.make_printed_dataset`).
 
     python benchmarks/bench_roi.py [--train 30 --good 40 --defect 8 --size 160]
 
@@ -29,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from spade_ad import Spade
-    from spade_ad.evaluation.metrics import image_auroc
-    from spade_ad.synthetic import make_printed_dataset
+    from spade_ad.apps.evaluation.metrics import image_auroc
+    from spade_ad.data.synthetic import make_printed_dataset
 
     root = make_printed_dataset(args.data / "printed", n_train=args.train, n_test_good=args.good,
                                 n_test_defect=args.defect, size=(args.size, args.size), seed=args.seed)

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from spade_ad import Spade
-from spade_ad.datasets import load_mvtec_category
-from spade_ad.export import export_bundle
-from spade_ad.runtime import load_bundle
+from spade_ad.data.datasets import load_mvtec_category
+from spade_ad.estimators.runtime import load_bundle
+from spade_ad.export.bundle import export_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -51,7 +51,7 @@ def agreement(expected: list, got: list) -> dict[str, float]:
 
 def backbone_speed(model: Spade, bundle: Path, repeats: int) -> dict[str, float]:
     """Seconds per 224 x 224 image (batch 1) of the backbone alone, interleaved, median."""
-    from spade_ad.runtime.engines import OnnxRuntimeBackbone, OpenVinoBackbone
+    from spade_ad.estimators.runtime.engines import OnnxRuntimeBackbone, OpenVinoBackbone
 
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     engines = {"torch": lambda: model.backbone_(x), "onnxruntime": OnnxRuntimeBackbone(bundle / "backbone.onnx"),

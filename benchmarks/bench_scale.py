@@ -22,8 +22,8 @@ from pathlib import Path
 def measure(n_train: int, n_test: int, workdir: Path, device: str) -> dict[str, float]:
     """Runs inside the child process: generate data, fit, predict; report timings and peak RSS."""
     from spade_ad import Spade
-    from spade_ad.images import list_images
-    from spade_ad.synthetic import make_synthetic_dataset
+    from spade_ad.data.images import list_images
+    from spade_ad.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(workdir / f"n{n_train}", n_train=n_train, n_test_good=n_test // 2,
                                   n_test_defect=max(1, n_test // 4), size=(224, 224), seed=0)
@@ -47,7 +47,7 @@ def global_search_ms(n_features: int = 100_000, dim: int = 320, queries: int = 2
     import numpy as np
     import torch
 
-    from spade_ad.store import FeatureStore
+    from spade_ad.core.feature_store import FeatureStore
 
     bank = torch.randn(n_features, dim)
     store = FeatureStore(bank, [np.zeros((n_features, 1), np.float16)], np.ones((n_features, 1, 2), np.int64))

@@ -1,7 +1,7 @@
 """Speed and memory of spade-ad's pixel stage against the naive way public SPADE code works, in one process.
 
 (a) naive: every training feature map held in memory (float32), one `torch.cdist` over the whole gallery per level.
-(b) ours: features on disk (memory-mapped), tiled exact search (`spade_ad.search`).
+(b) ours: features on disk (memory-mapped), tiled exact search (`spade_ad.core.search_torch`).
 Then the default preset end to end: predict time per image against the backbone's forward time alone.
 
 Both use the same backbone features of the same images, so the ratio isolates the search and storage. Prints
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from spade_ad import Spade
-from spade_ad.geometry import image_to_tensor, map_to_original, plan_geometry
-from spade_ad.images import list_images, read_image
-from spade_ad.scoring import pixel_anomaly_map, smooth_map
+from spade_ad.core.geometry import image_to_tensor, map_to_original, plan_geometry
+from spade_ad.core.scoring import pixel_anomaly_map, smooth_map
+from spade_ad.data.images import list_images, read_image
 from spade_ad.settings import SearchSettings
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"

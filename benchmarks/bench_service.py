@@ -41,7 +41,7 @@ def rss_mib(pid: int) -> float:
 def make_model(folder: Path) -> tuple[Path, Path]:
     """Fit a small calibrated model on generated images; return (model file, a defect test image)."""
     from spade_ad import Spade
-    from spade_ad.synthetic import make_synthetic_dataset
+    from spade_ad.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(folder, n_train=12, n_test_good=1, n_test_defect=1, size=(256, 256), seed=0)
     model = Spade(k_gallery=4, device="cpu", progress=False).fit(root / "train" / "good")

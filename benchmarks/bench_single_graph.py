@@ -1,5 +1,5 @@
-"""SPADE in one ONNX graph (`spade-ad export --single-graph`) against the torch-free Python runtime (`spade_ad.runtime`,
-a bundle scored with numpy + ONNX Runtime) on MVTec AD bottle, in one run.
+"""SPADE in one ONNX graph (`spade-ad export --single-graph`) against the torch-free Python runtime
+(`spade_ad.estimators.runtime`, a bundle scored with numpy + ONNX Runtime) on MVTec AD bottle, in one run.
 
 1. Same answers: 20 bottle test images (5 of every kind) scored by the Python runtime and by the Node.js client
    (examples/node/score.mjs: onnxruntime-node, PNG decoding and Pillow's resize in JavaScript) and by the graph in
@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 
 from spade_ad import Spade
-from spade_ad.export import export_bundle
-from spade_ad.export_graph import export_single_graph, read_contract
-from spade_ad.geometry import global_view_geometry, image_to_array, plan_geometry
-from spade_ad.runtime import load_bundle
+from spade_ad.core.geometry import global_view_geometry, image_to_array, plan_geometry
+from spade_ad.estimators.runtime import load_bundle
+from spade_ad.export.bundle import export_bundle
+from spade_ad.export.single_graph import export_single_graph, read_contract
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"

@@ -60,8 +60,8 @@ def one_round(model_path: Path, files: list[Path], device: str, batch_sizes: lis
 
     import spade_ad
     from spade_ad import load
-    from spade_ad.inputs import ImageItem
-    from spade_ad.pyramid import extract, iter_batches
+    from spade_ad.core.features import extract, iter_batches
+    from spade_ad.data.inputs import ImageItem
 
     model = load(model_path, device=device)
     model.progress = False
@@ -127,8 +127,11 @@ def cpu_old_and_new(model_new: Path, model_old: Path, files: list[Path], batch_s
     images = [Image.open(f).convert("RGB") for f in files]
     setups = {}
     for name, (package, path) in packages.items():
-        inputs = importlib.import_module(f"{package.__name__}.inputs")
-        pyramid = importlib.import_module(f"{package.__name__}.pyramid")
+        from importlib.util import find_spec
+
+        moved = find_spec(f"{package.__name__}.core") is not None  # an old checkout has the flat layout
+        inputs = importlib.import_module(f"{package.__name__}.{'data.inputs' if moved else 'inputs'}")
+        pyramid = importlib.import_module(f"{package.__name__}.{'core.features' if moved else 'pyramid'}")
         model = package.load(path, device="cpu")
         model.progress = False
         setups[name] = (model, pyramid, [inputs.ImageItem(f"{i:04d}.png", image=im) for i, im in enumerate(images)],

@@ -61,7 +61,7 @@ def _predict(data: Path, model: Path, good: int, defect: int) -> None:
     from PIL import Image
 
     from spade_ad import load
-    from spade_ad.evaluation.metrics import au_pro, image_auroc, recall_at_false_alarm_rate
+    from spade_ad.apps.evaluation.metrics import au_pro, image_auroc, recall_at_false_alarm_rate
 
     spade = load(model, device="cpu")
     files = _test_files(data, good, defect)
@@ -127,7 +127,7 @@ def _merge(out: Path, new: dict) -> dict:
 
 def _cached(root: Path, **kwargs: object) -> Path:
     """The generated data set at `root`, made once (generating 2048 x 2048 images takes a while)."""
-    from spade_ad.synthetic import make_large_dataset
+    from spade_ad.data.synthetic import make_large_dataset
 
     done = root / "done"
     if not done.exists():

@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_accuracy import categories, parse_config  # noqa: E402
 
-from spade_ad import Spade, scoring  # noqa: E402
-from spade_ad.calibration import conformal_threshold, robust_scale, tail_threshold  # noqa: E402
-from spade_ad.evaluation.metrics import image_auroc  # noqa: E402
-from spade_ad.evaluation.metrics import recall_at_false_alarm_rate as recall_at_fpr  # noqa: E402
-from spade_ad.maps import fuse, smooth  # noqa: E402
+from spade_ad import Spade
+from spade_ad.apps.evaluation.metrics import image_auroc  # noqa: E402
+from spade_ad.apps.evaluation.metrics import recall_at_false_alarm_rate as recall_at_fpr  # noqa: E402
+from spade_ad.core import scoring  # noqa: E402
+from spade_ad.core.calibration import conformal_threshold, robust_scale, tail_threshold  # noqa: E402
+from spade_ad.core.maps_numpy import fuse, smooth  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "results" / "study"
 

@@ -1,6 +1,6 @@
 """A griffe extension for the documentation site (mkdocs.yml): docstrings assigned at import time.
 
-`Spade.__doc__` gets its Parameters section from the settings table when `spade_ad.model` is imported, which
+`Spade.__doc__` gets its Parameters section from the settings table when `spade_ad.estimators.spade` is imported, which
 griffe's static analysis does not see. For each module statement `Name.__doc__ = ...`, this imports the module and
 gives the documented object its runtime docstring, so the API reference shows what `help()` shows.
 """

@@ -1,8 +1,8 @@
 """Test helper: `spade-ad serve` in a child process (`python -m spade_ad serve ...`), for the tests and the service
 benchmark: start it on a free loopback port, wait until /healthz answers, stop it on exit; and `serve_in_thread`, an
 application served by uvicorn in a thread of the test process (so a test can reach into the model). The service
-itself is `spade_ad.service`; this helper is not part of the library. Tests import it as `child_server` (pytest puts
-tests/ on sys.path); benchmarks/bench_service.py puts tests/ on sys.path itself."""
+itself is `spade_ad.apps.service`; this helper is not part of the library. Tests import it as `child_server` (pytest
+puts tests/ on sys.path); benchmarks/bench_service.py puts tests/ on sys.path itself."""
 
 from __future__ import annotations
 

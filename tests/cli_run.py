@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spade_ad.cli import main
+from spade_ad.apps.cli import main
 
 
 def run_cli(args: list[object]) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spade_ad import Spade
-from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.data.synthetic import make_synthetic_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
 

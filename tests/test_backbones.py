@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 
 from spade_ad import WeightsError, build_backbone
-from spade_ad.backbones import build_classifier, fold_batch_norms, state_dict_sha256
+from spade_ad.core.backbones import build_classifier, fold_batch_norms, state_dict_sha256
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

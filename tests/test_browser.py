@@ -14,7 +14,7 @@ import pytest
 
 from child_server import serve_in_subprocess
 from spade_ad import Spade
-from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.data.synthetic import make_synthetic_dataset
 
 pytestmark = pytest.mark.browser
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spade_ad import SettingError, Spade
-from spade_ad.calibration import (
+from spade_ad.core.calibration import (
     PIXEL_RATES,
     Calibration,
     check_shift,
@@ -23,7 +23,7 @@ from spade_ad.calibration import (
     suspects,
     suspects_warning,
 )
-from spade_ad.images import list_images
+from spade_ad.data.images import list_images
 
 
 @pytest.mark.parametrize(("n", "alpha"), [(59, 0.1), (99, 0.05), (499, 0.01), (30, 0.2)])
@@ -335,7 +335,8 @@ def test_calibrate_for_a_recall_on_labelled_defects(fitted_model: Spade, synthet
 def test_model_files_from_before_map_weight_keep_equal_weights(
         fitted_model: Spade, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file written before `map_weight` existed scores as it did (weights 1/2), not with today's default."""
-    from spade_ad import load, modelfile
+    from spade_ad import load
+    from spade_ad.data import modelfile
 
     stored = modelfile.settings_table.stored
     monkeypatch.setattr(modelfile.settings_table, "stored",
@@ -350,7 +351,7 @@ def test_fit_names_the_defective_parts_in_its_training_folder(tmp_path: Path) ->
     """Two defective parts (a stain, a washer) slipped among 22 good ones: fit names exactly those two, the model
     file keeps them, and the threshold is not set by them (it lies below both)."""
     from spade_ad import load
-    from spade_ad.synthetic import make_synthetic_dataset, read_variants
+    from spade_ad.data.synthetic import make_synthetic_dataset, read_variants
 
     root = make_synthetic_dataset(tmp_path / "data", n_train=24, n_test_good=0, n_test_defect=0, size=(160, 224),
                                   seed=3, train_defects=2)
@@ -369,8 +370,8 @@ def test_fit_exclude_leaves_the_named_training_images_out(tmp_path: Path,
     """`fit --exclude` with the two names fit gave: the model is fitted without them (and names no suspect then); a
     pattern that matches no training image is one line and exit code 2, before anything is fitted."""
     from spade_ad import load
-    from spade_ad.cli import main
-    from spade_ad.synthetic import make_synthetic_dataset, read_variants
+    from spade_ad.apps.cli import main
+    from spade_ad.data.synthetic import make_synthetic_dataset, read_variants
 
     root = make_synthetic_dataset(tmp_path / "data", n_train=24, n_test_good=0, n_test_defect=0, size=(160, 224),
                                   seed=3, train_defects=2)
@@ -395,7 +396,7 @@ def test_density_normalisation_measures_a_rare_part_against_its_own_kind() -> No
     """LOF at the image level: each part over the mean leave-one-out part of the image's nearest training images.
     A rare good part among the rare training parts it resembles comes out as usual; a defect on a usual part
     stands out by the same measure; duplicates (leave-one-out parts 0) do not divide by zero."""
-    from spade_ad.calibration import density_floor, density_normalised
+    from spade_ad.core.calibration import density_floor, density_normalised
 
     train = np.array([[1.0, 2.0, 0.5]] * 8 + [[5.0, 8.0, 3.0]] * 2)  # 8 usual parts, 2 rare ones
     rare_good = density_normalised(np.array([[5.0, 8.0, 3.0]]), np.array([[8, 9, 0]]), train, 2)
@@ -425,7 +426,8 @@ def test_model_files_from_before_the_coarse_part_score_exactly_as_before(
     scores and its threshold."""
     from sklearn.base import clone
 
-    from spade_ad import load, modelfile
+    from spade_ad import load
+    from spade_ad.data import modelfile
 
     model = clone(fitted_model).set_params(map_weight=2 / 3, coarse_weight=0.0, density_k=0)
     model.fit(synthetic_root / "train" / "good")

@@ -1,4 +1,4 @@
-"""The command line, run in-process through its real entry point (`spade_ad.cli.main`)."""
+"""The command line, run in-process through its real entry point (`spade_ad.apps.cli.main`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from spade_ad.cli import main
+from spade_ad.apps.cli import main
 
 
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:

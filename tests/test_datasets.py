@@ -1,4 +1,4 @@
-"""Tests for spade_ad.datasets: the MVTec AD and folder layouts, layout errors, and reading masks."""
+"""Tests for spade_ad.data.datasets: the MVTec AD and folder layouts, layout errors, and reading masks."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad import datasets as ds
+from spade_ad.data import datasets as ds
+from spade_ad.data.images import read_image
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.errors import DatasetLayoutError, ImageReadError
-from spade_ad.images import read_image
-from spade_ad.synthetic import make_synthetic_dataset
 
 SIZE = (64, 96)  # height, width
 

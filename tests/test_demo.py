@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from spade_ad.demo import run_demo
+from spade_ad.apps.demo import run_demo
 
 
 def test_demo_fits_scores_and_writes_overlays(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""The batched device pipeline (`spade_ad.device_maps`): the same search, maps, scores and verdicts as the per-image
-CPU path, run here on CPU tensors through `Spade._device_pipeline = True` (the code a GPU runs); `-m cuda` runs the
-same comparison with the model on a GPU (`benchmarks/gpu_check.sh`)."""
+"""The batched device pipeline (`spade_ad.core.device_maps`): the same search, maps, scores and verdicts as the
+per-image CPU path, run here on CPU tensors through `Spade._device_pipeline = True` (the code a GPU runs); `-m cuda`
+runs the same comparison with the model on a GPU (`benchmarks/gpu_check.sh`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ad import Spade, device_maps, numpy_search, search
-from spade_ad.images import list_images
-from spade_ad.prediction import Prediction
+from spade_ad import Spade
+from spade_ad.core import device_maps
+from spade_ad.core import search_numpy as numpy_search
+from spade_ad.core import search_torch as search
+from spade_ad.data.images import list_images
+from spade_ad.estimators.prediction import Prediction
 
 
 @pytest.mark.parametrize(("kappa", "budget"), [(1, None), (3, None), (1, 4096 * 4), (5, 2**20)])

@@ -1,4 +1,4 @@
-"""Distributed predict and fit on Ray Data (`spade_ad.distributed`): the same answers as one process, each input
+"""Distributed predict and fit on Ray Data (`spade_ad.apps.distributed`): the same answers as one process, each input
 once when a worker dies, clear errors, and nothing of Ray needed by `import spade_ad` and the other commands.
 
 The Ray runs share one small local cluster (3 logical CPUs: two actors and one CPU for reading and decoding),
@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from spade_ad import Spade, distributed
-from spade_ad.distributed import ClusterError
-from spade_ad.distributed.driver import _in_input_order
-from spade_ad.distributed.listing import _list_inputs, _Listing
-from spade_ad.distributed.session import _check_address
+from spade_ad import Spade
+from spade_ad.apps import distributed
+from spade_ad.apps.distributed import ClusterError
+from spade_ad.apps.distributed.driver import _in_input_order
+from spade_ad.apps.distributed.listing import _list_inputs, _Listing
+from spade_ad.apps.distributed.session import _check_address
+from spade_ad.data.images import read_image
+from spade_ad.data.inputs import ImageItem, collect_images
 from spade_ad.errors import ImageReadError, SettingError
-from spade_ad.images import read_image
-from spade_ad.inputs import ImageItem, collect_images
 
 BROKEN = "zz_broken.png"  # sorts last: every good input comes before it
 
@@ -200,7 +201,7 @@ def test_inputs_sharing_a_name_get_the_plain_run_s_numbered_files(cluster: Any, 
     import torch
 
     from spade_ad import load
-    from spade_ad.writers import PredictionWriter
+    from spade_ad.outputs.writers import PredictionWriter
 
     image = inputs_dir / "good" / "000.png"
     given = [image, inputs_dir / "good" / "001.png", image]
@@ -325,7 +326,7 @@ def test_import_and_commands_work_without_ray(model_file: Path, synthetic_root: 
         shutil.copy(image, train)
     code = (
         "import sys\nsys.modules['ray'] = None  # `import ray` raises ImportError, as without Ray installed\n"
-        "import spade_ad\nfrom spade_ad.cli import main\n"
+        "import spade_ad\nfrom spade_ad.apps.cli import main\n"
         "def run(*argv):\n    try:\n        main([str(a) for a in argv])\n    except SystemExit as exc:\n"
         "        return exc.code or 0\n    return 0\n"
         "assert run('--help') == 0\n"
@@ -346,8 +347,8 @@ def test_import_and_commands_work_without_ray(model_file: Path, synthetic_root: 
 
 def test_actors_write_the_pictures_unless_two_inputs_share_a_name(inputs_dir: Path, tmp_path: Path) -> None:
     """The actors get each path's stems (a plain run's names); with numbered names the driver writes instead."""
-    from spade_ad.distributed.driver import _worker_files
-    from spade_ad.writers import output_stems
+    from spade_ad.apps.distributed.driver import _worker_files
+    from spade_ad.outputs.writers import output_stems
 
     listing = _list_inputs(inputs_dir)
     files = _worker_files(listing, tmp_path, True, output_stems)

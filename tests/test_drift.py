@@ -1,4 +1,4 @@
-"""Drift (spade_ad.drift, `spade-ad drift`): the flag rate against the calibrated rate (binomial test) and the
+"""Drift (spade_ad.record.drift, `spade-ad drift`): the flag rate against the calibrated rate (binomial test) and the
 good-looking scores against the model's calibration scores (Mann-Whitney), on records with known answers."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cli_run import run_cli
-from spade_ad.drift import check_drift
 from spade_ad.record import open_record
+from spade_ad.record.drift import check_drift
 
 CALIBRATION = np.random.default_rng(0).normal(1.0, 0.2, 209)
 THRESHOLD = float(np.quantile(CALIBRATION, 0.99))

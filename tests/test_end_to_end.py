@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spade_ad.evaluation import evaluate
+from spade_ad.apps.evaluation import evaluate
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from spade_ad import WeightsError
-from spade_ad.evaluation import evaluate
+from spade_ad.apps.evaluation import evaluate
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.settings import PRESETS
-from spade_ad.synthetic import make_synthetic_dataset
 
 FAST = {"k_gallery": 4, "device": "cpu", "progress": False}
 
@@ -80,7 +80,7 @@ def test_evaluate_command_applies_options_over_the_preset(
 ) -> None:
     import sys
 
-    from spade_ad.cli import main
+    from spade_ad.apps.cli import main
 
     out = tmp_path / "cli_report"
     monkeypatch.setattr(sys, "argv", ["spade-ad", "evaluate", str(two_categories), "--category", "disc",

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from spade_ad import Spade
-from spade_ad.images import list_images
+from spade_ad.data.images import list_images
 
 
 def test_pasted_defect_matches_the_same_place_in_its_source_image(fitted_model: Spade, synthetic_root: Path,

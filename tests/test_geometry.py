@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad import geometry
+from spade_ad.core import geometry
+from spade_ad.core.geometry import image_to_array, plan_geometry
+from spade_ad.core.maps_numpy import map_to_original
 from spade_ad.errors import ImageReadError, ImageTooLargeError
-from spade_ad.geometry import image_to_array, plan_geometry
-from spade_ad.maps import map_to_original
 
 
 @pytest.mark.parametrize("size", [(900, 300), (300, 900), (256, 256), (1000, 1333), (50, 40)])

@@ -25,8 +25,8 @@ from PIL import Image
 
 from cli_run import run_cli
 from spade_ad import Spade
-from spade_ad import model as model_module
-from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.data.synthetic import make_synthetic_dataset
+from spade_ad.estimators import spade as model_module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -211,7 +211,7 @@ def test_unwritable_output_folder_is_one_line(tiny: tuple[Path, Path], tmp_path:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
         return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr("spade_ad.writers.open", refused, raising=False)
+    monkeypatch.setattr("spade_ad.outputs.writers.open", refused, raising=False)
     code, err = run(["predict", tiny[0], tiny[1], "-o", out], capsys)
     assert code == 1 and len(err) == 1 and "scores.csv" in err[0] and "Permission denied" in err[0]
 
@@ -249,7 +249,7 @@ def test_disk_full_while_writing_scores_keeps_every_row_before_it(
         handle = builtins.open(file, *args, **kwargs)
         return _FullDisk(handle, room=1 + 3) if Path(file).name == "scores.csv" else handle  # header + 3 rows
 
-    monkeypatch.setattr("spade_ad.writers.open", filling, raising=False)
+    monkeypatch.setattr("spade_ad.outputs.writers.open", filling, raising=False)
     out = tmp_path / "out"
     code, err = run(["predict", tiny[0], tiny[1], "-o", out], capsys)
     assert code == 1 and len(err) == 1
@@ -260,7 +260,7 @@ def test_disk_full_while_writing_scores_keeps_every_row_before_it(
 def test_disk_full_while_writing_images_keeps_every_row_before_it(
     tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spade_ad import image_files
+    from spade_ad.outputs import image_files
 
     real = image_files.save_png
 
@@ -290,7 +290,7 @@ def test_model_that_cannot_be_renamed_into_place(tiny: tuple[Path, Path], tmp_pa
     def refused(source: Any, destination: Any) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source), None, str(destination))
 
-    monkeypatch.setattr("spade_ad.modelfile.os.replace", refused)
+    monkeypatch.setattr("spade_ad.data.modelfile.os.replace", refused)
     code, err = run(["fit", tiny[1], "-o", target, "--image-size", "64", "--k-gallery", "2", "--device", "cpu"],
                     capsys)
     assert code == 1 and len(err) == 1 and "Permission denied" in err[0]

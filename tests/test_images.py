@@ -1,4 +1,5 @@
-"""Tests for spade_ad.images and spade_ad.inputs: robust image reading, folder listing, input collection, loading."""
+"""Tests for spade_ad.data.images and spade_ad.data.inputs: robust image reading, folder listing, input collection,
+loading."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import pytest
 import tifffile
 from PIL import Image, features
 
-from spade_ad import images as data
+from spade_ad.data import images as data
+from spade_ad.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from spade_ad.data.inputs import ImageItem, collect_images, iter_loaded
 from spade_ad.errors import ImageReadError, ImageTooLargeError, NoImagesError
-from spade_ad.images import IMAGE_EXTENSIONS, list_images, read_image
-from spade_ad.inputs import ImageItem, collect_images, iter_loaded
 
 
 def _rgb_array(h: int = 5, w: int = 7, seed: int = 0) -> np.ndarray:
@@ -682,8 +683,8 @@ def test_image_read_error_kinds() -> None:
 
 
 def test_exclude_images_by_name_or_file_name_and_refuses_a_pattern_that_matches_nothing(tmp_path: Path) -> None:
+    from spade_ad.data.inputs import collect_images, exclude_images
     from spade_ad.errors import NoImagesError, SpadeError
-    from spade_ad.inputs import collect_images, exclude_images
 
     for name in ("a/001.png", "a/002.png", "b/003.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def test_parquet_without_pyarrow_says_which_extra(tmp_path: Path, monkeypatch: p
 def test_serve_logs_the_record_and_each_model_with_times(tmp_path: Path) -> None:
     from child_server import serve_in_subprocess
     from spade_ad import Spade
-    from spade_ad.synthetic import make_synthetic_dataset
+    from spade_ad.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "disc", n_train=8, n_test_good=1, n_test_defect=1, size=(96, 96),
                                   seed=0)
@@ -176,7 +176,7 @@ def test_systemd_units_restart_and_read_their_settings(name: str, tmp_path: Path
     assert service["EnvironmentFile"].endswith("/spade-ad.env")
     used = set(re.findall(r"\$\{?([A-Z_]+)\}?", service["ExecStart"]))
     assert used and used <= settings, used - settings  # every variable the command uses is in the example file
-    from spade_ad.cli import app
+    from spade_ad.apps.cli import app
 
     subcommand = app.commands[command[1]]  # the options the unit passes exist
     given = {word for word in command if word.startswith("-")}
@@ -227,7 +227,7 @@ def test_a_read_only_opening_writes_nothing(record_target: str, capsys: pytest.C
 
 def test_watch_log_lines_carry_their_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from spade_ad import Spade
-    from spade_ad.synthetic import make_synthetic_dataset
+    from spade_ad.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "disc", n_train=8, n_test_good=1, n_test_defect=1, size=(96, 96),
                                   seed=0)

@@ -19,11 +19,11 @@ import pytest
 from child_server import wait_until
 from cli_run import run_cli
 from spade_ad import Spade
+from spade_ad.apps.watch import Watcher
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.errors import OutputError
 from spade_ad.record import EvidenceChanged, EvidenceStore, file_sha256, open_record, verified_image
-from spade_ad.recording import OUTBOX_FILE, Recorder, labelled_images
-from spade_ad.synthetic import make_synthetic_dataset
-from spade_ad.watch import Watcher
+from spade_ad.record.recorder import OUTBOX_FILE, Recorder, labelled_images
 
 pytest.importorskip("watchdog")
 
@@ -102,7 +102,7 @@ def test_a_reused_file_name_never_changes_what_an_inspection_shows_or_teaches(sm
         good, defect, refused = labelled_images(record, model, model_path)
         assert [file_sha256(p) for p in good] == [file_sha256(goods[0])] and not defect and not refused
 
-    from spade_ad.service.review import ReviewStore
+    from spade_ad.apps.service.review import ReviewStore
 
     store = ReviewStore(str(db), files=tmp_path / "line.db.files")
     added: list[str] = []
@@ -125,7 +125,7 @@ def test_sqlite_locked_past_its_busy_timeout_loses_nothing(small, tmp_path: Path
     """Another process holds the record's write lock longer than the busy timeout: the files dropped during and
     after the lock are all in the record soon after it is released, each once; the watcher never stops."""
     import spade_ad.record.connection as connection
-    import spade_ad.record.store as store
+    import spade_ad.record.database as store
 
     for module in (connection, store):  # the engine's busy timeout, and the one a retried write restores
         monkeypatch.setattr(module, "BUSY_TIMEOUT_MS", 500)
@@ -362,7 +362,7 @@ def test_predict_warns_when_its_images_score_above_the_calibration(tmp_path: Pat
     stderr) with the false-alarm rate the shift implies; on good parts like the training ones it says nothing."""
     from PIL import Image, ImageEnhance
 
-    from spade_ad.cli import main
+    from spade_ad.apps.cli import main
 
     root = make_synthetic_dataset(tmp_path / "part", n_train=40, n_test_good=30, n_test_defect=1, size=(64, 64),
                                   seed=3)
@@ -385,7 +385,7 @@ def test_predict_warns_when_its_images_score_above_the_calibration(tmp_path: Pat
 def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
     """The service and watch share one schedule: a warning can come at the 30th, 100th and 300th score, then every
     1000th, never in between (each check costs a Mann-Whitney test)."""
-    from spade_ad.calibration import ShiftMonitor
+    from spade_ad.core.calibration import ShiftMonitor
 
     model, _, _, _ = small
     calibration = model.calibration_
@@ -398,7 +398,7 @@ def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
 def test_the_shift_monitor_checks_what_is_left_at_the_end_of_a_batch(small) -> None:
     """`finish` (the end of a `predict` run) checks the scores since the last checkpoint, never the same ones
     twice."""
-    from spade_ad.calibration import ShiftMonitor
+    from spade_ad.core.calibration import ShiftMonitor
 
     model, _, _, _ = small
     calibration = model.calibration_

@@ -1,6 +1,6 @@
-"""The torch maps (`spade_ad.maps_torch`) give the numpy maps (`spade_ad.maps`) on the same inputs: per-position
-scores, upsampling, fusion, smoothing, the map's image score for every image score in the settings table, and the
-map at the original size. On CPU tensors here; the same code runs on a GPU (`-m cuda`)."""
+"""The torch maps (`spade_ad.core.maps_torch`) give the numpy maps (`spade_ad.core.maps_numpy`) on the same inputs:
+per-position scores, upsampling, fusion, smoothing, the map's image score for every image score in the settings table,
+and the map at the original size. On CPU tensors here; the same code runs on a GPU (`-m cuda`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ad import maps, maps_torch
-from spade_ad.geometry import Geometry, plan_geometry
+from spade_ad.core import maps_numpy as maps
+from spade_ad.core import maps_torch
+from spade_ad.core.geometry import Geometry, plan_geometry
 from spade_ad.settings import BY_NAME
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

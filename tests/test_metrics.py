@@ -1,4 +1,4 @@
-"""Tests of spade_ad.evaluation.metrics on generated data, against hand-computed values and slow reference code."""
+"""Tests of spade_ad.apps.evaluation.metrics on generated data, against hand-computed values and slow reference code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from spade_ad.evaluation.metrics import (
+from spade_ad.apps.evaluation.metrics import (
     au_pro,
     best_f1,
     f1_at_threshold,

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from spade_ad import NotFittedError, Spade
-from spade_ad.evaluation.metrics import image_auroc, pixel_auroc
-from spade_ad.images import list_images
-from spade_ad.maps import smooth, upsample
+from spade_ad.apps.evaluation.metrics import image_auroc, pixel_auroc
+from spade_ad.core.maps_numpy import smooth, upsample
+from spade_ad.data.images import list_images
 
 
 def _test_set(root: Path) -> tuple[list[Path], np.ndarray, list[np.ndarray]]:
@@ -259,7 +259,7 @@ def test_upsample_equals_torch_bilinear(source: tuple[int, int], target: tuple[i
 def test_global_feature_comes_from_the_global_view(synthetic_root: Path, global_view: str) -> None:
     """The stored global feature of a non-square training image is the backbone's pooled feature of the image
     squashed to image_size x image_size (global_view="square"), or of the network input itself ("input")."""
-    from spade_ad.geometry import image_to_array, plan_geometry
+    from spade_ad.core.geometry import image_to_array, plan_geometry
 
     train = list_images(synthetic_root / "train" / "good")[:3]
     model = Spade(k_gallery=2, device="cpu", progress=False, global_view=global_view).fit(train)

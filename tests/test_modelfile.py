@@ -16,12 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import spade_ad
-from spade_ad import ModelFileError, Spade, modelfile
-from spade_ad.backbones import _lite_package_state_dict
-from spade_ad.images import list_images
-from spade_ad.modelfile import partial_path
+from spade_ad import ModelFileError, Spade
+from spade_ad.core.backbones import _lite_package_state_dict
+from spade_ad.data import modelfile
+from spade_ad.data.images import list_images
+from spade_ad.data.modelfile import partial_path
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.settings import SETTINGS
-from spade_ad.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 
 import spade_ad
 from spade_ad import ModelFileError, Spade
-from spade_ad import model as model_module
-from spade_ad.modelfile import read_model_file, write_safetensors
-from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.data.modelfile import read_model_file, write_safetensors
+from spade_ad.data.synthetic import make_synthetic_dataset
+from spade_ad.estimators import spade as model_module
 
 _EXAMPLES = int(os.environ.get("SPADE_FUZZ_EXAMPLES", "0"))
 fuzz = settings(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.evaluation.metrics import pro_curve
-from spade_ad.evaluation.plots import (
+from spade_ad.apps.evaluation.metrics import pro_curve
+from spade_ad.apps.evaluation.plots import (
     plot_cases,
     plot_image_roc,
     plot_pixel_roc,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from spade_ad import Spade
-from spade_ad.detector import FittedModel
-from spade_ad.runtime import Runtime
+from spade_ad.estimators.detector import FittedModel
+from spade_ad.estimators.runtime import Runtime
 
 
 def test_a_prediction_cannot_change_and_its_copies_derive_their_regions_anew(fitted_model, synthetic_root: Path
@@ -35,12 +35,12 @@ def test_a_prediction_cannot_change_and_its_copies_derive_their_regions_anew(fit
 
 def test_both_estimators_satisfy_the_fitted_model_protocol(fitted_model, synthetic_root: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from spade_ad.export import export_bundle
+    from spade_ad.export.bundle import export_bundle
 
     model_file = tmp_path / "m.safetensors"
     fitted_model.save(model_file)
     export_bundle(model_file, tmp_path / "bundle")
-    from spade_ad.runtime import load_bundle
+    from spade_ad.estimators.runtime import load_bundle
 
     runtime = load_bundle(tmp_path / "bundle")
     assert isinstance(fitted_model, FittedModel) and isinstance(runtime, FittedModel)

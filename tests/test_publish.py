@@ -1,4 +1,4 @@
-"""Verdicts out (spade_ad.publish): real inspections published to a real Mosquitto broker that is stopped mid-run
+"""Verdicts out (spade_ad.apps.publish): real inspections published to a real Mosquitto broker that is stopped mid-run
 and to a local webhook that refuses for a while; every message arrives once by id, nothing is left in the outbox."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 import publish_targets
 from publish_targets import TOPIC, Subscriber, Webhook
-from spade_ad.publish import (
+from spade_ad.apps.publish import (
     SCHEMA_FILE,
     Outbox,
     Publisher,
@@ -250,7 +250,7 @@ def test_opcua_server_shows_the_latest_inspection(inspections: list[tuple[Any, s
     pytest.importorskip("asyncua", reason="asyncua is not installed (pip install 'spade-ad[opcua]')")
     from asyncua.sync import Client
 
-    from spade_ad.publish.opcua import NAMESPACE
+    from spade_ad.apps.publish.opcua import NAMESPACE
 
     endpoint = f"opc.tcp://127.0.0.1:{publish_targets.free_port()}/spade-ad"
     lines: list[str] = []
@@ -341,7 +341,7 @@ def test_a_full_disk_under_the_outbox_is_said_not_raised(small_disk: Path) -> No
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A quick model on 64 x 64 images, saved to a file, and its test images."""
     from spade_ad import Spade
-    from spade_ad.synthetic import make_synthetic_dataset
+    from spade_ad.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path_factory.mktemp("publish") / "part", n_train=8, n_test_good=4,
                                   n_test_defect=3, size=(64, 64), seed=5)
@@ -432,8 +432,8 @@ def test_serve_publishes_each_prediction_with_its_record_row(small_model: tuple[
     from fastapi.testclient import TestClient
 
     from spade_ad import load
-    from spade_ad.service import ServiceSettings, create_app
-    from spade_ad.service.review import ReviewStore
+    from spade_ad.apps.service import ServiceSettings, create_app
+    from spade_ad.apps.service.review import ReviewStore
 
     model_path, images = small_model
     hook = Webhook()

@@ -1,4 +1,4 @@
-"""The inspection record (spade_ad.record, spade_ad.recording): schema and migrations, writes and reads, the bad
+"""The inspection record (spade_ad.record, spade_ad.record.recorder): schema and migrations, writes and reads, the bad
 records the command line refuses in one line, two writers on one SQLite file, a crash mid-batch, and the database
 going away mid-run. Run against SQLite and PostgreSQL (`record_target`)."""
 
@@ -15,10 +15,10 @@ import pytest
 import sqlalchemy as sa
 
 from cli_run import run_cli
+from spade_ad.outputs.writers import PredictionWriter
 from spade_ad.record import SCHEMA_VERSION, RecordError, file_sha256, open_record
 from spade_ad.record import schema as record_schema
-from spade_ad.recording import Recorder
-from spade_ad.writers import PredictionWriter
+from spade_ad.record.recorder import Recorder
 
 pytest.importorskip("sqlalchemy")
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -12,8 +12,8 @@ import pytest
 
 from child_server import serve_in_subprocess
 from spade_ad import Spade
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.record import open_record
-from spade_ad.synthetic import make_synthetic_dataset
 from test_browser import browser  # noqa: F401  (the fixture: a headless Chromium)
 
 pytestmark = pytest.mark.browser

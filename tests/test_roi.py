@@ -12,10 +12,10 @@ from PIL import Image
 
 from cli_run import run_cli
 from spade_ad import Spade, load
+from spade_ad.core.geometry import Geometry
+from spade_ad.core.maps_numpy import apply_roi, as_roi, map_score, original_with_roi, roi_grid
+from spade_ad.data.synthetic import make_printed_dataset
 from spade_ad.errors import SettingError
-from spade_ad.geometry import Geometry
-from spade_ad.maps import apply_roi, as_roi, map_score, original_with_roi, roi_grid
-from spade_ad.synthetic import make_printed_dataset
 
 RATE = 0.01
 
@@ -108,8 +108,8 @@ def test_cli_fit_roi_refuses_a_blank_mask_in_one_line(printed: Path, tmp_path: P
 
 def test_the_runtime_masks_like_the_torch_path_and_refuses_tiled_models(fitted_model: Spade, synthetic_root: Path,
                                                                          tmp_path: Path) -> None:
-    from spade_ad.export import export_bundle
-    from spade_ad.runtime import load_bundle
+    from spade_ad.estimators.runtime import load_bundle
+    from spade_ad.export.bundle import export_bundle
 
     fitted_model.save(tmp_path / "plain.safetensors")
     model = load(tmp_path / "plain.safetensors", device="cpu")

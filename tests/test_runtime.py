@@ -20,8 +20,8 @@ from child_server import serve_in_subprocess
 from cli_run import run_cli
 from spade_ad import Spade
 from spade_ad.errors import ModelFileError, OutputError, SettingError
-from spade_ad.export import export_bundle
-from spade_ad.runtime import Runtime, load_bundle, read_bundle
+from spade_ad.estimators.runtime import Runtime, load_bundle, read_bundle
+from spade_ad.export.bundle import export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_cli_export_predict_and_serve_a_bundle_without_torch(
 def test_import_runtime_never_imports_torch(bundle: Path, synthetic_root: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
-        from spade_ad.runtime import load_bundle
+        from spade_ad.estimators.runtime import load_bundle
         predictions = load_bundle({str(bundle)!r}).predict({str(synthetic_root / "test")!r}, original_size=True)
         assert len(predictions) == 12
         heavy = sorted(m for m in ("torch", "torchvision", "timm", "sklearn") if m in sys.modules)

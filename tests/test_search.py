@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ad import numpy_search
-from spade_ad.scoring import pixel_anomaly_map
-from spade_ad.search import ranking_bank, topk_squared_distances, window_topk_squared_distances
+from spade_ad.core import search_numpy as numpy_search
+from spade_ad.core.feature_store import FeatureStoreWriter
+from spade_ad.core.scoring import pixel_anomaly_map
+from spade_ad.core.search_torch import ranking_bank, topk_squared_distances, window_topk_squared_distances
 from spade_ad.settings import SearchSettings
-from spade_ad.store import FeatureStoreWriter
 
 RTOL = 1e-5
 
@@ -153,7 +153,7 @@ def test_store_keeps_images_of_different_sizes_apart(tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("cache_fraction", [0.25, 0.0])  # kept on the GPU, and too large to be kept there
 def test_gallery_on_cuda_matches_the_memory_map(tmp_path, monkeypatch, cache_fraction: float) -> None:
-    from spade_ad import search
+    from spade_ad.core import search_torch as search
 
     monkeypatch.setattr(search, "DEVICE_CACHE_FRACTION", cache_fraction)
     rng = np.random.default_rng(2)
@@ -244,7 +244,7 @@ def test_topk_on_cuda_matches_brute_force(k: int) -> None:
 
 
 def test_coreset_order_is_a_permutation_with_a_covering_prefix() -> None:
-    from spade_ad.search import coreset_order
+    from spade_ad.core.search_torch import coreset_order
 
     rng = np.random.default_rng(0)
     clusters = rng.normal(size=(5, 8)) * 10
@@ -260,7 +260,7 @@ def test_coreset_order_is_a_permutation_with_a_covering_prefix() -> None:
 def test_reduced_gallery_keeps_the_map_and_within_budget(fitted_model) -> None:
     """A pair budget below the level's work searches a prefix of each image's coreset order: fewer vectors, a map
     close to the exact one; no budget (None) or a budget above the work is exact."""
-    from spade_ad.scoring import pixel_anomaly_map
+    from spade_ad.core.scoring import pixel_anomaly_map
 
     store = fitted_model.store_
     neighbours = torch.arange(4)
@@ -278,7 +278,7 @@ def test_reduced_gallery_keeps_the_map_and_within_budget(fitted_model) -> None:
 
 
 def test_map_score_max_and_top_share() -> None:
-    from spade_ad.maps import TOP_SHARE, map_score
+    from spade_ad.core.maps_numpy import TOP_SHARE, map_score
 
     values = np.random.default_rng(3).random((40, 50)).astype(np.float32)
     assert map_score(values, "map_max") == pytest.approx(values.max())

@@ -18,11 +18,11 @@ from PIL import Image
 
 from child_server import serve_in_subprocess, serve_in_thread, wait_until
 from spade_ad import Spade, load
-from spade_ad.calibration import conformal_threshold
-from spade_ad.service import ServiceSettings, create_app
-from spade_ad.service.app import model_settings
+from spade_ad.apps.service import ServiceSettings, create_app
+from spade_ad.apps.service.app import model_settings
+from spade_ad.core.calibration import conformal_threshold
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.settings import SETTINGS
-from spade_ad.synthetic import make_synthetic_dataset
 
 SIZE = (128, 128)
 UPLOAD_LIMIT = 2**20  # the test server's --max-upload-mb 1

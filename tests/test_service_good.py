@@ -13,9 +13,9 @@ import requests
 
 from child_server import serve_in_thread
 from spade_ad import Spade, load
-from spade_ad.service import ServiceSettings, create_app
-from spade_ad.service.server import load_private_copy
-from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.apps.service import ServiceSettings, create_app
+from spade_ad.apps.service.server import load_private_copy
+from spade_ad.data.synthetic import make_synthetic_dataset
 
 OFF = "adding good images is off: start the service with --allow-add"
 

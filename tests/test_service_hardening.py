@@ -23,10 +23,10 @@ from fastapi.testclient import TestClient
 
 from child_server import ChildServer, serve_in_subprocess, serve_in_thread, wait_until
 from spade_ad import Spade, load
-from spade_ad.cli import main as cli_main
-from spade_ad.service import ServiceSettings, create_app
-from spade_ad.service.guard import HostPolicy
-from spade_ad.synthetic import make_synthetic_dataset
+from spade_ad.apps.cli import main as cli_main
+from spade_ad.apps.service import ServiceSettings, create_app
+from spade_ad.apps.service.guard import HostPolicy
+from spade_ad.data.synthetic import make_synthetic_dataset
 
 READ_TIMEOUT = HEADER_TIMEOUT = 3.0  # the slow-client server's --read-timeout and --header-timeout
 MAX_UPLOADS, MAX_CONNECTIONS = 12, 24
@@ -358,7 +358,7 @@ def test_internal_error_shows_only_a_request_id(models: tuple[Path, Path, Path],
         model.iter_predict = boom  # type: ignore[method-assign]
     elif where == "threshold-check":
         model.calibration_ = None  # the per-request threshold code meets an attribute error
-    with client(model) as http, caplog.at_level(logging.ERROR, logger="spade_ad.service"):
+    with client(model) as http, caplog.at_level(logging.ERROR, logger="spade_ad.apps.service"):
         if where == "route":
             model.train_names_ = None  # type: ignore[assignment]  # len(None) in /v1/model
             response = http.get("/v1/model")

@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 
 from cli_run import run_cli
 from spade_ad import Spade, load
+from spade_ad.apps.service import ServiceSettings, create_app
+from spade_ad.apps.service.app import ServedModel
+from spade_ad.apps.service.review import NO_RECORD, ReviewStore
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.record import file_sha256, open_record
-from spade_ad.service import ServiceSettings, create_app
-from spade_ad.service.app import ServedModel
-from spade_ad.service.review import NO_RECORD, ReviewStore
-from spade_ad.synthetic import make_synthetic_dataset
 
 pytest.importorskip("sqlalchemy")
 
@@ -181,7 +181,7 @@ def test_serve_cli_refuses_bad_product_options(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_models_folder_lists_each_model_file_by_name(tmp_path: Path, fitted: Path) -> None:
-    from spade_ad.cli.deploy import _served_products
+    from spade_ad.apps.cli.deploy import _served_products
 
     for name in ("bottle", "plate"):
         shutil.copy(fitted / "model.safetensors", tmp_path / f"{name}.safetensors")

@@ -16,9 +16,9 @@ from PIL import Image
 
 from child_server import serve_in_thread
 from spade_ad import Spade, load
-from spade_ad.service import ServiceSettings, create_app
-from spade_ad.service.server import load_private_copy
-from spade_ad.synthetic import make_printed_dataset
+from spade_ad.apps.service import ServiceSettings, create_app
+from spade_ad.apps.service.server import load_private_copy
+from spade_ad.data.synthetic import make_printed_dataset
 
 
 @pytest.fixture(scope="module")

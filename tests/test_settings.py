@@ -18,8 +18,8 @@ from sklearn.model_selection import ParameterGrid
 import spade_ad
 from spade_ad import ModelFileError, SettingError, Spade
 from spade_ad import settings as table
-from spade_ad.cli import app
-from spade_ad.modelfile import read_model_file, write_safetensors
+from spade_ad.apps.cli import app
+from spade_ad.data.modelfile import read_model_file, write_safetensors
 
 SETTINGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
@@ -123,7 +123,7 @@ def test_header_that_does_not_match_its_tensors_is_refused(fitted_model: Spade, 
 
 def test_help_imports_neither_torch_nor_fastapi() -> None:
     code = (
-        "import sys\nfrom spade_ad.cli import main\n"
+        "import sys\nfrom spade_ad.apps.cli import main\n"
         "for argv in ([\"--help\"], [\"fit\", \"--help\"], [\"predict\", \"--help\"], [\"evaluate\", \"--help\"],"
         " [\"serve\", \"--help\"]):\n"
         "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert not exc.code, exc.code\n"

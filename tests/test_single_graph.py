@@ -16,9 +16,9 @@ from PIL import Image
 
 from cli_run import run_cli
 from spade_ad import Spade
+from spade_ad.core.geometry import global_view_geometry, image_to_array, plan_geometry
 from spade_ad.errors import SettingError
-from spade_ad.export_graph import export_single_graph, read_contract
-from spade_ad.geometry import global_view_geometry, image_to_array, plan_geometry
+from spade_ad.export.single_graph import export_single_graph, read_contract
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = REPO / "examples" / "node"
@@ -213,7 +213,7 @@ def test_node_client_with_the_square_global_view(fitted_model: Spade, widget_gra
 
 def test_node_client_reads_pngs_as_spade_ad_does(fitted_model: Spade, widget_graph: Path, node_client: Path,
                                                  synthetic_root: Path, tmp_path: Path) -> None:
-    """PNGs of every kind spade_ad.images reads (alpha, grey, palette, 16-bit grey, 1-bit) decode in the Node.js
+    """PNGs of every kind spade_ad.data.images reads (alpha, grey, palette, 16-bit grey, 1-bit) decode in the Node.js
     client to the same pixels: the Python path's answers."""
     image = Image.open(sorted((synthetic_root / "test").rglob("*.png"))[5]).convert("RGB")
     rgb = np.asarray(image)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.synthetic import make_line_dataset, make_synthetic_dataset, read_variants
-from spade_ad.synthetic_drawing import DEFECT_TYPES, LINE_DEFECT_TYPES, OBJECT_DEFECT_TYPES, SUBTLE_DEFECT_TYPES
+from spade_ad.data.synthetic import make_line_dataset, make_synthetic_dataset, read_variants
+from spade_ad.data.synthetic_drawing import DEFECT_TYPES, LINE_DEFECT_TYPES, OBJECT_DEFECT_TYPES, SUBTLE_DEFECT_TYPES
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_test_defect": 2, "size": (64, 80)}
 

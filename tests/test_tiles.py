@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from spade_ad import Spade, load
+from spade_ad.core.gallery import image_map, image_offsets
+from spade_ad.core.tiles import GRID, check_tiling, plan_tiles, tiled_geometry, window_rows
+from spade_ad.data.synthetic import make_large_dataset
 from spade_ad.errors import SettingError
-from spade_ad.gallery import image_map, image_offsets
-from spade_ad.synthetic import make_large_dataset
-from spade_ad.tiles import GRID, check_tiling, plan_tiles, tiled_geometry, window_rows
 
 
 @pytest.mark.parametrize("size", [(512, 512), (320, 928), (96, 96)])
@@ -85,8 +85,8 @@ def test_tiles_find_small_defects_where_they_are(large: Path, tmp_path: Path) ->
 
 
 def test_a_tiled_map_score_is_the_top_share_of_one_tile_not_of_the_whole_image() -> None:
-    from spade_ad.maps import map_score
-    from spade_ad.tiles import tile_top_count
+    from spade_ad.core.maps_numpy import map_score
+    from spade_ad.core.tiles import tile_top_count
 
     large = np.zeros((2048, 2048), dtype=np.float32)
     large[100:110, 200:210] = 10.0  # a 10-pixel defect: 100 of 4 million pixels

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade_ad.png import encode_png, save_png
-from spade_ad.prediction import Prediction, Region
-from spade_ad.visualize import (
+from spade_ad.estimators.prediction import Prediction, Region
+from spade_ad.outputs.png import encode_png, save_png
+from spade_ad.outputs.visualize import (
     BOX_COLOR,
     LABEL_COLORS,
     annotate,
@@ -230,7 +230,7 @@ def test_built_in_jet_equals_matplotlib() -> None:
     """The heat maps' colour table is built in (the runtime install has no matplotlib) and equals matplotlib's."""
     import matplotlib
 
-    from spade_ad.visualize import _colour
+    from spade_ad.outputs.visualize import _colour
 
     unit = np.linspace(0.0, 1.0, 100_001).reshape(1, -1)
     expected = matplotlib.colormaps["jet"](unit, bytes=True)[..., :3]
@@ -257,7 +257,7 @@ def test_contour_is_scipy_s_cross_erosion_boundary() -> None:
 
 
 def _prediction(pixel_threshold: float | None) -> Prediction:
-    from spade_ad.geometry import Geometry
+    from spade_ad.core.geometry import Geometry
 
     scores = np.zeros((90, 120))
     scores[30:50, 40:70] = 3.0  # a hot patch: flagged, one region

@@ -1,4 +1,4 @@
-"""`spade-ad watch` (spade_ad.watch): files scored once complete, in arrival order, exactly once across restarts,
+"""`spade-ad watch` (spade_ad.apps.watch): files scored once complete, in arrival order, exactly once across restarts,
 broken files recorded as errors, sorting by verdict, and a clean stop on SIGTERM."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 
 from child_server import wait_until
 from spade_ad import Spade
+from spade_ad.apps.watch import STATE_FILE, Watcher
+from spade_ad.data.synthetic import make_synthetic_dataset
 from spade_ad.record import file_sha256, open_record
-from spade_ad.recording import Recorder
-from spade_ad.synthetic import make_synthetic_dataset
-from spade_ad.watch import STATE_FILE, Watcher
+from spade_ad.record.recorder import Recorder
 
 pytest.importorskip("watchdog")
 

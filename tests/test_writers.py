@@ -16,10 +16,10 @@ from PIL import Image
 
 from spade_ad import Spade
 from spade_ad.errors import ImageReadError, OutputError
-from spade_ad.image_files import DEFAULT_OUTPUTS, PARTIAL_SUFFIX, ImageFiles, parse_outputs, remove_partials
-from spade_ad.prediction import Prediction
-from spade_ad.visualize import BOX_COLOR, heat_level, legend_box, overlay_picture
-from spade_ad.writers import (
+from spade_ad.estimators.prediction import Prediction
+from spade_ad.outputs.image_files import DEFAULT_OUTPUTS, PARTIAL_SUFFIX, ImageFiles, parse_outputs, remove_partials
+from spade_ad.outputs.visualize import BOX_COLOR, heat_level, legend_box, overlay_picture
+from spade_ad.outputs.writers import (
     REGIONS_FILE,
     SCORE_COLUMNS,
     VERDICT_COLUMNS,
@@ -222,7 +222,7 @@ def test_a_file_is_replaced_whole_or_not_at_all(predictions: list[Prediction], t
     file as it was and no temporary file, and names the file it was writing."""
     import errno
 
-    from spade_ad import image_files
+    from spade_ad.outputs import image_files
 
     files = ImageFiles(tmp_path, verdicts=True, outputs=["heatmap", "mask", "overlay", "map"])
     first, second = predictions[0], predictions[-1]
@@ -303,7 +303,7 @@ def test_a_file_failing_on_the_pool_is_raised_naming_it(predictions: list[Predic
     rows written stay, in input order, every other file is whole and no temporary file is left."""
     import errno
 
-    from spade_ad import image_files
+    from spade_ad.outputs import image_files
 
     real = image_files.save_png
     failing = predictions[1].name
@@ -391,7 +391,7 @@ def test_the_service_shows_the_same_overlay_as_the_files(calibrated: bool, fitte
 
     from fastapi.testclient import TestClient
 
-    from spade_ad.service import ServiceSettings, create_app
+    from spade_ad.apps.service import ServiceSettings, create_app
 
     model = fitted_model if calibrated else Spade(k_gallery=5, device="cpu", progress=False, image_score="map_top",
                                                   calibration="none").fit(synthetic_root / "train" / "good")

@@ -78,13 +78,13 @@ function onnxMetadata(bytes) {
   return entries;
 }
 
-// ---------------------------------------------------------------- decoding (as spade_ad.images: 8-bit RGB)
+// ---------------------------------------------------------------- decoding (as spade_ad.data.images: 8-bit RGB)
 
 function readPng(file) {
   const png = pngjs.PNG.sync.read(fs.readFileSync(file), { skipRescale: true });
   const { width, height, data, depth, colorType } = png;
   const rgb = new Uint8Array(width * height * 3);
-  // 16-bit samples keep their high byte (65535 -> 255), as Pillow and spade_ad.images do; 1/2/4-bit grey is
+  // 16-bit samples keep their high byte (65535 -> 255), as Pillow and spade_ad.data.images do; 1/2/4-bit grey is
   // stretched to 0..255; alpha is dropped.
   const convert = depth === 16 ? (v) => v >> 8
     : depth < 8 && colorType !== 3 ? (v) => Math.round((v * 255) / (2 ** depth - 1)) : (v) => v;
@@ -96,7 +96,7 @@ function readPng(file) {
   return { width, height, rgb };
 }
 
-// ---------------------------------------------------------------- geometry (spade_ad.geometry.plan_geometry)
+// ---------------------------------------------------------------- geometry (spade_ad.core.geometry.plan_geometry)
 
 function roundHalfEven(value) {
   const floor = Math.floor(value);

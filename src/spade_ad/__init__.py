@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _EXPORTS = {
-    "Spade": "model", "Prediction": "model", "load": "model",
-    "available_backbones": "backbones", "build_backbone": "backbones",
+    "Spade": "estimators.spade", "Prediction": "estimators.spade", "load": "estimators.spade",
+    "available_backbones": "core.backbones", "build_backbone": "core.backbones",
     "SETTINGS": "settings",
     **{name: "errors" for name in (
         "DatasetLayoutError", "ImageReadError", "ModelFileError", "NoImagesError", "NotFittedError", "SettingError",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .backbones import available_backbones, build_backbone
+    from .core.backbones import available_backbones, build_backbone
     from .errors import (
         DatasetLayoutError,
         ImageReadError,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         SpadeError,
         WeightsError,
     )
-    from .model import Prediction, Spade, load
+    from .estimators.spade import Prediction, Spade, load
     from .settings import SETTINGS
 
 

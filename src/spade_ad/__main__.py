@@ -1,5 +1,5 @@
 """`python -m spade_ad` runs the command line."""
 
-from .cli import run
+from .apps.cli import run
 
 run()

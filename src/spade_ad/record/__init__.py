@@ -6,10 +6,10 @@ target names and its engine, `store` the `Record`, `identity` model and file has
 from __future__ import annotations
 
 from .connection import RecordError, RecordUnavailable, now_ms, shown
+from .database import BORDERLINE, LABELS, Record, open_record
 from .evidence import EvidenceChanged, EvidenceStore, default_files_dir, verified_image
 from .identity import file_sha256, model_identity, settings_digest
 from .schema import SCHEMA_VERSION
-from .store import BORDERLINE, LABELS, Record, open_record
 
 __all__ = ["BORDERLINE", "LABELS", "SCHEMA_VERSION", "EvidenceChanged", "EvidenceStore", "Record", "RecordError",
            "RecordUnavailable", "default_files_dir", "file_sha256", "model_identity", "now_ms", "open_record",

@@ -26,8 +26,8 @@ import numpy as np
 import sqlalchemy as sa
 
 from .connection import RecordError
+from .database import Record
 from .schema import inspections
-from .store import Record
 
 __all__ = ["FORMATS", "LABEL_CHOICES", "LIST_COLUMNS", "VERDICT_CHOICES", "Selection", "columns", "format_table",
            "iter_chunks", "iter_rows", "parse_time", "plain", "write_csv", "write_parquet"]

@@ -3,7 +3,7 @@
 A record is built by applying `MIGRATIONS` in order, from version 0 (an empty database) to `SCHEMA_VERSION`; the
 version reached is kept in the table `spade_schema` (one row per applied step). A newer release appends steps and
 applies the missing ones to an older record when it opens it; a record of a newer version than this release knows is
-refused (`spade_ad.record.store`), never written to. The Table objects below describe the latest version: a fresh
+refused (`spade_ad.record.database`), never written to. The Table objects below describe the latest version: a fresh
 record and a migrated one have the same columns and indexes (tests compare them).
 
 Times are integer milliseconds since 1970 (UTC): one type on both back ends, ordered and bucketed (per hour, per day)
