@@ -11,7 +11,6 @@ from spade_ad import SettingError, Spade
 from spade_ad.core.calibration import (
     PIXEL_RATES,
     Calibration,
-    check_shift,
     compare_good_scores,
     conformal_threshold,
     normalized_scores,
@@ -23,6 +22,7 @@ from spade_ad.core.calibration import (
     suspects,
     suspects_warning,
 )
+from spade_ad.core.shift import check_shift
 from spade_ad.data.images import list_images
 
 

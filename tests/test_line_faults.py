@@ -385,7 +385,7 @@ def test_predict_warns_when_its_images_score_above_the_calibration(tmp_path: Pat
 def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
     """The service and watch share one schedule: a warning can come at the 30th, 100th and 300th score, then every
     1000th, never in between (each check costs a Mann-Whitney test)."""
-    from spade_ad.core.calibration import ShiftMonitor
+    from spade_ad.core.shift import ShiftMonitor
 
     model, _, _, _ = small
     calibration = model.calibration_
@@ -398,7 +398,7 @@ def test_the_shift_monitor_checks_at_its_checkpoints_only(small) -> None:
 def test_the_shift_monitor_checks_what_is_left_at_the_end_of_a_batch(small) -> None:
     """`finish` (the end of a `predict` run) checks the scores since the last checkpoint, never the same ones
     twice."""
-    from spade_ad.core.calibration import ShiftMonitor
+    from spade_ad.core.shift import ShiftMonitor
 
     model, _, _, _ = small
     calibration = model.calibration_

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 _EXPORTS = {
-    "Spade": "estimators.spade", "Prediction": "estimators.spade", "load": "estimators.spade",
+    "Spade": "estimators.spade", "Prediction": "estimators.spade", "load": "estimators.spade_file",
     "available_backbones": "core.backbones", "build_backbone": "core.backbones",
     "SETTINGS": "settings",
     **{name: "errors" for name in (
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
         SpadeError,
         WeightsError,
     )
-    from .estimators.spade import Prediction, Spade, load
+    from .estimators.spade import Prediction, Spade
+    from .estimators.spade_file import load
     from .settings import SETTINGS
 
 

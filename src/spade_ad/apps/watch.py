@@ -23,7 +23,7 @@ overlays/, heat maps and masks, appended across runs; with a record, every predi
   the watcher goes on.
 - `move_to`: each handled file is moved to MOVE_TO/good, MOVE_TO/defect or MOVE_TO/error (its folder below DIR kept).
 - Shift: after the first 30, 100 and 300 images (then every 1000) the run's good-looking scores are compared with
-  the calibration's (`spade_ad.core.calibration.check_shift`); a line that scores above what the threshold came from
+  the calibration's (`spade_ad.core.shift.check_shift`); a line that scores above what the threshold came from
   is warned about with the false-alarm rate that implies.
 - `publisher` (`--publish`, `spade_ad.apps.publish`): each inspection (an unreadable file too) is published after its
   outputs are written and before the file is marked done, through the publisher's durable outbox.
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.calibration import ShiftMonitor
+from ..core.shift import ShiftMonitor
 from ..errors import ImageReadError, OutputError
 from ..estimators.detector import FittedModel
 from ..outputs.writers import SCORES_FILE, PredictionWriter
@@ -350,7 +350,7 @@ class Watcher:
 
     def _check_shift(self, score: float) -> None:
         """Does this run look like what the threshold came from (a new session, new lighting)? A warning with the
-        false-alarm rate that implies (`spade_ad.core.calibration.ShiftMonitor`), so nobody learns it from the reject
+        false-alarm rate that implies (`spade_ad.core.shift.ShiftMonitor`), so nobody learns it from the reject
         bin."""
         warning = self._shift.add(self.model.calibration_, score)
         if warning is not None:

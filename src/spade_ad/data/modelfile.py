@@ -321,7 +321,7 @@ _KINDS: dict[str, Any] = {  # JSON value checks by name (the names show in messa
     "counts": lambda v: _integers(v, 1), "naturals": lambda v: _integers(v, 0),
     "scales": lambda v: isinstance(v, dict) and all(_KINDS["numbers"](p) and len(p) == 2 for p in v.values()),
 }
-#: The header fields `spade_ad.estimators.spade.load` reads beyond the settings: (path, kind, value when absent).
+#: The header fields `spade_ad.estimators.spade_file.load` reads beyond the settings: (path, kind, value when absent).
 _HEADER_FIELDS = (
     ("backbone", "object", _MISSING), ("backbone.name", "text", _MISSING), ("backbone.weights_sha256", "text",
     _MISSING), ("backbone.channels", "counts", _MISSING), ("backbone.strides", "counts", _MISSING),

@@ -1,5 +1,5 @@
-"""Open what a front door is given: a model file (torch path, `spade_ad.estimators.spade.load`) or an exported bundle
-folder (torch-free path, `spade_ad.estimators.runtime.load_bundle`). torch is imported only for model files."""
+"""Open what a front door is given: a model file (torch path, `spade_ad.estimators.spade_file.load`) or an exported
+bundle folder (torch-free path, `spade_ad.estimators.runtime.load_bundle`). torch is imported only for model files."""
 
 from __future__ import annotations
 
@@ -30,6 +30,6 @@ def open_model(path: str | Path, *, weights: str | Path | None = None, device: s
     if engine is not None:
         raise SettingError("engine", "applies to bundles only (a model file runs on torch)", engine,
                            "leave it out, or export a bundle with `spade-ad export`")
-    from .spade import load
+    from .spade_file import load
 
     return load(path, weights=weights, device=device)

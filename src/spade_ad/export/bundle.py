@@ -23,7 +23,8 @@ from torch import nn
 from .._version import __version__
 from ..errors import OutputError, SettingError
 from ..estimators.runtime.bundle import GRAPH, MODEL, OPENVINO_IR, OPENVINO_WEIGHTS, write_manifest
-from ..estimators.spade import Spade, load
+from ..estimators.spade import Spade
+from ..estimators.spade_file import load
 
 FORMATS = ("onnx", "openvino")
 #: ONNX opset of the graph (ONNX Runtime >= 1.14 and OpenVINO >= 2023 read it).

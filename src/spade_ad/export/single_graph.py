@@ -45,7 +45,8 @@ from ..core import calibration
 from ..core.geometry import plan_geometry
 from ..core.maps_numpy import TOP_SHARE, _linear_taps, roi_grid
 from ..errors import OutputError, SettingError
-from ..estimators.spade import Spade, load
+from ..estimators.spade import Spade
+from ..estimators.spade_file import load
 from ..settings import density_k, uses_coarse
 from .bundle import OPSET, _ExportedBackbone, exportable
 

@@ -129,7 +129,7 @@ def predict(model_path: Path, inputs: tuple[str, ...], output: Path, save_maps: 
     (row by row, with is_anomalous when the model has a threshold), regions.jsonl, and per image the files of
     --outputs (by default an overlay and the predicted defect mask). An output folder holding an earlier run's
     scores.csv is refused unless --overwrite; inputs with the same name get numbered files (x.png, x~2.png)."""
-    from ...core.calibration import ShiftMonitor
+    from ...core.shift import ShiftMonitor
     from ...estimators.opening import open_model
     from ...outputs.image_files import parse_outputs
     from ...outputs.writers import PredictionWriter, check_output_dir
@@ -221,7 +221,7 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
               false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, roi: Path | None, skip_bad: bool,
               record_target: str | None, replace: bool | None) -> None:
     """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
-    from ...estimators.spade import load
+    from ...estimators.spade_file import load
 
     if good is None and record_target is None:
         raise click.UsageError("give the good images: --good FOLDER, or --record DB (its images labelled good)")
@@ -257,7 +257,7 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
 def add(model_path: Path, images: tuple[Path, ...], output: Path, skip_bad: bool) -> None:
     """Add good images (e.g. good parts that were flagged) to a fitted model without refitting the rest; the
     leave-one-out thresholds are refreshed."""
-    from ...estimators.spade import load
+    from ...estimators.spade_file import load
 
     model = load(model_path)
     before = model.store_.n_images

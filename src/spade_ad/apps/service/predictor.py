@@ -34,7 +34,8 @@ import numpy as np
 from fastapi import Request
 from PIL import Image
 
-from ...core.calibration import ShiftMonitor, conformal_threshold
+from ...core.calibration import conformal_threshold
+from ...core.shift import ShiftMonitor
 from ...data.images import UPLOAD_FORMATS, check_bytes, decode_bytes
 from ...errors import ImageReadError, SettingError
 from ...outputs.png import encode_png

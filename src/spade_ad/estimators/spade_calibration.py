@@ -1,0 +1,215 @@
+"""`Spade`'s calibration steps (a mixin of `spade_ad.estimators.spade.Spade`): the good images' scores behind the
+thresholds (leave-one-out over the training images, held-out or validation images), the score parts' scales and
+density normalisation, `calibrate` on more good (and a few defective) images, and the combination with earlier
+calibration scores. The maths is in `spade_ad.core.calibration`; this is the estimator's side of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Self
+
+import numpy as np
+
+from .. import settings as settings_table
+from ..core import calibration
+from ..core.features import SkipCallback
+from ..core.geometry import plan_geometry
+from ..core.maps_numpy import as_roi, map_score, roi_grid
+from ..core.scoring import leave_one_out
+from ..core.tiled import TileSettings
+from ..core.tiled import leave_one_out as tiled_leave_one_out
+from ..data.inputs import ImageItem
+from ..errors import SettingError
+from ..settings import SearchSettings
+from .detector import ScoredImage
+
+PIXEL_SAMPLES_PER_IMAGE = 20_000
+"""Map values kept per good image for the pixel threshold's quantiles (a regular subsample of each map)."""
+
+
+def _unscaled_fused() -> SettingError:
+    """Why image_score="fused" cannot be fitted without calibration scores (its parts are scaled by their spread)."""
+    return SettingError("image_score", "needs good images' calibration scores to scale its parts: leave-one-out "
+                        "over at least 2 training images, held-out images (calibration=holdout, from 10 images) or "
+                        "validation images", "fused", "map_top, map_max or knn, or more good images")
+
+
+class CalibrationSteps:
+    """What `Spade` does to calibrate; its attributes are `Spade`'s (settings and fitted state)."""
+
+    def _split_calibration(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
+        """Set aside `calibration_fraction` of the items (at least 1, and only with >= 10 items), by `seed`."""
+        n_held = round(self.calibration_fraction * len(items))
+        if self.calibration_fraction == 0 or len(items) < 10:
+            return items, []
+        held = set(np.random.default_rng(self.seed).choice(len(items), size=max(1, n_held), replace=False).tolist())
+        return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+    def _held_out_scores(
+        self, held_out: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None
+    ) -> Iterator[ScoredImage]:
+        """The score parts and map of each held-out good image; none when nothing was held out."""
+        if held_out:
+            yield from self._predict_parts(held_out, skip_bad=skip_bad, on_skip=on_skip)
+
+    def _leave_one_out_scores(self) -> Iterator[ScoredImage]:
+        """The score parts and map of every training image scored without itself."""
+        if self.store_.n_images < 2:
+            return
+        if self.tile_size is not None:
+            for _, knn, anomaly_map in tiled_leave_one_out(self.store_, self.backbone_.strides,
+                                                           self.backbone_.channels, TileSettings.of(self)):
+                anomaly_map = self._inside_roi(anomaly_map)
+                yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map)
+            return
+        k_density = settings_table.density_k(self)
+        for _, knn, anomaly_map, coarse, near in leave_one_out(
+            self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery,
+            search=SearchSettings.of(self), device=self.device_, density_k=k_density,
+        ):
+            anomaly_map = self._inside_roi(anomaly_map)
+            coarse_part = 0.0 if coarse is None else map_score(self._inside_roi(coarse), "map_top")
+            yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map, coarse_part=coarse_part,
+                              near=near if k_density else None)
+
+    def _inside_roi(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """A training image's map with NaN outside the region of interest (its own geometry, planned on the ROI's
+        size); the map itself without one."""
+        if self.roi_ is None:
+            return anomaly_map
+        inside = roi_grid(self.roi_, plan_geometry(self.roi_.shape, self.image_size, self.resize).crop_box,
+                          self.roi_.shape, anomaly_map.shape)
+        return np.where(inside, anomaly_map, np.float32(np.nan))
+
+    def _calibrate(self, parts: Iterable[ScoredImage], source: str, train_parts: np.ndarray | None = None) -> None:
+        """Score scales, the image threshold at `false_alarm_rate` (conformal) and the pixel threshold at
+        `pixel_false_alarm_rate`, from good images' score parts and maps. With density_k, the parts are divided by
+        their local density first: over the training images' leave-one-out parts, which are these parts
+        themselves for leave-one-out calibration, else `train_parts` (or those the model keeps)."""
+        scored, pixels = [], []
+        for part in parts:
+            scored.append(part._replace(anomaly_map=None))
+            anomaly_map = part.anomaly_map
+            step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
+            sample = anomaly_map[::step, ::step].ravel()
+            pixels.append(sample[~np.isnan(sample)])  # outside the region of interest: not scored
+        raw = self._parts_array(scored)
+        train = None
+        if settings_table.density_k(self):
+            train = raw if source == "leave_one_out" else \
+                train_parts if train_parts is not None else getattr(self, "_train_parts", None)
+            if train is not None and not len(train):
+                train = None
+        normalised = self._normalised_parts(scored, raw, train)
+        self.calibration_, self.score_scale_ = calibration.calibrate(
+            normalised[:, 0], normalised[:, 2], np.concatenate(pixels) if pixels else np.zeros(0),
+            image_score=self.image_score, false_alarm_rate=self.false_alarm_rate,
+            pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source, map_weight=self.map_weight,
+            names=self.train_names_ if source == "leave_one_out" else None, coarse_parts=normalised[:, 1],
+            coarse_weight=float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0,
+            train_parts=train, raw_parts=raw if train is not None else None,
+        )
+        self._apply_calibration()
+
+    @staticmethod
+    def _parts_array(parts: Sequence[ScoredImage]) -> np.ndarray:
+        """The score parts (n, 3) [map, coarse, knn] of `ScoredImage`s (`calibration.PARTS`)."""
+        return np.array([(p.map_part, p.coarse_part, p.knn_part) for p in parts], dtype=np.float64).reshape(-1, 3)
+
+    def _normalised_parts(self, parts: Sequence[ScoredImage], raw: np.ndarray, train: np.ndarray | None
+                          ) -> np.ndarray:
+        """`raw` parts of `parts` divided by their local density over `train` (None or density_k 0: unchanged)."""
+        k = settings_table.density_k(self)
+        if not k or train is None or not len(raw) or any(p.near is None for p in parts):
+            return raw
+        return np.concatenate([calibration.density_normalised(raw[i:i + 1], np.asarray(p.near)[None], train, k)
+                               for i, p in enumerate(parts)])
+
+    def _scores_of(self, parts: Iterable[ScoredImage], scale: dict[str, tuple[float, float]] | None = None
+                   ) -> np.ndarray:
+        """Image scores of `ScoredImage`s, at the current score scales or at `scale`."""
+        parts = list(parts)
+        normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
+        return calibration.combine_scores(
+            self.image_score, self.score_scale_ if scale is None else scale, normalised[:, 0], normalised[:, 2],
+            self.map_weight, normalised[:, 1],
+            float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0)
+
+    def _check_calibration(self, reference: Sequence[float] | np.ndarray, new: Sequence[float] | np.ndarray,
+                           reference_name: str, new_name: str, advice: str) -> None:
+        """Compare `new` good scores with `reference` good scores on the same scale (`calibration.
+        compare_good_scores`, at the threshold the reference alone would give) and keep the outcome in
+        `calibration_.check` and `calibration_.warning`."""
+        if len(reference) < 2:
+            return
+        cal = self.calibration_
+        threshold, _ = calibration.conformal_threshold(reference, cal.false_alarm_rate)
+        cal.check = calibration.compare_good_scores(
+            reference, new, threshold=threshold, rate=cal.false_alarm_rate, reference_name=reference_name,
+            new_name=new_name, advice=advice)
+        cal.warning = cal.check.get("warning", "")
+
+    def calibrate(self, good: Any, *, defect: Any = None, recall: float | None = None, skip_bad: bool = False,
+                  on_skip: SkipCallback | None = None, combine: bool = False, roi: Any = None) -> Self:
+        """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates). With a few
+        labelled `defect` images, move the image threshold to the best F1 on good + defect images (as other tools
+        do), or with `recall` to the highest threshold that catches that share of them; the false-alarm rate is then
+        no longer guaranteed: `calibration_.threshold_source` says "best_f1" or "recall" and `calibration_.note`
+        gives the recall and false-alarm rate measured on these images. When the new good images score above the
+        previous calibration scores, `calibration_.warning` says so. With `combine`, the new good images' scores
+        are added to the calibration scores the model has (at its score scales; its pixel threshold kept) instead of
+        replacing them: a few labelled images then refine the threshold rather than set it alone. The stored
+        features are not changed. `roi` sets a new region of interest first (see `fit`): the new thresholds are
+        computed inside it (with `combine`, the earlier scores came from the earlier region)."""
+        self._check_fitted()
+        if roi is not None:
+            self.roi_ = as_roi(roi)
+        if recall is not None:
+            recall = float(recall)
+            if defect is None or not 0 < recall <= 1:
+                raise SettingError("recall", "needs labelled defect images and a share in (0, 1]", recall,
+                                   "e.g. --defect DIR --recall 0.95")
+        before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
+        previous = self.calibration_
+
+        def kept(parts: Iterator[ScoredImage]) -> Iterator[ScoredImage]:
+            for part in parts:
+                new_parts.append(part._replace(anomaly_map=None))  # the score parts only, not the maps
+                yield part
+
+        self._calibrate(kept(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)), "validation")
+        self._check_calibration(before, self._scores_of(new_parts, old_scale), "previous calibration scores",
+                                "new good images", "the new thresholds come from the new images")
+        if combine and before:
+            self._combine_calibration(previous, before, self._scores_of(new_parts, old_scale), old_scale)
+        if defect is not None:
+            defect_scores = self._scores_of(self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip))
+            good_scores = self.calibration_.scores
+            if recall is None:
+                threshold, source = calibration.best_f1_threshold(good_scores, defect_scores), "best_f1"
+            else:
+                threshold, source = calibration.recall_threshold(good_scores, defect_scores, recall), "recall"
+            self.calibration_ = calibration.moved(self.calibration_, image=threshold, source=source)
+            caught = float(np.mean(np.asarray(defect_scores) > threshold))
+            flagged = float(np.mean(np.asarray(good_scores) > threshold))
+            self.calibration_.check = {**self.calibration_.check, "recall": caught, "false_alarms": flagged,
+                                       "n_defect": len(defect_scores)}
+            self.calibration_.note = (
+                f"image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} on "
+                f"{self.calibration_.n} good and {len(defect_scores)} defective images: it flags "
+                f"{100 * caught:.1f}% of these defects and {100 * flagged:.1f}% of these good images; the "
+                f"false-alarm rate is measured, not guaranteed")
+            self._apply_calibration()
+        return self
+
+    def _combine_calibration(self, previous: calibration.Calibration, before: Sequence[float],
+                             new: np.ndarray, scale: dict[str, tuple[float, float]]) -> None:
+        """`calibrate(combine=True)`: the previous calibration with the new good scores added (same scales)."""
+        merged = calibration.Calibration.from_json(previous.to_json())
+        merged.scores = sorted([*map(float, before), *map(float, new)])
+        merged.source = previous.source if previous.source.endswith("+labelled") else f"{previous.source}+labelled"
+        merged.check, merged.warning = self.calibration_.check, self.calibration_.warning
+        merged = calibration.moved(merged, false_alarm_rate=previous.false_alarm_rate)
+        merged.median = float(np.median(merged.scores))
+        self.calibration_, self.score_scale_ = merged, scale
+        self._apply_calibration()
