@@ -232,7 +232,7 @@ def test_bottle_images_dropped_while_watching_match_predict(bottle_root: Path, t
     predicted = {line.split(",")[0]: float(line.split(",")[1]) for line in lines}
     assert predicted.keys() == watched.keys()
     for name, score in watched.items():
-        assert score == pytest.approx(predicted[name], rel=1e-4), name
+        assert score == pytest.approx(predicted[name], rel=1e-4, abs=1e-5), name  # scores near 0: batch vs one
 
     again = watcher()
     again.idle_exit = 0.5

@@ -320,6 +320,8 @@ _KINDS: dict[str, Any] = {  # JSON value checks by name (the names show in messa
     "texts": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "counts": lambda v: _integers(v, 1), "naturals": lambda v: _integers(v, 0),
     "scales": lambda v: isinstance(v, dict) and all(_KINDS["numbers"](p) and len(p) == 2 for p in v.values()),
+    "rows of 3 finite numbers": lambda v: isinstance(v, list) and all(
+        isinstance(row, list) and len(row) == 3 and all(_number(x) and math.isfinite(x) for x in row) for row in v),
 }
 #: The header fields `spade_ad.estimators.spade_file.load` reads beyond the settings: (path, kind, value when absent).
 _HEADER_FIELDS = (
@@ -334,6 +336,7 @@ _HEADER_FIELDS = (
     ("calibration.median", "number|null", None), ("calibration.threshold_source", "text", ""),
     ("calibration.note", "text", ""), ("calibration.score_scale", "scales", _MISSING),
     ("calibration.suspects", "texts", []), ("calibration.suspect_scores", "numbers", []),
+    ("calibration.train_parts", "rows of 3 finite numbers", []),
 )
 
 
@@ -348,6 +351,9 @@ def _header_problem(header: dict[str, Any]) -> str:
             return f"{path} is missing"
         if not _KINDS[kind](value):
             return f"{path} is a {type(value).__name__}, expected {kind}"
+    parts, names = header["calibration"].get("train_parts", []), header["train_names"]
+    if parts and len(parts) != len(names):  # one row per training image, or none (density normalisation off)
+        return f"calibration.train_parts has {len(parts)} rows for {len(names)} training images"
     return ""
 
 
