@@ -110,6 +110,17 @@ def test_edited_header_with_recomputed_checksum_is_refused(fitted_model: Spade, 
         spade_ad.load(edited)
 
 
+def test_training_parts_that_do_not_match_the_training_images_are_refused(fitted_model: Spade,
+                                                                          tmp_path: Path) -> None:
+    """The density normalisation's rows (one per training image) are checked at load: too few, or not numbers."""
+    saved = fitted_model.save(tmp_path / "model.safetensors")
+    for name, edit in (("short", lambda parts: parts.pop()), ("text", lambda parts: parts[0].__setitem__(0, "x"))):
+        edited = tmp_path / f"{name}.safetensors"
+        _rewrite_header(saved, edited, lambda header: edit(header["calibration"]["train_parts"]))
+        with pytest.raises(ModelFileError, match="train_parts"):
+            spade_ad.load(edited)
+
+
 def test_header_that_does_not_match_its_tensors_is_refused(fitted_model: Spade, tmp_path: Path) -> None:
     saved = fitted_model.save(tmp_path / "model.safetensors")
     edited = tmp_path / "edited.safetensors"

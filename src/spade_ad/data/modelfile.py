@@ -295,6 +295,10 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
         store = _checked_store(header, arrays, settings)
         thumbnails = _checked_thumbnails(arrays, len(header["train_names"]))
         roi = _checked_roi(arrays)
+        parts = header["calibration"].get("train_parts", [])
+        if parts and len(parts) != len(header["train_names"]):  # a row per training image, or none (density off)
+            raise ValueError(f"calibration.train_parts has {len(parts)} rows for {len(header['train_names'])} "
+                             f"training images")
     except (LookupError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{path} has a header that does not match its tensors ({exc}); re-create it") from exc
     return ModelContents(
@@ -351,9 +355,6 @@ def _header_problem(header: dict[str, Any]) -> str:
             return f"{path} is missing"
         if not _KINDS[kind](value):
             return f"{path} is a {type(value).__name__}, expected {kind}"
-    parts, names = header["calibration"].get("train_parts", []), header["train_names"]
-    if parts and len(parts) != len(names):  # one row per training image, or none (density normalisation off)
-        return f"calibration.train_parts has {len(parts)} rows for {len(names)} training images"
     return ""
 
 
