@@ -116,7 +116,7 @@ def test_training_parts_that_do_not_match_the_training_images_are_refused(fitted
     saved = fitted_model.save(tmp_path / "model.safetensors")
     for name, edit in (("short", lambda parts: parts.pop()), ("text", lambda parts: parts[0].__setitem__(0, "x"))):
         edited = tmp_path / f"{name}.safetensors"
-        _rewrite_header(saved, edited, lambda header: edit(header["calibration"]["train_parts"]))
+        _rewrite_header(saved, edited, lambda header, edit=edit: edit(header["calibration"]["train_parts"]))
         with pytest.raises(ModelFileError, match="train_parts"):
             spade_ad.load(edited)
 
