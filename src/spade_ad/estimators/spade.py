@@ -8,8 +8,9 @@ Image stage: the k_image nearest training images by global feature (mean squared
 Pixel stage: the gallery is every spatial feature of the k_gallery nearest training images; see `spade_ad.core.scoring`.
 
 Longer than 300 lines because scikit-learn needs every setting spelled out in `__init__` (twice: ~50 lines, checked
-against the settings table by a test) and the estimator's public methods (fit, add, calibrate, set_thresholds,
-predict with explanations, score, save, load) belong together; the maths they call lives in the modules above.
+against the settings table by a test) and the estimator's public methods (fit, add, set_roi, predict, score, save)
+belong together. Its calibration steps (`calibrate` among them) and predict steps are mixins in `spade_calibration`
+and `spade_predict`; `load` is in `spade_file`; the maths they call lives in the modules above.
 """
 
 from __future__ import annotations

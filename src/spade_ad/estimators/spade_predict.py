@@ -24,8 +24,6 @@ from ..data.inputs import ImageItem, collect_images
 from ..settings import SearchSettings
 from .detector import ScoredImage
 
-D = settings_table.DEFAULTS
-
 
 class PredictSteps:
     """How `Spade` scores images; its attributes are `Spade`'s (settings and fitted state)."""
