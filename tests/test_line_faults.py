@@ -331,20 +331,30 @@ def test_a_full_disk_under_the_record_loses_nothing(small, small_disk: Path, tmp
     assert _sources(db) == ["first.png", "full1.png", "full2.png", "full3.png"]
 
 
-def test_a_line_unlike_the_calibration_is_warned_about_after_30_images(tmp_path: Path) -> None:
-    """A new session (the same parts, lit brighter): after 30 images the watcher warns, with the false-alarm rate
-    that implies, without any held-out folder; on the calibration's own kind of images it says nothing."""
+def _two_sessions(tmp_path: Path) -> tuple[Spade, dict[str, Path]]:
+    """A model fitted on 40 generated parts, and two folders of its 30 good test parts: "same" (as captured) and
+    "brighter" (a new session: the same parts lit 1.6x)."""
     from PIL import Image, ImageEnhance
 
     root = make_synthetic_dataset(tmp_path / "part", n_train=40, n_test_good=30, n_test_defect=1, size=(64, 64),
                                   seed=3)
     model = Spade(k_gallery=3, image_size=64, device="cpu", progress=False).fit(root / "train" / "good")
     goods = sorted((root / "test" / "good").glob("*.png"))
+    folders = {}
     for name, factor in (("same", 1.0), ("brighter", 1.6)):
-        camera = tmp_path / name
-        camera.mkdir()
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
         for index, source in enumerate(goods):
-            ImageEnhance.Brightness(Image.open(source).convert("RGB")).enhance(factor).save(camera / f"{index}.png")
+            ImageEnhance.Brightness(Image.open(source).convert("RGB")).enhance(factor).save(
+                folders[name] / f"{index}.png")
+    return model, folders
+
+
+def test_a_line_unlike_the_calibration_is_warned_about_after_30_images(tmp_path: Path) -> None:
+    """A new session (the same parts, lit brighter): after 30 images the watcher warns, with the false-alarm rate
+    that implies, without any held-out folder; on the calibration's own kind of images it says nothing."""
+    model, folders = _two_sessions(tmp_path)
+    for name, camera in folders.items():
         lines: list[str] = []
         result = Watcher(model, camera, tmp_path / f"out-{name}", poll=True, settle=0.05, idle_exit=0.3,
                          log=lines.append).run()
@@ -360,20 +370,11 @@ def test_predict_warns_when_its_images_score_above_the_calibration(tmp_path: Pat
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The batch front door says it too: `predict` on 30 good parts lit brighter warns (during the run, on its
     stderr) with the false-alarm rate the shift implies; on good parts like the training ones it says nothing."""
-    from PIL import Image, ImageEnhance
-
     from spade_ad.apps.cli import main
 
-    root = make_synthetic_dataset(tmp_path / "part", n_train=40, n_test_good=30, n_test_defect=1, size=(64, 64),
-                                  seed=3)
-    model_path = Spade(k_gallery=3, image_size=64, device="cpu", progress=False).fit(root / "train" / "good").save(
-        tmp_path / "m.safetensors")
-    goods = sorted((root / "test" / "good").glob("*.png"))
-    for name, factor in (("same", 1.0), ("brighter", 1.6)):
-        folder = tmp_path / name
-        folder.mkdir()
-        for index, source in enumerate(goods):
-            ImageEnhance.Brightness(Image.open(source).convert("RGB")).enhance(factor).save(folder / f"{index}.png")
+    model, folders = _two_sessions(tmp_path)
+    model_path = model.save(tmp_path / "m.safetensors")
+    for name, folder in folders.items():
         main(["predict", str(model_path), str(folder), "-o", str(tmp_path / f"out-{name}"), "--outputs", "none"])
         err = capsys.readouterr().err
         if name == "same":

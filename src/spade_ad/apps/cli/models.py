@@ -87,12 +87,10 @@ def _echo_calibration(model: Any) -> None:
                f"{cal.pixel_false_alarm_rate:g})".replace("  ", " "))
     if cal.note:
         click.echo(f"note: {cal.note}", err=True)
-    if cal.warning:
-        click.echo(f"warning: {cal.warning}", err=True)
-    if getattr(cal, "suspects", None):
-        from ...core.calibration import suspects_warning
+    from ...core.calibration import suspects_warning
 
-        click.echo(f"warning: {suspects_warning(cal)}", err=True)
+    _warn(cal.warning)
+    _warn(suspects_warning(cal))  # "" when fit named no training image
 
 
 @click.command()
