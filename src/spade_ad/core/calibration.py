@@ -70,6 +70,9 @@ class Calibration:
     #: Each training image's leave-one-out score parts [map, coarse, knn] (N x 3), in stored order: what the
     #: density normalisation divides by (`density_normalised`); empty when it is off (files from before: off).
     train_parts: list[list[float]] = field(default_factory=list)
+    #: Each training image's capture session (`spade_ad.data.sessions`), in stored order, when leave-one-out scored
+    #: every image without its whole session; empty otherwise (files from before: empty).
+    sessions: list[int] = field(default_factory=list)
 
     @property
     def n(self) -> int:

@@ -142,24 +142,26 @@ def leave_one_out(
     device: torch.device | str = "cpu",
     batch: int = 32,
     density_k: int = 0,
+    groups: np.ndarray | None = None,
 ) -> Iterator[tuple[int, float, np.ndarray, np.ndarray | None, np.ndarray]]:
     """Score every training image against the store without itself: its own global feature leaves its kNN, its own
     maps leave its gallery (the next nearest image takes its place). Yields (index, kNN image score, smoothed map at
     its input size, the coarsest level's own smoothed map with `search.coarse` (else None), its `density_k` nearest
     other training images). The queries are the stored features (float16 by default), so the scores differ from a
-    fresh prediction of the same image by that rounding only. Needs at least two training images."""
+    fresh prediction of the same image by that rounding only. Needs at least two training images.
+
+    `groups` (N,): each image is scored without every image of its group (its capture session,
+    `spade_ad.data.sessions`), not only without itself."""
     n = store.n_images
     if n < 2:
         raise ValueError("leave-one-out needs at least two training images")
-    want = min(n, max(k_gallery, k_image, density_k) + 1)
+    want = n if groups is not None else min(n, max(k_gallery, k_image, density_k) + 1)
     for first in range(0, n, batch):
         indices = list(range(first, min(n, first + batch)))
         queries = store.global_features[indices].to(device)
         distances, neighbours = store.nearest_images(queries, want)
         for row, index in enumerate(indices):
-            keep = neighbours[row] != index
-            if bool(keep.all()):  # a duplicate at distance 0 outranked the image itself: drop the farthest instead
-                keep[-1] = False
+            keep = kept_neighbours(neighbours[row], index, groups)
             d, nearest = distances[row][keep], neighbours[row][keep]
             maps = [store.image_map(level, index).to(device) for level in range(len(store.levels))]
             size = training_input_size(store, index, first_stride)
@@ -167,3 +169,15 @@ def leave_one_out(
             yield (index, float(d[:k_image].mean()), smooth(raw, search.sigma),
                    None if coarse is None else coarse_map(coarse, size, search.sigma),
                    nearest[:density_k].cpu().numpy())
+
+
+def kept_neighbours(neighbours: torch.Tensor, index: int, groups: np.ndarray | None) -> torch.Tensor:
+    """Which of an image's nearest images its leave-one-out keeps: all but itself, or with `groups` all but its
+    group. Without groups, a duplicate at distance 0 may outrank the image itself: the farthest goes instead."""
+    if groups is not None:
+        found = groups[neighbours.cpu().numpy()]
+        return torch.from_numpy(found != groups[index]).to(neighbours.device)
+    keep = neighbours != index
+    if bool(keep.all()):
+        keep[-1] = False
+    return keep

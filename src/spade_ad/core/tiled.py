@@ -27,7 +27,7 @@ from .features import SkipCallback, thumbnails
 from .gallery import image_offsets
 from .geometry import Geometry, image_to_array
 from .maps_numpy import smooth
-from .scoring import knn_image_scores
+from .scoring import kept_neighbours, knn_image_scores
 from .tiles import Tile, plan_tiles, stitch_features, stored_cores, tile_cores, tiled_geometry, tiled_map, window_rows
 
 
@@ -161,20 +161,18 @@ def predict_parts(backbone: Backbone, store: FeatureStore, items: list[ImageItem
 
 
 def leave_one_out(store: FeatureStore, strides: tuple[int, ...], channels: tuple[int, ...],
-                  settings: TileSettings) -> Iterator[tuple[int, float, np.ndarray]]:
+                  settings: TileSettings, groups: np.ndarray | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
     """Every training image scored against the others (its own global feature out of its kNN, its own maps out
-    of its gallery), its tiles' cores read back from the store: (index, kNN score, smoothed map at its input
-    size), as `spade_ad.core.scoring.leave_one_out` does for whole images."""
+    of its gallery; with `groups`, without its whole group), its tiles' cores read back from the store: (index, kNN
+    score, smoothed map at its input size), as `spade_ad.core.scoring.leave_one_out` does for whole images."""
     n = store.n_images
     if n < 2:
         raise ValueError("leave-one-out needs at least two training images")
     offsets = image_offsets(store.shapes)
-    want = min(n, max(settings.k_gallery, settings.k_image) + 1)
+    want = n if groups is not None else min(n, max(settings.k_gallery, settings.k_image) + 1)
     for index in range(n):
         distances, neighbours = store.nearest_images(store.global_features[index:index + 1], want)
-        keep = neighbours[0] != index
-        if bool(keep.all()):
-            keep[-1] = False
+        keep = kept_neighbours(neighbours[0], index, groups)
         d, nearest = distances[0][keep], neighbours[0][keep]
         size = (int(store.shapes[index, 0, 0]) * strides[0], int(store.shapes[index, 0, 1]) * strides[0])
         tiles = plan_tiles(size, settings.tile_size, settings.tile_overlap)

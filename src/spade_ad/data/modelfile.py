@@ -299,6 +299,10 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
         if parts and len(parts) != len(header["train_names"]):  # a row per training image, or none (density off)
             raise ValueError(f"calibration.train_parts has {len(parts)} rows for {len(header['train_names'])} "
                              f"training images")
+        sessions = header["calibration"].get("sessions", [])
+        if sessions and len(sessions) != len(header["train_names"]):  # one per training image, or none
+            raise ValueError(f"calibration.sessions has {len(sessions)} values for {len(header['train_names'])} "
+                             f"training images")
     except (LookupError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{path} has a header that does not match its tensors ({exc}); re-create it") from exc
     return ModelContents(
@@ -340,7 +344,7 @@ _HEADER_FIELDS = (
     ("calibration.median", "number|null", None), ("calibration.threshold_source", "text", ""),
     ("calibration.note", "text", ""), ("calibration.score_scale", "scales", _MISSING),
     ("calibration.suspects", "texts", []), ("calibration.suspect_scores", "numbers", []),
-    ("calibration.train_parts", "rows of 3 finite numbers", []),
+    ("calibration.train_parts", "rows of 3 finite numbers", []), ("calibration.sessions", "naturals", []),
 )
 
 

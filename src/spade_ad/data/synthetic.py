@@ -23,6 +23,7 @@ every test image. `variants.json` at its root names the rare, the defective trai
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from .synthetic_drawing import (
     OBJECT_DEFECT_TYPES,
     SESSION_TWO,
     SUBTLE_DEFECT_TYPES,
+    TRAIN_SESSIONS,
     Grid,
     captured,
     defect_image,
@@ -53,6 +55,8 @@ __all__ = ["make_large_dataset", "make_line_dataset", "make_printed_dataset", "m
 
 
 _ALL_DEFECTS = DEFECT_TYPES + OBJECT_DEFECT_TYPES + SUBTLE_DEFECT_TYPES
+#: The first training session's capture time with `train_sessions` (2026-01-05 06:00 UTC): fixed, so runs agree.
+_SESSION_EPOCH = 1767592800
 
 
 #: One good part in `_RARE_CYCLE` of each rare kind, at these positions of the cycle (2.5% each, 7.5% in all).
@@ -89,6 +93,7 @@ def make_synthetic_dataset(
     rare_goods: bool = False,
     train_defects: int = 0,
     second_session: bool = False,
+    train_sessions: int = 1,
 ) -> Path:
     """Write a synthetic dataset under `root` in the MVTec AD layout and return `root`.
 
@@ -101,7 +106,10 @@ def make_synthetic_dataset(
     `rare_goods`: one good part in 40 of each `RARE_KINDS` (turned, brass-coloured, printed), in training and test
     alike. `train_defects`: that many training images are defective parts (a spot, a washer, in turn) slipped in
     among the good ones. `second_session`: every test image is captured in a second session (light turned 12
-    degrees, dimmer and warmer). With any of them, ``variants.json`` names the rare and defective images.
+    degrees, dimmer and warmer). `train_sessions` (1 to 3): the training images are captured in that many sessions
+    (`TRAIN_SESSIONS`: each its own light), in equal runs, and their file times are set three hours apart from one
+    session to the next (`spade_ad.data.sessions` finds them). With any of them, ``variants.json`` names the rare and
+    defective images and the sessions.
     """
     height, width = (int(v) for v in size)
     if min(height, width) < _MIN_SIDE:
@@ -114,6 +122,9 @@ def make_synthetic_dataset(
     unknown = [d for d in defect_types if d not in _ALL_DEFECTS]
     if unknown or len(set(defect_types)) != len(defect_types):
         raise ValueError(f"defect_types must be distinct names from {_ALL_DEFECTS}, got {tuple(defect_types)}")
+    if not 1 <= train_sessions <= len(TRAIN_SESSIONS) or train_sessions > n_train:
+        raise ValueError(f"train_sessions must be between 1 and {min(len(TRAIN_SESSIONS), n_train)}, "
+                         f"got {train_sessions}")
     if not 0 <= train_defects <= n_train // 2:
         raise ValueError(f"train_defects must be between 0 and half of n_train ({n_train // 2}), got {train_defects}")
     root = Path(root)
@@ -122,10 +133,12 @@ def make_synthetic_dataset(
     session = SESSION_TWO if second_session else {}
     manifest: dict[str, dict[str, str]] = {"train": {}, "test": {}}
 
-    def write_good(folder: Path, stream: str, count: int, split: str, look: dict[str, Any]) -> None:
+    def write_good(folder: Path, stream: str, count: int, split: str, session_look: dict[str, Any]) -> None:
         _prepare(folder)
         for i in range(count):
             name = _name(i, count)
+            look = TRAIN_SESSIONS[i * train_sessions // count] if split == "train" and train_sessions > 1 \
+                else session_look
             rng = np.random.default_rng([seed, _STREAM[stream], i])
             if split == "train" and i in slipped:  # a defective part in the good folder
                 defect = _SLIPPED[slipped.index(i) % len(_SLIPPED)]
@@ -141,6 +154,10 @@ def make_synthetic_dataset(
             if kind is not None:
                 manifest[split][f"{split}/good/{name}.png"] = f"rare:{kind}"
             _save_rgb(finish(rng, captured(image, look)), folder / f"{name}.png")
+        if split == "train" and train_sessions > 1:  # capture times: sessions three hours apart
+            for i in range(count):
+                stamp = _SESSION_EPOCH + 3 * 3600 * (i * train_sessions // count) + 10 * i
+                os.utime(folder / f"{_name(i, count)}.png", (stamp, stamp))
 
     write_good(root / "train" / "good", "train", n_train, "train", {})
     write_good(root / "test" / "good", "good", n_test_good, "test", session)
@@ -156,8 +173,9 @@ def make_synthetic_dataset(
                 mask_dir / f"{name}_mask.png", compress_level=1
             )
     notes = root / "variants.json"
-    if rare_goods or train_defects or second_session:
-        manifest["session"] = {"train": "first", "test": "second" if second_session else "first"}
+    if rare_goods or train_defects or second_session or train_sessions > 1:
+        manifest["session"] = {"train": "first" if train_sessions == 1 else f"{train_sessions} sessions",
+                               "test": "second" if second_session else "first"}
         notes.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     elif notes.is_file():
         notes.unlink()
@@ -165,14 +183,16 @@ def make_synthetic_dataset(
 
 
 def make_line_dataset(root: str | Path, *, n_train: int = 80, n_test_good: int = 40, n_test_defect: int = 10,
-                      size: tuple[int, int] = (256, 256), seed: int = 0, train_defects: int = 2) -> Path:
+                      size: tuple[int, int] = (256, 256), seed: int = 0, train_defects: int = 2,
+                      train_sessions: int = 1) -> Path:
     """The third generated product (`bench_accuracy`'s ``synthetic_line``): the disc as a line sees it. Rare good
     variants in training and test, `LINE_DEFECT_TYPES` (subtle defects and a missing hole), `train_defects`
     defective parts in the training folder and every test image from a second capture session; see
     `make_synthetic_dataset`. 80 training and 40 good test images, so that 1% and 5% false alarms differ."""
     return make_synthetic_dataset(root, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect,
                                   size=size, seed=seed, defect_types=LINE_DEFECT_TYPES, rare_goods=True,
-                                  train_defects=train_defects, second_session=True)
+                                  train_defects=train_defects, second_session=True,
+                                  train_sessions=train_sessions)
 
 
 def read_variants(root: str | Path) -> dict[str, Any]:

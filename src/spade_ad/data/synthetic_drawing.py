@@ -59,6 +59,9 @@ _RARE_LOOKS = {"pose": _Look(turn=float(np.deg2rad(45.0)), shift=0.06), "colour"
 
 #: The second capture session: the light turned 12 degrees, 5% dimmer and a little warmer.
 SESSION_TWO = {"light": 12.0, "gain": (0.97, 0.95, 0.92)}
+#: Further capture sessions of the training images (`make_synthetic_dataset(train_sessions=...)`): the light turned
+#: the other way or further, a little brighter or dimmer, cooler or warmer.
+TRAIN_SESSIONS = ({}, {"light": -8.0, "gain": (1.02, 1.01, 0.97)}, {"light": 5.0, "gain": (0.98, 0.99, 1.02)})
 
 
 def looks(kind: str | None, session: dict[str, Any]) -> _Look:

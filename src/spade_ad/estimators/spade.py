@@ -37,6 +37,7 @@ from ..core.tiled import training_features as tiled_training_features
 from ..core.tiles import check_tiling
 from ..data.inputs import ImageItem, collect_images
 from ..data.modelfile import write_model
+from ..data.sessions import Sessions, capture_sessions
 from ..errors import ImageReadError, NoImagesError, NotFittedError, SettingError
 from .detector import Detector
 from .prediction import Prediction, Region
@@ -98,6 +99,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         sigma: float = D["sigma"],
         calibration: str = D["calibration"],
         calibration_fraction: float = D["calibration_fraction"],
+        session_gap: float = D["session_gap"],
         false_alarm_rate: float = D["false_alarm_rate"],
         pixel_false_alarm_rate: float = D["pixel_false_alarm_rate"],
         device: str = D["device"],
@@ -133,6 +135,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         self.sigma = sigma
         self.calibration = calibration
         self.calibration_fraction = calibration_fraction
+        self.session_gap = session_gap
         self.false_alarm_rate = false_alarm_rate
         self.pixel_false_alarm_rate = pixel_false_alarm_rate
         self.device = device
@@ -247,6 +250,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         if not self.train_names_:
             raise NoImagesError("no training image could be read: every input was skipped")
         self.store_ = writer.build()
+        self.sessions_ = self._training_sessions(items, settings["session_gap"])
         if validation is not None or settings["calibration"] == "holdout":
             # the training images' leave-one-out parts: what the density normalisation divides by, and what the
             # held-out good scores are compared with (parts only: the maps are not kept)
@@ -265,6 +269,14 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         else:
             self._calibrate(iter(()), "none")
         return self
+
+    def _training_sessions(self, items: list[ImageItem], gap_minutes: float) -> Sessions | None:
+        """The capture sessions of the training images that were read (`spade_ad.data.sessions`), or None."""
+        skipped = {name for name, _ in self.skipped_}
+        read = [item for item in items if item.name not in skipped] if skipped else items
+        if len(read) != len(self.train_names_):  # names not unique among skipped ones: no sessions rather than wrong
+            return None
+        return capture_sessions(read, gap_minutes)
 
     def add(self, images: Any, *, skip_bad: bool = False, on_skip: SkipCallback | None = None) -> Spade:
         """Add good images to a fitted model (e.g. a good part it flagged): their features join the store and the
@@ -290,6 +302,9 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
             raise NoImagesError("no image to add could be read: every input was skipped")
         self.store_, self._feature_tmp = writer.build(), folder
         self.train_names_ = [*self.train_names_, *added]
+        if self.sessions_ is not None:  # the added images are one more session
+            labels = np.concatenate([self.sessions_.labels, np.full(len(added), int(self.sessions_.labels.max()) + 1)])
+            self.sessions_ = Sessions(labels, (*self.sessions_.sizes, len(added)), self.sessions_.gap_minutes)
         self.thumbnails_ = [*self.thumbnails_, *new_thumbnails] if len(self.thumbnails_) == before else []
         if self.calibration == "leave_one_out" and self.calibration_.source == "leave_one_out":
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")

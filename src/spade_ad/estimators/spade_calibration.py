@@ -56,16 +56,18 @@ class CalibrationSteps:
         """The score parts and map of every training image scored without itself."""
         if self.store_.n_images < 2:
             return
+        sessions = getattr(self, "sessions_", None)
+        groups = None if sessions is None else sessions.labels
         if self.tile_size is not None:
             for _, knn, anomaly_map in tiled_leave_one_out(self.store_, self.backbone_.strides,
-                                                           self.backbone_.channels, TileSettings.of(self)):
+                                                           self.backbone_.channels, TileSettings.of(self), groups):
                 anomaly_map = self._inside_roi(anomaly_map)
                 yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map)
             return
         k_density = settings_table.density_k(self)
         for _, knn, anomaly_map, coarse, near in leave_one_out(
             self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery,
-            search=SearchSettings.of(self), device=self.device_, density_k=k_density,
+            search=SearchSettings.of(self), device=self.device_, density_k=k_density, groups=groups,
         ):
             anomaly_map = self._inside_roi(anomaly_map)
             coarse_part = 0.0 if coarse is None else map_score(self._inside_roi(coarse), "map_top")
@@ -109,6 +111,8 @@ class CalibrationSteps:
             coarse_weight=float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0,
             train_parts=train, raw_parts=raw if train is not None else None,
         )
+        sessions = getattr(self, "sessions_", None)
+        self.calibration_.sessions = [] if sessions is None else sessions.labels.tolist()
         self._apply_calibration()
 
     @staticmethod

@@ -11,6 +11,7 @@ from ..core.calibration import Calibration
 from ..core.device import resolve_device
 from ..core.feature_store import FeatureStore
 from ..data.modelfile import read_model
+from ..data.sessions import sessions_of
 from ..errors import ModelFileError, WeightsError
 from .spade import Spade
 
@@ -53,6 +54,7 @@ def load(path: str | Path, *, weights: str | Path | None = None, device: str | N
     model.skipped_ = []
     model.score_scale_ = {k: (float(v[0]), float(v[1])) for k, v in contents.calibration["score_scale"].items()}
     model.calibration_ = Calibration.from_json(contents.calibration)
+    model.sessions_ = sessions_of(model.calibration_.sessions, model.session_gap)
     model._apply_calibration()
     model.metrics_ = contents.metrics
     return model

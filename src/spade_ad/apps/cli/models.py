@@ -81,6 +81,10 @@ def _echo_calibration(model: Any) -> None:
         click.echo(f"no thresholds ({cal.note or 'calibration=none'})")
         return
     where = {"leave_one_out": "leave-one-out scores of", "validation": "", "holdout": "held-out"}.get(cal.source, "")
+    sessions = getattr(model, "sessions_", None)
+    if cal.source == "leave_one_out" and sessions is not None:
+        where = "leave-one-session-out scores of"
+        click.echo(sessions.describe())
     click.echo(f"image threshold {cal.image_threshold:.4g} from {where} {cal.n} good images "
                f"(false-alarm rate asked {cal.false_alarm_rate:g}, guaranteed <= {cal.guaranteed_rate:.3g}); "
                f"pixel threshold {cal.pixel_threshold:.4g} (share of good pixels flagged: "
