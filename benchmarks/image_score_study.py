@@ -267,6 +267,16 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     "p3 stride-16 + plain map + knn1 (1:1:1)": ([("plain:0.01", 1), ("p3=level1:0.01", 1), ("knn1", 1)], "mean"),
     "lof3: plain map, p3 stride-16, knn1 (1:1:1)": ([("lof3:plain:0.01", 1), ("lof3:p3=level1:0.01", 1),
                                                      ("lof3:knn1", 1)], "mean"),
+    "lof3: plain map, p3 stride-16, knn1 (2:1:1)": ([("lof3:plain:0.01", 2), ("lof3:p3=level1:0.01", 1),
+                                                     ("lof3:knn1", 1)], "mean"),
+    "lof3: plain map, p3 stride-16, knn1 (1:2:1)": ([("lof3:plain:0.01", 1), ("lof3:p3=level1:0.01", 2),
+                                                     ("lof3:knn1", 1)], "mean"),
+    "lof3: plain map, plain + p3 stride-16, knn1 (1:1:1:1)": ([("lof3:plain:0.01", 1), ("lof3:level1:0.01", 1),
+                                                               ("lof3:p3=level1:0.01", 1), ("lof3:knn1", 1)], "mean"),
+    "lof3: p3 map, plain map, knn1 (1:1:1)": ([("lof3:p3=plain:0.01", 1), ("lof3:plain:0.01", 1),
+                                               ("lof3:knn1", 1)], "mean"),
+    "lof3: p3 map, p3 stride-16, knn1 (1:1:1)": ([("lof3:p3=plain:0.01", 1), ("lof3:p3=level1:0.01", 1),
+                                                  ("lof3:knn1", 1)], "mean"),
 }
 
 

@@ -1,0 +1,174 @@
+"""Patch-level density study (issue 27, item 2): a pixel's distance divided by the matched training feature's own
+leave-one-out distance (its distance to the nearest feature of its own K nearest other training images), as LOF
+does per position, so that a rare good surface or print, whose training features are far from everything, is
+measured against its own sparseness. Only the image score's parts are changed here; the map kept for localisation is
+the plain one.
+
+Per product: fit with the default settings, then score every training image without itself and every test image
+with the model's own search (`max_search_pairs` reduced galleries included), keeping each position's matched stored
+row. The density of a stored row is its image's leave-one-out distance at that position; `beta` softens the division:
+d / (r + beta * median(r)) * (1 + beta) * median(r) (beta large: the plain distance, up to a factor).
+
+    .venv/bin/python benchmarks/pixel_lof_study.py                     # every dev product
+
+Writes benchmarks/results/pixel_lof_study.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_accuracy import categories  # noqa: E402
+from image_score_study import evaluate  # noqa: E402
+
+from spade_ad import Spade  # noqa: E402
+from spade_ad.core import (
+    calibration,  # noqa: E402
+    search_numpy,  # noqa: E402
+)
+from spade_ad.core.features import extract  # noqa: E402
+from spade_ad.core.gallery import all_row_indices, gallery_fraction, gallery_row_indices  # noqa: E402
+from spade_ad.core.maps_numpy import fuse, map_score, smooth, upsample  # noqa: E402
+from spade_ad.core.scoring import training_input_size  # noqa: E402
+from spade_ad.data.inputs import collect_images  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BETAS = (0.5, 2.0, 5.0)
+
+
+def level_search(model: Spade, query: np.ndarray, neighbours: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Euclidean distance (h*w,), matched stored row (h*w,)) of a query map (C, h, w) against the gallery."""
+    store = model.store_
+    shapes = store.shapes[neighbours, level]
+    fraction = gallery_fraction(query.shape[1] * query.shape[2], shapes, model.max_search_pairs)
+    rows = gallery_row_indices(store._offsets, store.orders[level], level, neighbours, fraction)
+    if rows is None:
+        rows = all_row_indices(store._offsets, level, neighbours)
+    bank = np.asarray(store.levels[level][rows])
+    squared, index = search_numpy.topk_squared_distances(query.reshape(query.shape[0], -1).T, bank, 1)
+    return np.sqrt(np.maximum(squared[:, 0], 0)), rows[index[:, 0]]
+
+
+def image_levels(model: Spade, maps: list[np.ndarray], neighbours: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [level_search(model, m, neighbours, level) for level, m in enumerate(maps)]
+
+
+def parts_of(levels: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[int, int]], size: tuple[int, int],
+             density: list[np.ndarray] | None, beta: float, sigma: float) -> tuple[float, float]:
+    """(map top 1%, coarse level top 1%) of one image, plain (density None) or density-divided."""
+    grids = []
+    for level, ((d, matched), shape) in enumerate(zip(levels, shapes)):
+        if density is not None:
+            r = density[level][matched]
+            m = float(np.median(density[level]))
+            d = d / (r + beta * m) * (1 + beta) * m
+        grids.append(d.reshape(shape))
+    fused = smooth(fuse(grids, size), sigma)
+    coarse = smooth(upsample(grids[-1], size), sigma)
+    return map_score(fused, "map_top"), map_score(coarse, "map_top")
+
+
+def study(category: Any) -> dict[str, Any]:
+    model = Spade(progress=False).fit(category.train)
+    store, n = model.store_, model.store_.n_images
+    sigma, k = model.sigma, model.k_gallery
+    train_levels, train_shapes, train_sizes, train_knn, train_near = [], [], [], [], []
+    for i in range(n):
+        d, nb = store.nearest_images(store.global_features[i:i + 1], min(n, k + 1))
+        keep = nb[0] != i
+        d, nb = d[0][keep].numpy(), nb[0][keep].numpy()
+        maps = [store.image_map(level, i).numpy() for level in range(len(store.levels))]
+        train_levels.append(image_levels(model, maps, nb[:k]))
+        train_shapes.append([m.shape[1:] for m in maps])
+        train_sizes.append(training_input_size(store, i, model.backbone_.strides[0]))
+        train_knn.append(float(d[:model.k_image].mean()))
+        train_near.append(nb[:3])
+    density = [np.zeros(level.shape[0], np.float32) for level in store.levels]
+    for i, levels in enumerate(train_levels):
+        for level, (d, _) in enumerate(levels):
+            density[level][store._offsets[i, level]:store._offsets[i + 1, level]] = d
+    test_levels, test_shapes, test_sizes, test_knn, test_near = [], [], [], [], []
+    for batch in model._batches(collect_images([s.path for s in category.test]), False, None, "predict"):
+        pyramid, global_features = extract(model.backbone_, batch, model.patch_size)
+        distances, neighbours = store.nearest_images(global_features, k)
+        for b, geometry in enumerate(batch.geometries):
+            maps = [level[b].numpy() for level in pyramid]
+            test_levels.append(image_levels(model, maps, neighbours[b].numpy()))
+            test_shapes.append([m.shape[1:] for m in maps])
+            test_sizes.append(geometry.input_size)
+            test_knn.append(float(distances[b, :model.k_image].mean()))
+            test_near.append(neighbours[b, :3].numpy())
+    labels = np.array([s.is_anomalous for s in category.test], bool)
+
+    def parts(levels: list[Any], shapes: list[Any], sizes: list[Any], knn: list[float], beta: float | None
+              ) -> np.ndarray:
+        rows = [(*parts_of(lv, sh, sz, None if beta is None else density, beta or 0.0, sigma), kn)
+                for lv, sh, sz, kn in zip(levels, shapes, sizes, knn)]
+        return np.array(rows)
+
+    plain_loo = parts(train_levels, train_shapes, train_sizes, train_knn, None)
+    plain_test = parts(test_levels, test_shapes, test_sizes, test_knn, None)
+    variants = {"default (plain map, plain coarse)": (plain_loo, plain_test)}
+    for beta in BETAS:
+        lof_loo = parts(train_levels, train_shapes, train_sizes, train_knn, beta)
+        lof_test = parts(test_levels, test_shapes, test_sizes, test_knn, beta)
+        variants[f"pixel-LOF map, plain coarse (beta {beta})"] = (
+            np.stack([lof_loo[:, 0], plain_loo[:, 1], plain_loo[:, 2]], 1),
+            np.stack([lof_test[:, 0], plain_test[:, 1], plain_test[:, 2]], 1))
+        variants[f"pixel-LOF map and coarse (beta {beta})"] = (lof_loo, lof_test)
+    out = {}
+    near_loo, near_test = np.array(train_near), np.array(test_near)
+    for name, (loo, test) in variants.items():
+        norm_loo = loo / np.maximum(loo[near_loo].mean(1), calibration.density_floor(loo))
+        norm_test = test / np.maximum(loo[near_test].mean(1), calibration.density_floor(loo))
+        scale = {p: calibration.robust_scale(norm_loo[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
+
+        def combine(x: np.ndarray, scale: dict[str, tuple[float, float]] = scale) -> np.ndarray:
+            return calibration.combine_scores("fused", scale, x[:, 0], x[:, 2], 1 / 3, x[:, 1], 1 / 3)
+
+        out[name] = evaluate(combine(norm_loo), combine(norm_test), labels)
+        print(category.name, name, {k: round(v, 3) for k, v in out[name].items()}, file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--category", action="append")
+    parser.add_argument("--out", default="pixel_lof_study")
+    args = parser.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for category in categories(args.category, Path(tmp)):
+            results[category.name] = study(category)
+    products = list(results)
+    variants = list(next(iter(results.values())))
+    lines = ["Image AUROC / recall at 1% FPR / at 5% FPR / recall at the 1% threshold (false alarms %)", "",
+             "| image score parts | " + " | ".join(products) + " | mean | worst |",
+             "|---|" + "---|" * (len(products) + 2)]
+    for variant in variants:
+        rows = [results[p][variant] for p in products]
+        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / {100 * r['recall_thr']:.0f} "
+                 f"({100 * r['fa_thr']:.0f})" for r in rows]
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        worst = {k: float(np.min([r[k] for r in rows])) for k in rows[0]}
+        cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
+                     f"{100 * mean['recall_thr']:.0f} ({100 * mean['fa_thr']:.1f})")
+        cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
