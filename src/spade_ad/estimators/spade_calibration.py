@@ -53,7 +53,8 @@ class CalibrationSteps:
             yield from self._predict_parts(held_out, skip_bad=skip_bad, on_skip=on_skip)
 
     def _leave_one_out_scores(self) -> Iterator[ScoredImage]:
-        """The score parts and map of every training image scored without itself."""
+        """The score parts and map of every training image scored without itself (without its whole capture session
+        when fit found sessions: `sessions_`)."""
         if self.store_.n_images < 2:
             return
         sessions = getattr(self, "sessions_", None)
