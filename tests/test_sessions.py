@@ -58,6 +58,12 @@ def test_exif_then_the_name_then_the_file_time(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(path, exif=exif)
     os.utime(path, (1.0, 1.0))
     assert capture_time(ImageItem("shot.jpg", path=path)) == pytest.approx(1772600767.0)
+    png = tmp_path / "shot.png"  # a PNG's EXIF chunk, read from its header (without decoding the pixels)
+    exif = Image.Exif()
+    exif[0x0132] = "2026:03:04 05:06:07"
+    Image.new("RGB", (8, 8)).save(png, exif=exif)
+    os.utime(png, (1.0, 1.0))
+    assert capture_time(ImageItem("shot.png", path=png)) == pytest.approx(1772600767.0)
     named = tmp_path / "cam1_20261201_083015.png"  # a line camera's name: its date and time
     Image.new("RGB", (8, 8)).save(named)
     os.utime(named, (1.0, 1.0))

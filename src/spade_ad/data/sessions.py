@@ -57,7 +57,7 @@ def capture_time(item: ImageItem) -> float | None:
         return None
     try:
         with Image.open(item.path) as image:
-            exif = image.getexif()
+            exif = _header_exif(image)
             text = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
         stamp = _stamp(re.fullmatch(r"\s*(\d{4}):(\d\d):(\d\d) (\d\d):(\d\d):(\d\d)\s*", text.rstrip("\x00"))
                        if isinstance(text, str) else None)
@@ -66,6 +66,18 @@ def capture_time(item: ImageItem) -> float | None:
         return stamp if stamp is not None else os.stat(item.path).st_mtime
     except (OSError, SyntaxError, ValueError):
         return None
+
+
+def _header_exif(image: Image.Image) -> Image.Exif:
+    """The EXIF an image's header holds, without decoding its pixels: Pillow's `getexif` on a PNG reads the whole
+    file to look for an EXIF chunk after the image data (209 bottle PNGs: 4.4 s against 0.1 s from the header)."""
+    if image.format != "PNG":
+        return image.getexif()
+    exif = Image.Exif()
+    raw = image.info.get("exif")
+    if isinstance(raw, bytes):
+        exif.load(raw)
+    return exif
 
 
 def _stamp(found: re.Match[str] | None) -> float | None:
