@@ -120,11 +120,12 @@ def test_model_info(server: str) -> None:
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_pixels"] == PIXEL_LIMIT
     calibration = info["calibration"]
     assert set(calibration) == {"source", "n", "false_alarm_rate", "guaranteed_rate", "pixel_false_alarm_rate",
-                                "median", "threshold_source", "note", "warning"}  # not the list of good scores
+                                "median", "threshold_source", "note", "warning", "sessions"}  # not the scores
     assert calibration["source"] == "leave_one_out" and calibration["n"] == 12
     assert calibration["guaranteed_rate"] >= 1 / 13  # 12 good images: at best 1 / (n + 1)
     assert calibration["false_alarm_rate"] == 0.01 and "1/13" in calibration["note"] and calibration["warning"] == ""
     assert calibration["median"] < info["image_threshold"] and calibration["threshold_source"] == "false_alarm_rate"
+    assert calibration["sessions"] == []  # one capture session: leave-one-out
 
 
 def test_model_settings_show_weights_as_a_file_name_only(tmp_path: Path) -> None:

@@ -123,6 +123,7 @@ def test_fit_calibrates_leave_one_session_out_and_says_so(tmp_path: Path,
     by_session, by_image = load(tmp_path / "s.safetensors"), load(tmp_path / "o.safetensors")
     assert by_session.calibration_.sessions == [0] * 8 + [1] * 8 and by_image.calibration_.sessions == []
     assert by_session.sessions_ is not None and by_image.sessions_ is None
+    assert by_session.calibration_.session_sizes == [8, 8] and by_image.calibration_.session_sizes == []
     goods = sorted((root / "test" / "good").glob("*.png"))
     margins = {name: np.array([p.score - model.image_threshold_ for p in model.predict(goods)])
                for name, model in (("session", by_session), ("image", by_image))}

@@ -79,6 +79,11 @@ class Calibration:
         return len(self.scores)
 
     @property
+    def session_sizes(self) -> list[int]:
+        """How many training images each capture session holds, in session order; [] without sessions."""
+        return [int(c) for c in np.bincount(np.asarray(self.sessions, dtype=np.int64)) if c] if self.sessions else []
+
+    @property
     def guaranteed_rate(self) -> float | None:
         """The false-alarm rate the image threshold guarantees on good images (conformal bound), if any."""
         if self.image_threshold is None or not self.scores:

@@ -145,7 +145,7 @@ def calibration_info(model: Spade) -> CalibrationInfo | None:
     return CalibrationInfo(
         source=cal.source, n=cal.n, false_alarm_rate=cal.false_alarm_rate, guaranteed_rate=cal.guaranteed_rate,
         pixel_false_alarm_rate=cal.pixel_false_alarm_rate, median=cal.median, threshold_source=cal.threshold_source,
-        note=cal.note, warning=getattr(cal, "warning", ""),
+        note=cal.note, warning=getattr(cal, "warning", ""), sessions=cal.session_sizes,
     )
 
 

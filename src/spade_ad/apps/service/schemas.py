@@ -95,8 +95,10 @@ class CalibrationInfo(BaseModel):
     """How the model's thresholds were calibrated: from which good images (`source`: "leave_one_out", "validation"
     or "none"; `n` of them), the image false-alarm rate asked for and the one the threshold guarantees (conformal
     bound), the pixel false-alarm rate, the median good score (0 on the normalised scale), how the image threshold was
-    set (`threshold_source`), any caveat (`note`) and, when good images held out at fit or added by calibrate scored
-    above the ones before them so that a threshold from those would not hold, a `warning` in words ("" if none)."""
+    set (`threshold_source`), any caveat (`note`), when good images held out at fit or added by calibrate scored
+    above the ones before them so that a threshold from those would not hold, a `warning` in words ("" if none),
+    and when fit found capture sessions in its training images and left each out whole, their sizes (`sessions`,
+    [] if none)."""
 
     source: str
     n: int
@@ -107,6 +109,7 @@ class CalibrationInfo(BaseModel):
     threshold_source: str
     note: str
     warning: str = ""
+    sessions: list[int] = []
 
 
 class ModelInfo(BaseModel):
