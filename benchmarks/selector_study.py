@@ -49,9 +49,13 @@ SAMPLE = 30  # training images that get synthetic defects (each gets all three k
 BETA = 2.0
 
 
+SUBTLE = False  # --subtle: faint defects (half-blended pastes, light blobs, low-contrast scratches)
+
+
 def synthetic_defects(inputs: torch.Tensor, donors: torch.Tensor, rng: np.random.Generator) -> list[torch.Tensor]:
     """Three defective copies of each input (B, 3, H, W) in [0, 1]: a patch of a donor image pasted elsewhere, a
-    smooth noise blob blended with a random colour, a scratch. Sizes about 4-10% of the shorter side."""
+    smooth noise blob blended with a random colour, a scratch. Sizes about 4-10% of the shorter side. With
+    `SUBTLE`: the patch half-blended, the blob at a quarter of its strength, the scratch 0.12 off the local level."""
     b, _, h, w = inputs.shape
     side = min(h, w)
     out = []
@@ -60,7 +64,9 @@ def synthetic_defects(inputs: torch.Tensor, donors: torch.Tensor, rng: np.random
         s = int(rng.integers(int(0.06 * side), int(0.12 * side) + 1))
         y0, x0 = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
         y1, x1 = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
-        paste[i, :, y1:y1 + s, x1:x1 + s] = donors[i, :, y0:y0 + s, x0:x0 + s]
+        mix = 0.5 if SUBTLE else 1.0
+        paste[i, :, y1:y1 + s, x1:x1 + s] = (1 - mix) * paste[i, :, y1:y1 + s, x1:x1 + s] + \
+            mix * donors[i, :, y0:y0 + s, x0:x0 + s]
     out.append(paste)
     blob = inputs.clone()
     for i in range(b):
@@ -71,7 +77,7 @@ def synthetic_defects(inputs: torch.Tensor, donors: torch.Tensor, rng: np.random
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r) & (smooth > 0)
         colour = torch.from_numpy(rng.uniform(0, 1, size=3).astype(np.float32))[:, None]
-        alpha = float(rng.uniform(0.5, 0.9))
+        alpha = float(rng.uniform(0.5, 0.9)) * (0.3 if SUBTLE else 1.0)
         region = blob[i][:, disc]
         blob[i][:, disc] = (1 - alpha) * region + alpha * colour
     out.append(blob)
@@ -87,7 +93,10 @@ def synthetic_defects(inputs: torch.Tensor, donors: torch.Tensor, rng: np.random
         across = (yy - cy) * math.cos(angle) - (xx - cx) * math.sin(angle)
         line = (along.abs() < length / 2) & (across.abs() < width)
         shade = float(rng.choice([0.1, 0.9]))
-        scratch[i][:, line] = shade
+        if SUBTLE:  # 0.12 darker or lighter than what it crosses
+            scratch[i][:, line] = (scratch[i][:, line] + (0.12 if shade > 0.5 else -0.12)).clamp(0, 1)
+        else:
+            scratch[i][:, line] = shade
     out.append(scratch)
     return out
 
@@ -225,7 +234,11 @@ def pick(results: dict[str, Any], key: tuple[str, ...]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", action="append")
+    parser.add_argument("--subtle", action="store_true", help="faint synthetic defects")
+    parser.add_argument("--out", default="selector_study")
     args = parser.parse_args()
+    global SUBTLE
+    SUBTLE = args.subtle
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for category in categories(args.category, Path(tmp)):
@@ -251,8 +264,8 @@ def main() -> None:
                      f"at the threshold {100 * np.mean([r['recall_thr'] for r in rows]):.0f}%")
     text = "\n".join(lines)
     print(text)
-    (RESULTS / "selector_study.md").write_text(text + "\n")
-    (RESULTS / "selector_study.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(text + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
