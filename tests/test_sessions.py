@@ -45,6 +45,13 @@ def test_sessions_split_at_gaps_of_capture_time(tmp_path: Path) -> None:
     assert capture_sessions(items, 0) is None
     lone = [base + 60 * i for i in range(4)] + [base + 5 * HOUR]  # one image alone in the evening
     assert capture_sessions(collect_images(_files(tmp_path / "b", lone)), 60) is None
+    # a short session (under a fifth of the images) joins its neighbour: 20 images are not judged against 3
+    short = [base + 60 * i for i in range(20)] + [base + 5 * HOUR + 60 * i for i in range(3)]
+    assert capture_sessions(collect_images(_files(tmp_path / "c", short)), 60) is None
+    three = [base + 60 * i for i in range(12)] + [base + 5 * HOUR + 60 * i for i in range(2)] + \
+        [base + 9 * HOUR + 60 * i for i in range(6)]  # 12, 2, 6: the 2 join the 12 before them
+    found = capture_sessions(collect_images(_files(tmp_path / "d", three)), 60)
+    assert found is not None and found.sizes == (14, 6)
     in_memory = [ImageItem(f"image_{i}", image=Image.new("RGB", (8, 8))) for i in range(6)]
     assert capture_sessions(in_memory, 60) is None
 

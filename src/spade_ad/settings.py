@@ -285,7 +285,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("calibration_fraction", 0.1, "float", "share of the good images held out (by seed) with "
             "calibration=holdout", "calibration", low=0, high=1, high_open=True),
     Setting("session_gap", 60.0, "float", "minutes between two training images' capture times (EXIF, else the "
-            "file's time) that start a new capture session; with two or more sessions of at least 2 images, "
+            "file's time) that start a new capture session; with two or more sessions (each at least a fifth of the images), "
             "leave-one-out scores each image without its whole session, so the thresholds allow for the change "
             "from one session to the next; 0: off", "calibration", low=0, before=0.0),
     Setting("false_alarm_rate", 0.01, "float", "share of good parts allowed to be flagged: the image threshold is "

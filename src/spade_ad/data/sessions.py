@@ -12,6 +12,7 @@ all carry the copy's time: one session, leave-one-out as before.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -31,6 +32,10 @@ _NAME_STAMP = re.compile(r"(?<!\d)(20\d\d)[-_.]?([01]\d)[-_.]?([0-3]\d)[-_.T ]?(
                          r"([0-5]\d)(?!\d)")
 #: The smallest session that counts: a lone image is its own leave-one-out already.
 MIN_SESSION_IMAGES = 2
+#: The smallest share of the images a session must hold: every other session's images are scored against the rest,
+#: and 200 images scored against the 3 of a short second session would be judged against a far thinner gallery
+#: than the line's parts ever are (their thresholds would be inflated by that, not by the change of session).
+MIN_SESSION_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,10 @@ def _stamp(found: re.Match[str] | None) -> float | None:
 
 
 def capture_sessions(items: Sequence[ImageItem], gap_minutes: float) -> Sessions | None:
-    """The capture sessions of `items` (None when there are fewer than two with at least `MIN_SESSION_IMAGES`
-    images each, when an image has no capture time, or with `gap_minutes` 0): sorted by capture time, a gap of at
-    least `gap_minutes` starts a new session; a session smaller than `MIN_SESSION_IMAGES` joins the one before it
-    (the first one, the one after it)."""
+    """The capture sessions of `items` (None when there are fewer than two, when an image has no capture time, or
+    with `gap_minutes` 0): sorted by capture time, a gap of at least `gap_minutes` starts a new session; a session
+    smaller than `MIN_SESSION_IMAGES` and `MIN_SESSION_SHARE` of the images joins the one before it (the first
+    one, the one after it)."""
     if gap_minutes <= 0 or len(items) < 2 * MIN_SESSION_IMAGES:
         return None
     times = [capture_time(item) for item in items]
@@ -105,14 +110,15 @@ def capture_sessions(items: Sequence[ImageItem], gap_minutes: float) -> Sessions
     starts = [0] + [i for i in range(1, len(order)) if stamps[order[i]] - stamps[order[i - 1]] >= 60 * gap_minutes]
     bounds = [*starts, len(order)]
     runs = [list(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    least = max(MIN_SESSION_IMAGES, math.ceil(MIN_SESSION_SHARE * len(items)))
     merged: list[list[int]] = []
     for run in runs:
-        if merged and len(run) < MIN_SESSION_IMAGES:
-            merged[-1].extend(run)
-        elif merged and len(merged[-1]) < MIN_SESSION_IMAGES:
+        if merged and (len(run) < least or len(merged[-1]) < least):
             merged[-1].extend(run)
         else:
             merged.append(run)
+    if len(merged) > 1 and len(merged[-1]) < least:  # a short last session joins the one before it
+        merged[-2].extend(merged.pop())
     if len(merged) < 2:
         return None
     labels = np.empty(len(items), dtype=np.int64)
