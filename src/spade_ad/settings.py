@@ -284,10 +284,11 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("leave_one_out", "holdout", "none")),
     Setting("calibration_fraction", 0.1, "float", "share of the good images held out (by seed) with "
             "calibration=holdout", "calibration", low=0, high=1, high_open=True),
-    Setting("session_gap", 60.0, "float", "minutes between two training images' capture times (EXIF, else the "
-            "file's time) that start a new capture session; with two or more sessions (each at least a fifth of the images), "
-            "leave-one-out scores each image without its whole session, so the thresholds allow for the change "
-            "from one session to the next; 0: off", "calibration", low=0, before=0.0),
+    Setting("session_gap", 60.0, "float", "minutes between two training images' capture times (EXIF, a date in "
+            "the name, else the file's time) that start a new capture session; with two or more sessions (each at "
+            "least a fifth of the images), leave-one-out scores each image without its whole session, so the "
+            "thresholds allow for the change from one session to the next; 0: off", "calibration", low=0,
+            before=0.0),
     Setting("false_alarm_rate", 0.01, "float", "share of good parts allowed to be flagged: the image threshold is "
             "the conformal quantile of the good scores at this rate", "calibration", low=1e-6, high=0.5),
     Setting("pixel_false_alarm_rate", 0.001, "float", "share of good pixels allowed above the pixel threshold "
