@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,21 +62,23 @@ def capture_time(item: ImageItem) -> float | None:
     if item.path is None:
         return None
     try:
-        with Image.open(item.path) as image:
-            exif = _header_exif(image)
-            text = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
+        with warnings.catch_warnings():  # a large image was read (and warned about, if at all) already
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(item.path) as image:
+                exif = _header_exif(image)
+                text = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
         stamp = _stamp(re.fullmatch(r"\s*(\d{4}):(\d\d):(\d\d) (\d\d):(\d\d):(\d\d)\s*", text.rstrip("\x00"))
                        if isinstance(text, str) else None)
         if stamp is None:
             stamp = _stamp(_NAME_STAMP.search(os.path.basename(item.path)))
         return stamp if stamp is not None else os.stat(item.path).st_mtime
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 
 
 def _header_exif(image: Image.Image) -> Image.Exif:
     """The EXIF an image's header holds, without decoding its pixels: Pillow's `getexif` on a PNG reads the whole
-    file to look for an EXIF chunk after the image data (209 bottle PNGs: 4.4 s against 0.1 s from the header)."""
+    file to look for an EXIF chunk after the image data (209 bottle PNGs: 4.4 s against 0.01 s from the header)."""
     if image.format != "PNG":
         return image.getexif()
     exif = Image.Exif()
@@ -98,8 +101,8 @@ def _stamp(found: re.Match[str] | None) -> float | None:
 def capture_sessions(items: Sequence[ImageItem], gap_minutes: float) -> Sessions | None:
     """The capture sessions of `items` (None when there are fewer than two, when an image has no capture time, or
     with `gap_minutes` 0): sorted by capture time, a gap of at least `gap_minutes` starts a new session; a session
-    smaller than `MIN_SESSION_IMAGES` and `MIN_SESSION_SHARE` of the images joins the one before it (the first
-    one, the one after it)."""
+    of fewer than `MIN_SESSION_IMAGES` images or `MIN_SESSION_SHARE` of them joins the one before it (the first
+    one, the ones after it until it is large enough)."""
     if gap_minutes <= 0 or len(items) < 2 * MIN_SESSION_IMAGES:
         return None
     times = [capture_time(item) for item in items]
@@ -117,8 +120,6 @@ def capture_sessions(items: Sequence[ImageItem], gap_minutes: float) -> Sessions
             merged[-1].extend(run)
         else:
             merged.append(run)
-    if len(merged) > 1 and len(merged[-1]) < least:  # a short last session joins the one before it
-        merged[-2].extend(merged.pop())
     if len(merged) < 2:
         return None
     labels = np.empty(len(items), dtype=np.int64)
