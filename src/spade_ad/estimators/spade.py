@@ -178,7 +178,9 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         from `validation` when given, else per the `calibration` setting: leave-one-out scores of every training
         image (default), a held-out `calibration_fraction` of them, or none. Sets `backbone_`, `store_`,
         `train_names_`, `thumbnails_`, `skipped_`, `device_`, `calibration_`, `score_scale_`, `image_threshold_`
-        and `pixel_threshold_` (None when not calibrated), `calibration_scores_` and `metrics_`. Returns self.
+        and `pixel_threshold_` (None when not calibrated), `calibration_scores_`, `metrics_` and `sessions_` (the
+        training images' capture sessions, `spade_ad.data.sessions`: with two or more, leave-one-out scores each
+        image without its whole session; None otherwise). Returns self.
 
         `roi`: the region of interest (a mask file, PIL image or array in the images' original pixels, white or
         True = inspect; fixtured parts only), kept as `roi_` (a bool array) and saved with the model: the maps are
