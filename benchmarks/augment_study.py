@@ -12,9 +12,7 @@ Writes benchmarks/results/augment_study.{md,json}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -28,8 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_accuracy import categories  # noqa: E402
-from image_score_study import evaluate  # noqa: E402
+from image_score_study import evaluate, study_main  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
 from spade_ad.core import calibration  # noqa: E402
@@ -40,7 +37,6 @@ from spade_ad.core.scoring import pixel_maps, training_input_size  # noqa: E402
 from spade_ad.data.inputs import collect_images  # noqa: E402
 from spade_ad.settings import SearchSettings  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -149,32 +145,7 @@ def study(category: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--category", action="append")
-    parser.add_argument("--out", default="augment_study")
-    args = parser.parse_args()
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for category in categories(args.category, Path(tmp)):
-            results[category.name] = study(category)
-    products = list(results)
-    lines = ["Image AUROC / recall at 1% FPR / at 5% FPR / recall at the 1% threshold (false alarms %)", "",
-             "| gallery | " + " | ".join(products) + " | mean | worst |", "|---|" + "---|" * (len(products) + 2)]
-    for config in CONFIGS:
-        rows = [results[p][config] for p in products]
-        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / {100 * r['recall_thr']:.0f} "
-                 f"({100 * r['fa_thr']:.0f})" for r in rows]
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        worst = {k: float(np.min([r[k] for r in rows])) for k in rows[0]}
-        cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
-                     f"{100 * mean['recall_thr']:.0f} ({100 * mean['fa_thr']:.1f})")
-        cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
-        lines.append(f"| {config} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    (RESULTS / f"{args.out}.md").write_text(text + "\n")
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
-
+    study_main(__doc__ or "", study, "gallery", "augment_study")
 
 if __name__ == "__main__":
     main()

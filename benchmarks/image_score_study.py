@@ -225,6 +225,47 @@ def evaluate(loo: np.ndarray, test: np.ndarray, labels: np.ndarray, rate: float 
     }
 
 
+def variant_table(results: dict[str, dict[str, dict[str, float]]], label: str) -> str:
+    """The Markdown table of {product: {variant: `evaluate`'s figures}}: a row per variant, a cell per product (image
+    AUROC / recall at 1% / at 5% FPR / recall at the 1% threshold (false alarms)), then the mean and the worst."""
+    products = list(results)
+    lines = ["Image AUROC / recall at 1% FPR / at 5% FPR / recall at the 1% threshold (false alarms %)", "",
+             f"| {label} | " + " | ".join(products) + " | mean | worst |", "|---|" + "---|" * (len(products) + 2)]
+    for variant in results[products[0]]:
+        rows = [results[p][variant] for p in products]
+        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / {100 * r['recall_thr']:.0f} "
+                 f"({100 * r['fa_thr']:.0f})" for r in rows]
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        worst = {k: float(np.min([r[k] for r in rows])) for k in rows[0]}
+        cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
+                     f"{100 * mean['recall_thr']:.0f} ({100 * mean['fa_thr']:.1f})")
+        cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(text: str, results: dict[str, Any], name: str) -> None:
+    """Print a study's table and keep it with its figures: benchmarks/results/NAME.md and NAME.json."""
+    print(text)
+    out = Path(__file__).resolve().parent / "results"
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+
+
+def study_main(doc: str, study: Any, label: str, name: str) -> None:
+    """The command line of a per-product study (`augment_study.py`, `pixel_lof_study.py`): `--category` (repeatable)
+    and `--out`; runs `study(category) -> {variant: figures}` on every dev product and writes its table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--category", action="append")
+    parser.add_argument("--out", default=name)
+    args = parser.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for category in categories(args.category, Path(tmp)):
+            results[category.name] = study(category)
+    write_results(variant_table(results, label), results, args.out)
+
+
 VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
     "map_top (1%)": ([("plain:0.01", 1)], "mean"),
     "map_top 0.1%": ([("plain:0.001", 1)], "mean"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from augment_study import AUGMENTS, copies, merged  # noqa: E402
 from bench_accuracy import categories  # noqa: E402
-from image_score_study import evaluate  # noqa: E402
+from image_score_study import evaluate, write_results  # noqa: E402
 from pixel_lof_study import image_levels, parts_of  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
@@ -44,7 +43,6 @@ from spade_ad.core.features import extract  # noqa: E402
 from spade_ad.core.scoring import training_input_size  # noqa: E402
 from spade_ad.data.inputs import collect_images  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLE = 30  # training images that get synthetic defects (each gets all three kinds)
 BETA = 2.0
 
@@ -262,10 +260,7 @@ def main() -> None:
                      f"{100 * np.min([r['auroc'] for r in rows]):.1f}; mean recall at 1% / 5% "
                      f"{100 * np.mean([r['r1'] for r in rows]):.0f} / {100 * np.mean([r['r5'] for r in rows]):.0f}; "
                      f"at the threshold {100 * np.mean([r['recall_thr'] for r in rows]):.0f}%")
-    text = "\n".join(lines)
-    print(text)
-    (RESULTS / f"{args.out}.md").write_text(text + "\n")
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
+    write_results("\n".join(lines), results, args.out)
 
 
 if __name__ == "__main__":
