@@ -112,8 +112,8 @@ def test_fit_calibrates_leave_one_session_out_and_says_so(tmp_path: Path,
     """Training images from two capture sessions (their own light, file times three hours apart): `fit` says so in
     one line, scores each image without its session, so the threshold allows for the change between sessions, and
     the model file keeps the sessions; `session_gap 0` is leave-one-out. Good parts from a third session: leave-one-
-    out flags 3 of 12, leave-one-session-out 1, and every good part lies further below its threshold. Images added
-    later are one more session. Through the command line, as a user meets it."""
+    out flags 3 of 12, leave-one-session-out 1, and the good parts lie further below the threshold on average.
+    Images added later are one more session. Through the command line, as a user meets it."""
     from spade_ad.apps.cli import main
 
     root = make_synthetic_dataset(tmp_path / "data", n_train=16, n_test_good=12, n_test_defect=0, size=(160, 224),
