@@ -68,14 +68,7 @@ def inspection_message(prediction: Prediction, *, source: str, sha256: str | Non
     found_in = prediction.original_map if prediction.original_map is not None else prediction.anomaly_map
     regions = prediction.regions
     return {
-        "schema": SCHEMA_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "id": message_id(source, sha256, model_id, inspection_id),
-        "inspection_id": None if inspection_id is None else int(inspection_id),
-        "time": iso_time(at),
-        "file": source,
-        "sha256": sha256,
-        "model": {"name": model_name, "id": model_id},
+        **_envelope(source, sha256, model_name, model_id, inspection_id, at),
         "score": _number(prediction.score),
         "normalized_score": _number(prediction.normalized_score),
         "p_value": _number(prediction.p_value),
@@ -94,10 +87,10 @@ def inspection_message(prediction: Prediction, *, source: str, sha256: str | Non
     }
 
 
-def error_message(*, source: str, sha256: str | None, reason: str, model_name: str, model_id: str | None,
-                  inspection_id: int | None = None, at: float | datetime | None = None) -> dict[str, Any]:
-    """The message of an image that could not be inspected (not an image, broken, too large): verdict "error",
-    `error` the reason in words, no scores. A reject gate should treat the part as not passed."""
+def _envelope(source: str, sha256: str | None, model_name: str, model_id: str | None, inspection_id: int | None,
+              at: float | datetime | None) -> dict[str, Any]:
+    """The fields every message starts with, in this order: schema, its version, the message id, the record's row,
+    the time, the file, its hash and the model."""
     return {
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -107,6 +100,15 @@ def error_message(*, source: str, sha256: str | None, reason: str, model_name: s
         "file": source,
         "sha256": sha256,
         "model": {"name": model_name, "id": model_id},
+    }
+
+
+def error_message(*, source: str, sha256: str | None, reason: str, model_name: str, model_id: str | None,
+                  inspection_id: int | None = None, at: float | datetime | None = None) -> dict[str, Any]:
+    """The message of an image that could not be inspected (not an image, broken, too large): verdict "error",
+    `error` the reason in words, no scores. A reject gate should treat the part as not passed."""
+    return {
+        **_envelope(source, sha256, model_name, model_id, inspection_id, at),
         "score": None,
         "normalized_score": None,
         "p_value": None,
