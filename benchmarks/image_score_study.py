@@ -233,15 +233,25 @@ def variant_table(results: dict[str, dict[str, dict[str, float]]], label: str) -
              f"| {label} | " + " | ".join(products) + " | mean | worst |", "|---|" + "---|" * (len(products) + 2)]
     for variant in results[products[0]]:
         rows = [results[p][variant] for p in products]
-        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / {100 * r['recall_thr']:.0f} "
-                 f"({100 * r['fa_thr']:.0f})" for r in rows]
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        worst = {k: float(np.min([r[k] for r in rows])) for k in rows[0]}
-        cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
-                     f"{100 * mean['recall_thr']:.0f} ({100 * mean['fa_thr']:.1f})")
-        cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
+        cells = [_cell(r) for r in rows] + _summary_cells(rows, false_alarms=True)
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(r: dict[str, float]) -> str:
+    """One product's figures: image AUROC / recall at 1% / at 5% FPR / recall at the threshold (false alarms %)."""
+    return (f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / {100 * r['recall_thr']:.0f} "
+            f"({100 * r['fa_thr']:.0f})")
+
+
+def _summary_cells(rows: list[dict[str, float]], false_alarms: bool) -> list[str]:
+    """The mean (with its false alarms at the threshold when asked) and the worst cell of a row of products."""
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    worst = {k: float(np.min([r[k] for r in rows])) for k in rows[0]}
+    tail = f" ({100 * mean['fa_thr']:.1f})" if false_alarms else ""
+    return [f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
+            f"{100 * mean['recall_thr']:.0f}{tail}",
+            f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}"]
 
 
 def write_results(text: str, results: dict[str, Any], name: str) -> None:
@@ -334,16 +344,11 @@ def compare(paths: list[Path], names: list[str] | None, show_before: bool = Fals
         if names and variant not in names:
             continue
         results = [evaluate(*combine(p, parts, how), p.labels) for p in products]
-        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / "
-                 f"{100 * r['recall_thr']:.0f} ({100 * r['fa_thr']:.0f})" for r in results]
+        cells = [_cell(r) for r in results]
         if show_before:  # the same score at the previous threshold rule
             cells = [f"{c} [{100 * r['recall_thr_before']:.0f} ({100 * r['fa_thr_before']:.0f})]"
                      for c, r in zip(cells, results)]
-        mean = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
-        worst = {k: float(np.min([r[k] for r in results])) for k in results[0]}
-        cells.append(f"{100 * mean['auroc']:.2f} / {100 * mean['r1']:.0f} / {100 * mean['r5']:.0f} / "
-                     f"{100 * mean['recall_thr']:.0f}")
-        cells.append(f"{100 * worst['auroc']:.1f} / {100 * worst['r1']:.0f} / {100 * worst['r5']:.0f}")
+        cells += _summary_cells(results, false_alarms=False)
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         rows.append({"variant": variant, "results": results})
     return "\n".join(lines), rows
