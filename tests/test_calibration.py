@@ -464,12 +464,13 @@ def test_held_out_calibration_and_add_keep_every_training_image_s_parts(syntheti
     assert np.isfinite(model.score(synthetic_root / "test" / "good")).all()
 
 
-def test_the_tiled_mode_and_the_other_image_scores_keep_two_parts_without_normalisation() -> None:
-    """A tiled model stitches the fused map of its tiles (no per-level map), and map_top / knn have no parts to
-    weigh: there the coarse part and the density normalisation do not apply, whatever the settings say."""
+def test_the_other_image_scores_keep_two_parts_without_normalisation() -> None:
+    """map_top / knn have no parts to weigh: there the coarse part and the density normalisation do not apply,
+    whatever the settings say; a tiled model has them as any fused model does."""
     from spade_ad.settings import SearchSettings, density_k, uses_coarse
 
-    assert uses_coarse(Spade()) and density_k(Spade()) == 3 and SearchSettings.of(Spade()).coarse
-    for model in (Spade(tile_size=256), Spade(image_score="map_top"), Spade(image_score="knn")):
+    for model in (Spade(), Spade(tile_size=256)):
+        assert uses_coarse(model) and density_k(model) == 3 and SearchSettings.of(model).coarse
+    for model in (Spade(image_score="map_top"), Spade(image_score="knn")):
         assert not uses_coarse(model) and density_k(model) == 0 and not SearchSettings.of(model).coarse
     assert not uses_coarse(Spade(coarse_weight=0.0)) and density_k(Spade(density_k=0)) == 0

@@ -4,6 +4,7 @@ benchmarks/bench_tiles.py's: docs/tiles.md)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from spade_ad import Spade, load
 from spade_ad.core.gallery import image_map, image_offsets
 from spade_ad.core.tiles import GRID, check_tiling, plan_tiles, tiled_geometry, window_rows
+from spade_ad.data.modelfile import read_model_file, write_safetensors
 from spade_ad.data.synthetic import make_large_dataset
 from spade_ad.errors import SettingError
 
@@ -82,6 +84,34 @@ def test_tiles_find_small_defects_where_they_are(large: Path, tmp_path: Path) ->
     tiled.save(tmp_path / "tiled.safetensors")
     again = load(tmp_path / "tiled.safetensors", device="cpu")
     assert again.tile_size == 128 and np.allclose(again.score(defects[:1]), [found[len(goods)].score], rtol=1e-5)
+
+
+def test_a_tiled_model_has_the_three_part_density_normalised_score(large: Path, tmp_path: Path) -> None:
+    """The default fused score in tiled mode: the stitched coarsest level's own map as its third part and every
+    part divided by its local density, calibrated leave-one-out, as for whole images. A tiled file written before
+    (its calibration without a coarse scale or training parts) still scores as it did: those settings read as off."""
+    settings = dict(tile_size=128, tile_overlap=32, tile_margin=16, k_gallery=4, device="cpu", progress=False)
+    tiled = Spade(**settings).fit(large / "train" / "good")
+    assert "coarse" in tiled.score_scale_ and np.shape(tiled.calibration_.train_parts) == (5, 3)
+    assert all(row[1] > 0 for row in tiled.calibration_.train_parts)  # a coarse part for every training image
+    goods = sorted((large / "test" / "good").glob("*.png"))
+    defects = sorted((large / "test").glob("[ps]*/*.png"))
+    found = tiled.predict([*goods, *defects])
+    assert all(np.isfinite(p.score) and p.anomaly_map.shape == (384, 384) for p in found)
+    assert min(p.score for p in found[len(goods):]) > max(p.score for p in found[:len(goods)])
+    again = load(tiled.save(tmp_path / "tiled.safetensors"), device="cpu")
+    assert np.allclose(again.score(defects[:2]), [p.score for p in found[len(goods):len(goods) + 2]], rtol=1e-5)
+
+    two_parts = Spade(**settings, coarse_weight=0.0, density_k=0).fit(large / "train" / "good")
+    assert "coarse" not in two_parts.score_scale_ and not two_parts.calibration_.train_parts
+    written = two_parts.save(tmp_path / "two.safetensors")
+    header, arrays = read_model_file(written)  # as the earlier version wrote it: today's defaults in its header
+    header["settings"].update(coarse_weight=1 / 3, density_k=3)
+    old = tmp_path / "old.safetensors"
+    write_safetensors(old, {k: np.asarray(v) for k, v in arrays.items()}, json.dumps(header))
+    loaded = load(old, device="cpu")
+    assert loaded.coarse_weight == 0 and loaded.density_k == 0
+    assert np.allclose(loaded.score(defects[:2]), two_parts.score(defects[:2]), rtol=1e-5)
 
 
 def test_a_tiled_map_score_is_the_top_share_of_one_tile_not_of_the_whole_image() -> None:

@@ -268,11 +268,11 @@ SETTINGS: tuple[Setting, ...] = (
             "map_weight and coarse_weight leave): 1/3 with coarse_weight 1/3 weighs the three parts equally",
             "scoring", low=0, high=1, before=0.5),
     Setting("coarse_weight", 1 / 3, "float", "share in the fused image score of the coarsest pyramid level's own "
-            "map (upsampled and smoothed like the map, its top 1%); 0: two parts only, as before (tiled mode: "
-            "always 0)", "scoring", low=0, high=1, before=0.0),
+            "map (upsampled and smoothed like the map, its top 1%); 0: two parts only, as before", "scoring",
+            low=0, high=1, before=0.0),
     Setting("density_k", 3, "int", "fused score: each part divided by the mean leave-one-out part of the image's "
             "density_k nearest training images by global feature, so a rare good part is measured against the "
-            "rare parts like it (LOF); 0: off (tiled mode: always off)", "scoring", low=0, high=50, before=0),
+            "rare parts like it (LOF); 0: off", "scoring", low=0, high=50, before=0),
     Setting("k_image", 1, "int", "neighbours of the global kNN image score (paper: 3 in its public code)",
             "scoring", low=1),
     Setting("sigma", 4.0, "float", "Gaussian smoothing of the map, in input pixels (0: none)", "scoring",
@@ -340,14 +340,13 @@ class SearchSettings:
 
 
 def uses_coarse(model: Any) -> bool:
-    """Whether a model's image score has the coarse part: "fused" with coarse_weight > 0, not tiled (the tiled
-    loop stitches the fused map of its tiles and keeps no per-level map)."""
-    return model.image_score == "fused" and float(model.coarse_weight) > 0 and model.tile_size is None
+    """Whether a model's image score has the coarse part: "fused" with coarse_weight > 0."""
+    return model.image_score == "fused" and float(model.coarse_weight) > 0
 
 
 def density_k(model: Any) -> int:
-    """The density normalisation's K for a model's image score: density_k for "fused", not tiled; else 0 (off)."""
-    return int(model.density_k) if model.image_score == "fused" and model.tile_size is None else 0
+    """The density normalisation's K for a model's image score: density_k for "fused", else 0 (off)."""
+    return int(model.density_k) if model.image_score == "fused" else 0
 
 
 def validate(params: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any]:

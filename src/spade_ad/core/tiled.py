@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import settings as settings_table
 from ..data.inputs import ImageItem, iter_loaded
 from .backbones import Backbone
 from .feature_store import FeatureStore
 from .features import SkipCallback, thumbnails
 from .gallery import image_offsets
 from .geometry import Geometry, image_to_array
-from .maps_numpy import smooth
+from .maps_numpy import coarse_map, smooth
 from .scoring import kept_neighbours, knn_image_scores
 from .tiles import Tile, plan_tiles, stitch_features, stored_cores, tile_cores, tiled_geometry, tiled_map, window_rows
 
@@ -47,10 +48,12 @@ class TileSettings:
     patch_size: int
     batch_size: int
     memory_budget: int | None
+    density_k: int
 
     @classmethod
     def of(cls, model: Any) -> TileSettings:
-        return cls(**{name: getattr(model, name) for name in cls.__dataclass_fields__})
+        values = {name: getattr(model, name) for name in cls.__dataclass_fields__}
+        return cls(**{**values, "density_k": settings_table.density_k(model)})
 
 
 @dataclass
@@ -139,37 +142,40 @@ def _gallery(store: FeatureStore, offsets: np.ndarray, images: np.ndarray) -> An
 def predict_parts(backbone: Backbone, store: FeatureStore, items: list[ImageItem], settings: TileSettings, *,
                   skip_bad: bool, on_skip: SkipCallback | None, keep_images: bool = False,
                   progress: bool | None = None) -> Iterator[tuple[Any, ...]]:
-    """Per image: (map score input: the smoothed map at the tiled input size, kNN score, item, geometry, decoded
-    image or None, nearest training images (indices), their squared distances)."""
+    """Per image: (map score input: the smoothed map at the tiled input size, the coarsest level's own score grid
+    (`tiles.tiled_map`), kNN score, item, geometry, decoded image or None, nearest training images (indices), their
+    squared distances)."""
     offsets = image_offsets(store.shapes)
     for item, tiled in iter_images(items, settings.image_size, skip_bad=skip_bad, on_skip=on_skip,
                                    keep_images=keep_images, desc="predict", progress=progress):
         distances, neighbours = store.nearest_images(global_features(backbone, tiled.view),
-                                                     max(settings.k_gallery, settings.k_image))
+                                                     max(settings.k_gallery, settings.k_image, settings.density_k))
         distances, neighbours = distances.cpu(), neighbours.cpu()
         knn = float(knn_image_scores(distances, settings.k_image)[0])
         size = tiled.geometry.input_size
         tiles = plan_tiles(size, settings.tile_size, settings.tile_overlap)
-        raw = tiled_map(tile_pyramids(backbone, tiled.pixels, tiles, batch_size=settings.batch_size,
-                                      patch_size=settings.patch_size), backbone.strides, size,
-                        _gallery(store, offsets, neighbours[0, :settings.k_gallery].numpy()),
-                        margin=settings.tile_margin, kappa=settings.kappa, distance=settings.distance,
-                        memory_budget=settings.memory_budget)
+        raw, coarse = tiled_map(tile_pyramids(backbone, tiled.pixels, tiles, batch_size=settings.batch_size,
+                                              patch_size=settings.patch_size), backbone.strides, size,
+                                _gallery(store, offsets, neighbours[0, :settings.k_gallery].numpy()),
+                                margin=settings.tile_margin, kappa=settings.kappa, distance=settings.distance,
+                                memory_budget=settings.memory_budget)
         del tiled.pixels
-        yield (smooth(raw, settings.sigma), knn, item, tiled.geometry, tiled.image, neighbours[0].tolist(),
+        yield (smooth(raw, settings.sigma), coarse, knn, item, tiled.geometry, tiled.image, neighbours[0].tolist(),
                distances[0].tolist())
 
 
 def leave_one_out(store: FeatureStore, strides: tuple[int, ...], channels: tuple[int, ...],
-                  settings: TileSettings, groups: np.ndarray | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+                  settings: TileSettings, groups: np.ndarray | None = None
+                  ) -> Iterator[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]]:
     """Every training image scored against the others (its own global feature out of its kNN, its own maps out
     of its gallery; with `groups`, without its whole group), its tiles' cores read back from the store: (index, kNN
-    score, smoothed map at its input size), as `spade_ad.core.scoring.leave_one_out` does for whole images."""
+    score, smoothed map at its input size, the coarsest level's own smoothed map, its `density_k` nearest other
+    training images), as `spade_ad.core.scoring.leave_one_out` does for whole images."""
     n = store.n_images
     if n < 2:
         raise ValueError("leave-one-out needs at least two training images")
     offsets = image_offsets(store.shapes)
-    want = n if groups is not None else min(n, max(settings.k_gallery, settings.k_image) + 1)
+    want = n if groups is not None else min(n, max(settings.k_gallery, settings.k_image, settings.density_k) + 1)
     for index in range(n):
         distances, neighbours = store.nearest_images(store.global_features[index:index + 1], want)
         keep = kept_neighbours(neighbours[0], index, groups)
@@ -177,7 +183,8 @@ def leave_one_out(store: FeatureStore, strides: tuple[int, ...], channels: tuple
         size = (int(store.shapes[index, 0, 0]) * strides[0], int(store.shapes[index, 0, 1]) * strides[0])
         tiles = plan_tiles(size, settings.tile_size, settings.tile_overlap)
         cores = stored_cores(size, tiles, strides, _gallery(store, offsets, np.array([index])), channels)
-        raw = tiled_map(cores, strides, size, _gallery(store, offsets, nearest[:settings.k_gallery].numpy()),
-                        margin=settings.tile_margin, kappa=settings.kappa, distance=settings.distance,
-                        memory_budget=settings.memory_budget)
-        yield index, float(d[:settings.k_image].mean()), smooth(raw, settings.sigma)
+        raw, coarse = tiled_map(cores, strides, size, _gallery(store, offsets, nearest[:settings.k_gallery].numpy()),
+                                margin=settings.tile_margin, kappa=settings.kappa, distance=settings.distance,
+                                memory_budget=settings.memory_budget)
+        yield (index, float(d[:settings.k_image].mean()), smooth(raw, settings.sigma),
+               coarse_map(coarse, size, settings.sigma), nearest[:settings.density_k].cpu().numpy())

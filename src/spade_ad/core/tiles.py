@@ -112,11 +112,12 @@ GalleryWindow = Callable[[int, tuple[int, int, int, int], tuple[int, int]], np.n
 
 def core_map(cores: list[np.ndarray], tile: Tile, strides: tuple[int, ...], input_size: tuple[int, int],
              gallery: GalleryWindow, *, margin: int, kappa: int, distance: str,
-             memory_budget: int | None = None) -> np.ndarray:
+             memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The unsmoothed scores (core height, core width) of one tile's core: its feature cells at each level
     (`cores`: [(C_l, h_l, w_l)] of the core only) searched against the gallery images' same region grown by
     `margin` pixels, each position's distance to its `kappa` nearest (see `spade_ad.core.maps_numpy.position_scores`),
-    the levels fused by the mean of their upsampled maps."""
+    the levels fused by the mean of their upsampled maps; and the coarsest level's own grid (h_L, w_L) of the
+    core."""
     top, left, bottom, right = tile.core
     grids = []
     for level, (cells, stride) in enumerate(zip(cores, strides)):
@@ -126,20 +127,25 @@ def core_map(cores: list[np.ndarray], tile: Tile, strides: tuple[int, ...], inpu
         queries = np.asarray(cells, dtype=np.float32).reshape(cells.shape[0], -1).T
         squared, _ = numpy_search.topk_squared_distances(queries, rows, kappa, memory_budget)
         grids.append(position_scores(squared, distance).reshape(cells.shape[1:]))
-    return fuse(grids, (bottom - top, right - left))
+    return fuse(grids, (bottom - top, right - left)), grids[-1]
 
 
 def tiled_map(tile_features: Iterable[tuple[Tile, list[np.ndarray]]], strides: tuple[int, ...],
               input_size: tuple[int, int], gallery: GalleryWindow, *, margin: int, kappa: int, distance: str,
-              memory_budget: int | None = None) -> np.ndarray:
-    """The unsmoothed map (input height, width) stitched from every tile's core map; `tile_features` yields each
-    tile with its cores' cells per level ([(C_l, h_l, w_l)], e.g. from `tile_cores`), one tile at a time."""
+              memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The unsmoothed map (input height, width) stitched from every tile's core map, and the coarsest level's own
+    score grid (input height / s_L, width / s_L) stitched from the cores' coarsest cells (the fused image score's
+    third part, as `spade_ad.core.maps_numpy.coarse_map` makes it); `tile_features` yields each tile with its cores'
+    cells per level ([(C_l, h_l, w_l)], e.g. from `tile_cores`), one tile at a time."""
     stitched = np.zeros(input_size, dtype=np.float32)
+    coarse = np.zeros((input_size[0] // strides[-1], input_size[1] // strides[-1]), dtype=np.float32)
     for tile, cores in tile_features:
         top, left, bottom, right = tile.core
-        stitched[top:bottom, left:right] = core_map(cores, tile, strides, input_size, gallery, margin=margin,
-                                                    kappa=kappa, distance=distance, memory_budget=memory_budget)
-    return stitched
+        stitched[top:bottom, left:right], grid = core_map(cores, tile, strides, input_size, gallery, margin=margin,
+                                                          kappa=kappa, distance=distance,
+                                                          memory_budget=memory_budget)
+        coarse[top // strides[-1]:bottom // strides[-1], left // strides[-1]:right // strides[-1]] = grid
+    return stitched, coarse
 
 
 def tile_cores(tile: Tile, levels: list[np.ndarray], strides: tuple[int, ...]) -> list[np.ndarray]:

@@ -305,11 +305,23 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
                              f"training images")
     except (LookupError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{path} has a header that does not match its tensors ({exc}); re-create it") from exc
+    _tiled_as_written(settings, header["calibration"])
     return ModelContents(
         settings=settings, backbone=dict(header["backbone"]), train_names=list(header["train_names"]),
         calibration=dict(header["calibration"]), metrics=dict(header.get("metrics") or {}),
         versions=dict(header.get("versions") or {}), store=store, thumbnails=thumbnails, roi=roi,
     )
+
+
+def _tiled_as_written(settings: dict[str, Any], calibration: dict[str, Any]) -> None:
+    """A tiled model written before tiled models had the fused score's coarse part and density normalisation (its
+    calibration has no "coarse" scale, no training parts) scores as it did then: those settings read as off."""
+    if settings["tile_size"] is None or settings["image_score"] != "fused":
+        return
+    if "coarse" not in calibration.get("score_scale", {}):
+        settings["coarse_weight"] = 0.0
+    if not calibration.get("train_parts"):
+        settings["density_k"] = 0
 
 
 def _number(v: Any) -> bool:

@@ -14,7 +14,7 @@ from .. import settings as settings_table
 from ..core import calibration
 from ..core.features import SkipCallback
 from ..core.geometry import plan_geometry
-from ..core.maps_numpy import as_roi, map_score, roi_grid
+from ..core.maps_numpy import as_roi, roi_grid
 from ..core.scoring import leave_one_out
 from ..core.tiled import TileSettings
 from ..core.tiled import leave_one_out as tiled_leave_one_out
@@ -59,19 +59,19 @@ class CalibrationSteps:
             return
         sessions = getattr(self, "sessions_", None)
         groups = None if sessions is None else sessions.labels
-        if self.tile_size is not None:
-            for _, knn, anomaly_map in tiled_leave_one_out(self.store_, self.backbone_.strides,
-                                                           self.backbone_.channels, TileSettings.of(self), groups):
-                anomaly_map = self._inside_roi(anomaly_map)
-                yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map)
-            return
         k_density = settings_table.density_k(self)
-        for _, knn, anomaly_map, coarse, near in leave_one_out(
-            self.store_, self.backbone_.strides[0], k_image=self.k_image, k_gallery=self.k_gallery,
-            search=SearchSettings.of(self), device=self.device_, density_k=k_density, groups=groups,
-        ):
+        coarse = settings_table.uses_coarse(self)
+        if self.tile_size is not None:
+            parts = tiled_leave_one_out(self.store_, self.backbone_.strides, self.backbone_.channels,
+                                        TileSettings.of(self), groups)
+        else:
+            parts = leave_one_out(self.store_, self.backbone_.strides[0], k_image=self.k_image,
+                                  k_gallery=self.k_gallery, search=SearchSettings.of(self), device=self.device_,
+                                  density_k=k_density, groups=groups)
+        for _, knn, anomaly_map, coarse_map, near in parts:
             anomaly_map = self._inside_roi(anomaly_map)
-            coarse_part = 0.0 if coarse is None else map_score(self._inside_roi(coarse), "map_top")
+            coarse_part = self._coarse_score(self._inside_roi(coarse_map)) if coarse and coarse_map is not None \
+                else 0.0
             yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map, coarse_part=coarse_part,
                               near=near if k_density else None)
 

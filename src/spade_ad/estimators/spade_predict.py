@@ -45,8 +45,8 @@ class PredictSteps:
                 map_part = self._map_score(array)
                 original = None if original is None else original_with_roi(array, self.roi_, geometry)
                 if coarse_grid is not None:
-                    coarse_part = map_score(apply_roi(coarse_map(coarse_grid, geometry.input_size, self.sigma),
-                                                      self.roi_, geometry), "map_top")
+                    coarse_part = self._coarse_score(apply_roi(coarse_map(coarse_grid, geometry.input_size,
+                                                                          self.sigma), self.roi_, geometry))
             near = np.array([n for n, _ in nearest[:k_density]], dtype=np.int64) if k_density else None
             coarse_part = 0.0 if coarse_part is None else coarse_part
             if not full:
@@ -63,16 +63,23 @@ class PredictSteps:
         tile_size^2 pixels), not 1% of the whole large image."""
         return map_score(array, self.image_score, None if self.tile_size is None else tile_top_count(self.tile_size))
 
+    def _coarse_score(self, coarse: np.ndarray) -> float:
+        """The coarse part of the fused image score: the top share of the coarsest level's own smoothed map
+        (`maps.coarse_map`), one tile's share in tiled mode as for the map part."""
+        return map_score(coarse, "map_top", None if self.tile_size is None else tile_top_count(self.tile_size))
+
     def _tiled_maps(self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None,
                     keep_images: bool) -> Iterator[tuple[Any, ...]]:
-        """Tiled mode (`spade_ad.core.tiled`), one image at a time stitched from its tiles: (map score, no coarse part
-        or grid, kNN, map, item, geometry, image, None, nearest [(index, distance)], None: no pyramid kept, so no
-        explanation). The stitched map keeps no per-level map: a tiled model's score has no coarse part."""
-        for array, knn, item, geometry, image, neighbours, distances in tiled_predict_parts(
+        """Tiled mode (`spade_ad.core.tiled`), one image at a time stitched from its tiles: (map score, coarse part
+        and grid (None without the coarse part), kNN, map, item, geometry, image, None, nearest [(index, distance)],
+        None: no pyramid kept, so no explanation)."""
+        coarse = settings_table.uses_coarse(self)
+        for array, grid, knn, item, geometry, image, neighbours, distances in tiled_predict_parts(
                 self.backbone_, self.store_, items, TileSettings.of(self), skip_bad=skip_bad, on_skip=on_skip,
                 keep_images=keep_images, progress=self.progress):
-            yield (self._map_score(array), None, None, knn, array, item, geometry, image, None,
-                   list(zip(neighbours, distances)), None)
+            coarse_part = self._coarse_score(coarse_map(grid, geometry.input_size, self.sigma)) if coarse else None
+            yield (self._map_score(array), coarse_part, grid if coarse else None, knn, array, item, geometry, image,
+                   None, list(zip(neighbours, distances)), None)
 
     def _batch_maps(self, items: list[ImageItem], skip_bad: bool, on_skip: SkipCallback | None, keep_images: bool,
                     original_size: bool) -> Iterator[tuple[Any, ...]]:
@@ -105,7 +112,7 @@ class PredictSteps:
                     array = smooth(raw, search.sigma)
                     map_part = map_score(array, self.image_score)
                     if coarse_grid is not None:
-                        coarse_part = map_score(coarse_map(coarse_grid, geometry.input_size, search.sigma), "map_top")
+                        coarse_part = self._coarse_score(coarse_map(coarse_grid, geometry.input_size, search.sigma))
                 nearest = list(zip(neighbours[i, :wanted].tolist(), distances[i, :wanted].tolist()))
                 yield (map_part, coarse_part, coarse_grid, float(knn_scores[i]), array, item, geometry,
                        batch.originals[i] if keep_images else None, original, nearest, [level[i] for level in pyramid])
