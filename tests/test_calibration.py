@@ -360,9 +360,14 @@ def test_fit_names_the_defective_parts_in_its_training_folder(tmp_path: Path) ->
     cal = model.calibration_
     assert set(cal.suspects) == slipped and len(cal.suspects) == 2
     assert cal.image_threshold < min(cal.suspect_scores)
-    assert "these 2 training images score like defects" in suspects_warning(cal)
+    # sought before the density normalisation, and shown there: both parts of the line on one scale
+    assert len(cal.suspect_raw_scores) == 2 and cal.suspect_raw_end < min(cal.suspect_raw_scores)
+    line = suspects_warning(cal)
+    assert "these 2 training images score like defects (leave-one-out score before the density normalisation; " \
+        f"the other good images end at {cal.suspect_raw_end:.3g})" in line
     loaded = load(model.save(tmp_path / "m.safetensors")).calibration_
     assert (loaded.suspects, loaded.suspect_scores) == (cal.suspects, cal.suspect_scores)
+    assert (loaded.suspect_raw_scores, loaded.suspect_raw_end) == (cal.suspect_raw_scores, cal.suspect_raw_end)
 
 
 def test_fit_exclude_leaves_the_named_training_images_out(tmp_path: Path,

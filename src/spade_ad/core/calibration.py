@@ -67,6 +67,10 @@ class Calibration:
     #: the training folder, or rare good ones; and their scores, in the same order.
     suspects: list[str] = field(default_factory=list)
     suspect_scores: list[float] = field(default_factory=list)
+    #: With the density normalisation the suspects are sought before it (`calibrate`): their scores there, in the
+    #: same order, and where the other training images' scores end there (empty / None without it).
+    suspect_raw_scores: list[float] = field(default_factory=list)
+    suspect_raw_end: float | None = None
     #: Each training image's leave-one-out score parts [map, coarse, knn] (N x 3), in stored order: what the
     #: density normalisation divides by (`density_normalised`); empty when it is off (files from before: off).
     train_parts: list[list[float]] = field(default_factory=list)
@@ -343,11 +347,14 @@ def calibrate(
         raw_scale = {name: robust_scale(raw[:, j]) for j, name in enumerate(PARTS)}
         basis = combine_scores(image_score, raw_scale, raw[:, 0], raw[:, 2], map_weight, raw[:, 1], coarse_weight)
     odd = suspects(basis) if names is not None and len(names) == len(combined) else []
+    raw_found = basis is not combined and bool(odd) and len(odd) < len(basis)
     return Calibration(
         source, scores, false_alarm_rate, threshold, pixel_false_alarm_rate,
         pixel_threshold_at(quantiles, pixel_false_alarm_rate), quantiles, float(np.median(scores)), note=note,
         suspects=[str(names[i]) for i in odd] if names is not None else [],
         suspect_scores=[float(combined[i]) for i in odd], train_parts=kept,
+        suspect_raw_scores=[float(basis[i]) for i in odd] if raw_found else [],
+        suspect_raw_end=float(np.delete(basis, odd).max()) if raw_found else None,
     ), scale
 
 
@@ -356,11 +363,17 @@ def suspects_warning(calibration: Calibration) -> str:
     if not calibration.suspects:
         return ""
     count = len(calibration.suspects)
-    rest = [s for s in calibration.scores if s not in set(calibration.suspect_scores)]
-    listed = ", ".join(f"{name} ({score:.3g})" for name, score in zip(calibration.suspects, calibration.suspect_scores))
+    if calibration.suspect_raw_end is not None and len(calibration.suspect_raw_scores) == count:
+        # sought before the density normalisation (which measures them against each other): shown there too
+        shown, end = calibration.suspect_raw_scores, calibration.suspect_raw_end
+        basis = "leave-one-out score before the density normalisation"
+    else:
+        rest = [s for s in calibration.scores if s not in set(calibration.suspect_scores)]
+        shown, end, basis = calibration.suspect_scores, max(rest) if rest else float("nan"), "leave-one-out score"
+    listed = ", ".join(f"{name} ({score:.3g})" for name, score in zip(calibration.suspects, shown))
     return (f"{'this training image scores' if count == 1 else f'these {count} training images score'} like "
-            f"{'a defect' if count == 1 else 'defects'} (leave-one-out score; the other good images end at "
-            f"{max(rest) if rest else float('nan'):.3g}): {listed}; check "
+            f"{'a defect' if count == 1 else 'defects'} ({basis}; the other good images end at {end:.3g}): "
+            f"{listed}; check "
             f"{'it' if count == 1 else 'them'}: a defective part in the training folder raises every threshold; "
             f"refit without {'it' if count == 1 else 'them'} (spade-ad fit ... --exclude NAME), or keep a rare good "
             f"part")

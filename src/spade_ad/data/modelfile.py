@@ -356,6 +356,7 @@ _HEADER_FIELDS = (
     ("calibration.median", "number|null", None), ("calibration.threshold_source", "text", ""),
     ("calibration.note", "text", ""), ("calibration.score_scale", "scales", _MISSING),
     ("calibration.suspects", "texts", []), ("calibration.suspect_scores", "numbers", []),
+    ("calibration.suspect_raw_scores", "numbers", []), ("calibration.suspect_raw_end", "number|null", None),
     ("calibration.train_parts", "rows of 3 finite numbers", []), ("calibration.sessions", "naturals", []),
 )
 
