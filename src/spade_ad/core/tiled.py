@@ -48,12 +48,14 @@ class TileSettings:
     patch_size: int
     batch_size: int
     memory_budget: int | None
-    density_k: int
+    density_k: int  # the image score's (`settings.density_k`: 0 when it has no density normalisation)
+    coarse: bool  # whether the image score has the coarse part (`settings.uses_coarse`)
 
     @classmethod
     def of(cls, model: Any) -> TileSettings:
-        values = {name: getattr(model, name) for name in cls.__dataclass_fields__}
-        return cls(**{**values, "density_k": settings_table.density_k(model)})
+        derived = {"density_k": settings_table.density_k(model), "coarse": settings_table.uses_coarse(model)}
+        return cls(**{name: derived[name] if name in derived else getattr(model, name)
+                      for name in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -169,8 +171,9 @@ def leave_one_out(store: FeatureStore, strides: tuple[int, ...], channels: tuple
                   ) -> Iterator[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]]:
     """Every training image scored against the others (its own global feature out of its kNN, its own maps out
     of its gallery; with `groups`, without its whole group), its tiles' cores read back from the store: (index, kNN
-    score, smoothed map at its input size, the coarsest level's own smoothed map, its `density_k` nearest other
-    training images), as `spade_ad.core.scoring.leave_one_out` does for whole images."""
+    score, smoothed map at its input size, the coarsest level's own smoothed map when the score has the coarse
+    part (else None), its `density_k` nearest other training images), as `spade_ad.core.scoring.leave_one_out` does
+    for whole images."""
     n = store.n_images
     if n < 2:
         raise ValueError("leave-one-out needs at least two training images")
@@ -187,4 +190,5 @@ def leave_one_out(store: FeatureStore, strides: tuple[int, ...], channels: tuple
                                 margin=settings.tile_margin, kappa=settings.kappa, distance=settings.distance,
                                 memory_budget=settings.memory_budget)
         yield (index, float(d[:settings.k_image].mean()), smooth(raw, settings.sigma),
-               coarse_map(coarse, size, settings.sigma), nearest[:settings.density_k].cpu().numpy())
+               coarse_map(coarse, size, settings.sigma) if settings.coarse else None,
+               nearest[:settings.density_k].cpu().numpy())

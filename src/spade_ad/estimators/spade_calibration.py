@@ -60,7 +60,6 @@ class CalibrationSteps:
         sessions = getattr(self, "sessions_", None)
         groups = None if sessions is None else sessions.labels
         k_density = settings_table.density_k(self)
-        coarse = settings_table.uses_coarse(self)
         if self.tile_size is not None:
             parts = tiled_leave_one_out(self.store_, self.backbone_.strides, self.backbone_.channels,
                                         TileSettings.of(self), groups)
@@ -70,8 +69,7 @@ class CalibrationSteps:
                                   density_k=k_density, groups=groups)
         for _, knn, anomaly_map, coarse_map, near in parts:
             anomaly_map = self._inside_roi(anomaly_map)
-            coarse_part = self._coarse_score(self._inside_roi(coarse_map)) if coarse and coarse_map is not None \
-                else 0.0
+            coarse_part = 0.0 if coarse_map is None else self._coarse_score(self._inside_roi(coarse_map))
             yield ScoredImage(self._map_score(anomaly_map), knn, anomaly_map, coarse_part=coarse_part,
                               near=near if k_density else None)
 
