@@ -181,14 +181,32 @@ def _other(product: Product, tag: str) -> Product:
     return _OTHERS[key]
 
 
-def combine(product: Product, parts: list[tuple[str, float]], how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+#: The normal quantile of each upper-tail scale: (q-quantile - median) / z is a standard deviation for normal data.
+TAIL_SCALES = {"q90": (0.90, 1.2816), "q95": (0.95, 1.645), "q99": (0.99, 2.326)}
+
+
+def part_scale(loo: np.ndarray, scale: str = "iqr") -> tuple[float, float]:
+    """(median, spread) that puts a part's scores on the common scale: "iqr" is today's (`robust_scale`), "mad" the
+    median absolute deviation, "q90" / "q95" / "q99" how far the good scores reach above their median (a part
+    with a long upper tail of good scores then weighs less)."""
+    if scale == "iqr":
+        return robust_scale(loo)
+    median = float(np.median(loo))
+    if scale == "mad":
+        return median, max(1.4826 * float(np.median(np.abs(loo - median))), 1e-12)
+    quantile, z = TAIL_SCALES[scale]
+    return median, max((float(np.quantile(loo, quantile)) - median) / z, 1e-12)
+
+
+def combine(product: Product, parts: list[tuple[str, float]], how: str = "mean", scale: str = "iqr"
+            ) -> tuple[np.ndarray, np.ndarray]:
     loo_sum, test_sum, total = 0.0, 0.0, 0.0
     loo_list, test_list = [], []
     for kind, weight in parts:
         loo, test = product.part(kind)
         if len(parts) == 1:
             return loo, test
-        median, spread = robust_scale(loo)
+        median, spread = part_scale(loo, scale)
         loo_list.append((loo - median) / spread)
         test_list.append((test - median) / spread)
         loo_sum = loo_sum + weight * loo_list[-1]
@@ -331,10 +349,11 @@ VARIANTS: dict[str, tuple[list[tuple[str, float]], str]] = {
 }
 
 
-def compare(paths: list[Path], names: list[str] | None, show_before: bool = False
+def compare(paths: list[Path], names: list[str] | None, show_before: bool = False, scale: str = "iqr"
             ) -> tuple[str, list[dict[str, Any]]]:
     """The Markdown table of the variants (or those `names`) over the cached products, and its rows; with
-    `show_before`, each cell also gives [recall (false alarms)] at the previous threshold rule."""
+    `show_before`, each cell also gives [recall (false alarms)] at the previous threshold rule; `scale`: how each
+    part is put on the common scale (`part_scale`)."""
     products = [Product(p) for p in paths]
     rows = []
     header = "| variant | " + " | ".join(p.name for p in products) + " | mean | worst |"
@@ -343,7 +362,7 @@ def compare(paths: list[Path], names: list[str] | None, show_before: bool = Fals
     for variant, (parts, how) in VARIANTS.items():
         if names and variant not in names:
             continue
-        results = [evaluate(*combine(p, parts, how), p.labels) for p in products]
+        results = [evaluate(*combine(p, parts, how, scale), p.labels) for p in products]
         cells = [_cell(r) for r in results]
         if show_before:  # the same score at the previous threshold rule
             cells = [f"{c} [{100 * r['recall_thr_before']:.0f} ({100 * r['fa_thr_before']:.0f})]"
@@ -362,6 +381,8 @@ def main() -> None:
     parser.add_argument("--set", default="", help="setting:value,... on top of the defaults")
     parser.add_argument("--variant", action="append")
     parser.add_argument("--before", action="store_true", help="also the verdict at the previous threshold rule")
+    parser.add_argument("--scale", default="iqr", choices=["iqr", "mad", *TAIL_SCALES],
+                        help="how each part is scaled before the parts are averaged (default: today's)")
     args = parser.parse_args()
     if args.action == "collect":
         _, settings = parse_config(f"x={args.set}")
@@ -376,7 +397,7 @@ def main() -> None:
     paths = sorted((CACHE / args.tag).glob("*.npz"))
     if args.category:
         paths = [p for p in paths if p.stem in args.category]
-    text, rows = compare(paths, args.variant, args.before)
+    text, rows = compare(paths, args.variant, args.before, args.scale)
     print(text)
     (CACHE / args.tag / "compare.md").write_text(text + "\n")
     (CACHE / args.tag / "compare.json").write_text(json.dumps(
