@@ -84,6 +84,29 @@ def test_suspects_are_the_scores_beyond_the_tail() -> None:
     assert f"{np.sort(scores)[-3]:.3g}" in line
 
 
+def test_choose_weights_moves_only_on_clear_evidence() -> None:
+    """Defects that stand out on the kNN part only: every share is tried and the kNN alone catches all ten above
+    the good scores' 1% threshold, so the weights move there; defects that stand out on every part are caught
+    already, and one defect more is no reason to move; without the coarse part its weight stays 0."""
+    from spade_ad.core.calibration import WEIGHT_MARGIN, choose_weights
+
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(200, 3))
+    on_knn = rng.normal(size=(10, 3)) + [0.0, 0.0, 5.0]
+    current = (1 / 3, 1 / 3, 1 / 3)
+    weights, figures = choose_weights(good, on_knn, current, rate=0.01)
+    assert weights == (0.0, 0.0, 1.0) and figures["caught"] == 10
+    assert figures["caught_before"] <= 10 - WEIGHT_MARGIN and figures["weights_before"] == list(current)
+    everywhere = rng.normal(size=(10, 3)) + 5.0
+    assert choose_weights(good, everywhere, current, rate=0.01)[0] == current
+    one_more = np.vstack([everywhere[:9], on_knn[:1] - [0.0, 0.0, 2.5]])
+    assert choose_weights(good, one_more, current, rate=0.01)[0] == current
+    two_parts = (2 / 3, 0.0, 1 / 3)
+    assert choose_weights(good, on_knn, two_parts, rate=0.01, coarse=False)[0] == (0.0, 0.0, 1.0)
+    on_coarse = on_knn[:, [0, 2, 1]]  # the signal on the coarse part, which this model does not have
+    assert choose_weights(good, on_coarse, two_parts, rate=0.01, coarse=False)[0][1] == 0
+
+
 def test_check_shift_warns_when_new_good_parts_score_higher() -> None:
     """The first inspections of a line against the calibration: the same distribution says nothing; good parts
     from a second session (scores moved up) are reported with the false-alarm rate the move implies."""

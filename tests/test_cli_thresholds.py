@@ -68,6 +68,14 @@ def test_calibrate_rewrites_thresholds(model_file: Path, synthetic_root: Path, t
     flagged_good = (goods > model.image_threshold_).sum()
     caught = (defects > model.image_threshold_).sum()
     assert 2 * caught / (caught + flagged_good + len(defects)) >= 0.8  # the best F1 on these images
+    # the part weights these defects support, kept in the file with the figures behind them (or --keep-weights)
+    chosen = model.calibration_.check["weights"]
+    assert [model.map_weight, model.coarse_weight] == pytest.approx(chosen["weights"][:2])
+    assert model.calibration_.note.startswith("part weights ") and chosen["n_defect"] == len(defects)
+    assert run_cli(["calibrate", str(model_file), "--good", str(good), "--defect", str(defect), "--keep-weights",
+                    "-o", str(out)]) == 0
+    kept = load(out)
+    assert "weights" not in kept.calibration_.check and kept.map_weight == load(model_file).map_weight
 
 
 def test_add_a_good_image_from_the_command_line(model_file: Path, synthetic_root: Path, tmp_path: Path) -> None:

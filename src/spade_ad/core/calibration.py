@@ -430,6 +430,42 @@ def best_f1_threshold(good_scores: Sequence[float], defect_scores: Sequence[floa
     return float((scores[best] + below) / 2)
 
 
+#: `choose_weights` tries every (map, coarse, kNN) share of the fused score in steps of 1 / WEIGHT_STEPS.
+WEIGHT_STEPS = 6
+#: ... and leaves the model's weights unless another share catches at least this many more of the defects.
+WEIGHT_MARGIN = 2
+
+
+def choose_weights(good: np.ndarray, defect: np.ndarray, current: tuple[float, float, float], *, rate: float,
+                   coarse: bool = True, margin: int = WEIGHT_MARGIN
+                   ) -> tuple[tuple[float, float, float], dict[str, Any]]:
+    """The fused score's part weights (map, coarse, kNN) that a user's few labelled defects support: `good` (n, 3)
+    and `defect` (m, 3) are scaled parts [map, coarse, kNN] (each part's density-normalised value less its good
+    median, over its spread: what `combine_scores` weighs). Every share in steps of 1 / WEIGHT_STEPS (coarse 0
+    without the coarse part) is judged by how many defects score above the good scores' threshold at `rate`
+    (`conformal_threshold`), then by their AUROC against the good scores; the best replaces `current` only when it
+    catches at least `margin` more defects: a choice made on a handful of defects moves only on clear evidence
+    (benchmarks/weights_study.py measures the margins). Returns the weights and the figures behind the choice."""
+    good, defect = np.asarray(good, dtype=np.float64), np.asarray(defect, dtype=np.float64)
+
+    def judged(weights: tuple[float, float, float]) -> tuple[int, float]:
+        w = np.asarray(weights)
+        g, d = good @ w, defect @ w
+        threshold, _ = conformal_threshold(g.tolist(), rate)
+        auroc = float(((d[:, None] > g[None]) + 0.5 * (d[:, None] == g[None])).mean()) if len(g) and len(d) else 0.5
+        return int((d > threshold).sum()), auroc
+
+    shares = [(m / WEIGHT_STEPS, c / WEIGHT_STEPS, (WEIGHT_STEPS - m - c) / WEIGHT_STEPS)
+              for m in range(WEIGHT_STEPS + 1) for c in range(WEIGHT_STEPS + 1 - m) if coarse or c == 0]
+    before = judged(current)
+    best = max(shares, key=judged)
+    found = judged(best)
+    chosen = best if found[0] - before[0] >= margin else current
+    return chosen, {"n_defect": len(defect), "n_good": len(good), "caught": judged(chosen)[0],
+                    "caught_before": before[0], "auroc": judged(chosen)[1], "auroc_before": before[1],
+                    "weights_before": list(current), "weights": list(chosen)}
+
+
 def moved(calibration: Calibration, *, image: float | None = None, false_alarm_rate: float | None = None,
           pixel: float | None = None, pixel_false_alarm_rate: float | None = None,
           source: str = "user") -> Calibration:

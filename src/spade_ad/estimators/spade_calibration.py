@@ -34,6 +34,14 @@ def _unscaled_fused() -> SettingError:
                         "validation images", "fused", "map_top, map_max or knn, or more good images")
 
 
+def _pixel_sample(anomaly_map: np.ndarray) -> np.ndarray:
+    """The regular subsample of a map whose values the pixel threshold's quantiles are taken from (about
+    PIXEL_SAMPLES_PER_IMAGE values). A sample of a sample is itself, so the parts `calibrate` keeps to recalibrate
+    can hold this instead of the map."""
+    step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
+    return anomaly_map[::step, ::step]
+
+
 class CalibrationSteps:
     """What `Spade` does to calibrate; its attributes are `Spade`'s (settings and fitted state)."""
 
@@ -90,9 +98,7 @@ class CalibrationSteps:
         scored, pixels = [], []
         for part in parts:
             scored.append(part._replace(anomaly_map=None))
-            anomaly_map = part.anomaly_map
-            step = max(1, int(np.sqrt(anomaly_map.size / PIXEL_SAMPLES_PER_IMAGE)))
-            sample = anomaly_map[::step, ::step].ravel()
+            sample = _pixel_sample(part.anomaly_map).ravel()
             pixels.append(sample[~np.isnan(sample)])  # outside the region of interest: not scored
         raw = self._parts_array(scored)
         train = None
@@ -153,7 +159,8 @@ class CalibrationSteps:
         cal.warning = cal.check.get("warning", "")
 
     def calibrate(self, good: Any, *, defect: Any = None, recall: float | None = None, skip_bad: bool = False,
-                  on_skip: SkipCallback | None = None, combine: bool = False, roi: Any = None) -> Self:
+                  on_skip: SkipCallback | None = None, combine: bool = False, roi: Any = None,
+                  choose_weights: bool = True) -> Self:
         """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates). With a few
         labelled `defect` images, move the image threshold to the best F1 on good + defect images (as other tools
         do), or with `recall` to the highest threshold that catches that share of them; the false-alarm rate is then
@@ -163,7 +170,10 @@ class CalibrationSteps:
         are added to the calibration scores the model has (at its score scales; its pixel threshold kept) instead of
         replacing them: a few labelled images then refine the threshold rather than set it alone. The stored
         features are not changed. `roi` sets a new region of interest first (see `fit`): the new thresholds are
-        computed inside it (with `combine`, the earlier scores came from the earlier region)."""
+        computed inside it (with `combine`, the earlier scores came from the earlier region). With `defect`,
+        `choose_weights` and the fused score (not with `combine`, whose earlier scores have the earlier weights),
+        the part weights (`map_weight`, `coarse_weight`) move to the share these defects support when it catches
+        clearly more of them (`calibration.choose_weights`); `calibration_.check["weights"]` keeps the figures."""
         self._check_fitted()
         if roi is not None:
             self.roi_ = as_roi(roi)
@@ -176,8 +186,8 @@ class CalibrationSteps:
         previous = self.calibration_
 
         def kept(parts: Iterator[ScoredImage]) -> Iterator[ScoredImage]:
-            for part in parts:
-                new_parts.append(part._replace(anomaly_map=None))  # the score parts only, not the maps
+            for part in parts:  # the score parts and the pixel sample, not the whole maps
+                new_parts.append(part._replace(anomaly_map=_pixel_sample(part.anomaly_map)))
                 yield part
 
         self._calibrate(kept(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)), "validation")
@@ -186,7 +196,11 @@ class CalibrationSteps:
         if combine and before:
             self._combine_calibration(previous, before, self._scores_of(new_parts, old_scale), old_scale)
         if defect is not None:
-            defect_scores = self._scores_of(self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip))
+            defect_parts = [part._replace(anomaly_map=None)
+                            for part in self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)]
+            weights = self._choose_weights(new_parts, defect_parts) \
+                if choose_weights and not combine and self.image_score == "fused" and defect_parts else ""
+            defect_scores = self._scores_of(defect_parts)
             good_scores = self.calibration_.scores
             if recall is None:
                 threshold, source = calibration.best_f1_threshold(good_scores, defect_scores), "best_f1"
@@ -198,12 +212,41 @@ class CalibrationSteps:
             self.calibration_.check = {**self.calibration_.check, "recall": caught, "false_alarms": flagged,
                                        "n_defect": len(defect_scores)}
             self.calibration_.note = (
-                f"image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} on "
-                f"{self.calibration_.n} good and {len(defect_scores)} defective images: it flags "
+                f"{weights}image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} "
+                f"on {self.calibration_.n} good and {len(defect_scores)} defective images: it flags "
                 f"{100 * caught:.1f}% of these defects and {100 * flagged:.1f}% of these good images; the "
                 f"false-alarm rate is measured, not guaranteed")
             self._apply_calibration()
         return self
+
+    def _choose_weights(self, good: list[ScoredImage], defect: list[ScoredImage]) -> str:
+        """`calibrate`'s part weights from labelled defects (`calibration.choose_weights`) against the good images
+        the thresholds were just computed from: when they move, the thresholds are recomputed from the same good
+        parts at the new weights. Returns the sentence the calibration note starts with."""
+        def scaled(parts: list[ScoredImage]) -> np.ndarray:
+            normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
+            scale = [self.score_scale_.get(name, (0.0, 1.0)) for name in calibration.PARTS]
+            return np.stack([(normalised[:, j] - m) / s for j, (m, s) in enumerate(scale)], 1)
+
+        coarse = settings_table.uses_coarse(self)
+        current = (float(self.map_weight), float(self.coarse_weight) if coarse else 0.0,
+                   1.0 - float(self.map_weight) - (float(self.coarse_weight) if coarse else 0.0))
+        weights, figures = calibration.choose_weights(scaled(good), scaled(defect), current,
+                                                      rate=self.false_alarm_rate, coarse=coarse)
+        if weights != current:
+            check, warning = self.calibration_.check, self.calibration_.warning
+            self.map_weight, self.coarse_weight = weights[0], weights[1]
+            self._calibrate(iter(good), "validation")
+            self.calibration_.check, self.calibration_.warning = check, warning
+        self.calibration_.check = {**self.calibration_.check, "weights": figures}
+        shares = ", ".join(f"{name} {_share(w)}" for name, w in zip(("map", "coarse", "kNN"), weights)
+                           if coarse or name != "coarse")
+        caught = f"{figures['caught']} of these {figures['n_defect']} defects above the good images' threshold"
+        if weights == current:
+            return (f"part weights kept ({shares}): no other share catches {calibration.WEIGHT_MARGIN} more of "
+                    f"these defects ({caught}); ")
+        return (f"part weights chosen from these defects: {shares} (it catches {caught}, "
+                f"{figures['caught_before']} before); ")
 
     def _combine_calibration(self, previous: calibration.Calibration, before: Sequence[float],
                              new: np.ndarray, scale: dict[str, tuple[float, float]]) -> None:
@@ -216,3 +259,11 @@ class CalibrationSteps:
         merged.median = float(np.median(merged.scores))
         self.calibration_, self.score_scale_ = merged, scale
         self._apply_calibration()
+
+
+def _share(weight: float) -> str:
+    """A part weight as the fraction `calibration.choose_weights` tries (1/6 steps), else as a number."""
+    from fractions import Fraction
+
+    fraction = Fraction(weight).limit_denominator(calibration.WEIGHT_STEPS)
+    return str(fraction) if abs(float(fraction) - weight) < 1e-9 else f"{weight:.3g}"

@@ -215,13 +215,16 @@ def _warn(warning: str | None) -> None:
               help="Also (or instead of --good/--defect) the images labelled good and defect in this inspection "
               "record for this model (the review page's buttons). Their scores are added to the model's calibration "
               "scores, unless --replace.")
+@click.option("--keep-weights", is_flag=True, default=False,
+              help="With --defect: keep the model's part weights (map_weight, coarse_weight) instead of moving them "
+              "to the share these defects clearly support.")
 @click.option("--replace/--combine", default=None,
               help="Replace the model's calibration scores with the new good images' (the default with --good), or "
               "add the new ones to them (the default with --record, where a few labelled images would otherwise "
               "set the threshold alone).")
 def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: float | None, output: Path | None,
               false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, roi: Path | None, skip_bad: bool,
-              record_target: str | None, replace: bool | None) -> None:
+              keep_weights: bool, record_target: str | None, replace: bool | None) -> None:
     """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
     from ...estimators.spade_file import load
 
@@ -239,7 +242,7 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
     if recall is not None and defect is None:
         raise click.UsageError("--recall needs --defect DIR: the defects whose share it sets")
     model.calibrate(good, defect=defect, recall=recall, skip_bad=skip_bad, on_skip=report_skip if skip_bad else None,
-                    combine=combine, roi=roi)
+                    combine=combine, roi=roi, choose_weights=not keep_weights)
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
     cal = model.calibration_
