@@ -37,7 +37,7 @@ from ..core.tiled import training_features as tiled_training_features
 from ..core.tiles import check_tiling
 from ..data.inputs import ImageItem, collect_images
 from ..data.modelfile import write_model
-from ..data.sessions import Sessions, capture_sessions
+from ..data.sessions import Sessions, capture_sessions, sessions_of
 from ..errors import ImageReadError, NoImagesError, NotFittedError, SettingError
 from .detector import Detector
 from .prediction import Prediction, Region
@@ -306,7 +306,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         self.train_names_ = [*self.train_names_, *added]
         if self.sessions_ is not None:  # the added images are one more session
             labels = np.concatenate([self.sessions_.labels, np.full(len(added), int(self.sessions_.labels.max()) + 1)])
-            self.sessions_ = Sessions(labels, (*self.sessions_.sizes, len(added)), self.sessions_.gap_minutes)
+            self.sessions_ = sessions_of(labels, self.sessions_.gap_minutes)
         self.thumbnails_ = [*self.thumbnails_, *new_thumbnails] if len(self.thumbnails_) == before else []
         if self.calibration == "leave_one_out" and self.calibration_.source == "leave_one_out":
             self._calibrate(self._leave_one_out_scores(), "leave_one_out")
