@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_score_study import evaluate, study_main  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
-from spade_ad.core import calibration  # noqa: E402
+from spade_ad.core import score_parts  # noqa: E402
 from spade_ad.core.feature_store import FeatureStore, FeatureStoreWriter  # noqa: E402
 from spade_ad.core.features import extract  # noqa: E402
 from spade_ad.core.maps_numpy import coarse_map, map_score, smooth  # noqa: E402
@@ -109,10 +109,10 @@ def loo_parts(model: Spade, store: FeatureStore, groups: np.ndarray, n: int) -> 
 
 def scores(parts: np.ndarray, near: np.ndarray, train_full: np.ndarray, loo: np.ndarray,
            scale: dict[str, tuple[float, float]] | None) -> tuple[np.ndarray, dict[str, tuple[float, float]]]:
-    normalised = parts / np.maximum(train_full[near].mean(1), calibration.density_floor(loo))
+    normalised = parts / np.maximum(train_full[near].mean(1), score_parts.density_floor(loo))
     if scale is None:
-        scale = {name: calibration.robust_scale(normalised[:, i]) for i, name in enumerate(("map", "coarse", "knn"))}
-    return calibration.combine_scores("fused", scale, normalised[:, 0], normalised[:, 2], 1 / 3, normalised[:, 1],
+        scale = {name: score_parts.robust_scale(normalised[:, i]) for i, name in enumerate(("map", "coarse", "knn"))}
+    return score_parts.combine_scores("fused", scale, normalised[:, 0], normalised[:, 2], 1 / 3, normalised[:, 1],
                                       1 / 3), scale
 
 

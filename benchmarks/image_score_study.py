@@ -31,8 +31,9 @@ from spade_ad import Spade
 from spade_ad.apps.evaluation.metrics import image_auroc  # noqa: E402
 from spade_ad.apps.evaluation.metrics import recall_at_false_alarm_rate as recall_at_fpr  # noqa: E402
 from spade_ad.core import scoring  # noqa: E402
-from spade_ad.core.calibration import conformal_threshold, robust_scale, tail_threshold  # noqa: E402
+from spade_ad.core.calibration import conformal_threshold, tail_threshold  # noqa: E402
 from spade_ad.core.maps_numpy import fuse, smooth  # noqa: E402
+from spade_ad.core.score_parts import robust_scale  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "results" / "study"
 

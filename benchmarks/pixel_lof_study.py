@@ -27,10 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_score_study import evaluate, study_main  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
-from spade_ad.core import (
-    calibration,  # noqa: E402
-    search_numpy,  # noqa: E402
-)
+from spade_ad.core import score_parts, search_numpy  # noqa: E402
 from spade_ad.core.features import extract  # noqa: E402
 from spade_ad.core.gallery import all_row_indices, gallery_fraction, gallery_row_indices  # noqa: E402
 from spade_ad.core.maps_numpy import fuse, map_score, smooth, upsample  # noqa: E402
@@ -123,12 +120,12 @@ def study(category: Any) -> dict[str, Any]:
     out = {}
     near_loo, near_test = np.array(train_near), np.array(test_near)
     for name, (loo, test) in variants.items():
-        norm_loo = loo / np.maximum(loo[near_loo].mean(1), calibration.density_floor(loo))
-        norm_test = test / np.maximum(loo[near_test].mean(1), calibration.density_floor(loo))
-        scale = {p: calibration.robust_scale(norm_loo[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
+        norm_loo = loo / np.maximum(loo[near_loo].mean(1), score_parts.density_floor(loo))
+        norm_test = test / np.maximum(loo[near_test].mean(1), score_parts.density_floor(loo))
+        scale = {p: score_parts.robust_scale(norm_loo[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
 
         def combine(x: np.ndarray, scale: dict[str, tuple[float, float]] = scale) -> np.ndarray:
-            return calibration.combine_scores("fused", scale, x[:, 0], x[:, 2], 1 / 3, x[:, 1], 1 / 3)
+            return score_parts.combine_scores("fused", scale, x[:, 0], x[:, 2], 1 / 3, x[:, 1], 1 / 3)
 
         out[name] = evaluate(combine(norm_loo), combine(norm_test), labels)
         print(category.name, name, {k: round(v, 3) for k, v in out[name].items()}, file=sys.stderr, flush=True)

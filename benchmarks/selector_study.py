@@ -37,7 +37,7 @@ from pixel_lof_study import image_levels, parts_of  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
 from spade_ad.apps.evaluation.metrics import image_auroc  # noqa: E402
-from spade_ad.core import calibration  # noqa: E402
+from spade_ad.core import calibration, score_parts  # noqa: E402
 from spade_ad.core.feature_store import FeatureStore  # noqa: E402
 from spade_ad.core.features import extract  # noqa: E402
 from spade_ad.core.scoring import training_input_size  # noqa: E402
@@ -130,7 +130,7 @@ class Candidate:
         self.loo_near = np.array(near)
         self.train_full = self.loo[groups]
         normalised = self._normalise(self.loo, self.loo_near)
-        self.scale = {p: calibration.robust_scale(normalised[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
+        self.scale = {p: score_parts.robust_scale(normalised[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
         self.good = self._combine(normalised)
 
     def _search(self, maps: list[np.ndarray], global_feature: torch.Tensor, exclude: int | None
@@ -148,10 +148,10 @@ class Candidate:
                           BETA, self.model.sigma), knn)
 
     def _normalise(self, parts: np.ndarray, near: np.ndarray) -> np.ndarray:
-        return parts / np.maximum(self.train_full[near].mean(1), calibration.density_floor(self.loo))
+        return parts / np.maximum(self.train_full[near].mean(1), score_parts.density_floor(self.loo))
 
     def _combine(self, normalised: np.ndarray) -> np.ndarray:
-        return calibration.combine_scores("fused", self.scale, normalised[:, 0], normalised[:, 2], 1 / 3,
+        return score_parts.combine_scores("fused", self.scale, normalised[:, 0], normalised[:, 2], 1 / 3,
                                           normalised[:, 1], 1 / 3)
 
     def scores(self, queries: list[tuple[list[np.ndarray], torch.Tensor, tuple[int, int], int | None]]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Part weights chosen from a user's few labelled defects (`calibrate --defect`, `calibration.choose_weights`):
+"""Part weights chosen from a user's few labelled defects (`calibrate --defect`, `labelled_defects.choose_weights`):
 would they beat today's fixed 1:1:1 on the defects the user did not label?
 
 For each dev product (the image-score study's `default` cache: every image's density-normalised parts, so no fit
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_score_study import CACHE, Product, write_results  # noqa: E402
 
 from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_rate  # noqa: E402
-from spade_ad.core.calibration import WEIGHT_MARGIN, choose_weights, robust_scale  # noqa: E402
+from spade_ad.core.labelled_defects import WEIGHT_MARGIN, choose_weights  # noqa: E402
+from spade_ad.core.score_parts import robust_scale  # noqa: E402
 
 #: The default score's parts in the study's terms: the map's top 1%, the stride-16 level's top 1%, the 1-NN kNN,
 #: each density-normalised over the 3 nearest training images.

@@ -17,11 +17,11 @@ from spade_ad.core.calibration import (
     p_values,
     pixel_quantiles,
     pixel_threshold_at,
-    recall_threshold,
-    robust_scale,
     suspects,
     suspects_warning,
 )
+from spade_ad.core.labelled_defects import recall_threshold
+from spade_ad.core.score_parts import robust_scale
 from spade_ad.core.shift import check_shift
 from spade_ad.data.images import list_images
 
@@ -88,7 +88,7 @@ def test_choose_weights_moves_only_on_clear_evidence() -> None:
     """Defects that stand out on the kNN part only: every share is tried and the kNN alone catches all ten above
     the good scores' 1% threshold, so the weights move there; defects that stand out on every part are caught
     already, and one defect more is no reason to move; without the coarse part its weight stays 0."""
-    from spade_ad.core.calibration import WEIGHT_MARGIN, choose_weights
+    from spade_ad.core.labelled_defects import WEIGHT_MARGIN, choose_weights
 
     rng = np.random.default_rng(0)
     good = rng.normal(size=(200, 3))
@@ -424,7 +424,7 @@ def test_density_normalisation_measures_a_rare_part_against_its_own_kind() -> No
     """LOF at the image level: each part over the mean leave-one-out part of the image's nearest training images.
     A rare good part among the rare training parts it resembles comes out as usual; a defect on a usual part
     stands out by the same measure; duplicates (leave-one-out parts 0) do not divide by zero."""
-    from spade_ad.core.calibration import density_floor, density_normalised
+    from spade_ad.core.score_parts import density_floor, density_normalised
 
     train = np.array([[1.0, 2.0, 0.5]] * 8 + [[5.0, 8.0, 3.0]] * 2)  # 8 usual parts, 2 rare ones
     rare_good = density_normalised(np.array([[5.0, 8.0, 3.0]]), np.array([[8, 9, 0]]), train, 2)

@@ -17,8 +17,9 @@ below the conformal quantile at twice the rate: the rate is then an estimate, an
 note states. `suspects` names the calibration images whose scores lie beyond anything the tail allows ("these
 score like defects"), which `fit` prints and the model file keeps.
 
-`check_shift` compares the scores of new inspections with the calibration scores (the drift test's Mann-Whitney,
-and the false-alarm rate the shift would give) for a front door that watches a line.
+How the score parts are put on one scale and combined is `spade_ad.core.score_parts`; thresholds and part weights
+from a few labelled defects are `spade_ad.core.labelled_defects`; new inspections against the calibration scores
+(a shift) are `spade_ad.core.shift`.
 
 Calibration scores come from every training image by leave-one-out (each scored against the model without itself:
 its own global feature is dropped from the kNN and its own maps from the gallery), so n is the number of good
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SettingError
+from .score_parts import PARTS, combine_scores, robust_scale
 
 #: Rates at which the good pixels' quantiles are kept (log-spaced from 1e-6 to 0.5), for `pixel_threshold_at`.
 PIXEL_RATES = np.geomspace(1e-6, 0.5, 121)
@@ -252,69 +253,6 @@ def pixel_threshold_at(quantiles: Sequence[float], rate: float) -> float:
     return float(np.interp(np.log(rate), np.log(PIXEL_RATES), np.asarray(quantiles, dtype=np.float64)))
 
 
-def robust_scale(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
-    """(median, spread) of good scores: the spread is the interquartile range over 1.349 (a standard deviation for
-    normal data), or the standard deviation, or 1, whichever is first positive. Used to put scores of different units
-    on one scale before they are fused."""
-    array = np.asarray(values, dtype=np.float64)
-    median = float(np.median(array))
-    q75, q25 = np.percentile(array, [75, 25])
-    for spread in ((q75 - q25) / 1.349, float(array.std())):
-        if spread > 1e-12:
-            return median, float(spread)
-    return median, 1.0
-
-
-#: The columns of a score-parts array (n, 3): the map's top 1%, the coarsest level's own top 1%, the global kNN.
-PARTS = ("map", "coarse", "knn")
-
-
-def density_floor(train_parts: np.ndarray) -> np.ndarray:
-    """The smallest divisor of each part (3,): 1e-6 of its largest training value, so that a neighbourhood of
-    duplicates (leave-one-out parts 0) cannot divide by zero."""
-    return 1e-6 * np.maximum(np.abs(train_parts).max(0), 1e-12)
-
-
-def density_normalised(parts: np.ndarray, near: np.ndarray, train_parts: np.ndarray | Sequence[Sequence[float]],
-                       k: int) -> np.ndarray:
-    """Image-level local-density normalisation (as LOF does): each score part (n, 3) divided by the mean
-    leave-one-out value of that part over the image's `k` nearest training images by global feature (`near`:
-    (n, >= k) stored indices, nearest first; for a training image's own leave-one-out parts, itself left out).
-    A rare good part's nearest training images are the other rare parts, whose own leave-one-out scores are high,
-    so it is measured against them; a defect on a usual part is measured against usual parts. `k` 0 or no
-    `train_parts`: the parts unchanged."""
-    parts = np.asarray(parts, dtype=np.float64)
-    train = np.asarray(train_parts, dtype=np.float64).reshape(-1, len(PARTS))
-    if k <= 0 or not len(train):
-        return parts
-    near = np.asarray(near, dtype=np.int64).reshape(len(parts), -1)[:, :k]
-    return parts / np.maximum(train[near].mean(1), density_floor(train))
-
-
-def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_part: np.ndarray,
-                   knn: np.ndarray, map_weight: float = 0.5, coarse: np.ndarray | None = None,
-                   coarse_weight: float = 0.0) -> np.ndarray:
-    """The image score from its parts: the map's part (the mean of its top values, or with "map_max" its
-    maximum: `spade_ad.core.maps_numpy.map_score`), the global kNN score, or ("fused") their weighted average after each
-    is scaled by its (median, spread) on good images: `map_weight` for the map, `coarse_weight` for the coarsest
-    level's own top 1% (`coarse`; 0: not used), the rest for the kNN."""
-    map_part, knn = np.asarray(map_part, dtype=np.float64), np.asarray(knn, dtype=np.float64)
-    if image_score in ("map_max", "map_top"):
-        return map_part
-    if image_score == "knn":
-        return knn
-    if "map" not in scale or "knn" not in scale or (coarse_weight > 0 and "coarse" not in scale):
-        raise SettingError("image_score", "needs a calibrated model to scale its parts", image_score,
-                           "calibrate the model on good images (spade-ad calibrate --good DIR), or map_top")
-    (m1, s1), (m2, s2) = scale["map"], scale["knn"]
-    if coarse_weight <= 0:  # two parts: exactly the formula of the files written before the coarse part
-        return map_weight * (map_part - m1) / s1 + (1.0 - map_weight) * (knn - m2) / s2
-    (m3, s3) = scale["coarse"]
-    coarse = np.asarray(coarse, dtype=np.float64)
-    return (map_weight * (map_part - m1) / s1 + coarse_weight * (coarse - m3) / s3
-            + (1.0 - map_weight - coarse_weight) * (knn - m2) / s2)
-
-
 def calibrate(
     map_parts: Sequence[float], knn_scores: Sequence[float], pixel_samples: np.ndarray, *, image_score: str,
     false_alarm_rate: float, pixel_false_alarm_rate: float, source: str, map_weight: float = 0.5,
@@ -400,70 +338,6 @@ def compare_good_scores(reference: Sequence[float], new: Sequence[float], *, thr
                              f"{100 * flagged:.0f}% of them lie above the threshold, against "
                              f"{100 * rate:g}% asked; {advice}")
     return result
-
-
-def recall_threshold(good_scores: Sequence[float], defect_scores: Sequence[float], recall: float) -> float:
-    """The highest threshold t (flag s > t) that flags at least a share `recall` of the labelled defects: midway
-    between the defect score that must still be flagged and the next lower score of either kind."""
-    defects = np.sort(np.asarray(defect_scores, dtype=np.float64))[::-1]
-    if defects.size == 0:
-        raise ValueError("a recall needs labelled defect scores")
-    needed = defects[max(0, math.ceil(recall * defects.size - 1e-9) - 1)]  # the weakest defect still flagged
-    others = np.concatenate([np.asarray(good_scores, dtype=np.float64), defects])
-    below = others[others < needed]
-    return float((needed + below.max()) / 2) if below.size else float(needed - 1.0)
-
-
-def best_f1_threshold(good_scores: Sequence[float], defect_scores: Sequence[float]) -> float:
-    """The threshold t (flag s > t) with the best F1 on labelled good and defective scores: midway between the
-    last score left unflagged and the next one, so that it is not tied to a sample."""
-    scores = np.concatenate([np.asarray(good_scores, float), np.asarray(defect_scores, float)])
-    labels = np.concatenate([np.zeros(len(good_scores), bool), np.ones(len(defect_scores), bool)])
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    true_pos = np.cumsum(labels)
-    flagged = np.arange(1, len(scores) + 1)
-    f1 = 2 * true_pos / (flagged + labels.sum())
-    distinct = np.r_[scores[:-1] != scores[1:], True]  # a threshold can only fall between distinct scores
-    best = int(np.argmax(np.where(distinct, f1, -1)))
-    below = scores[best + 1] if best + 1 < len(scores) else scores[best] - 1.0
-    return float((scores[best] + below) / 2)
-
-
-#: `choose_weights` tries every (map, coarse, kNN) share of the fused score in steps of 1 / WEIGHT_STEPS.
-WEIGHT_STEPS = 6
-#: ... and leaves the model's weights unless another share catches at least this many more of the defects.
-WEIGHT_MARGIN = 2
-
-
-def choose_weights(good: np.ndarray, defect: np.ndarray, current: tuple[float, float, float], *, rate: float,
-                   coarse: bool = True, margin: int = WEIGHT_MARGIN
-                   ) -> tuple[tuple[float, float, float], dict[str, Any]]:
-    """The fused score's part weights (map, coarse, kNN) that a user's few labelled defects support: `good` (n, 3)
-    and `defect` (m, 3) are scaled parts [map, coarse, kNN] (each part's density-normalised value less its good
-    median, over its spread: what `combine_scores` weighs). Every share in steps of 1 / WEIGHT_STEPS (coarse 0
-    without the coarse part) is judged by how many defects score above the good scores' threshold at `rate`
-    (`conformal_threshold`), then by their AUROC against the good scores; the best replaces `current` only when it
-    catches at least `margin` more defects: a choice made on a handful of defects moves only on clear evidence
-    (benchmarks/weights_study.py measures the margins). Returns the weights and the figures behind the choice."""
-    good, defect = np.asarray(good, dtype=np.float64), np.asarray(defect, dtype=np.float64)
-
-    def judged(weights: tuple[float, float, float]) -> tuple[int, float]:
-        w = np.asarray(weights)
-        g, d = good @ w, defect @ w
-        threshold, _ = conformal_threshold(g.tolist(), rate)
-        auroc = float(((d[:, None] > g[None]) + 0.5 * (d[:, None] == g[None])).mean()) if len(g) and len(d) else 0.5
-        return int((d > threshold).sum()), auroc
-
-    shares = [(m / WEIGHT_STEPS, c / WEIGHT_STEPS, (WEIGHT_STEPS - m - c) / WEIGHT_STEPS)
-              for m in range(WEIGHT_STEPS + 1) for c in range(WEIGHT_STEPS + 1 - m) if coarse or c == 0]
-    before = judged(current)
-    best = max(shares, key=judged)
-    found = judged(best)
-    chosen = best if found[0] - before[0] >= margin else current
-    return chosen, {"n_defect": len(defect), "n_good": len(good), "caught": judged(chosen)[0],
-                    "caught_before": before[0], "auroc": judged(chosen)[1], "auroc_before": before[1],
-                    "weights_before": list(current), "weights": list(chosen)}
 
 
 def moved(calibration: Calibration, *, image: float | None = None, false_alarm_rate: float | None = None,

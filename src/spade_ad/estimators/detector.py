@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from .. import settings as settings_table
-from ..core import calibration
+from ..core import calibration, score_parts
 from ..core.calibration import Calibration, normalized_scores, p_values
 from ..errors import SettingError
 from .prediction import Prediction
@@ -103,13 +103,13 @@ class Detector:
         self._train_parts = np.asarray(self.calibration_.train_parts, dtype=np.float64).reshape(-1, 3)
 
     def _normalised(self, parts: np.ndarray, near: Any) -> np.ndarray:
-        """Score parts (n, 3) [map, coarse, knn] divided by their local density (`calibration.density_normalised`
+        """Score parts (n, 3) [map, coarse, knn] divided by their local density (`score_parts.density_normalised`
         over the images' nearest training images `near` (n, >= density_k)) when the model normalises them."""
         k = settings_table.density_k(self)
         train = getattr(self, "_train_parts", None)
         if not k or train is None or not len(train) or near is None:
             return np.asarray(parts, dtype=np.float64)
-        return calibration.density_normalised(parts, near, train, k)
+        return score_parts.density_normalised(parts, near, train, k)
 
     def _combine(self, map_part: np.ndarray, knn: np.ndarray, coarse: np.ndarray | None = None,
                  near: Any = None) -> np.ndarray:
@@ -119,7 +119,7 @@ class Detector:
         coarse = np.zeros_like(map_part) if coarse is None else np.asarray(coarse, dtype=np.float64)
         parts = self._normalised(np.stack([map_part, coarse, np.asarray(knn, dtype=np.float64)], 1), near)
         weight = float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0
-        return calibration.combine_scores(self.image_score, self.score_scale_, parts[:, 0], parts[:, 2],
+        return score_parts.combine_scores(self.image_score, self.score_scale_, parts[:, 0], parts[:, 2],
                                           self.map_weight, parts[:, 1], weight)
 
     def set_thresholds(

@@ -11,7 +11,7 @@ from typing import Any, Self
 import numpy as np
 
 from .. import settings as settings_table
-from ..core import calibration
+from ..core import calibration, labelled_defects, score_parts
 from ..core.features import SkipCallback
 from ..core.geometry import plan_geometry
 from ..core.maps_numpy import as_roi, roi_grid
@@ -122,7 +122,7 @@ class CalibrationSteps:
 
     @staticmethod
     def _parts_array(parts: Sequence[ScoredImage]) -> np.ndarray:
-        """The score parts (n, 3) [map, coarse, knn] of `ScoredImage`s (`calibration.PARTS`)."""
+        """The score parts (n, 3) [map, coarse, knn] of `ScoredImage`s (`score_parts.PARTS`)."""
         return np.array([(p.map_part, p.coarse_part, p.knn_part) for p in parts], dtype=np.float64).reshape(-1, 3)
 
     def _normalised_parts(self, parts: Sequence[ScoredImage], raw: np.ndarray, train: np.ndarray | None
@@ -131,7 +131,7 @@ class CalibrationSteps:
         k = settings_table.density_k(self)
         if not k or train is None or not len(raw) or any(p.near is None for p in parts):
             return raw
-        return np.concatenate([calibration.density_normalised(raw[i:i + 1], np.asarray(p.near)[None], train, k)
+        return np.concatenate([score_parts.density_normalised(raw[i:i + 1], np.asarray(p.near)[None], train, k)
                                for i, p in enumerate(parts)])
 
     def _scores_of(self, parts: Iterable[ScoredImage], scale: dict[str, tuple[float, float]] | None = None
@@ -139,7 +139,7 @@ class CalibrationSteps:
         """Image scores of `ScoredImage`s, at the current score scales or at `scale`."""
         parts = list(parts)
         normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
-        return calibration.combine_scores(
+        return score_parts.combine_scores(
             self.image_score, self.score_scale_ if scale is None else scale, normalised[:, 0], normalised[:, 2],
             self.map_weight, normalised[:, 1],
             float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0)
@@ -173,7 +173,7 @@ class CalibrationSteps:
         computed inside it (with `combine`, the earlier scores came from the earlier region). With `defect`,
         `choose_weights` and the fused score (not with `combine`, whose earlier scores have the earlier weights),
         the part weights (`map_weight`, `coarse_weight`) move to the share these defects support when it catches
-        clearly more of them (`calibration.choose_weights`); `calibration_.check["weights"]` keeps the figures."""
+        clearly more of them (`labelled_defects.choose_weights`); `calibration_.check["weights"]` keeps the figures."""
         self._check_fitted()
         if roi is not None:
             self.roi_ = as_roi(roi)
@@ -203,9 +203,9 @@ class CalibrationSteps:
             defect_scores = self._scores_of(defect_parts)
             good_scores = self.calibration_.scores
             if recall is None:
-                threshold, source = calibration.best_f1_threshold(good_scores, defect_scores), "best_f1"
+                threshold, source = labelled_defects.best_f1_threshold(good_scores, defect_scores), "best_f1"
             else:
-                threshold, source = calibration.recall_threshold(good_scores, defect_scores, recall), "recall"
+                threshold, source = labelled_defects.recall_threshold(good_scores, defect_scores, recall), "recall"
             self.calibration_ = calibration.moved(self.calibration_, image=threshold, source=source)
             caught = float(np.mean(np.asarray(defect_scores) > threshold))
             flagged = float(np.mean(np.asarray(good_scores) > threshold))
@@ -220,19 +220,18 @@ class CalibrationSteps:
         return self
 
     def _choose_weights(self, good: list[ScoredImage], defect: list[ScoredImage]) -> str:
-        """`calibrate`'s part weights from labelled defects (`calibration.choose_weights`) against the good images
+        """`calibrate`'s part weights from labelled defects (`labelled_defects.choose_weights`) against the good images
         the thresholds were just computed from: when they move, the thresholds are recomputed from the same good
         parts at the new weights. Returns the sentence the calibration note starts with."""
         def scaled(parts: list[ScoredImage]) -> np.ndarray:
             normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
-            scale = [self.score_scale_.get(name, (0.0, 1.0)) for name in calibration.PARTS]
-            return np.stack([(normalised[:, j] - m) / s for j, (m, s) in enumerate(scale)], 1)
+            return score_parts.scaled_parts(normalised, self.score_scale_)
 
         coarse = settings_table.uses_coarse(self)
         current = (float(self.map_weight), float(self.coarse_weight) if coarse else 0.0,
                    1.0 - float(self.map_weight) - (float(self.coarse_weight) if coarse else 0.0))
-        weights, figures = calibration.choose_weights(scaled(good), scaled(defect), current,
-                                                      rate=self.false_alarm_rate, coarse=coarse)
+        weights, figures = labelled_defects.choose_weights(scaled(good), scaled(defect), current,
+                                                           rate=self.false_alarm_rate, coarse=coarse)
         if weights != current:
             check, warning = self.calibration_.check, self.calibration_.warning
             self.map_weight, self.coarse_weight = weights[0], weights[1]
@@ -243,7 +242,7 @@ class CalibrationSteps:
                            if coarse or name != "coarse")
         caught = f"{figures['caught']} of these {figures['n_defect']} defects above the good images' threshold"
         if weights == current:
-            return (f"part weights kept ({shares}): no other share catches {calibration.WEIGHT_MARGIN} more of "
+            return (f"part weights kept ({shares}): no other share catches {labelled_defects.WEIGHT_MARGIN} more of "
                     f"these defects ({caught}); ")
         return (f"part weights chosen from these defects: {shares} (it catches {caught}, "
                 f"{figures['caught_before']} before); ")
@@ -262,8 +261,8 @@ class CalibrationSteps:
 
 
 def _share(weight: float) -> str:
-    """A part weight as the fraction `calibration.choose_weights` tries (1/6 steps), else as a number."""
+    """A part weight as the fraction `labelled_defects.choose_weights` tries (1/6 steps), else as a number."""
     from fractions import Fraction
 
-    fraction = Fraction(weight).limit_denominator(calibration.WEIGHT_STEPS)
+    fraction = Fraction(weight).limit_denominator(labelled_defects.WEIGHT_STEPS)
     return str(fraction) if abs(float(fraction) - weight) < 1e-9 else f"{weight:.3g}"

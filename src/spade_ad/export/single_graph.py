@@ -2,7 +2,7 @@
 
 One graph holds the network, the global kNN search and the choice of the K nearest training images, the pixel
 search in their stored features (initializers: float16 as stored), the fusion of the levels, the Gaussian smoothing,
-the map's score, the image score (fused with the calibrated spreads, as `calibration.combine_scores`) and the
+the map's score, the image score (fused with the calibrated spreads, as `score_parts.combine_scores`) and the
 verdict at the model's image threshold. The contract (docs/single-graph.md):
 
     inputs   image         uint8 (N, H, W, 3)  RGB at the network input size, resized as spade-ad resizes
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..core import calibration
+from ..core import score_parts
 from ..core.geometry import plan_geometry
 from ..core.maps_numpy import TOP_SHARE, _linear_taps, roi_grid
 from ..errors import OutputError, SettingError
@@ -100,7 +100,7 @@ class SingleGraph(nn.Module):
         self.coarse_weight = float(model.coarse_weight) if uses_coarse(model) else 0.0
         if self.density_k:  # the training images' leave-one-out parts and the smallest divisor of each part
             self.register_buffer("train_parts", torch.from_numpy(train_parts))
-            self.register_buffer("density_floor", torch.from_numpy(calibration.density_floor(train_parts)))
+            self.register_buffer("density_floor", torch.from_numpy(score_parts.density_floor(train_parts)))
         self.k_gallery, self.k_image = min(model.k_gallery, self.k), min(model.k_image, self.k)
         self.kappa, self.euclidean = int(model.kappa), model.distance == "euclidean"
         height, width = input_size
@@ -192,7 +192,7 @@ class SingleGraph(nn.Module):
             _, coarse_flat = self._scored(maps[-1])
             coarse_part = torch.topk(coarse_flat, max(1, int(self.scored * TOP_SHARE)), dim=1).values.mean(1)
         parts = torch.stack([map_part.to(torch.float64), coarse_part.to(torch.float64), knn.to(torch.float64)], 1)
-        if self.density_k:  # `calibration.density_normalised` over the image's density_k nearest training images
+        if self.density_k:  # `score_parts.density_normalised` over the image's density_k nearest training images
             near = neighbours[:, :self.density_k]
             density = self.train_parts[near.reshape(-1)].reshape(batch, -1, 3).mean(1)
             parts = parts / torch.maximum(density, self.density_floor)
@@ -218,7 +218,7 @@ class SingleGraph(nn.Module):
         return anomaly_map, anomaly_map.reshape(batch, -1)
 
     def _combine(self, map_part: torch.Tensor, knn: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        """`calibration.combine_scores`, same operations in the same order, in float64."""
+        """`score_parts.combine_scores`, same operations in the same order, in float64."""
         if self.image_score in ("map_max", "map_top"):
             return map_part
         if self.image_score == "knn":
