@@ -107,11 +107,11 @@ def loo_parts(model: Spade, store: FeatureStore, groups: np.ndarray, n: int) -> 
     return np.array(parts), np.array(nears)
 
 
-def scores(parts: np.ndarray, near: np.ndarray, train_full: np.ndarray, loo: np.ndarray,
+def scores(parts: np.ndarray, near: np.ndarray, train_full: np.ndarray,
            scale: dict[str, tuple[float, float]] | None) -> tuple[np.ndarray, dict[str, tuple[float, float]]]:
-    normalised = parts / np.maximum(train_full[near].mean(1), score_parts.density_floor(loo))
+    normalised = score_parts.density_normalised(parts, near, train_full, near.shape[1])
     if scale is None:
-        scale = {name: score_parts.robust_scale(normalised[:, i]) for i, name in enumerate(("map", "coarse", "knn"))}
+        scale = {name: score_parts.robust_scale(normalised[:, i]) for i, name in enumerate(score_parts.PARTS)}
     return score_parts.combine_scores("fused", scale, normalised[:, 0], normalised[:, 2], 1 / 3, normalised[:, 1],
                                       1 / 3), scale
 
@@ -130,14 +130,14 @@ def study(category: Any) -> dict[str, Any]:
             groups = np.tile(np.arange(n), 1 + len(names))
             loo, loo_near = loo_parts(model, store, groups, n)
             train_full = loo[groups]
-            loo_scores, scale = scores(loo, loo_near, train_full, loo, None)
+            loo_scores, scale = scores(loo, loo_near, train_full, None)
             model.store_ = store
             parts, near = [], []
             for p in model._predict_parts(test_paths):
                 parts.append((p.map_part, p.coarse_part, p.knn_part))
                 near.append(p.near[:3])
             model.store_ = base
-            test_scores, _ = scores(np.array(parts), np.array(near), train_full, loo, scale)
+            test_scores, _ = scores(np.array(parts), np.array(near), train_full, scale)
             out[config] = evaluate(loo_scores, test_scores, labels)
             print(category.name, config, {k: round(v, 3) for k, v in out[config].items()}, file=sys.stderr,
                   flush=True)

@@ -120,9 +120,9 @@ def study(category: Any) -> dict[str, Any]:
     out = {}
     near_loo, near_test = np.array(train_near), np.array(test_near)
     for name, (loo, test) in variants.items():
-        norm_loo = loo / np.maximum(loo[near_loo].mean(1), score_parts.density_floor(loo))
-        norm_test = test / np.maximum(loo[near_test].mean(1), score_parts.density_floor(loo))
-        scale = {p: score_parts.robust_scale(norm_loo[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
+        norm_loo = score_parts.density_normalised(loo, near_loo, loo, near_loo.shape[1])
+        norm_test = score_parts.density_normalised(test, near_test, loo, near_test.shape[1])
+        scale = {p: score_parts.robust_scale(norm_loo[:, i]) for i, p in enumerate(score_parts.PARTS)}
 
         def combine(x: np.ndarray, scale: dict[str, tuple[float, float]] = scale) -> np.ndarray:
             return score_parts.combine_scores("fused", scale, x[:, 0], x[:, 2], 1 / 3, x[:, 1], 1 / 3)

@@ -130,7 +130,7 @@ class Candidate:
         self.loo_near = np.array(near)
         self.train_full = self.loo[groups]
         normalised = self._normalise(self.loo, self.loo_near)
-        self.scale = {p: score_parts.robust_scale(normalised[:, i]) for i, p in enumerate(("map", "coarse", "knn"))}
+        self.scale = {p: score_parts.robust_scale(normalised[:, i]) for i, p in enumerate(score_parts.PARTS)}
         self.good = self._combine(normalised)
 
     def _search(self, maps: list[np.ndarray], global_feature: torch.Tensor, exclude: int | None
@@ -148,7 +148,7 @@ class Candidate:
                           BETA, self.model.sigma), knn)
 
     def _normalise(self, parts: np.ndarray, near: np.ndarray) -> np.ndarray:
-        return parts / np.maximum(self.train_full[near].mean(1), score_parts.density_floor(self.loo))
+        return score_parts.density_normalised(parts, near, self.train_full, near.shape[1])
 
     def _combine(self, normalised: np.ndarray) -> np.ndarray:
         return score_parts.combine_scores("fused", self.scale, normalised[:, 0], normalised[:, 2], 1 / 3,

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_score_study import CACHE, Product, write_results  # noqa: E402
 
 from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_rate  # noqa: E402
+from spade_ad.core import score_parts  # noqa: E402
 from spade_ad.core.labelled_defects import WEIGHT_MARGIN, choose_weights  # noqa: E402
 from spade_ad.core.score_parts import robust_scale  # noqa: E402
 
@@ -38,14 +39,12 @@ TRIALS = 30
 
 
 def scaled_parts(product: Product) -> tuple[np.ndarray, np.ndarray]:
-    """(leave-one-out (n, 3), test (t, 3)) parts, each less its good median over its spread (`robust_scale`)."""
-    loo, test = [], []
-    for kind in PARTS:
-        good, tested = product.part(kind)
-        median, spread = robust_scale(good)
-        loo.append((good - median) / spread)
-        test.append((tested - median) / spread)
-    return np.stack(loo, 1), np.stack(test, 1)
+    """(leave-one-out (n, 3), test (t, 3)) parts, each less its good median over its spread (`robust_scale` of the
+    leave-one-out parts, `score_parts.scaled_parts`)."""
+    pairs = [product.part(kind) for kind in PARTS]
+    loo, test = np.stack([good for good, _ in pairs], 1), np.stack([tested for _, tested in pairs], 1)
+    scale = {name: robust_scale(loo[:, j]) for j, name in enumerate(score_parts.PARTS)}
+    return score_parts.scaled_parts(loo, scale), score_parts.scaled_parts(test, scale)
 
 
 def study(product: Product, k: int, margin: int, seed: int = 0) -> dict[str, float]:
