@@ -1,7 +1,7 @@
 """The line station under faults, as a user meets them (issue: "no inspection lost, no defect taught as good, no
 watcher that dies"): a camera reusing a file name, the SQLite record locked past its busy timeout, the record file
 deleted, PostgreSQL stopped and restarted under a running watcher, two watchers on one folder, a restart after a run
-that scored nothing, and `calibrate --record` adding to the calibration rather than replacing it."""
+that scored nothing, and `calibrate --record` adding to the calibration rather than replacing it, each image once."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import spade_ad
 from child_server import wait_until
 from cli_run import run_cli
 from spade_ad import Spade
@@ -277,6 +279,96 @@ def test_calibrate_record_adds_to_the_calibration(small, tmp_path: Path, capsys:
                     str(tmp_path / "r.safetensors")]) == 0
     out = capsys.readouterr().out
     assert f"calibration REPLACED: {n_before} -> 3 good scores" in out and "guaranteed false-alarm rate" in out
+
+
+def test_calibrate_record_again_counts_each_image_once(small, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The line recalibrates from its growing record in place, week after week: the images labelled before are in
+    the calibration already and are not added twice (that would shrink the threshold and overstate the guarantee);
+    only the newly labelled one is added."""
+    model, model_path, goods, _ = small
+    work = tmp_path / "m.safetensors"
+    shutil.copy(model_path, work)
+    db = tmp_path / "line.db"
+
+    def label(images: list[Path]) -> None:
+        recorder = Recorder(open_record(db), model, work, origin="predict")
+        for prediction in model.iter_predict(images, original_size=True, keep_images=True):
+            recorder.add(prediction)
+        recorder.close()
+        with open_record(db) as record:
+            for row in record.inspections():
+                if not row.get("label"):
+                    record.set_label(row["id"], "good", "qa")
+
+    label(goods[:3])
+    n_before = model.calibration_.n
+    assert run_cli(["calibrate", str(work), "--record", str(db)]) == 0
+    first = spade_ad.load(work).calibration_
+    assert first.n == n_before + 3 and len(first.added_images) == 3 and len(first.parts) == first.n
+    capsys.readouterr()
+    assert run_cli(["calibrate", str(work), "--record", str(db)]) == 0
+    said = capsys.readouterr().out
+    assert f"{n_before + 3} -> {n_before + 3} good scores (3 good images were in them already" in said
+    again = spade_ad.load(work).calibration_
+    assert again.scores == first.scores and again.image_threshold == first.image_threshold
+    label(goods[3:4])
+    assert run_cli(["calibrate", str(work), "--record", str(db)]) == 0
+    assert spade_ad.load(work).calibration_.n == n_before + 4
+
+
+def test_calibrate_record_with_labelled_defects_reweighs_every_good_score(small, tmp_path: Path) -> None:
+    """`calibrate --record` adds to the calibration (the default there) and still lets the labelled defects choose
+    the part weights: every good score, the training images' and the added ones', is re-weighed from its kept
+    parts, so the added images' scores are what the model now gives them."""
+    model, model_path, goods, defects = small
+    work = tmp_path / "m.safetensors"
+    shutil.copy(model_path, work)
+    db = tmp_path / "line.db"
+    recorder = Recorder(open_record(db), model, work, origin="predict")
+    for prediction in model.iter_predict(goods[:4] + defects, original_size=True, keep_images=True):
+        recorder.add(prediction)
+    recorder.close()
+    with open_record(db) as record:
+        for row in record.inspections():
+            record.set_label(row["id"], "good" if "good" in row["path"] else "defect", "qa")
+    assert run_cli(["calibrate", str(work), "--record", str(db)]) == 0
+    recalibrated = spade_ad.load(work)
+    cal = recalibrated.calibration_
+    assert cal.source == "leave_one_out+labelled" and cal.n == model.calibration_.n + 4
+    assert cal.note.startswith("part weights ") and cal.check["weights"]["n_defect"] == len(defects)
+    for score in recalibrated.score(goods[:4]):
+        assert min(abs(np.asarray(cal.scores) - score)) < 1e-9
+    weights = (recalibrated.map_weight, recalibrated.coarse_weight)
+    assert list(weights) == pytest.approx(cal.check["weights"]["weights"][:2])
+
+
+def test_weights_moved_under_combine_rescore_the_earlier_scores(small, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the defects move the weights, the earlier good scores (training leave-one-out and added images alike)
+    are re-weighed from their kept parts: they are then what the model gives those images at the new weights."""
+    from spade_ad.core import labelled_defects
+
+    model, _, goods, defects = small
+    fitted = spade_ad.load(small[1])
+    fitted.calibrate(goods[:3], combine=True)
+    monkeypatch.setattr(labelled_defects, "choose_weights",
+                        lambda good, defect, current, rate, coarse=True: ((0.5, 1 / 6, 1 / 3), {
+                            "weights": [0.5, 1 / 6, 1 / 3], "caught": 3, "caught_before": 1,
+                            "n_defect": len(defect)}))
+    fitted.calibrate(goods[3:5], defect=defects, combine=True)
+    cal = fitted.calibration_
+    assert (fitted.map_weight, fitted.coarse_weight) == (0.5, 1 / 6) and cal.note.startswith("part weights chosen")
+    assert cal.n == model.calibration_.n + 5 and cal.scores == sorted(cal.scores)
+    rescored = fitted.score(goods[:5])
+    assert max(min(abs(np.asarray(cal.scores) - s)) for s in rescored) < 1e-9
+    loo = list(fitted._leave_one_out_scores())  # the training images' scores at the new weights
+    for score in fitted._scores_of(loo):
+        assert min(abs(np.asarray(cal.scores) - score)) < 1e-9
+    older = spade_ad.load(small[1])  # a file from before the parts were kept: its weights stay, and it says why
+    older.calibration_.parts = []
+    older.calibrate(goods[:3], defect=defects, combine=True)
+    assert "parts are not in this model file" in older.calibration_.note
+    assert older.calibration_.n == model.calibration_.n + 3 and older.map_weight == model.map_weight
 
 
 def test_an_unreadable_file_is_never_labelled(small, tmp_path: Path) -> None:

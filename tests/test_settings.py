@@ -119,6 +119,10 @@ def test_training_parts_that_do_not_match_the_training_images_are_refused(fitted
         _rewrite_header(saved, edited, lambda header, edit=edit: edit(header["calibration"]["train_parts"]))
         with pytest.raises(ModelFileError, match="train_parts"):
             spade_ad.load(edited)
+    edited = tmp_path / "parts.safetensors"  # the calibration scores' parts: a row per score, or none
+    _rewrite_header(saved, edited, lambda header: header["calibration"]["parts"].pop())
+    with pytest.raises(ModelFileError, match="calibration.parts has"):
+        spade_ad.load(edited)
 
 
 def test_header_that_does_not_match_its_tensors_is_refused(fitted_model: Spade, tmp_path: Path) -> None:

@@ -78,6 +78,13 @@ class Calibration:
     #: Each training image's capture session (`spade_ad.data.sessions`), in stored order, when leave-one-out scored
     #: every image without its whole session; empty otherwise (files from before: empty).
     sessions: list[int] = field(default_factory=list)
+    #: Each calibration score's parts [map, coarse, knn] after the density normalisation and before scaling (n x 3,
+    #: in the order of `scores`): what `Spade.calibrate` re-weighs every good score from when labelled defects move
+    #: the part weights; empty in files from before.
+    parts: list[list[float]] = field(default_factory=list)
+    #: SHA-256 of each good image `Spade.calibrate` scored into `scores` (`ImageItem.sha256`; the training images'
+    #: leave-one-out scores have none): an image given again is not counted twice.
+    added_images: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -276,7 +283,11 @@ def calibrate(
         scale["coarse"] = robust_scale(coarse_parts)
     combined = combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores), map_weight,
                               None if coarse_parts is None else np.asarray(coarse_parts), coarse_weight)
-    scores = sorted(combined.tolist())
+    order = np.argsort(combined, kind="stable")
+    scores = combined[order].tolist()
+    parts = np.stack([np.asarray(map_parts, dtype=np.float64),
+                      np.zeros(len(combined)) if coarse_parts is None else np.asarray(coarse_parts, dtype=np.float64),
+                      np.asarray(knn_scores, dtype=np.float64)], axis=1)[order]
     threshold, note = conformal_threshold(scores, false_alarm_rate)
     quantiles = pixel_quantiles(pixel_samples)
     basis = combined
@@ -292,8 +303,22 @@ def calibrate(
         suspects=[str(names[i]) for i in odd] if names is not None else [],
         suspect_scores=[float(combined[i]) for i in odd], train_parts=kept,
         suspect_raw_scores=[float(basis[i]) for i in odd] if raw_found else [],
-        suspect_raw_end=float(np.delete(basis, odd).max()) if raw_found else None,
+        suspect_raw_end=float(np.delete(basis, odd).max()) if raw_found else None, parts=parts.tolist(),
     ), scale
+
+
+def rescored(calibration: Calibration, scores: Sequence[float]) -> Calibration:
+    """A copy of `calibration` with new `scores` for the same good images (in the order of its `parts`, e.g. the
+    parts at other weights): the scores sorted with their parts, the median and the image threshold at the
+    calibration's false-alarm rate recomputed; the pixel threshold kept."""
+    values = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    cal = Calibration.from_json(calibration.to_json())
+    cal.scores = values[order].tolist()
+    if len(cal.parts) == len(values):
+        cal.parts = np.asarray(cal.parts, dtype=np.float64).reshape(-1, 3)[order].tolist()
+    cal.median = float(np.median(values)) if len(values) else None
+    return moved(cal, false_alarm_rate=cal.false_alarm_rate) if len(values) else cal
 
 
 def suspects_warning(calibration: Calibration) -> str:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import sys
 import warnings
@@ -69,6 +70,21 @@ class ImageItem:
             raise ImageReadError(
                 self.name, f"cannot convert image of mode {self.image.mode} to RGB", kind="unsupported"
             ) from exc
+
+    def sha256(self) -> str | None:
+        """SHA-256 of the file's bytes, or of an in-memory image's mode, size and pixels: what `Spade.calibrate`
+        knows a good image by, so that one given again is not counted twice. None when the file cannot be read
+        (the predict loop reports it)."""
+        if self.path is None:
+            assert self.image is not None
+            digest = hashlib.sha256(f"{self.image.mode} {self.image.size}".encode())
+            digest.update(self.image.tobytes())
+            return digest.hexdigest()
+        try:
+            with open(self.path, "rb") as handle:
+                return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return None
 
 
 def _is_tensor(x: object) -> bool:

@@ -299,6 +299,10 @@ def read_model(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
         if parts and len(parts) != len(header["train_names"]):  # a row per training image, or none (density off)
             raise ValueError(f"calibration.train_parts has {len(parts)} rows for {len(header['train_names'])} "
                              f"training images")
+        kept = header["calibration"].get("parts", [])
+        if kept and len(kept) != len(header["calibration"]["scores"]):  # a row per calibration score, or none
+            raise ValueError(f"calibration.parts has {len(kept)} rows for {len(header['calibration']['scores'])} "
+                             f"calibration scores")
         sessions = header["calibration"].get("sessions", [])
         if sessions and len(sessions) != len(header["train_names"]):  # one per training image, or none
             raise ValueError(f"calibration.sessions has {len(sessions)} values for {len(header['train_names'])} "
@@ -358,6 +362,7 @@ _HEADER_FIELDS = (
     ("calibration.suspects", "texts", []), ("calibration.suspect_scores", "numbers", []),
     ("calibration.suspect_raw_scores", "numbers", []), ("calibration.suspect_raw_end", "number|null", None),
     ("calibration.train_parts", "rows of 3 finite numbers", []), ("calibration.sessions", "naturals", []),
+    ("calibration.parts", "rows of 3 finite numbers", []), ("calibration.added_images", "texts", []),
 )
 
 

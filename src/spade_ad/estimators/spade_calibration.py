@@ -18,7 +18,7 @@ from ..core.maps_numpy import as_roi, roi_grid
 from ..core.scoring import leave_one_out
 from ..core.tiled import TileSettings
 from ..core.tiled import leave_one_out as tiled_leave_one_out
-from ..data.inputs import ImageItem
+from ..data.inputs import ImageItem, collect_images
 from ..errors import SettingError
 from ..settings import SearchSettings
 from .detector import ScoredImage
@@ -168,12 +168,14 @@ class CalibrationSteps:
         gives the recall and false-alarm rate measured on these images. When the new good images score above the
         previous calibration scores, `calibration_.warning` says so. With `combine`, the new good images' scores
         are added to the calibration scores the model has (at its score scales; its pixel threshold kept) instead of
-        replacing them: a few labelled images then refine the threshold rather than set it alone. The stored
-        features are not changed. `roi` sets a new region of interest first (see `fit`): the new thresholds are
-        computed inside it (with `combine`, the earlier scores came from the earlier region). With `defect`,
-        `choose_weights` and the fused score (not with `combine`, whose earlier scores have the earlier weights),
-        the part weights (`map_weight`, `coarse_weight`) move to the share these defects support when it catches
-        clearly more of them (`labelled_defects.choose_weights`); `calibration_.check["weights"]` keeps the figures."""
+        replacing them: a few labelled images then refine the threshold rather than set it alone; a good image
+        whose content is already in them (`calibration_.added_images`, by SHA-256) is not added again, and
+        `calibration_.check["repeated"]` counts those. The stored features are not changed. `roi` sets a new region
+        of interest first (see `fit`): the new thresholds are computed inside it (with `combine`, the earlier scores
+        came from the earlier region). With `defect`, `choose_weights` and the fused score, the part weights
+        (`map_weight`, `coarse_weight`) move to the share these defects support when it catches clearly more of
+        them (`labelled_defects.choose_weights`), and every calibration score is re-weighed from its kept parts;
+        `calibration_.check["weights"]` keeps the figures."""
         self._check_fitted()
         if roi is not None:
             self.roi_ = as_roi(roi)
@@ -184,22 +186,27 @@ class CalibrationSteps:
                                    "e.g. --defect DIR --recall 0.95")
         before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
         previous = self.calibration_
+        items, keys, repeated = _unseen(collect_images(good), previous.added_images if combine and before else ())
 
         def kept(parts: Iterator[ScoredImage]) -> Iterator[ScoredImage]:
             for part in parts:  # the score parts and the pixel sample, not the whole maps
                 new_parts.append(part._replace(anomaly_map=_pixel_sample(part.anomaly_map)))
                 yield part
 
-        self._calibrate(kept(self._predict_parts(good, skip_bad=skip_bad, on_skip=on_skip)), "validation")
-        self._check_calibration(before, self._scores_of(new_parts, old_scale), "previous calibration scores",
-                                "new good images", "the new thresholds come from the new images")
+        if items or not (combine and before):
+            self._calibrate(kept(self._predict_parts(items, skip_bad=skip_bad, on_skip=on_skip)), "validation")
+            self.calibration_.added_images = [key for key in (keys.get(id(p.item)) for p in new_parts) if key]
+            self._check_calibration(before, self._scores_of(new_parts, old_scale), "previous calibration scores",
+                                    "new good images", "the new thresholds come from the new images")
         if combine and before:
-            self._combine_calibration(previous, before, self._scores_of(new_parts, old_scale), old_scale)
+            self._combine_calibration(previous, new_parts, old_scale)
+        self.calibration_.check = {**self.calibration_.check, "repeated": repeated} if repeated else \
+            self.calibration_.check
         if defect is not None:
             defect_parts = [part._replace(anomaly_map=None)
                             for part in self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)]
-            weights = self._choose_weights(new_parts, defect_parts) \
-                if choose_weights and not combine and self.image_score == "fused" and defect_parts else ""
+            weights = self._choose_weights(defect_parts) \
+                if choose_weights and self.image_score == "fused" and defect_parts else ""
             defect_scores = self._scores_of(defect_parts)
             good_scores = self.calibration_.scores
             if recall is None:
@@ -219,24 +226,32 @@ class CalibrationSteps:
             self._apply_calibration()
         return self
 
-    def _choose_weights(self, good: list[ScoredImage], defect: list[ScoredImage]) -> str:
-        """`calibrate`'s part weights from labelled defects (`labelled_defects.choose_weights`) against the good images
-        the thresholds were just computed from: when they move, the thresholds are recomputed from the same good
-        parts at the new weights. Returns the sentence the calibration note starts with."""
-        def scaled(parts: list[ScoredImage]) -> np.ndarray:
-            normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
-            return score_parts.scaled_parts(normalised, self.score_scale_)
-
+    def _choose_weights(self, defect: list[ScoredImage]) -> str:
+        """`calibrate`'s part weights from labelled defects (`labelled_defects.choose_weights`) against every good
+        score of the calibration, from the parts it keeps: when they move, those scores are re-weighed and the
+        thresholds recomputed (the scales, which are per part, stay). Returns the sentence the calibration note
+        starts with."""
+        cal = self.calibration_
         coarse = settings_table.uses_coarse(self)
         current = (float(self.map_weight), float(self.coarse_weight) if coarse else 0.0,
                    1.0 - float(self.map_weight) - (float(self.coarse_weight) if coarse else 0.0))
-        weights, figures = labelled_defects.choose_weights(scaled(good), scaled(defect), current,
-                                                           rate=self.false_alarm_rate, coarse=coarse)
+        shares = ", ".join(f"{name} {_share(w)}" for name, w in zip(("map", "coarse", "kNN"), current)
+                           if coarse or name != "coarse")
+        good = np.asarray(cal.parts, dtype=np.float64).reshape(-1, 3)
+        if len(good) != cal.n:
+            return (f"part weights kept ({shares}): the earlier calibration scores' parts are not in this model "
+                    f"file (written before they were kept); calibrate with --replace, or refit, to let defects choose "
+                    f"them; ")
+        normalised = self._normalised_parts(defect, self._parts_array(defect), getattr(self, "_train_parts", None))
+        weights, figures = labelled_defects.choose_weights(
+            score_parts.scaled_parts(good, self.score_scale_), score_parts.scaled_parts(normalised, self.score_scale_),
+            current, rate=self.false_alarm_rate, coarse=coarse)
         if weights != current:
-            check, warning = self.calibration_.check, self.calibration_.warning
             self.map_weight, self.coarse_weight = weights[0], weights[1]
-            self._calibrate(iter(good), "validation")
-            self.calibration_.check, self.calibration_.warning = check, warning
+            self.calibration_ = calibration.rescored(cal, score_parts.combine_scores(
+                self.image_score, self.score_scale_, good[:, 0], good[:, 2], self.map_weight, good[:, 1],
+                float(self.coarse_weight) if coarse else 0.0))
+            self._apply_calibration()
         self.calibration_.check = {**self.calibration_.check, "weights": figures}
         shares = ", ".join(f"{name} {_share(w)}" for name, w in zip(("map", "coarse", "kNN"), weights)
                            if coarse or name != "coarse")
@@ -247,17 +262,43 @@ class CalibrationSteps:
         return (f"part weights chosen from these defects: {shares} (it catches {caught}, "
                 f"{figures['caught_before']} before); ")
 
-    def _combine_calibration(self, previous: calibration.Calibration, before: Sequence[float],
-                             new: np.ndarray, scale: dict[str, tuple[float, float]]) -> None:
-        """`calibrate(combine=True)`: the previous calibration with the new good scores added (same scales)."""
+    def _combine_calibration(self, previous: calibration.Calibration, new: list[ScoredImage],
+                             scale: dict[str, tuple[float, float]]) -> None:
+        """`calibrate(combine=True)`: the previous calibration with the new good images' scores and parts added
+        (at its scales; the parts only when the previous calibration kept its own)."""
         merged = calibration.Calibration.from_json(previous.to_json())
-        merged.scores = sorted([*map(float, before), *map(float, new)])
-        merged.source = previous.source if previous.source.endswith("+labelled") else f"{previous.source}+labelled"
-        merged.check, merged.warning = self.calibration_.check, self.calibration_.warning
-        merged = calibration.moved(merged, false_alarm_rate=previous.false_alarm_rate)
-        merged.median = float(np.median(merged.scores))
-        self.calibration_, self.score_scale_ = merged, scale
+        scores = list(map(float, previous.scores))
+        if new:
+            normalised = self._normalised_parts(new, self._parts_array(new), getattr(self, "_train_parts", None))
+            scores += list(map(float, self._scores_of(new, scale)))
+            # parts unknown for the earlier scores (a file from before): `rescored` then sorts the scores alone
+            merged.parts = [*previous.parts, *normalised.tolist()] if len(previous.parts) == previous.n else []
+            merged.added_images = [*previous.added_images, *self.calibration_.added_images]
+            merged.check, merged.warning = self.calibration_.check, self.calibration_.warning
+            merged.source = previous.source if previous.source.endswith("+labelled") else \
+                f"{previous.source}+labelled"
+        merged.false_alarm_rate = float(self.false_alarm_rate)  # the rates asked now (`set_params`)
+        if float(self.pixel_false_alarm_rate) != previous.pixel_false_alarm_rate and merged.pixel_quantiles:
+            merged = calibration.moved(merged, pixel_false_alarm_rate=float(self.pixel_false_alarm_rate))
+        self.calibration_, self.score_scale_ = calibration.rescored(merged, scores), scale
         self._apply_calibration()
+
+
+def _unseen(items: list[ImageItem], known: Sequence[str]) -> tuple[list[ImageItem], dict[int, str], int]:
+    """(items, keys, repeated): the items whose content (`ImageItem.sha256`) is neither in `known` nor earlier in
+    `items`, their keys by `id(item)`, and how many were left out. An item whose file cannot be read is kept (the
+    predict loop reports it)."""
+    seen, fresh, keys, repeated = set(known), [], {}, 0
+    for item in items:
+        key = item.sha256()
+        if key is not None and key in seen:
+            repeated += 1
+            continue
+        if key is not None:
+            seen.add(key)
+            keys[id(item)] = key
+        fresh.append(item)
+    return fresh, keys, repeated
 
 
 def _share(weight: float) -> str:

@@ -50,7 +50,7 @@ class PredictSteps:
             near = np.array([n for n, _ in nearest[:k_density]], dtype=np.int64) if k_density else None
             coarse_part = 0.0 if coarse_part is None else coarse_part
             if not full:
-                yield ScoredImage(map_part, knn, array, coarse_part=coarse_part, near=near)
+                yield ScoredImage(map_part, knn, array, item, coarse_part=coarse_part, near=near)
                 continue
             if original is None and original_size:
                 original = original_with_roi(array, self.roi_, geometry)

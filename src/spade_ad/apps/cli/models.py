@@ -247,9 +247,12 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
     cal = model.calibration_
-    click.echo(f"calibration {'added to' if combine else 'REPLACED'}: {before[0]} -> {cal.n} good scores, image "
-               f"threshold {number(before[1])} -> {number(cal.image_threshold)}, guaranteed false-alarm rate "
-               f"{number(before[2])} -> {number(cal.guaranteed_rate)}"
+    repeated = cal.check.get("repeated", 0)
+    click.echo(f"calibration {'added to' if combine else 'REPLACED'}: {before[0]} -> {cal.n} good scores"
+               + (f" ({repeated} good {'image was' if repeated == 1 else 'images were'} in them already: not counted "
+                  f"twice)" if repeated else "")
+               + f", image threshold {number(before[1])} -> {number(cal.image_threshold)}, guaranteed false-alarm "
+               f"rate {number(before[2])} -> {number(cal.guaranteed_rate)}"
                + ("" if combine else " (--combine keeps the earlier scores and adds these)"))
     _echo_calibration(model)
 
