@@ -313,8 +313,9 @@ def test_calibrate_record_again_counts_each_image_once(small, tmp_path: Path,
     again = spade_ad.load(work).calibration_
     assert again.scores == first.scores and again.image_threshold == first.image_threshold
     label(goods[3:4])
-    assert run_cli(["calibrate", str(work), "--record", str(db)]) == 0
-    assert spade_ad.load(work).calibration_.n == n_before + 4
+    assert run_cli(["calibrate", str(work), "--record", str(db), "--false-alarm-rate", "0.2"]) == 0
+    latest = spade_ad.load(work).calibration_
+    assert latest.n == n_before + 4 and latest.false_alarm_rate == 0.2  # the rate asked now, not the earlier one
 
 
 def test_calibrate_record_with_labelled_defects_reweighs_every_good_score(small, tmp_path: Path) -> None:
