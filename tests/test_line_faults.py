@@ -309,7 +309,7 @@ def test_calibrate_record_again_counts_each_image_once(small, tmp_path: Path,
     capsys.readouterr()
     assert run_cli(["calibrate", str(work), "--record", str(db)]) == 0
     said = capsys.readouterr().out
-    assert f"{n_before + 3} -> {n_before + 3} good scores (3 good images were in them already" in said
+    assert f"{n_before + 3} -> {n_before + 3} good scores (3 good images were counted already" in said
     again = spade_ad.load(work).calibration_
     assert again.scores == first.scores and again.image_threshold == first.image_threshold
     label(goods[3:4])

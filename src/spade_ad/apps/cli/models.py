@@ -249,7 +249,7 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
     cal = model.calibration_
     repeated = cal.check.get("repeated", 0)
     click.echo(f"calibration {'added to' if combine else 'REPLACED'}: {before[0]} -> {cal.n} good scores"
-               + (f" ({repeated} good {'image was' if repeated == 1 else 'images were'} in them already: not counted "
+               + (f" ({repeated} good {'image was' if repeated == 1 else 'images were'} counted already: not counted "
                   f"twice)" if repeated else "")
                + f", image threshold {number(before[1])} -> {number(cal.image_threshold)}, guaranteed false-alarm "
                f"rate {number(before[2])} -> {number(cal.guaranteed_rate)}"
