@@ -111,3 +111,41 @@ def test_fit_with_holdout_good_images_checks_them(synthetic_root: Path, tmp_path
     assert "from 4 good images" in capsys.readouterr().out
     model = load(out)
     assert model.calibration_.source == "validation" and model.calibration_.check["n_reference"] == 12
+
+
+def test_fit_with_labelled_defects_chooses_the_weights_and_keeps_the_rate(
+        synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fit --defect`: a few labelled defects choose the part weights against the training images' leave-one-out
+    scores, and the thresholds stay at the false-alarm rate (unlike `calibrate --defect`'s best F1): the calibration
+    is the leave-one-out one at the chosen weights."""
+    from spade_ad.core import labelled_defects
+
+    train, spots = synthetic_root / "train" / "good", synthetic_root / "test" / "spot"
+    out = tmp_path / "weighed.safetensors"
+    assert run_cli(["fit", str(train), "-o", str(out), "--k-gallery", "4", "--device", "cpu", "--defect",
+                    str(spots)]) == 0
+    assert "note: part weights " in capsys.readouterr().err
+    model = load(out)
+    cal = model.calibration_
+    assert cal.source == "leave_one_out" and cal.threshold_source == "false_alarm_rate"
+    assert cal.check["weights"]["n_defect"] == len(list(spots.glob("*.png")))
+    # weights that move: the scores and the threshold are the leave-one-out ones at the new weights
+    monkeypatch.setattr(labelled_defects, "choose_weights", lambda good, defect, current, rate, coarse=True: (
+        (0.5, 0.0, 0.5), {"weights": [0.5, 0.0, 0.5], "caught": 2, "caught_before": 0, "n_defect": len(defect)}))
+    from spade_ad import Spade
+    from spade_ad.core.calibration import conformal_threshold
+
+    moved = Spade(k_gallery=4, device="cpu", progress=False).fit(train, defect=spots)
+    assert (moved.map_weight, moved.coarse_weight) == (0.5, 0.0)
+    assert moved.calibration_.note.startswith("part weights chosen from these defects: map 1/2, coarse 0, kNN 1/2")
+    loo = moved._scores_of(list(moved._leave_one_out_scores()))
+    assert moved.calibration_.scores == pytest.approx(sorted(loo), abs=1e-12)
+    assert moved.image_threshold_ == pytest.approx(conformal_threshold(sorted(loo), moved.false_alarm_rate)[0])
+
+
+def test_fit_with_defects_refuses_a_score_without_parts_before_fitting(synthetic_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(tmp_path / "m.safetensors"),
+                    "--image-score", "knn", "--defect", str(synthetic_root / "test" / "spot")]) == 2
+    assert "image_score" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()

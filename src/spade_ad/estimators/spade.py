@@ -170,7 +170,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
     # -- fitting --------------------------------------------------------------------------------------------------
     def fit(
         self, images: Any, *, validation: Any = None, roi: Any = None, skip_bad: bool = False,
-        on_skip: SkipCallback | None = None,
+        on_skip: SkipCallback | None = None, defect: Any = None,
     ) -> Spade:
         """Store the features of good images and calibrate thresholds on normal data.
 
@@ -185,8 +185,20 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         `roi`: the region of interest (a mask file, PIL image or array in the images' original pixels, white or
         True = inspect; fixtured parts only), kept as `roi_` (a bool array) and saved with the model: the maps are
         NaN outside it, so the map's image score, the regions and both thresholds see only the pixels inside.
+
+        `defect`: a few labelled defective images (same forms as `images`). With the fused score they choose the part
+        weights (`map_weight`, `coarse_weight`) as `calibrate` does (`labelled_defects.choose_weights`), against
+        the good scores the thresholds come from; unlike `calibrate`'s, the thresholds stay at the false-alarm
+        rates (they are recomputed at the chosen weights). `calibration_.check["weights"]` keeps the figures and
+        the note starts with the choice.
         """
-        return self._fit(images, validation=validation, skip_bad=skip_bad, on_skip=on_skip, roi=roi)
+        if defect is not None:
+            self._check_defect_weights(validation)
+        self._fit(images, validation=validation, skip_bad=skip_bad, on_skip=on_skip, roi=roi,
+                  keep_good=defect is not None)
+        if defect is not None:
+            self._fit_weights(defect, skip_bad, on_skip)
+        return self
 
     def _training_features(self, items: list[ImageItem], skip_bad: bool,
                            on_skip: SkipCallback | None) -> Iterator[TrainingFeatures]:
@@ -203,13 +215,14 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
 
     def _fit(
         self, images: Any, *, validation: Any = None, skip_bad: bool = False, on_skip: SkipCallback | None = None,
-        features: FeatureSource | None = None, roi: Any = None,
+        features: FeatureSource | None = None, roi: Any = None, keep_good: bool = False,
     ) -> Spade:
         """`fit`, with the training features from `features(items, skip_bad, on_skip)` when given instead of this
         process's backbone (`spade_ad.apps.distributed`: Ray actors). It must yield, in the items' order, (names,
         pyramid [(B, C_l, h_l, w_l)], global features (B, D), thumbnails) per batch of images of one size, reporting an
         unreadable item to `on_skip` with `skip_bad` (else raising its ImageReadError once everything before it was
-        yielded): everything after extraction (store, calibration) is this same code."""
+        yielded): everything after extraction (store, calibration) is this same code. `keep_good`: keep the good
+        calibration images' parts and pixel samples (`_good_parts`) for `_fit_weights`."""
         settings = self._settings()
         if settings["tile_size"] is not None:
             check_tiling(settings["tile_size"], settings["tile_overlap"])
@@ -257,8 +270,8 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
             # the training images' leave-one-out parts: what the density normalisation divides by, and what the
             # held-out good scores are compared with (parts only: the maps are not kept)
             loo = [part._replace(anomaly_map=None) for part in self._leave_one_out_scores()]
-            self._calibrate(self._held_out_scores(held_out, skip_bad, record_skip), "validation"
-                            if validation is not None else "holdout", train_parts=self._parts_array(loo))
+            self._calibrate(self._kept(self._held_out_scores(held_out, skip_bad, record_skip), keep_good),
+                            "validation" if validation is not None else "holdout", train_parts=self._parts_array(loo))
             if self.calibration_.scores and loo:
                 self._check_calibration(self._scores_of(loo), self.calibration_.scores,
                                         "training images' leave-one-out scores", "held-out good images",
@@ -267,7 +280,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         elif settings["calibration"] == "leave_one_out":
             if settings["image_score"] == "fused" and self.store_.n_images < 2:  # the rest were unreadable
                 raise _unscaled_fused()
-            self._calibrate(self._leave_one_out_scores(), "leave_one_out")
+            self._calibrate(self._kept(self._leave_one_out_scores(), keep_good), "leave_one_out")
         else:
             self._calibrate(iter(()), "none")
         return self

@@ -226,6 +226,39 @@ class CalibrationSteps:
             self._apply_calibration()
         return self
 
+    def _check_defect_weights(self, validation: Any) -> None:
+        """`fit(defect=...)` before anything is computed: only a calibrated fused score has part weights to choose."""
+        if self.image_score != "fused":
+            raise SettingError("image_score", "has no part weights for labelled defects to choose (only fused has)",
+                               self.image_score, "fit without --defect, or with image_score=fused")
+        if self.calibration == "none" and validation is None:
+            raise SettingError("calibration", "leaves no good scores to weigh labelled defects against",
+                               self.calibration, "leave_one_out or holdout, or fit without --defect")
+
+    def _kept(self, parts: Iterator[ScoredImage], keep: bool) -> Iterator[ScoredImage]:
+        """`parts` passed through; with `keep`, each one's score parts and pixel sample (not its whole map) also
+        go to `_good_parts`, for `_fit_weights` to recalibrate from."""
+        self._good_parts: list[ScoredImage] = []
+        for part in parts:
+            if keep:
+                self._good_parts.append(part._replace(anomaly_map=_pixel_sample(part.anomaly_map)))
+            yield part
+
+    def _fit_weights(self, defect: Any, skip_bad: bool, on_skip: SkipCallback | None) -> None:
+        """`fit(defect=...)`: the part weights from labelled defects (`_choose_weights`) against the good scores
+        fit calibrated on; when they move, the calibration is recomputed from the same good images at the new
+        weights (thresholds at the false-alarm rates, suspects sought again), the figures kept."""
+        good, self._good_parts = self._good_parts, []
+        parts = [part._replace(anomaly_map=None)
+                 for part in self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)]
+        weights = (self.map_weight, self.coarse_weight)
+        sentence = self._choose_weights(parts) if parts else "no defect image could be read: part weights kept; "
+        if (self.map_weight, self.coarse_weight) != weights and self.calibration_.source == "leave_one_out":
+            check = self.calibration_.check
+            self._calibrate(iter(good), "leave_one_out")  # the same scores; the suspects sought at the new weights
+            self.calibration_.check = check
+        self.calibration_.note = sentence + self.calibration_.note
+
     def _choose_weights(self, defect: list[ScoredImage]) -> str:
         """`calibrate`'s part weights from labelled defects (`labelled_defects.choose_weights`) against every good
         score of the calibration, from the parts it keeps: when they move, those scores are re-weighed and the

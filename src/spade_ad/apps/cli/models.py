@@ -40,11 +40,15 @@ from .options import (
 @click.option("--exclude", "exclude", metavar="PATTERN", multiple=True,
               help="Leave out the training images whose name or file name matches (shell pattern, repeatable): "
               "the ones fit names as scoring like defects, without moving files.")
+@click.option("--defect", type=click.Path(path_type=Path, exists=True), default=None,
+              help="A few labelled defective images (folder or file): they choose the fused score's part weights "
+              "(map_weight, coarse_weight) when they clearly support another share; the thresholds keep the "
+              "false-alarm rates.")
 @skip_bad_option
 @ray_options
 @setting_options
 def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi: Path | None, exclude: tuple[str, ...],
-        skip_bad: bool, ray_address: str | None, ray_workers: int, **options: Any) -> None:
+        defect: Path | None, skip_bad: bool, ray_address: str | None, ray_workers: int, **options: Any) -> None:
     """Fit a model on a folder of good images and save it."""
     settings = {**settings_table.PRESETS[preset], **given_settings(options)}
     on_skip = report_skip if skip_bad else None
@@ -54,6 +58,9 @@ def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi:
     if ray_address is not None and exclude:
         raise click.UsageError("--exclude is not available with --ray-address yet: remove the images from the "
                                "training folder, or fit here")
+    if ray_address is not None and defect is not None:
+        raise click.UsageError("--defect is not available with --ray-address yet: fit there, then `spade-ad "
+                               "calibrate MODEL --good DIR --defect DIR`, or fit here")
     training: Any = train_dir
     if exclude:
         from ...data.inputs import collect_images, exclude_images
@@ -68,7 +75,8 @@ def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi:
     else:
         from ...estimators.spade import Spade
 
-        model = Spade(**settings).fit(training, validation=validation, roi=roi, skip_bad=skip_bad, on_skip=on_skip)
+        model = Spade(**settings).fit(training, validation=validation, roi=roi, skip_bad=skip_bad, on_skip=on_skip,
+                                      defect=defect)
     model.save(output)
     click.echo(f"fitted on {len(model.train_names_)} images ({len(model.skipped_)} skipped); model: {output}")
     _echo_calibration(model)
