@@ -236,6 +236,16 @@ def test_fit_on_ray_writes_the_model_file_of_a_single_process_fit(cluster: Any, 
     assert model.train_names_ == [item.name for item in collect_images(train)]
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (single, tmp_path / "ray.safetensors")]
     assert digest[0] == digest[1]
+    spots = synthetic_root / "test" / "spot"  # labelled defects choosing the weights: the same choice and scores
+    torch.set_num_threads(1)
+    try:
+        single = Spade(**settings).fit(train, defect=spots)
+        model = distributed.fit(train, defect=spots, **settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert model.calibration_.check["weights"] == single.calibration_.check["weights"]
+    assert model.calibration_.scores == single.calibration_.scores
+    assert model.calibration_.note == single.calibration_.note
 
 
 # ---------------------------------------------------------------- exactly once, in order (no cluster needed)

@@ -58,9 +58,6 @@ def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi:
     if ray_address is not None and exclude:
         raise click.UsageError("--exclude is not available with --ray-address yet: remove the images from the "
                                "training folder, or fit here")
-    if ray_address is not None and defect is not None:
-        raise click.UsageError("--defect is not available with --ray-address yet: fit there, then `spade-ad "
-                               "calibrate MODEL --good DIR --defect DIR`, or fit here")
     training: Any = train_dir
     if exclude:
         from ...data.inputs import collect_images, exclude_images
@@ -71,7 +68,7 @@ def fit(train_dir: str, output: Path, validation: Path | None, preset: str, roi:
         from ..distributed import fit as fit_on_ray
 
         model = fit_on_ray(train_dir, address=ray_address, workers=ray_workers, validation=validation,
-                           skip_bad=skip_bad, on_skip=on_skip, **settings)
+                           skip_bad=skip_bad, on_skip=on_skip, defect=defect, **settings)
     else:
         from ...estimators.spade import Spade
 

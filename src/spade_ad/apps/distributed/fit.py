@@ -21,14 +21,15 @@ def fit(
     images: Any, output: str | Path | None = None, *, address: str | None = None, workers: int = 2,
     cpus_per_worker: float = 1, validation: Any = None, skip_bad: bool = False,
     on_skip: SkipCallback | None = None, filesystem: Any = None, _crash_once: tuple[str, int] | None = None,
-    **settings: Any,
+    defect: Any = None, **settings: Any,
 ) -> Any:
     """Fit a `Spade` model with `settings` on the good `images`, extracting their backbone features on a Ray
     cluster (`address`, `workers`, `cpus_per_worker`, `filesystem`: as in `predict`); save it to
     `output` when given; return it. Storage, calibration (leave-one-out by default: on the driver, like the
     single-process fit) and the file are the single-process code, fed the same features in the same order (see
     the module docstring for when the file is byte-identical). `validation` (calibration on other good images)
-    and calibration="holdout" read those images on the driver, so they need them on this machine."""
+    and calibration="holdout" read those images on the driver, so they need them on this machine; so do the
+    labelled `defect` images (`Spade.fit`'s: they choose the part weights)."""
     from tqdm.auto import tqdm
 
     from ...estimators.spade import Spade
@@ -36,6 +37,8 @@ def fit(
     _check_counts(workers, cpus_per_worker)
     _import_ray()
     model = Spade(**settings)
+    if defect is not None:
+        model._check_defect_weights(validation)
     listing = _list_inputs(images, filesystem)
     if not listing.local and (validation is not None or model.calibration == "holdout"):
         raise SettingError("calibration", "scores held-out images on this machine, and the training images are "
@@ -70,7 +73,10 @@ def fit(
                     yield ([items[index].name], [torch.from_numpy(level)[None] for level in levels],
                            torch.from_numpy(global_features)[None], [] if thumbnail is None else [thumbnail])
 
-    model._fit(listing.items, validation=validation, skip_bad=skip_bad, on_skip=on_skip, features=features)
+    model._fit(listing.items, validation=validation, skip_bad=skip_bad, on_skip=on_skip, features=features,
+               keep_good=defect is not None)
+    if defect is not None:
+        model._fit_weights(defect, skip_bad, on_skip)
     if output is not None:
         model.save(output)
     return model
