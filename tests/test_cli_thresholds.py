@@ -149,3 +149,10 @@ def test_fit_with_defects_refuses_a_score_without_parts_before_fitting(synthetic
     assert run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(tmp_path / "m.safetensors"),
                     "--image-score", "knn", "--defect", str(synthetic_root / "test" / "spot")]) == 2
     assert "image_score" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+    broken = tmp_path / "defects"  # an unreadable defect image is named before the fit, not after it
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not a png")
+    assert run_cli(["fit", str(synthetic_root / "train" / "good"), "-o", str(tmp_path / "m.safetensors"),
+                    "--defect", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "Traceback" not in err and not (tmp_path / "m.safetensors").exists()

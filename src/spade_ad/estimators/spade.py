@@ -192,12 +192,11 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         rates (they are recomputed at the chosen weights). `calibration_.check["weights"]` keeps the figures and
         the note starts with the choice.
         """
-        if defect is not None:
-            self._check_defect_weights(validation)
+        defects = None if defect is None else self._check_defect_weights(validation, defect, skip_bad)
         self._fit(images, validation=validation, skip_bad=skip_bad, on_skip=on_skip, roi=roi,
-                  keep_good=defect is not None)
-        if defect is not None:
-            self._fit_weights(defect, skip_bad, on_skip)
+                  keep_good=defects is not None)
+        if defects is not None:
+            self._fit_weights(defects, skip_bad, on_skip)
         return self
 
     def _training_features(self, items: list[ImageItem], skip_bad: bool,

@@ -226,14 +226,21 @@ class CalibrationSteps:
             self._apply_calibration()
         return self
 
-    def _check_defect_weights(self, validation: Any) -> None:
-        """`fit(defect=...)` before anything is computed: only a calibrated fused score has part weights to choose."""
+    def _check_defect_weights(self, validation: Any, defect: Any, skip_bad: bool) -> list[ImageItem]:
+        """`fit(defect=...)` before anything is computed, so that no fit is lost to it: only a calibrated fused
+        score has part weights to choose, and the defect images must be there and (without `skip_bad`) readable.
+        Returns their items."""
         if self.image_score != "fused":
             raise SettingError("image_score", "has no part weights for labelled defects to choose (only fused has)",
                                self.image_score, "fit without --defect, or with image_score=fused")
         if self.calibration == "none" and validation is None:
             raise SettingError("calibration", "leaves no good scores to weigh labelled defects against",
                                self.calibration, "leave_one_out or holdout, or fit without --defect")
+        items = collect_images(defect)
+        if not skip_bad:
+            for item in items:
+                item.load()  # an unreadable one raises its ImageReadError now, naming the file
+        return items
 
     def _kept(self, parts: Iterator[ScoredImage], keep: bool) -> Iterator[ScoredImage]:
         """`parts` passed through; with `keep`, each one's score parts and pixel sample (not its whole map) also
@@ -248,7 +255,7 @@ class CalibrationSteps:
         """`fit(defect=...)`: the part weights from labelled defects (`_choose_weights`) against the good scores
         fit calibrated on; when they move, the calibration is recomputed from the same good images at the new
         weights (thresholds at the false-alarm rates, suspects sought again), the figures kept."""
-        good, self._good_parts = self._good_parts, []
+        good, self._good_parts = getattr(self, "_good_parts", []), []
         parts = [part._replace(anomaly_map=None)
                  for part in self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)]
         weights = (self.map_weight, self.coarse_weight)

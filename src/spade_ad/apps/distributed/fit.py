@@ -37,8 +37,7 @@ def fit(
     _check_counts(workers, cpus_per_worker)
     _import_ray()
     model = Spade(**settings)
-    if defect is not None:
-        model._check_defect_weights(validation)
+    defects = None if defect is None else model._check_defect_weights(validation, defect, skip_bad)
     listing = _list_inputs(images, filesystem)
     if not listing.local and (validation is not None or model.calibration == "holdout"):
         raise SettingError("calibration", "scores held-out images on this machine, and the training images are "
@@ -74,9 +73,9 @@ def fit(
                            torch.from_numpy(global_features)[None], [] if thumbnail is None else [thumbnail])
 
     model._fit(listing.items, validation=validation, skip_bad=skip_bad, on_skip=on_skip, features=features,
-               keep_good=defect is not None)
-    if defect is not None:
-        model._fit_weights(defect, skip_bad, on_skip)
+               keep_good=defects is not None)
+    if defects is not None:
+        model._fit_weights(defects, skip_bad, on_skip)
     if output is not None:
         model.save(output)
     return model
