@@ -39,7 +39,7 @@ from ..data.inputs import ImageItem, collect_images
 from ..data.modelfile import write_model
 from ..data.sessions import Sessions, capture_sessions, sessions_of
 from ..errors import ImageReadError, NoImagesError, NotFittedError, SettingError
-from .detector import Detector
+from .detector import Detector, ScoredImage
 from .prediction import Prediction, Region
 from .spade_calibration import CalibrationSteps, _unscaled_fused
 from .spade_predict import PredictSteps
@@ -247,6 +247,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         self.thumbnails_: list[np.ndarray] = []
         self.skipped_: list[tuple[str, str]] = []
         self.metrics_: dict[str, Any] = {}
+        self._good_parts: list[ScoredImage] | None = [] if keep_good else None  # for `_fit_weights`
 
         def record_skip(item: ImageItem, error: ImageReadError) -> None:
             self.skipped_.append((item.name, error.reason))
@@ -269,7 +270,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
             # the training images' leave-one-out parts: what the density normalisation divides by, and what the
             # held-out good scores are compared with (parts only: the maps are not kept)
             loo = [part._replace(anomaly_map=None) for part in self._leave_one_out_scores()]
-            self._calibrate(self._kept(self._held_out_scores(held_out, skip_bad, record_skip), keep_good),
+            self._calibrate(self._kept(self._held_out_scores(held_out, skip_bad, record_skip), self._good_parts),
                             "validation" if validation is not None else "holdout", train_parts=self._parts_array(loo))
             if self.calibration_.scores and loo:
                 self._check_calibration(self._scores_of(loo), self.calibration_.scores,
@@ -279,7 +280,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         elif settings["calibration"] == "leave_one_out":
             if settings["image_score"] == "fused" and self.store_.n_images < 2:  # the rest were unreadable
                 raise _unscaled_fused()
-            self._calibrate(self._kept(self._leave_one_out_scores(), keep_good), "leave_one_out")
+            self._calibrate(self._kept(self._leave_one_out_scores(), self._good_parts), "leave_one_out")
         else:
             self._calibrate(iter(()), "none")
         return self

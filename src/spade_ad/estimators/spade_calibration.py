@@ -187,14 +187,9 @@ class CalibrationSteps:
         before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
         previous = self.calibration_
         items, keys, repeated = _unseen(collect_images(good), previous.added_images if combine and before else ())
-
-        def kept(parts: Iterator[ScoredImage]) -> Iterator[ScoredImage]:
-            for part in parts:  # the score parts and the pixel sample, not the whole maps
-                new_parts.append(part._replace(anomaly_map=_pixel_sample(part.anomaly_map)))
-                yield part
-
         if items or not (combine and before):
-            self._calibrate(kept(self._predict_parts(items, skip_bad=skip_bad, on_skip=on_skip)), "validation")
+            self._calibrate(self._kept(self._predict_parts(items, skip_bad=skip_bad, on_skip=on_skip), new_parts),
+                            "validation")
             self.calibration_.added_images = [key for key in (keys.get(id(p.item)) for p in new_parts) if key]
             self._check_calibration(before, self._scores_of(new_parts, old_scale), "previous calibration scores",
                                     "new good images", "the new thresholds come from the new images")
@@ -242,20 +237,20 @@ class CalibrationSteps:
                 item.load()  # an unreadable one raises its ImageReadError now, naming the file
         return items
 
-    def _kept(self, parts: Iterator[ScoredImage], keep: bool) -> Iterator[ScoredImage]:
-        """`parts` passed through; with `keep`, each one's score parts and pixel sample (not its whole map) also
-        go to `_good_parts`, for `_fit_weights` to recalibrate from."""
-        self._good_parts: list[ScoredImage] = []
+    @staticmethod
+    def _kept(parts: Iterable[ScoredImage], into: list[ScoredImage] | None) -> Iterator[ScoredImage]:
+        """`parts` passed through; with `into`, each one's score parts and pixel sample (not its whole map) are
+        also appended to it, to recalibrate from later (`calibrate`, `_fit_weights`)."""
         for part in parts:
-            if keep:
-                self._good_parts.append(part._replace(anomaly_map=_pixel_sample(part.anomaly_map)))
+            if into is not None:
+                into.append(part._replace(anomaly_map=_pixel_sample(part.anomaly_map)))
             yield part
 
     def _fit_weights(self, defect: Any, skip_bad: bool, on_skip: SkipCallback | None) -> None:
         """`fit(defect=...)`: the part weights from labelled defects (`_choose_weights`) against the good scores
         fit calibrated on; when they move, the calibration is recomputed from the same good images at the new
         weights (thresholds at the false-alarm rates, suspects sought again), the figures kept."""
-        good, self._good_parts = getattr(self, "_good_parts", []), []
+        good, self._good_parts = self._good_parts or [], None
         parts = [part._replace(anomaly_map=None)
                  for part in self._predict_parts(defect, skip_bad=skip_bad, on_skip=on_skip)]
         weights = (self.map_weight, self.coarse_weight)
