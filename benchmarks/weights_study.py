@@ -5,7 +5,9 @@ For each dev product (the image-score study's `default` cache: every image's den
 here), 30 times: K of its test defects play the user's labelled ones, the training images' leave-one-out parts the
 good side; `choose_weights` picks the weights; the remaining test images are scored with the fixed and the chosen
 weights. Reported per product and K: image AUROC and recall at 1% / 5% false alarms, means over the trials, the
-worst trial, and how often the weights moved.
+worst trial, and how often the weights moved; and the verdict `fit --defect` gives, at the good (leave-one-out)
+scores' threshold at 1% (`conformal_threshold` at those weights): the recall on the defects not labelled and the
+share of good test images flagged.
 
     .venv/bin/python benchmarks/image_score_study.py collect     # the cache, once (long)
     .venv/bin/python benchmarks/weights_study.py                  # K = 3, 5, 10
@@ -28,6 +30,7 @@ from image_score_study import CACHE, Product, write_results  # noqa: E402
 
 from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_rate  # noqa: E402
 from spade_ad.core import score_parts  # noqa: E402
+from spade_ad.core.calibration import conformal_threshold  # noqa: E402
 from spade_ad.core.labelled_defects import WEIGHT_MARGIN, choose_weights  # noqa: E402
 from spade_ad.core.score_parts import robust_scale  # noqa: E402
 
@@ -52,8 +55,9 @@ def study(product: Product, k: int, margin: int, seed: int = 0) -> dict[str, flo
     labels = product.labels
     defects = np.flatnonzero(labels)
     rng = np.random.default_rng(seed)
-    figures: dict[str, list[float]] = {name: [] for name in ("fixed", "chosen", "fixed_r1", "chosen_r1", "fixed_r5",
-                                                             "chosen_r5", "moved")}
+    figures: dict[str, list[float]] = {name: [] for name in (
+        "fixed", "chosen", "fixed_r1", "chosen_r1", "fixed_r5", "chosen_r5", "moved", "fixed_thr", "chosen_thr",
+        "fixed_fa", "chosen_fa")}
     moves: list[float] = []
     for _ in range(TRIALS):
         labelled = rng.choice(defects, size=min(k, len(defects) - 1), replace=False)
@@ -65,6 +69,9 @@ def study(product: Product, k: int, margin: int, seed: int = 0) -> dict[str, flo
             figures[name].append(image_auroc(scores, y))
             figures[f"{name}_r1"].append(recall_at_false_alarm_rate(scores, y, 0.01))
             figures[f"{name}_r5"].append(recall_at_false_alarm_rate(scores, y, 0.05))
+            threshold, _ = conformal_threshold((good @ np.asarray(w)).tolist(), 0.01)  # fit --defect's threshold
+            figures[f"{name}_thr"].append(float(np.mean(scores[y == 1] > threshold)))
+            figures[f"{name}_fa"].append(float(np.mean(scores[y == 0] > threshold)))
         if weights != FIXED:  # a draw where the weights moved: better or worse than the fixed ones (0.5 points)
             change = figures["chosen"][-1] - figures["fixed"][-1]
             moves.append(change)
@@ -77,8 +84,11 @@ def study(product: Product, k: int, margin: int, seed: int = 0) -> dict[str, flo
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = ["Image AUROC / recall at 1% / at 5% false alarms on the test images not labelled, means over "
-             f"{TRIALS} draws of K labelled defects (worst draw's AUROC); weights moved in that share of draws.", "",
-             "| product | K | fixed 1:1:1 | chosen | moved |", "|---|---|---|---|---|"]
+             f"{TRIALS} draws of K labelled defects (worst draw's AUROC); weights moved in that share of draws. "
+             "Verdict at the leave-one-out 1% threshold (fit --defect's): recall on the defects not labelled "
+             "(good test images flagged).", "",
+             "| product | K | fixed 1:1:1 | chosen | moved | verdict: fixed | verdict: chosen |",
+             "|---|---|---|---|---|---|---|"]
     ks = sorted({int(k) for rows in results.values() for k in rows})
     for product, rows in results.items():
         for k in ks:
@@ -86,14 +96,18 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
             lines.append(f"| {product} | {k} | {100 * r['fixed']:.2f} / {100 * r['fixed_r1']:.0f} / "
                          f"{100 * r['fixed_r5']:.0f} ({100 * r['fixed_worst_trial']:.1f}) | {100 * r['chosen']:.2f} / "
                          f"{100 * r['chosen_r1']:.0f} / {100 * r['chosen_r5']:.0f} "
-                         f"({100 * r['chosen_worst_trial']:.1f}) | {100 * r['moved']:.0f}% |")
+                         f"({100 * r['chosen_worst_trial']:.1f}) | {100 * r['moved']:.0f}% | "
+                         f"{100 * r['fixed_thr']:.1f} ({100 * r['fixed_fa']:.1f}%) | {100 * r['chosen_thr']:.1f} "
+                         f"({100 * r['chosen_fa']:.1f}%) |")
     for k in ks:
         rows = [results[p][str(k)] for p in results]
         cell = {name: 100 * np.mean([r[name] for r in rows]) for name in rows[0] if name != "moves"}
         worst = {name: 100 * min(r[name] for r in rows) for name in ("fixed", "chosen")}
         lines.append(f"| **mean (worst product)** | {k} | {cell['fixed']:.2f} ({worst['fixed']:.2f}) / "
                      f"{cell['fixed_r1']:.1f} / {cell['fixed_r5']:.1f} | {cell['chosen']:.2f} ({worst['chosen']:.2f}) "
-                     f"/ {cell['chosen_r1']:.1f} / {cell['chosen_r5']:.1f} | {cell['moved']:.0f}% |")
+                     f"/ {cell['chosen_r1']:.1f} / {cell['chosen_r5']:.1f} | {cell['moved']:.0f}% | "
+                     f"{cell['fixed_thr']:.1f} ({cell['fixed_fa']:.1f}%) | {cell['chosen_thr']:.1f} "
+                     f"({cell['chosen_fa']:.1f}%) |")
     moves = np.array([m for rows in results.values() for r in rows.values() for m in r["moves"]])
     draws = TRIALS * len(ks) * len(results)
     if len(moves):
