@@ -78,6 +78,27 @@ def test_calibrate_rewrites_thresholds(model_file: Path, synthetic_root: Path, t
     assert "weights" not in kept.calibration_.check and kept.map_weight == load(model_file).map_weight
 
 
+def test_calibrate_keep_rate_lets_defects_choose_the_weights_only(model_file: Path, synthetic_root: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`--keep-rate`: the labelled defects choose the part weights, the image threshold stays at the false-alarm
+    rate (the one the same good images give without defects), and the note says what it catches of them."""
+    test = synthetic_root / "test"
+    plain, kept, weighed = (tmp_path / f"{name}.safetensors" for name in ("plain", "kept", "weighed"))
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "-o", str(plain)]) == 0
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--defect", str(test / "spot"),
+                    "--keep-rate", "--keep-weights", "-o", str(kept)]) == 0
+    assert "image threshold kept at the false-alarm rate 0.2: it flags" in capsys.readouterr().err
+    assert load(kept).image_threshold_ == load(plain).image_threshold_
+    assert load(kept).calibration_.threshold_source == "false_alarm_rate"
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--defect", str(test / "spot"),
+                    "--keep-rate", "-o", str(weighed)]) == 0
+    model = load(weighed)
+    assert model.calibration_.threshold_source == "false_alarm_rate" and "weights" in model.calibration_.check
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--defect", str(test / "spot"),
+                    "--keep-rate", "--recall", "0.9", "-o", str(weighed)]) == 2
+
+
 def test_add_a_good_image_from_the_command_line(model_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
     test = sorted((synthetic_root / "test").glob("*/*.png"))
     model = load(model_file)

@@ -160,7 +160,7 @@ class CalibrationSteps:
 
     def calibrate(self, good: Any, *, defect: Any = None, recall: float | None = None, skip_bad: bool = False,
                   on_skip: SkipCallback | None = None, combine: bool = False, roi: Any = None,
-                  choose_weights: bool = True) -> Self:
+                  choose_weights: bool = True, keep_rate: bool = False) -> Self:
         """Recalibrate a fitted model on other good images (thresholds at the model's false-alarm rates). With a few
         labelled `defect` images, move the image threshold to the best F1 on good + defect images (as other tools
         do), or with `recall` to the highest threshold that catches that share of them; the false-alarm rate is then
@@ -175,7 +175,9 @@ class CalibrationSteps:
         came from the earlier region). With `defect`, `choose_weights` and the fused score, the part weights
         (`map_weight`, `coarse_weight`) move to the share these defects support when it catches clearly more of
         them (`labelled_defects.choose_weights`), and every calibration score is re-weighed from its kept parts;
-        `calibration_.check["weights"]` keeps the figures."""
+        `calibration_.check["weights"]` keeps the figures. `keep_rate`: the defects choose the weights only, and
+        the image threshold stays at the false-alarm rate (guaranteed as before); the note gives the recall it
+        has on them."""
         self._check_fitted()
         if roi is not None:
             self.roi_ = as_roi(roi)
@@ -184,6 +186,9 @@ class CalibrationSteps:
             if defect is None or not 0 < recall <= 1:
                 raise SettingError("recall", "needs labelled defect images and a share in (0, 1]", recall,
                                    "e.g. --defect DIR --recall 0.95")
+            if keep_rate:
+                raise SettingError("recall", "sets the image threshold, which keep_rate keeps at the false-alarm rate",
+                                   recall, "one of --recall and --keep-rate")
         before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
         previous = self.calibration_
         items, keys, repeated = _unseen(collect_images(good), previous.added_images if combine and before else ())
@@ -204,20 +209,26 @@ class CalibrationSteps:
                 if choose_weights and self.image_score == "fused" and defect_parts else ""
             defect_scores = self._scores_of(defect_parts)
             good_scores = self.calibration_.scores
-            if recall is None:
+            if keep_rate:
+                threshold = self.calibration_.image_threshold
+            elif recall is None:
                 threshold, source = labelled_defects.best_f1_threshold(good_scores, defect_scores), "best_f1"
             else:
                 threshold, source = labelled_defects.recall_threshold(good_scores, defect_scores, recall), "recall"
-            self.calibration_ = calibration.moved(self.calibration_, image=threshold, source=source)
+            if not keep_rate:
+                self.calibration_ = calibration.moved(self.calibration_, image=threshold, source=source)
             caught = float(np.mean(np.asarray(defect_scores) > threshold))
             flagged = float(np.mean(np.asarray(good_scores) > threshold))
             self.calibration_.check = {**self.calibration_.check, "recall": caught, "false_alarms": flagged,
                                        "n_defect": len(defect_scores)}
-            self.calibration_.note = (
-                f"{weights}image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} "
-                f"on {self.calibration_.n} good and {len(defect_scores)} defective images: it flags "
-                f"{100 * caught:.1f}% of these defects and {100 * flagged:.1f}% of these good images; the "
-                f"false-alarm rate is measured, not guaranteed")
+            found = (f"it flags {100 * caught:.1f}% of these defects and {100 * flagged:.1f}% of these good images")
+            self.calibration_.note = weights + (
+                f"image threshold kept at the false-alarm rate {self.false_alarm_rate:g}: it flags {100 * caught:.1f}% "
+                f"of these {len(defect_scores)} defects and {100 * flagged:.1f}% of the {self.calibration_.n} good "
+                f"images; " + self.calibration_.note if keep_rate else
+                f"image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} on "
+                f"{self.calibration_.n} good and {len(defect_scores)} defective images: {found}; the false-alarm "
+                f"rate is measured, not guaranteed")
             self._apply_calibration()
         return self
 

@@ -221,6 +221,9 @@ def _warn(warning: str | None) -> None:
               help="Also (or instead of --good/--defect) the images labelled good and defect in this inspection "
               "record for this model (the review page's buttons). Their scores are added to the model's calibration "
               "scores, unless --replace.")
+@click.option("--keep-rate", is_flag=True, default=False,
+              help="With --defect or --record: the defects choose the part weights only; the image threshold stays "
+              "at the false-alarm rate (guaranteed) instead of moving to the best F1 on them.")
 @click.option("--keep-weights", is_flag=True, default=False,
               help="With --defect: keep the model's part weights (map_weight, coarse_weight) instead of moving them "
               "to the share these defects clearly support.")
@@ -230,7 +233,7 @@ def _warn(warning: str | None) -> None:
               "set the threshold alone).")
 def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: float | None, output: Path | None,
               false_alarm_rate: float | None, pixel_false_alarm_rate: float | None, roi: Path | None, skip_bad: bool,
-              keep_weights: bool, record_target: str | None, replace: bool | None) -> None:
+              keep_rate: bool, keep_weights: bool, record_target: str | None, replace: bool | None) -> None:
     """Rewrite a model's thresholds from other good images (and optionally a few defective ones)."""
     from ...estimators.spade_file import load
 
@@ -247,8 +250,11 @@ def calibrate(model_path: Path, good: Path | None, defect: Path | None, recall: 
     model.set_params(**rates)
     if recall is not None and defect is None:
         raise click.UsageError("--recall needs --defect DIR: the defects whose share it sets")
+    if recall is not None and keep_rate:
+        raise click.UsageError("--recall sets the image threshold and --keep-rate keeps it at the false-alarm rate: "
+                               "give one of them")
     model.calibrate(good, defect=defect, recall=recall, skip_bad=skip_bad, on_skip=report_skip if skip_bad else None,
-                    combine=combine, roi=roi, choose_weights=not keep_weights)
+                    combine=combine, roi=roi, choose_weights=not keep_weights, keep_rate=keep_rate)
     target = model.save(output or model_path)
     click.echo(f"thresholds rewritten in {target}")
     cal = model.calibration_
