@@ -1,0 +1,90 @@
+"""How the fused score's three scaled parts are combined: today's mean against rules that let the strongest part
+count more (a defect seen by one part only, e.g. a missing hole on the coarse level, is diluted by the mean).
+
+For each dev product (the image-score study's `default` cache: every image's density-normalised parts, so no fit
+here): the parts scaled as the model scales them (`weights_study.scaled_parts`), combined by each rule, judged by
+image AUROC, recall at 1% / 5% false alarms, and the verdict at the leave-one-out 1% threshold (recall, good test
+images flagged).
+
+    .venv/bin/python benchmarks/image_score_study.py collect     # the cache, once (long)
+    .venv/bin/python benchmarks/combine_study.py
+
+Results: benchmarks/results/combine_study.json and combine_study.md; docs/detection.md quotes them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from image_score_study import CACHE, Product, write_results  # noqa: E402
+from weights_study import scaled_parts  # noqa: E402
+
+from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_rate  # noqa: E402
+from spade_ad.core.calibration import conformal_threshold  # noqa: E402
+
+Rule = Callable[[np.ndarray], np.ndarray]
+
+
+def _blend(share: float) -> Rule:
+    """`share` of the largest scaled part plus the rest of their mean."""
+    return lambda parts: share * parts.max(1) + (1 - share) * parts.mean(1)
+
+
+def _softmax(t: float) -> Rule:
+    """A smooth maximum of the scaled parts (log-sum-exp at temperature 1 / t)."""
+    return lambda parts: np.logaddexp.reduce(t * parts, axis=1) / t
+
+
+RULES: dict[str, Rule] = {
+    "mean (today)": _blend(0.0),
+    "1/4 max + 3/4 mean": _blend(0.25),
+    "1/2 max + 1/2 mean": _blend(0.5),
+    "3/4 max + 1/4 mean": _blend(0.75),
+    "max": _blend(1.0),
+    "smooth max (t = 3)": _softmax(3.0),
+    "mean of the two largest": lambda parts: np.sort(parts, 1)[:, 1:].mean(1),
+}
+
+
+def judged(product: Product, rule: Rule) -> dict[str, float]:
+    good, test = scaled_parts(product)
+    y = product.labels
+    scores, threshold = rule(test), conformal_threshold(rule(good).tolist(), 0.01)[0]
+    return {"auroc": image_auroc(scores, y), "r1": recall_at_false_alarm_rate(scores, y, 0.01),
+            "r5": recall_at_false_alarm_rate(scores, y, 0.05), "thr": float(np.mean(scores[y == 1] > threshold)),
+            "fa": float(np.mean(scores[y == 0] > threshold))}
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    products = list(next(iter(results.values())))
+    lines = ["Image AUROC / recall at 1% / at 5% FPR / recall at the leave-one-out 1% threshold (good test images "
+             "flagged, %) per product; mean and worst image AUROC, mean recalls and flagged share over the products.",
+             "", "| rule | " + " | ".join(products) + " | mean | worst |",
+             "|---|" + "---|" * (len(products) + 2)]
+    for rule, rows in results.items():
+        cells = [f"{100 * r['auroc']:.1f} / {100 * r['r1']:.0f} / {100 * r['r5']:.0f} / {100 * r['thr']:.0f} "
+                 f"({100 * r['fa']:.0f})" for r in rows.values()]
+        mean = {k: 100 * np.mean([r[k] for r in rows.values()]) for k in ("auroc", "r1", "r5", "thr", "fa")}
+        worst = 100 * min(r["auroc"] for r in rows.values())
+        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {mean['auroc']:.2f} / {mean['r1']:.1f} / "
+                     f"{mean['r5']:.1f} / {mean['thr']:.1f} ({mean['fa']:.2f}) | {worst:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    paths = sorted((CACHE / "default").glob("*.npz"))
+    if not paths:
+        sys.exit(f"no study cache in {CACHE / 'default'}: run benchmarks/image_score_study.py collect first")
+    products = [Product(path) for path in paths]
+    results = {rule: {p.name: judged(p, f) for p in products} for rule, f in RULES.items()}
+    write_results(table(results), results, "combine_study")
+
+
+if __name__ == "__main__":
+    main()
