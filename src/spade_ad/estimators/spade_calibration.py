@@ -221,14 +221,17 @@ class CalibrationSteps:
             flagged = float(np.mean(np.asarray(good_scores) > threshold))
             self.calibration_.check = {**self.calibration_.check, "recall": caught, "false_alarms": flagged,
                                        "n_defect": len(defect_scores)}
-            found = (f"it flags {100 * caught:.1f}% of these defects and {100 * flagged:.1f}% of these good images")
-            self.calibration_.note = weights + (
-                f"image threshold kept at the false-alarm rate {self.false_alarm_rate:g}: it flags {100 * caught:.1f}% "
-                f"of these {len(defect_scores)} defects and {100 * flagged:.1f}% of the {self.calibration_.n} good "
-                f"images; " + self.calibration_.note if keep_rate else
-                f"image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} on "
-                f"{self.calibration_.n} good and {len(defect_scores)} defective images: {found}; the false-alarm "
-                f"rate is measured, not guaranteed")
+            n_good, n_defect = self.calibration_.n, len(defect_scores)
+            if keep_rate:  # the rate's own note (its guarantee) follows
+                note = (f"image threshold kept at the false-alarm rate {self.false_alarm_rate:g}: it flags "
+                        f"{100 * caught:.1f}% of these {n_defect} defects and {100 * flagged:.1f}% of the {n_good} "
+                        f"good images; {self.calibration_.note}")
+            else:
+                note = (f"image threshold {'at the best F1' if recall is None else f'for a recall of {recall:g}'} on "
+                        f"{n_good} good and {n_defect} defective images: it flags {100 * caught:.1f}% of these "
+                        f"defects and {100 * flagged:.1f}% of these good images; the false-alarm rate is measured, "
+                        f"not guaranteed")
+            self.calibration_.note = weights + note
             self._apply_calibration()
         return self
 

@@ -201,8 +201,9 @@ def _warn(warning: str | None) -> None:
 @click.option("--good", type=click.Path(path_type=Path), default=None,
               help="Folder of good images (not the training images) to calibrate the thresholds on (or --record).")
 @click.option("--defect", type=click.Path(path_type=Path), default=None,
-              help="Folder of a few defective images: the image threshold moves to the best F1 (no rate guarantee), "
-              "and the part weights to the share these defects clearly support (see --keep-weights).")
+              help="Folder of a few defective images: the image threshold moves to the best F1 (no rate guarantee; "
+              "see --keep-rate), and the part weights to the share these defects clearly support (see "
+              "--keep-weights).")
 @click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="With --defect: the highest image threshold that flags this share of the defects (e.g. 0.95); "
               "the recall and false-alarm rate it gives on these images are reported.")
