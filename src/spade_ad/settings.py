@@ -266,7 +266,8 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("fused", "map_top", "map_max", "knn")),
     Setting("map_weight", 1 / 3, "float", "share of the map part in the fused image score (the kNN part has what "
             "map_weight and coarse_weight leave): 1/3 with coarse_weight 1/3 weighs the three parts equally; "
-            "calibrate with labelled defects moves both when the defects clearly support another share",
+            "fit or calibrate with labelled defects (--defect, --record) moves both when the defects clearly support "
+            "another share",
             "scoring", low=0, high=1, before=0.5),
     Setting("coarse_weight", 1 / 3, "float", "share in the fused image score of the coarsest pyramid level's own "
             "map (upsampled and smoothed like the map, its top 1%); 0: two parts only, as before", "scoring",
