@@ -97,6 +97,14 @@ def test_calibrate_keep_rate_lets_defects_choose_the_weights_only(model_file: Pa
     assert model.calibration_.threshold_source == "false_alarm_rate" and "weights" in model.calibration_.check
     assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--defect", str(test / "spot"),
                     "--keep-rate", "--recall", "0.9", "-o", str(weighed)]) == 2
+    broken = tmp_path / "defects"  # an unreadable defect image is named before the good images are scored
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    assert run_cli(["calibrate", str(model_file), "--good", str(test / "good"), "--defect", str(broken), "-o",
+                    str(tmp_path / "never.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "Traceback" not in err and not (tmp_path / "never.safetensors").exists()
 
 
 def test_add_a_good_image_from_the_command_line(model_file: Path, synthetic_root: Path, tmp_path: Path) -> None:

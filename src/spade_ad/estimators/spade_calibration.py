@@ -189,6 +189,8 @@ class CalibrationSteps:
             if keep_rate:
                 raise SettingError("recall", "sets the image threshold, which keep_rate keeps at the false-alarm rate",
                                    recall, "one of --recall and --keep-rate")
+        if defect is not None:
+            defect = _checked_defects(defect, skip_bad)
         before, old_scale, new_parts = list(self.calibration_.scores), self.score_scale_, []
         previous = self.calibration_
         items, keys, repeated = _unseen(collect_images(good), previous.added_images if combine and before else ())
@@ -245,11 +247,7 @@ class CalibrationSteps:
         if self.calibration == "none" and validation is None:
             raise SettingError("calibration", "leaves no good scores to weigh labelled defects against",
                                self.calibration, "leave_one_out or holdout, or fit without --defect")
-        items = collect_images(defect)
-        if not skip_bad:
-            for item in items:
-                item.load()  # an unreadable one raises its ImageReadError now, naming the file
-        return items
+        return _checked_defects(defect, skip_bad)
 
     @staticmethod
     def _kept(parts: Iterable[ScoredImage], into: list[ScoredImage] | None) -> Iterator[ScoredImage]:
@@ -331,6 +329,17 @@ class CalibrationSteps:
             merged = calibration.moved(merged, pixel_false_alarm_rate=float(self.pixel_false_alarm_rate))
         self.calibration_, self.score_scale_ = calibration.rescored(merged, scores), scale
         self._apply_calibration()
+
+
+def _checked_defects(defect: Any, skip_bad: bool) -> list[ImageItem]:
+    """The labelled defect images' items, checked before any scoring so that nothing computed is lost to them:
+    there (`collect_images`) and, without `skip_bad`, readable (an unreadable one raises its ImageReadError, naming
+    the file; with `skip_bad` the scoring loop reports and skips it)."""
+    items = collect_images(defect)
+    if not skip_bad:
+        for item in items:
+            item.load()
+    return items
 
 
 def _unseen(items: list[ImageItem], known: Sequence[str]) -> tuple[list[ImageItem], dict[int, str], int]:
