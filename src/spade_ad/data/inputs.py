@@ -81,10 +81,15 @@ class ImageItem:
             digest.update(self.image.tobytes())
             return digest.hexdigest()
         try:
-            with open(self.path, "rb") as handle:
-                return hashlib.file_digest(handle, "sha256").hexdigest()
+            return file_sha256(self.path)
         except OSError:
             return None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks by `hashlib.file_digest`."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _is_tensor(x: object) -> bool:

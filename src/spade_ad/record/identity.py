@@ -9,19 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..data.inputs import file_sha256
 from ..settings import stored
 
 __all__ = ["file_sha256", "model_identity", "settings_digest"]
-
-_CHUNK = 2**20
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bytes_sha256(data: bytes) -> str:
