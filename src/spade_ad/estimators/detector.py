@@ -117,10 +117,15 @@ class Detector:
         coarse_weight > 0) the coarse part, each divided by its local density first when density_k > 0."""
         map_part = np.asarray(map_part, dtype=np.float64)
         coarse = np.zeros_like(map_part) if coarse is None else np.asarray(coarse, dtype=np.float64)
-        parts = self._normalised(np.stack([map_part, coarse, np.asarray(knn, dtype=np.float64)], 1), near)
+        return self._combined(self._normalised(np.stack([map_part, coarse, np.asarray(knn, dtype=np.float64)], 1),
+                                               near))
+
+    def _combined(self, parts: np.ndarray, scale: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
+        """Image scores from parts (n, 3) [map, coarse, knn] already density-normalised, at the model's score
+        scales (or at `scale`) and part weights (`score_parts.combine_scores`)."""
         weight = float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0
-        return score_parts.combine_scores(self.image_score, self.score_scale_, parts[:, 0], parts[:, 2],
-                                          self.map_weight, parts[:, 1], weight)
+        return score_parts.combine_scores(self.image_score, self.score_scale_ if scale is None else scale,
+                                          parts[:, 0], parts[:, 2], self.map_weight, parts[:, 1], weight)
 
     def set_thresholds(
         self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,

@@ -138,11 +138,11 @@ class CalibrationSteps:
                    ) -> np.ndarray:
         """Image scores of `ScoredImage`s, at the current score scales or at `scale`."""
         parts = list(parts)
-        normalised = self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
-        return score_parts.combine_scores(
-            self.image_score, self.score_scale_ if scale is None else scale, normalised[:, 0], normalised[:, 2],
-            self.map_weight, normalised[:, 1],
-            float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0)
+        return self._combined(self._normalised_of(parts), scale)
+
+    def _normalised_of(self, parts: Sequence[ScoredImage]) -> np.ndarray:
+        """The density-normalised parts (n, 3) of `ScoredImage`s, over the training parts the model keeps."""
+        return self._normalised_parts(parts, self._parts_array(parts), getattr(self, "_train_parts", None))
 
     def _check_calibration(self, reference: Sequence[float] | np.ndarray, new: Sequence[float] | np.ndarray,
                            reference_name: str, new_name: str, advice: str) -> None:
@@ -282,31 +282,25 @@ class CalibrationSteps:
         coarse = settings_table.uses_coarse(self)
         current = (float(self.map_weight), float(self.coarse_weight) if coarse else 0.0,
                    1.0 - float(self.map_weight) - (float(self.coarse_weight) if coarse else 0.0))
-        shares = ", ".join(f"{name} {_share(w)}" for name, w in zip(("map", "coarse", "kNN"), current)
-                           if coarse or name != "coarse")
         good = np.asarray(cal.parts, dtype=np.float64).reshape(-1, 3)
         if len(good) != cal.n:
-            return (f"part weights kept ({shares}): the earlier calibration scores' parts are not in this model "
-                    f"file (written before they were kept); calibrate with --replace, or refit, to let defects choose "
-                    f"them; ")
-        normalised = self._normalised_parts(defect, self._parts_array(defect), getattr(self, "_train_parts", None))
+            return (f"part weights kept ({_shares(current, coarse)}): the earlier calibration scores' parts are not "
+                    f"in this model file (written before they were kept); calibrate with --replace, or refit, to let "
+                    f"defects choose them; ")
         weights, figures = labelled_defects.choose_weights(
-            score_parts.scaled_parts(good, self.score_scale_), score_parts.scaled_parts(normalised, self.score_scale_),
-            current, rate=self.false_alarm_rate, coarse=coarse)
+            score_parts.scaled_parts(good, self.score_scale_),
+            score_parts.scaled_parts(self._normalised_of(defect), self.score_scale_), current,
+            rate=self.false_alarm_rate, coarse=coarse)
         if weights != current:
             self.map_weight, self.coarse_weight = weights[0], weights[1]
-            self.calibration_ = calibration.rescored(cal, score_parts.combine_scores(
-                self.image_score, self.score_scale_, good[:, 0], good[:, 2], self.map_weight, good[:, 1],
-                float(self.coarse_weight) if coarse else 0.0))
+            self.calibration_ = calibration.rescored(cal, self._combined(good))
             self._apply_calibration()
         self.calibration_.check = {**self.calibration_.check, "weights": figures}
-        shares = ", ".join(f"{name} {_share(w)}" for name, w in zip(("map", "coarse", "kNN"), weights)
-                           if coarse or name != "coarse")
         caught = f"{figures['caught']} of these {figures['n_defect']} defects above the good images' threshold"
         if weights == current:
-            return (f"part weights kept ({shares}): no other share catches {labelled_defects.WEIGHT_MARGIN} more of "
-                    f"these defects ({caught}); ")
-        return (f"part weights chosen from these defects: {shares} (it catches {caught}, "
+            return (f"part weights kept ({_shares(weights, coarse)}): no other share catches "
+                    f"{labelled_defects.WEIGHT_MARGIN} more of these defects ({caught}); ")
+        return (f"part weights chosen from these defects: {_shares(weights, coarse)} (it catches {caught}, "
                 f"{figures['caught_before']} before); ")
 
     def _combine_calibration(self, previous: calibration.Calibration, new: list[ScoredImage],
@@ -316,8 +310,8 @@ class CalibrationSteps:
         merged = calibration.Calibration.from_json(previous.to_json())
         scores = list(map(float, previous.scores))
         if new:
-            normalised = self._normalised_parts(new, self._parts_array(new), getattr(self, "_train_parts", None))
-            scores += list(map(float, self._scores_of(new, scale)))
+            normalised = self._normalised_of(new)
+            scores += list(map(float, self._combined(normalised, scale)))
             # parts unknown for the earlier scores (a file from before): `rescored` then sorts the scores alone
             merged.parts = [*previous.parts, *normalised.tolist()] if len(previous.parts) == previous.n else []
             merged.added_images = [*previous.added_images, *self.calibration_.added_images]
@@ -357,6 +351,12 @@ def _unseen(items: list[ImageItem], known: Sequence[str]) -> tuple[list[ImageIte
             keys[id(item)] = key
         fresh.append(item)
     return fresh, keys, repeated
+
+
+def _shares(weights: tuple[float, float, float], coarse: bool) -> str:
+    """Part weights in words for the calibration note: "map 1/3, coarse 1/3, kNN 1/3" (no coarse without it)."""
+    return ", ".join(f"{name} {_share(w)}" for name, w in zip(("map", "coarse", "kNN"), weights)
+                     if coarse or name != "coarse")
 
 
 def _share(weight: float) -> str:
