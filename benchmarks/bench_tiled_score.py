@@ -1,6 +1,7 @@
 """The fused image score of tiled models: two parts as tiled models had them before (the map and the kNN, map
 weight 1/3, no density normalisation) against today's default (three parts, the stitched coarsest level's own map
-the third, each part divided by its local density), on products scored in tiled mode.
+the third, each part divided by its local density, a quarter of the score the strongest part: `max_share`), on
+products scored in tiled mode.
 
 One tiled fit per product; its training images' leave-one-out parts and its test images' parts are computed once
 with every part present, then each variant is calibrated on the same leave-one-out parts and scores the same test
@@ -35,14 +36,16 @@ from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_
 from spade_ad.data.datasets import load_mvtec_category  # noqa: E402
 from spade_ad.data.synthetic import make_large_dataset, make_line_dataset, make_synthetic_dataset  # noqa: E402
 from spade_ad.data.synthetic_drawing import OBJECT_DEFECT_TYPES  # noqa: E402
+from spade_ad.settings import DEFAULTS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TILES = {"tile_size": 256, "tile_overlap": 64, "tile_margin": 32}
 VARIANTS = {
-    "two parts (tiled models before)": {"coarse_weight": 0.0, "density_k": 0},
-    "two parts, density-normalised": {"coarse_weight": 0.0},
-    "three parts, no density": {"density_k": 0},
-    "three parts, density-normalised (default)": {},
+    "two parts (tiled models before)": {"coarse_weight": 0.0, "density_k": 0, "max_share": 0.0},
+    "two parts, density-normalised": {"coarse_weight": 0.0, "max_share": 0.0},
+    "three parts, no density": {"density_k": 0, "max_share": 0.0},
+    "three parts, density-normalised, their mean": {"max_share": 0.0},
+    "three parts, density-normalised, 1/4 the strongest (default)": {},
 }
 
 
@@ -92,7 +95,7 @@ def collect(folder: Path, tiles: dict[str, Any]) -> tuple[Spade, list[Any], list
 def evaluate(model: Spade, loo: list[Any], test: list[Any], labels: np.ndarray, settings: dict[str, Any]
              ) -> dict[str, float]:
     """One variant: calibrated on the leave-one-out parts as its fit would be, then the test parts scored."""
-    model.set_params(**{"coarse_weight": 1 / 3, "density_k": 3, **settings})
+    model.set_params(**{"coarse_weight": 1 / 3, "density_k": 3, "max_share": DEFAULTS["max_share"], **settings})
     model._calibrate(loo, "leave_one_out")
     scores = model._scores_of(test)
     threshold = model.calibration_.image_threshold

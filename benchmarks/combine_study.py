@@ -1,4 +1,4 @@
-"""How the fused score's three scaled parts are combined: today's mean against rules that let the strongest part
+"""How the fused score's three scaled parts are combined: the weighted mean against rules that let the strongest part
 count more (a defect seen by one part only, e.g. a missing hole on the coarse level, is diluted by the mean).
 
 For each dev product (the image-score study's `default` cache: every image's density-normalised parts, so no fit
@@ -42,8 +42,8 @@ def _softmax(t: float) -> Rule:
 
 
 RULES: dict[str, Rule] = {
-    "mean (today)": _blend(0.0),
-    "1/4 max + 3/4 mean": _blend(0.25),
+    "mean (max_share 0)": _blend(0.0),
+    "1/4 max + 3/4 mean (max_share 1/4, the default)": _blend(0.25),
     "1/2 max + 1/2 mean": _blend(0.5),
     "3/4 max + 1/4 mean": _blend(0.75),
     "max": _blend(1.0),

@@ -1,5 +1,5 @@
 """Part weights chosen from a user's few labelled defects (`calibrate --defect`, `labelled_defects.choose_weights`):
-would they beat today's fixed 1:1:1 on the defects the user did not label?
+would they beat the fixed 1:1:1 on the defects the user did not label?
 
 For each dev product (the image-score study's `default` cache: every image's density-normalised parts, so no fit
 here), 30 times: K of its test defects play the user's labelled ones, the training images' leave-one-out parts the
@@ -12,6 +12,7 @@ share of good test images flagged.
     .venv/bin/python benchmarks/image_score_study.py collect     # the cache, once (long)
     .venv/bin/python benchmarks/weights_study.py                  # K = 3, 5, 10
     .venv/bin/python benchmarks/weights_study.py --margin 1       # move for one defect more
+    .venv/bin/python benchmarks/weights_study.py --max-share 0    # the score without its strongest part's share
 
 Results: benchmarks/results/weights_study.json and weights_study.md; docs/detection.md quotes them.
 """
@@ -33,6 +34,7 @@ from spade_ad.core import score_parts  # noqa: E402
 from spade_ad.core.calibration import conformal_threshold  # noqa: E402
 from spade_ad.core.labelled_defects import WEIGHT_MARGIN, choose_weights  # noqa: E402
 from spade_ad.core.score_parts import robust_scale  # noqa: E402
+from spade_ad.settings import DEFAULTS  # noqa: E402
 
 #: The default score's parts in the study's terms: the map's top 1%, the stride-16 level's top 1%, the 1-NN kNN,
 #: each density-normalised over the 3 nearest training images.
@@ -50,7 +52,13 @@ def scaled_parts(product: Product) -> tuple[np.ndarray, np.ndarray]:
     return score_parts.scaled_parts(loo, scale), score_parts.scaled_parts(test, scale)
 
 
-def study(product: Product, k: int, margin: int, seed: int = 0) -> dict[str, float]:
+def combined(parts: np.ndarray, weights: tuple[float, float, float], max_share: float) -> np.ndarray:
+    """The fused score of scaled parts (n, 3) at `weights`, with `max_share` of the strongest part
+    (`score_parts.with_strongest`, as `combine_scores`)."""
+    return score_parts.with_strongest(parts @ np.asarray(weights), list(parts.T), weights, max_share)
+
+
+def study(product: Product, k: int, margin: int, max_share: float, seed: int = 0) -> dict[str, float]:
     good, test = scaled_parts(product)
     labels = product.labels
     defects = np.flatnonzero(labels)
@@ -62,14 +70,14 @@ def study(product: Product, k: int, margin: int, seed: int = 0) -> dict[str, flo
     for _ in range(TRIALS):
         labelled = rng.choice(defects, size=min(k, len(defects) - 1), replace=False)
         rest = np.setdiff1d(np.arange(len(labels)), labelled)
-        weights, _ = choose_weights(good, test[labelled], FIXED, rate=0.01, margin=margin)
+        weights, _ = choose_weights(good, test[labelled], FIXED, rate=0.01, margin=margin, max_share=max_share)
         figures["moved"].append(float(weights != FIXED))
         for name, w in (("fixed", FIXED), ("chosen", weights)):
-            scores, y = test[rest] @ np.asarray(w), labels[rest]
+            scores, y = combined(test[rest], w, max_share), labels[rest]
             figures[name].append(image_auroc(scores, y))
             figures[f"{name}_r1"].append(recall_at_false_alarm_rate(scores, y, 0.01))
             figures[f"{name}_r5"].append(recall_at_false_alarm_rate(scores, y, 0.05))
-            threshold, _ = conformal_threshold((good @ np.asarray(w)).tolist(), 0.01)  # fit --defect's threshold
+            threshold, _ = conformal_threshold(combined(good, w, max_share).tolist(), 0.01)  # fit --defect's
             figures[f"{name}_thr"].append(float(np.mean(scores[y == 1] > threshold)))
             figures[f"{name}_fa"].append(float(np.mean(scores[y == 0] > threshold)))
         if weights != FIXED:  # a draw where the weights moved: better or worse than the fixed ones (0.5 points)
@@ -121,6 +129,8 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--margin", type=int, default=WEIGHT_MARGIN, help="defects more a share must catch to move")
+    parser.add_argument("--max-share", type=float, default=DEFAULTS["max_share"],
+                        help="share of the strongest scaled part in the score (0: the weighted mean alone)")
     args = parser.parse_args()
     paths = sorted((CACHE / "default").glob("*.npz"))
     if not paths:
@@ -128,8 +138,10 @@ def main() -> None:
     results = {}
     for path in paths:
         product = Product(path)
-        results[product.name] = {str(k): study(product, k, args.margin) for k in (3, 5, 10)}
+        results[product.name] = {str(k): study(product, k, args.margin, args.max_share) for k in (3, 5, 10)}
     name = "weights_study" if args.margin == WEIGHT_MARGIN else f"weights_study_margin{args.margin}"
+    if args.max_share != DEFAULTS["max_share"]:
+        name += f"_max_share{args.max_share:g}"
     write_results(table(results), results, name)
 
 

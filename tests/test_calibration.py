@@ -447,6 +447,46 @@ def test_map_and_coarse_weights_add_up_to_at_most_one() -> None:
     assert table.validate({"map_weight": 0.8, "coarse_weight": 0.0})["map_weight"] == 0.8
 
 
+def test_the_strongest_part_takes_its_share_of_the_fused_score() -> None:
+    """max_share of the score is the strongest scaled part (each times its weight over the largest weight), the rest
+    the weighted mean; a part without weight never counts, and share 0 is the weighted mean itself."""
+    from spade_ad.core.score_parts import combine_scores, with_strongest
+
+    scaled = [np.array([3.0, -1.0]), np.array([0.0, -2.0]), np.array([0.0, -4.0])]
+    weighted = sum(part / 3 for part in scaled)
+    assert with_strongest(weighted, scaled, (1 / 3,) * 3, 0.0) is weighted
+    assert with_strongest(weighted, scaled, (1 / 3,) * 3, 0.25) == pytest.approx(0.75 * weighted + 0.25 * np.array(
+        [3.0, -1.0]))
+    # weights (1/2, 0, 1/2): the coarse part (0 here, above the others' -1 and -4) is not in the maximum
+    assert with_strongest(np.zeros(2), scaled, (0.5, 0.0, 0.5), 1.0) == pytest.approx([3.0, -1.0])
+    # weights (1/2, 1/6, 1/3): the kNN part counts two thirds, the coarse part a third
+    assert with_strongest(np.zeros(1), [np.array([0.0]), np.array([6.0]), np.array([4.0])], (0.5, 1 / 6, 1 / 3),
+                          1.0) == pytest.approx([8 / 3])
+    scale = {"map": (1.0, 2.0), "coarse": (0.0, 1.0), "knn": (0.5, 0.5)}
+    fused = combine_scores("fused", scale, np.array([7.0]), np.array([0.5]), 1 / 3, np.array([0.0]), 1 / 3, 0.5)
+    assert fused == pytest.approx(0.5 * (3.0 + 0.0 + 0.0) / 3 + 0.5 * 3.0)
+
+
+def test_model_files_from_before_max_share_score_with_the_weighted_mean(
+        fitted_model: Spade, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file written before `max_share` existed loads with it 0 and scores as it did; a new file keeps its own."""
+    from sklearn.base import clone
+
+    from spade_ad import load
+    from spade_ad.data import modelfile
+
+    model = clone(fitted_model).set_params(max_share=0.0).fit(synthetic_root / "train" / "good")
+    stored = modelfile.settings_table.stored
+    monkeypatch.setattr(modelfile.settings_table, "stored",
+                        lambda params: {k: v for k, v in stored(params).items() if k != "max_share"})
+    old = load(model.save(tmp_path / "old.safetensors"))
+    monkeypatch.undo()
+    images = list_images(synthetic_root / "test")
+    assert old.max_share == 0.0 and old.score(images).tolist() == model.score(images).tolist()
+    assert load(fitted_model.save(tmp_path / "new.safetensors")).max_share == fitted_model.max_share == 0.25
+    assert fitted_model.score(images).tolist() != model.score(images).tolist()
+
+
 def test_model_files_from_before_the_coarse_part_score_exactly_as_before(
         fitted_model: Spade, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file written before `coarse_weight` and `density_k` existed (here: without them in its header) loads with
@@ -457,14 +497,14 @@ def test_model_files_from_before_the_coarse_part_score_exactly_as_before(
     from spade_ad import load
     from spade_ad.data import modelfile
 
-    model = clone(fitted_model).set_params(map_weight=2 / 3, coarse_weight=0.0, density_k=0)
+    model = clone(fitted_model).set_params(map_weight=2 / 3, coarse_weight=0.0, density_k=0, max_share=0.0)
     model.fit(synthetic_root / "train" / "good")
     stored = modelfile.settings_table.stored
     monkeypatch.setattr(modelfile.settings_table, "stored", lambda params: {
-        k: v for k, v in stored(params).items() if k not in ("coarse_weight", "density_k")})
+        k: v for k, v in stored(params).items() if k not in ("coarse_weight", "density_k", "max_share")})
     old = load(model.save(tmp_path / "old.safetensors"))
     monkeypatch.undo()
-    assert (old.coarse_weight, old.density_k, old.map_weight) == (0.0, 0, 2 / 3)
+    assert (old.coarse_weight, old.density_k, old.map_weight, old.max_share) == (0.0, 0, 2 / 3, 0.0)
     assert old.calibration_.train_parts == [] and set(old.score_scale_) == {"map", "knn"}
 
     def two_parts(parts: list) -> np.ndarray:  # the fused score as the files of that time compute it

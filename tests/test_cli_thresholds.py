@@ -160,7 +160,7 @@ def test_fit_with_labelled_defects_chooses_the_weights_and_keeps_the_rate(
     assert cal.source == "leave_one_out" and cal.threshold_source == "false_alarm_rate"
     assert cal.check["weights"]["n_defect"] == len(list(spots.glob("*.png")))
     # weights that move: the scores and the threshold are the leave-one-out ones at the new weights
-    monkeypatch.setattr(labelled_defects, "choose_weights", lambda good, defect, current, rate, coarse=True: (
+    monkeypatch.setattr(labelled_defects, "choose_weights", lambda good, defect, current, rate, coarse=True, **_: (
         (0.5, 0.0, 0.5), {"weights": [0.5, 0.0, 0.5], "caught": 2, "caught_before": 0, "n_defect": len(defect)}))
     from spade_ad import Spade
     from spade_ad.core.calibration import conformal_threshold

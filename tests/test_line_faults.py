@@ -353,7 +353,7 @@ def test_weights_moved_under_combine_rescore_the_earlier_scores(small, monkeypat
     fitted = spade_ad.load(small[1])
     fitted.calibrate(goods[:3], combine=True)
     monkeypatch.setattr(labelled_defects, "choose_weights",
-                        lambda good, defect, current, rate, coarse=True: ((0.5, 1 / 6, 1 / 3), {
+                        lambda good, defect, current, rate, coarse=True, **_: ((0.5, 1 / 6, 1 / 3), {
                             "weights": [0.5, 1 / 6, 1 / 3], "caught": 3, "caught_before": 1,
                             "n_defect": len(defect)}))
     fitted.calibrate(goods[3:5], defect=defects, combine=True)

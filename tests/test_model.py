@@ -102,14 +102,16 @@ def test_predict_shapes_ranges_and_quality(fitted_model: Spade, synthetic_root: 
         assert part.map_part == pytest.approx(float(top.mean()), rel=1e-6) and part.knn_part == pytest.approx(knn)
         # image_score="fused": the top 1% of the map, the coarsest level's own top 1% and the kNN score, each
         # divided by the mean leave-one-out value of that part over the image's 3 nearest training images (by
-        # global feature: the first is the kNN's neighbour), scaled by its spread on good images, weighted 1:1:1
+        # global feature: the first is the kNN's neighbour), scaled by its spread on good images, weighted 1:1:1,
+        # with a quarter of the score the largest of the three (max_share)
         assert fitted_model.train_names_[int(part.near[0])] == prediction.neighbours[0][0] and len(part.near) == 3
         density = train_parts[np.asarray(part.near)].mean(0)
         values = np.array([part.map_part, part.coarse_part, knn]) / density
         (m1, s1), (m2, s2), (m3, s3) = (fitted_model.score_scale_[k] for k in ("map", "coarse", "knn"))
         assert fitted_model.map_weight == fitted_model.coarse_weight == pytest.approx(1 / 3)
-        assert prediction.score == pytest.approx(((values[0] - m1) / s1 + (values[1] - m2) / s2
-                                                  + (values[2] - m3) / s3) / 3, rel=1e-5)
+        scaled = np.array([(values[0] - m1) / s1, (values[1] - m2) / s2, (values[2] - m3) / s3])
+        assert fitted_model.max_share == 0.25
+        assert prediction.score == pytest.approx(0.75 * scaled.mean() + 0.25 * scaled.max(), rel=1e-5)
     scores = [p.score for p in predictions]
     maps = [p.original_map for p in predictions]
     full_masks = [m if m is not None else np.zeros((160, 224), bool) for m in masks]

@@ -260,7 +260,8 @@ SETTINGS: tuple[Setting, ...] = (
             "scoring", choices=("euclidean", "squared")),
     Setting("image_score", "fused", "str", "fused: map_top, the coarsest level's own top 1% and knn, each "
             "divided by its local density (density_k) and scaled by its spread on the good images' calibration "
-            "scores, then weighted by map_weight and coarse_weight (needs calibration); map_top: mean of the "
+            "scores, then weighted by map_weight and coarse_weight, max_share of it the strongest part (needs "
+            "calibration); map_top: mean of the "
             "highest 1% of the smoothed map; map_max: its maximum; knn: the paper's mean squared distance to the "
             "k_image nearest global features", "scoring",
             choices=("fused", "map_top", "map_max", "knn")),
@@ -272,6 +273,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("coarse_weight", 1 / 3, "float", "share in the fused image score of the coarsest pyramid level's own "
             "map (upsampled and smoothed like the map, its top 1%); 0: two parts only, as before", "scoring",
             low=0, high=1, before=0.0),
+    Setting("max_share", 0.25, "float", "share of the fused image score given to the largest of its scaled parts "
+            "(the rest is their weighted average), so that a defect one part sees is not diluted by the others; "
+            "0: the weighted average alone, as before", "scoring", low=0, high=1, before=0.0),
     Setting("density_k", 3, "int", "fused score: each part divided by the mean leave-one-out part of the image's "
             "density_k nearest training images by global feature, so a rare good part is measured against the "
             "rare parts like it (LOF); 0: off", "scoring", low=0, high=50, before=0),
@@ -426,6 +430,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "backbone": "wide_resnet50_2", "layers": (1, 2, 3), "k_image": 3, "k_gallery": 50, "kappa": 1,
         "fusion": "mean", "distance": "squared", "image_score": "knn", "sigma": 4.0, "image_size": 224,
         "resize": "paper_crop", "max_search_pairs": None, "coarse_weight": 0.0, "density_k": 0,
+        "max_share": 0.0,
     },
 }
 #: Resolution metrics are computed at for each preset (None: the original image size).

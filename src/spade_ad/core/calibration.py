@@ -265,15 +265,16 @@ def calibrate(
     false_alarm_rate: float, pixel_false_alarm_rate: float, source: str, map_weight: float = 0.5,
     names: Sequence[str] | None = None, coarse_parts: Sequence[float] | None = None, coarse_weight: float = 0.0,
     train_parts: np.ndarray | Sequence[Sequence[float]] | None = None, raw_parts: np.ndarray | None = None,
+    max_share: float = 0.0,
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
-    """Thresholds and score scales from good images' score parts (density-normalised already, when the model
-    normalises them) and a sample of their map values; with `names` (the images', in the order of the parts), the
-    `suspects` among them are kept by name. `coarse_parts` with `coarse_weight` > 0: the third part, scaled as
-    "coarse". `train_parts` (the training images' leave-one-out parts, N x 3) are kept in the calibration.
-    `raw_parts` (n, 3): the same parts before the density normalisation, when they were normalised: the `suspects`
-    are sought in the score they give (scaled and weighted alike), because the normalisation measures each image
-    against its neighbours, which hides the very unusualness a suspect is (a defective training part whose
-    neighbours include the other one scored like a good part); their scores reported are the calibration ones."""
+    """Thresholds and score scales from good images' score parts (density-normalised already, when the model normalises
+    them) and a sample of their map values; with `names` (the images', in the order of the parts), the `suspects` among
+    them are kept by name. `coarse_parts` with `coarse_weight` > 0: the third part, scaled as "coarse"; `max_share`: the
+    share of the largest scaled part (`combine_scores`). `train_parts` (the training images' leave-one-out parts, N x 3)
+    are kept in the calibration. `raw_parts` (n, 3): the same parts before the density normalisation, when they were
+    normalised: the `suspects` are sought in the score they give (scaled and weighted alike), because the normalisation
+    measures each image against its neighbours, which hides the very unusualness a suspect is (a defective training part
+    whose neighbours include the other one scored like a good part); their scores reported are the calibration ones."""
     kept = [] if train_parts is None else np.asarray(train_parts, dtype=np.float64).reshape(-1, 3).tolist()
     if len(map_parts) == 0:
         return Calibration("none", [], false_alarm_rate, None, pixel_false_alarm_rate, None,
@@ -282,7 +283,7 @@ def calibrate(
     if coarse_weight > 0 and coarse_parts is not None:
         scale["coarse"] = robust_scale(coarse_parts)
     combined = combine_scores(image_score, scale, np.asarray(map_parts), np.asarray(knn_scores), map_weight,
-                              None if coarse_parts is None else np.asarray(coarse_parts), coarse_weight)
+                              None if coarse_parts is None else np.asarray(coarse_parts), coarse_weight, max_share)
     order = np.argsort(combined, kind="stable")
     scores = combined[order].tolist()
     parts = np.stack([np.asarray(map_parts, dtype=np.float64),
@@ -294,7 +295,8 @@ def calibrate(
     if raw_parts is not None and image_score == "fused" and len(raw_parts) == len(combined):
         raw = np.asarray(raw_parts, dtype=np.float64).reshape(-1, 3)
         raw_scale = {name: robust_scale(raw[:, j]) for j, name in enumerate(PARTS)}
-        basis = combine_scores(image_score, raw_scale, raw[:, 0], raw[:, 2], map_weight, raw[:, 1], coarse_weight)
+        basis = combine_scores(image_score, raw_scale, raw[:, 0], raw[:, 2], map_weight, raw[:, 1], coarse_weight,
+                               max_share)
     odd = suspects(basis) if names is not None and len(names) == len(combined) else []
     raw_found = basis is not combined and bool(odd) and len(odd) < len(basis)
     return Calibration(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import conformal_threshold
+from .score_parts import with_strongest
 
 
 def recall_threshold(good_scores: Sequence[float], defect_scores: Sequence[float], recall: float) -> float:
@@ -48,12 +49,12 @@ WEIGHT_MARGIN = 2
 
 
 def choose_weights(good: np.ndarray, defect: np.ndarray, current: tuple[float, float, float], *, rate: float,
-                   coarse: bool = True, margin: int = WEIGHT_MARGIN
+                   coarse: bool = True, margin: int = WEIGHT_MARGIN, max_share: float = 0.0
                    ) -> tuple[tuple[float, float, float], dict[str, Any]]:
-    """The fused score's part weights (map, coarse, kNN) that a user's few labelled defects support: `good` (n, 3)
-    and `defect` (m, 3) are scaled parts [map, coarse, kNN] (each part's density-normalised value less its good
-    median, over its spread: what `combine_scores` weighs). Every share in steps of 1 / WEIGHT_STEPS (coarse 0
-    without the coarse part) is judged by how many defects score above the good scores' threshold at `rate`
+    """The fused score's part weights (map, coarse, kNN) that a user's few labelled defects support: `good` (n, 3) and
+    `defect` (m, 3) are scaled parts [map, coarse, kNN] (each part's density-normalised value less its good median, over
+    its spread: what `combine_scores` weighs, with `max_share` of the largest). Every share in steps of 1 / WEIGHT_STEPS
+    (coarse 0 without the coarse part) is judged by how many defects score above the good scores' threshold at `rate`
     (`conformal_threshold`), then by their AUROC against the good scores; the best replaces `current` only when it
     catches at least `margin` more defects: a choice made on a handful of defects moves only on clear evidence
     (benchmarks/weights_study.py measures the margins). Returns the weights and the figures behind the choice."""
@@ -61,7 +62,8 @@ def choose_weights(good: np.ndarray, defect: np.ndarray, current: tuple[float, f
 
     def judged(weights: tuple[float, float, float]) -> tuple[int, float]:
         w = np.asarray(weights)
-        g, d = good @ w, defect @ w
+        g = with_strongest(good @ w, list(good.T), weights, max_share)
+        d = with_strongest(defect @ w, list(defect.T), weights, max_share)
         threshold, _ = conformal_threshold(g.tolist(), rate)
         auroc = float(((d[:, None] > g[None]) + 0.5 * (d[:, None] == g[None])).mean()) if len(g) and len(d) else 0.5
         return int((d > threshold).sum()), auroc

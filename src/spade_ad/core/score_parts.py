@@ -1,8 +1,8 @@
 """The image score's parts and how they are combined: the map's top share, the coarsest level's own top share and
 the global kNN distance (`PARTS`), each divided by its local density over the image's nearest training images
 (`density_normalised`, as LOF does), put on one scale by its spread on good images (`robust_scale`,
-`scaled_parts`) and weighted into the fused score (`combine_scores`). The thresholds on those scores are
-`spade_ad.core.calibration`'s."""
+`scaled_parts`) and weighted into the fused score (`combine_scores`, with a share of the strongest part:
+`with_strongest`). The thresholds on those scores are `spade_ad.core.calibration`'s."""
 
 from __future__ import annotations
 
@@ -54,11 +54,12 @@ def density_normalised(parts: np.ndarray, near: np.ndarray, train_parts: np.ndar
 
 def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_part: np.ndarray,
                    knn: np.ndarray, map_weight: float = 0.5, coarse: np.ndarray | None = None,
-                   coarse_weight: float = 0.0) -> np.ndarray:
+                   coarse_weight: float = 0.0, max_share: float = 0.0) -> np.ndarray:
     """The image score from its parts: the map's part (the mean of its top values, or with "map_max" its
     maximum: `spade_ad.core.maps_numpy.map_score`), the global kNN score, or ("fused") their weighted average after each
     is scaled by its (median, spread) on good images: `map_weight` for the map, `coarse_weight` for the coarsest
-    level's own top 1% (`coarse`; 0: not used), the rest for the kNN."""
+    level's own top 1% (`coarse`; 0: not used), the rest for the kNN; with `max_share` > 0, that share of the score
+    is the largest of the scaled parts weighed (`with_strongest`)."""
     map_part, knn = np.asarray(map_part, dtype=np.float64), np.asarray(knn, dtype=np.float64)
     if image_score in ("map_max", "map_top"):
         return map_part
@@ -69,11 +70,30 @@ def combine_scores(image_score: str, scale: dict[str, tuple[float, float]], map_
                            "calibrate the model on good images (spade-ad calibrate --good DIR), or map_top")
     (m1, s1), (m2, s2) = scale["map"], scale["knn"]
     if coarse_weight <= 0:  # two parts: exactly the formula of the files written before the coarse part
-        return map_weight * (map_part - m1) / s1 + (1.0 - map_weight) * (knn - m2) / s2
+        weighted = map_weight * (map_part - m1) / s1 + (1.0 - map_weight) * (knn - m2) / s2
+        return with_strongest(weighted, [(map_part - m1) / s1, (knn - m2) / s2], (map_weight, 1.0 - map_weight),
+                              max_share)
     (m3, s3) = scale["coarse"]
     coarse = np.asarray(coarse, dtype=np.float64)
-    return (map_weight * (map_part - m1) / s1 + coarse_weight * (coarse - m3) / s3
-            + (1.0 - map_weight - coarse_weight) * (knn - m2) / s2)
+    weighted = (map_weight * (map_part - m1) / s1 + coarse_weight * (coarse - m3) / s3
+                + (1.0 - map_weight - coarse_weight) * (knn - m2) / s2)
+    return with_strongest(weighted, [(map_part - m1) / s1, (coarse - m3) / s3, (knn - m2) / s2],
+                          (map_weight, coarse_weight, 1.0 - map_weight - coarse_weight), max_share)
+
+
+def with_strongest(weighted: np.ndarray, scaled: Sequence[np.ndarray], weights: Sequence[float],
+                   max_share: float) -> np.ndarray:
+    """The fused score with `max_share` of it the strongest of the `scaled` parts and the rest the `weighted`
+    average: a defect that one part sees and the others do not (a missing hole on the coarse level, a thin scratch
+    in the map) is not diluted by the mean. Each part with a weight counts in the maximum times its weight over the
+    largest weight (equal weights: the largest scaled part), so that weights chosen from labelled defects steer both
+    halves. `max_share` 0: `weighted` itself, as the files written before it."""
+    if max_share <= 0:
+        return weighted
+    top = max(weights)
+    strongest = np.max(np.stack([(w / top) * np.asarray(part, dtype=np.float64)
+                                 for part, w in zip(scaled, weights) if w > 0]), axis=0)
+    return (1.0 - max_share) * weighted + max_share * strongest
 
 
 def scaled_parts(parts: np.ndarray, scale: dict[str, tuple[float, float]]) -> np.ndarray:

@@ -88,6 +88,7 @@ class Detector:
     image_score: str
     map_weight: float
     coarse_weight: float
+    max_share: float
     density_k: int
     tile_size: int | None
     train_names_: list[str]
@@ -122,10 +123,11 @@ class Detector:
 
     def _combined(self, parts: np.ndarray, scale: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
         """Image scores from parts (n, 3) [map, coarse, knn] already density-normalised, at the model's score
-        scales (or at `scale`) and part weights (`score_parts.combine_scores`)."""
+        scales (or at `scale`), part weights and share of the strongest part (`score_parts.combine_scores`)."""
         weight = float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0
         return score_parts.combine_scores(self.image_score, self.score_scale_ if scale is None else scale,
-                                          parts[:, 0], parts[:, 2], self.map_weight, parts[:, 1], weight)
+                                          parts[:, 0], parts[:, 2], self.map_weight, parts[:, 1], weight,
+                                          float(self.max_share))
 
     def set_thresholds(
         self, *, image: float | None = None, false_alarm_rate: float | None = None, pixel: float | None = None,

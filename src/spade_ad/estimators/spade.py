@@ -94,6 +94,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         image_score: str = D["image_score"],
         map_weight: float = D["map_weight"],
         coarse_weight: float = D["coarse_weight"],
+        max_share: float = D["max_share"],
         density_k: int = D["density_k"],
         k_image: int = D["k_image"],
         sigma: float = D["sigma"],
@@ -130,6 +131,7 @@ class Spade(CalibrationSteps, PredictSteps, Detector, BaseEstimator):
         self.image_score = image_score
         self.map_weight = map_weight
         self.coarse_weight = coarse_weight
+        self.max_share = max_share
         self.density_k = density_k
         self.k_image = k_image
         self.sigma = sigma

@@ -114,7 +114,7 @@ class CalibrationSteps:
             pixel_false_alarm_rate=self.pixel_false_alarm_rate, source=source, map_weight=self.map_weight,
             names=self.train_names_ if source == "leave_one_out" else None, coarse_parts=normalised[:, 1],
             coarse_weight=float(self.coarse_weight) if settings_table.uses_coarse(self) else 0.0,
-            train_parts=train, raw_parts=raw if train is not None else None,
+            train_parts=train, raw_parts=raw if train is not None else None, max_share=float(self.max_share),
         )
         sessions = getattr(self, "sessions_", None)
         self.calibration_.sessions = [] if sessions is None else sessions.labels.tolist()
@@ -290,7 +290,7 @@ class CalibrationSteps:
         weights, figures = labelled_defects.choose_weights(
             score_parts.scaled_parts(good, self.score_scale_),
             score_parts.scaled_parts(self._normalised_of(defect), self.score_scale_), current,
-            rate=self.false_alarm_rate, coarse=coarse)
+            rate=self.false_alarm_rate, coarse=coarse, max_share=float(self.max_share))
         if weights != current:
             self.map_weight, self.coarse_weight = weights[0], weights[1]
             self.calibration_ = calibration.rescored(cal, self._combined(good))

@@ -136,7 +136,8 @@ class SingleGraph(nn.Module):
             self.register_buffer("inside", torch.from_numpy(inside))
         self.scored = scored
         self.top = None if model.image_score == "map_max" else max(1, int(scored * TOP_SHARE))
-        self.image_score, self.map_weight = model.image_score, float(model.map_weight)
+        self.image_score, self.map_weight, self.max_share = model.image_score, float(model.map_weight), \
+            float(model.max_share)
         scale = model.score_scale_
         self.scale = {k: (float(v[0]), float(v[1])) for k, v in scale.items()}
         cal = model.calibration_
@@ -224,11 +225,18 @@ class SingleGraph(nn.Module):
         if self.image_score == "knn":
             return knn
         (m1, s1), (m2, s2) = self.scale["map"], self.scale["knn"]
-        w = self.map_weight
-        if self.coarse_weight <= 0:
-            return w * (map_part - m1) / s1 + (1.0 - w) * (knn - m2) / s2
-        (m3, s3), c = self.scale["coarse"], self.coarse_weight
-        return w * (map_part - m1) / s1 + c * (coarse - m3) / s3 + (1.0 - w - c) * (knn - m2) / s2
+        w, c = self.map_weight, self.coarse_weight
+        if c <= 0:
+            weighted = w * (map_part - m1) / s1 + (1.0 - w) * (knn - m2) / s2
+            scaled, weights = [(map_part - m1) / s1, (knn - m2) / s2], (w, 1.0 - w)
+        else:
+            (m3, s3) = self.scale["coarse"]
+            weighted = w * (map_part - m1) / s1 + c * (coarse - m3) / s3 + (1.0 - w - c) * (knn - m2) / s2
+            scaled, weights = [(map_part - m1) / s1, (coarse - m3) / s3, (knn - m2) / s2], (w, c, 1.0 - w - c)
+        if self.max_share <= 0:  # `score_parts.with_strongest`: a share of the largest scaled part with a weight
+            return weighted
+        strongest = torch.stack([(v / max(weights)) * part for part, v in zip(scaled, weights) if v > 0]).amax(0)
+        return (1.0 - self.max_share) * weighted + self.max_share * strongest
 
     def _normalized(self, score: torch.Tensor) -> torch.Tensor:
         """`calibration.normalized_scores` at the model's threshold and median."""
