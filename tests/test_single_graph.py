@@ -101,6 +101,21 @@ def test_region_of_interest(synthetic_root: Path, tmp_path: Path) -> None:
                 [bool(o[1][0]) for o in outputs])
 
 
+def test_unequal_weights_and_the_strongest_share(synthetic_root: Path, tmp_path: Path) -> None:
+    """The fused score with two parts at unequal weights and half of it the strongest (weighted) part: the graph
+    combines them as `score_parts.combine_scores` does."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))[:8]
+    model = Spade(image_size=96, k_gallery=3, map_weight=0.75, coarse_weight=0.0, max_share=0.5, device="cpu",
+                  progress=False).fit(train)
+    graph = export_single_graph(model, tmp_path / "two_parts.onnx")
+    images = sorted((synthetic_root / "test").rglob("*.png"))[::3]
+    expected = model.predict(images)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    outputs = [session.run(None, graph_inputs(model, path)) for path in images]
+    assert_same(expected, [float(o[0][0]) for o in outputs], [o[3][0] for o in outputs],
+                [bool(o[1][0]) for o in outputs])
+
+
 def test_settings_one_graph_cannot_express_are_refused(synthetic_root: Path, tmp_path: Path) -> None:
     """fusion=concat (one search over concatenated levels) is refused in one line naming the setting, exit 2, and
     nothing is written; --single-graph with --format openvino is a usage error; a max_search_pairs that would
