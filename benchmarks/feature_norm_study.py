@@ -10,6 +10,8 @@ Measured, not built: the backbone's output is normalised by wrapping `Backbone.f
 
     .venv/bin/python benchmarks/feature_norm_study.py --mode pyramid
     .venv/bin/python benchmarks/feature_norm_study.py --mode global
+    .venv/bin/python benchmarks/feature_norm_study.py --mode pyramid --patch-size 3 --category bottle \
+        --category mpdd_metal_plate --category synthetic_objects --category synthetic_line   # with the objects preset
 
 Results: benchmarks/results/feature_norm_<mode>.{json,md}; docs/detection.md quotes them against
 benchmarks/results/accuracy_max_share.md (the default, same settings otherwise).
@@ -50,10 +52,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("pyramid", "global", "both"), required=True)
     parser.add_argument("--category", action="append", help="only these categories (repeatable)")
+    parser.add_argument("--patch-size", type=int, default=1, help="with the objects preset's 3: normalised before "
+                        "the 3 x 3 averaging")
     args = parser.parse_args()
     backbones.Backbone.forward = normalising(args.mode)
-    sys.argv = [sys.argv[0], "--config", f"l2_{args.mode}=k_gallery:50",
-                "--out", str(bench_accuracy.RESULTS / f"feature_norm_{args.mode}")]
+    name = f"l2_{args.mode}" + (f"_p{args.patch_size}" if args.patch_size > 1 else "")
+    sys.argv = [sys.argv[0], "--config", f"{name}=patch_size:{args.patch_size}",
+                "--out", str(bench_accuracy.RESULTS / name.replace("l2_", "feature_norm_"))]
     for category in args.category or []:
         sys.argv += ["--category", category]
     bench_accuracy.main()

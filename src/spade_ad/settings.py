@@ -419,8 +419,9 @@ def numpydoc_parameters(width: int = 116) -> str:
 #: "fast": a gallery of the 10 nearest images instead of 50 (about 3x less search); "default": the library's own
 #: defaults; "quality": the stride-4 level too (the paper's three levels), searched exactly up to 1e9 pairs (a
 #: 900 x 900 image is exact: 4.9e8 at stride 4); "objects": PatchCore's 3 x 3 local aggregation, for assembled
-#: objects in many poses (image AUROC and verdicts up on the objects, AU-PRO down on bottle and on textures); "paper":
-#: the published configuration (needs the WRN50 ImageNet weights file offline), evaluated at 256 x 256.
+#: objects in many poses (pixel AUROC up on the objects, AU-PRO down on bottle and on textures; under today's image
+#: score no longer image AUROC or verdicts: docs/settings.md); "paper": the published configuration (needs the WRN50
+#: ImageNet weights file offline), evaluated at 256 x 256.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"k_gallery": 10},
     "default": {},
