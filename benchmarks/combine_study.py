@@ -8,12 +8,16 @@ images flagged).
 
     .venv/bin/python benchmarks/image_score_study.py collect     # the cache, once (long)
     .venv/bin/python benchmarks/combine_study.py
+    .venv/bin/python benchmarks/image_score_study.py collect --tag p3 --set patch_size:3
+    .venv/bin/python benchmarks/combine_study.py --aggregated     # the aggregated parts, mean against 1/4 max
 
-Results: benchmarks/results/combine_study.json and combine_study.md; docs/detection.md quotes them.
+Results: benchmarks/results/combine_study.json and combine_study.md (with --aggregated:
+combine_study_aggregated.*); docs/detection.md quotes them.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +56,17 @@ RULES: dict[str, Rule] = {
 }
 
 
-def judged(product: Product, rule: Rule) -> dict[str, float]:
-    good, test = scaled_parts(product)
+#: With --aggregated: the part sets of the image-score study's aggregated candidates (`p3=`: the `patch_size=3`
+#: cache), each combined by the mean and by a quarter of the strongest part.
+AGGREGATED = {
+    "default parts": ("lof3:plain:0.01", "lof3:level1:0.01", "lof3:knn1"),
+    "aggregated coarse level": ("lof3:plain:0.01", "lof3:p3=level1:0.01", "lof3:knn1"),
+    "aggregated map beside the plain one": ("lof3:p3=plain:0.01", "lof3:plain:0.01", "lof3:knn1"),
+}
+
+
+def judged(product: Product, rule: Rule, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
+    good, test = scaled_parts(product) if kinds is None else scaled_parts(product, kinds)
     y = product.labels
     scores, threshold = rule(test), conformal_threshold(rule(good).tolist(), 0.01)[0]
     return {"auroc": image_auroc(scores, y), "r1": recall_at_false_alarm_rate(scores, y, 0.01),
@@ -78,12 +91,23 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--aggregated", action="store_true", help="the aggregated candidates' parts (needs the p3 "
+                        "cache), mean against 1/4 max")
+    args = parser.parse_args()
     paths = sorted((CACHE / "default").glob("*.npz"))
     if not paths:
         sys.exit(f"no study cache in {CACHE / 'default'}: run benchmarks/image_score_study.py collect first")
     products = [Product(path) for path in paths]
-    results = {rule: {p.name: judged(p, f) for p in products} for rule, f in RULES.items()}
-    write_results(table(results), results, "combine_study")
+    if not args.aggregated:
+        results = {rule: {p.name: judged(p, f) for p in products} for rule, f in RULES.items()}
+        write_results(table(results), results, "combine_study")
+        return
+    if not (CACHE / "p3").is_dir():
+        sys.exit(f"no study cache in {CACHE / 'p3'}: run image_score_study.py collect --tag p3 --set patch_size:3")
+    results = {f"{name}, {label}": {p.name: judged(p, _blend(share), kinds) for p in products}
+               for name, kinds in AGGREGATED.items() for label, share in (("mean", 0.0), ("1/4 max", 0.25))}
+    write_results(table(results), results, "combine_study_aggregated")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ FIXED = (1 / 3, 1 / 3, 1 / 3)
 TRIALS = 30
 
 
-def scaled_parts(product: Product) -> tuple[np.ndarray, np.ndarray]:
-    """(leave-one-out (n, 3), test (t, 3)) parts, each less its good median over its spread (`robust_scale` of the
-    leave-one-out parts, `score_parts.scaled_parts`)."""
-    pairs = [product.part(kind) for kind in PARTS]
+def scaled_parts(product: Product, kinds: tuple[str, ...] = PARTS) -> tuple[np.ndarray, np.ndarray]:
+    """(leave-one-out (n, 3), test (t, 3)) parts (the study's `kinds`, default the default score's), each less its
+    good median over its spread (`robust_scale` of the leave-one-out parts, `score_parts.scaled_parts`)."""
+    pairs = [product.part(kind) for kind in kinds]
     loo, test = np.stack([good for good, _ in pairs], 1), np.stack([tested for _, tested in pairs], 1)
     scale = {name: robust_scale(loo[:, j]) for j, name in enumerate(score_parts.PARTS)}
     return score_parts.scaled_parts(loo, scale), score_parts.scaled_parts(test, scale)
