@@ -9,7 +9,8 @@ images flagged).
     .venv/bin/python benchmarks/image_score_study.py collect     # the cache, once (long)
     .venv/bin/python benchmarks/combine_study.py
     .venv/bin/python benchmarks/image_score_study.py collect --tag p3 --set patch_size:3
-    .venv/bin/python benchmarks/combine_study.py --aggregated     # the aggregated parts, mean against 1/4 max
+    .venv/bin/python benchmarks/feature_norm_study.py --mode coarse --collect
+    .venv/bin/python benchmarks/combine_study.py --aggregated     # those parts, mean against 1/4 max
 
 Results: benchmarks/results/combine_study.json and combine_study.md (with --aggregated:
 combine_study_aggregated.*); docs/detection.md quotes them.
@@ -62,7 +63,14 @@ AGGREGATED = {
     "default parts": ("lof3:plain:0.01", "lof3:level1:0.01", "lof3:knn1"),
     "aggregated coarse level": ("lof3:plain:0.01", "lof3:p3=level1:0.01", "lof3:knn1"),
     "aggregated map beside the plain one": ("lof3:p3=plain:0.01", "lof3:plain:0.01", "lof3:knn1"),
+    # the coarse level's features L2-normalised (feature_norm_study.py --mode coarse --collect), the map plain
+    "L2-normalised coarse level": ("lof3:plain:0.01", "lof3:l2_coarse=level1:0.01", "lof3:knn1"),
 }
+
+
+def _tags(kinds: tuple[str, ...]) -> set[str]:
+    """The study caches a part set reads besides the default one ("p3=plain:0.01" -> "p3")."""
+    return {kind.split(":", 1)[-1].partition("=")[0] for kind in kinds if "=" in kind}
 
 
 def judged(product: Product, rule: Rule, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
@@ -92,8 +100,8 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aggregated", action="store_true", help="the aggregated candidates' parts (needs the p3 "
-                        "cache), mean against 1/4 max")
+    parser.add_argument("--aggregated", action="store_true", help="the aggregated and L2 candidates' parts "
+                        "(each needs its cache), mean against 1/4 max")
     args = parser.parse_args()
     paths = sorted((CACHE / "default").glob("*.npz"))
     if not paths:
@@ -103,10 +111,11 @@ def main() -> None:
         results = {rule: {p.name: judged(p, f) for p in products} for rule, f in RULES.items()}
         write_results(table(results), results, "combine_study")
         return
-    if not (CACHE / "p3").is_dir():
-        sys.exit(f"no study cache in {CACHE / 'p3'}: run image_score_study.py collect --tag p3 --set patch_size:3")
+    sets = {name: kinds for name, kinds in AGGREGATED.items() if all((CACHE / tag).is_dir() for tag in _tags(kinds))}
+    for name in AGGREGATED.keys() - sets.keys():
+        print(f"skipped {name}: no study cache {sorted(_tags(AGGREGATED[name]))} (see the docstring)", file=sys.stderr)
     results = {f"{name}, {label}": {p.name: judged(p, _blend(share), kinds) for p in products}
-               for name, kinds in AGGREGATED.items() for label, share in (("mean", 0.0), ("1/4 max", 0.25))}
+               for name, kinds in sets.items() for label, share in (("mean", 0.0), ("1/4 max", 0.25))}
     write_results(table(results), results, "combine_study_aggregated")
 
 

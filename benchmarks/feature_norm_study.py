@@ -5,11 +5,14 @@ Measured, not built: the backbone's output is normalised by wrapping `Backbone.f
 `bench_accuracy.py` then runs through the library as usual on every dev product. Modes:
 
 - `pyramid`: the pyramid levels (the pixel search, hence the map and its two image-score parts);
+- `coarse`: the coarsest level only (the image score's coarse part, and that level's share of the fused map);
 - `global`: the global features only (the kNN part, the gallery's nearest images and the density neighbours);
 - `both`.
 
     .venv/bin/python benchmarks/feature_norm_study.py --mode pyramid
     .venv/bin/python benchmarks/feature_norm_study.py --mode global
+    .venv/bin/python benchmarks/feature_norm_study.py --mode coarse
+    .venv/bin/python benchmarks/feature_norm_study.py --mode coarse --collect    # then combine_study.py --aggregated
     .venv/bin/python benchmarks/feature_norm_study.py --mode pyramid --patch-size 3 --category bottle \
         --category mpdd_metal_plate --category synthetic_objects --category synthetic_line   # with the objects preset
 
@@ -41,6 +44,8 @@ def normalising(mode: str):  # noqa: ANN201 - a replacement for Backbone.forward
         pyramid, global_features = forward(self, images)
         if mode in ("pyramid", "both"):
             pyramid = [F.normalize(level.float(), dim=1).to(level.dtype) for level in pyramid]
+        if mode == "coarse":
+            pyramid = [*pyramid[:-1], F.normalize(pyramid[-1].float(), dim=1).to(pyramid[-1].dtype)]
         if mode in ("global", "both"):
             global_features = F.normalize(global_features.float(), dim=1).to(global_features.dtype)
         return pyramid, global_features
@@ -50,12 +55,20 @@ def normalising(mode: str):  # noqa: ANN201 - a replacement for Backbone.forward
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("pyramid", "global", "both"), required=True)
+    parser.add_argument("--mode", choices=("pyramid", "coarse", "global", "both"), required=True)
     parser.add_argument("--category", action="append", help="only these categories (repeatable)")
     parser.add_argument("--patch-size", type=int, default=1, help="with the objects preset's 3: normalised before "
                         "the 3 x 3 averaging")
+    parser.add_argument("--collect", action="store_true", help="instead: the image-score study's cache of these "
+                        "features (tag l2_MODE), whose parts combine_study.py --aggregated recombines")
     args = parser.parse_args()
     backbones.Backbone.forward = normalising(args.mode)
+    if args.collect:
+        import image_score_study
+
+        sys.argv = [sys.argv[0], "collect", "--tag", f"l2_{args.mode}"]
+        image_score_study.main()
+        return
     name = f"l2_{args.mode}" + (f"_p{args.patch_size}" if args.patch_size > 1 else "")
     sys.argv = [sys.argv[0], "--config", f"{name}=patch_size:{args.patch_size}",
                 "--out", str(bench_accuracy.RESULTS / name.replace("l2_", "feature_norm_"))]
