@@ -420,8 +420,8 @@ def numpydoc_parameters(width: int = 116) -> str:
 #: defaults; "quality": the stride-4 level too (the paper's three levels), searched exactly up to 1e9 pairs (a
 #: 900 x 900 image is exact: 4.9e8 at stride 4); "objects": PatchCore's 3 x 3 local aggregation, for assembled
 #: objects in many poses (pixel AUROC up on the objects, AU-PRO down on bottle and on textures; under today's image
-#: score no longer image AUROC or verdicts: docs/settings.md); "paper": the published configuration (needs the WRN50
-#: ImageNet weights file offline), evaluated at 256 x 256.
+#: score no longer their image AUROC or verdicts: docs/settings.md); "paper": the published configuration (needs the
+#: WRN50 ImageNet weights file offline), evaluated at 256 x 256.
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"k_gallery": 10},
     "default": {},
