@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,21 @@ def image_maps(banks: Banks, maps: list[np.ndarray], neighbours: np.ndarray, siz
                    "coarse": coarse_map(per_level[-1][kind], size, sigma)} for kind in MAPS}
 
 
+def leave_one_out(model: Spade) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray], tuple[int, int]]]:
+    """Each training image as the fit's leave-one-out sees it: (its global distances and nearest other training
+    images, nearest first, its own pyramid levels (C, h, w), its input size)."""
+    store, n, k = model.store_, model.store_.n_images, model.k_gallery
+    for i in range(n):
+        d, nb = store.nearest_images(store.global_features[i:i + 1], min(n, k + 1))
+        keep = nb[0] != i
+        levels = [store.image_map(level, i).numpy() for level in range(len(store.levels))]
+        yield (d[0][keep].numpy(), nb[0][keep].numpy(), levels,
+               training_input_size(store, i, model.backbone_.strides[0]))
+
+
 def study(category: Any) -> dict[str, Any]:
     model = Spade(progress=False).fit(category.train)
-    store, n, sigma, k = model.store_, model.store_.n_images, model.sigma, model.k_gallery
+    store, sigma, k = model.store_, model.sigma, model.k_gallery
     banks = Banks(model)
     loo_parts: dict[str, list[tuple[float, float]]] = {name: [] for name in PART_SETS}
     test_parts: dict[str, list[tuple[float, float]]] = {name: [] for name in PART_SETS}
@@ -124,12 +137,7 @@ def study(category: Any) -> dict[str, Any]:
             parts[name].append((map_score(maps[first[0]][first[1]], "map_top"),
                                 map_score(maps[second[0]][second[1]], "map_top")))
 
-    for i in range(n):
-        d, nb = store.nearest_images(store.global_features[i:i + 1], min(n, k + 1))
-        keep = nb[0] != i
-        d, nb = d[0][keep].numpy(), nb[0][keep].numpy()
-        levels = [store.image_map(level, i).numpy() for level in range(len(store.levels))]
-        size = training_input_size(store, i, model.backbone_.strides[0])
+    for d, nb, levels, size in leave_one_out(model):
         add(loo_parts, image_maps(banks, levels, nb[:k], size, sigma))
         loo_knn.append(float(d[:model.k_image].mean()))
         loo_near.append(nb[:3])

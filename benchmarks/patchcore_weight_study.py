@@ -30,14 +30,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from derived_map_study import Banks  # noqa: E402
+from derived_map_study import Banks, leave_one_out  # noqa: E402
 from image_score_study import evaluate, study_main  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
 from spade_ad.core import score_parts, search_numpy  # noqa: E402
 from spade_ad.core.features import extract  # noqa: E402
 from spade_ad.core.maps_numpy import coarse_map, fuse, map_score, smooth  # noqa: E402
-from spade_ad.core.scoring import training_input_size  # noqa: E402
 from spade_ad.data.inputs import collect_images  # noqa: E402
 
 SUPPORT = 9  # anomalib's num_neighbors
@@ -70,15 +69,10 @@ def image_parts(banks: Banks, maps: list[np.ndarray], neighbours: np.ndarray, si
 
 def study(category: Any) -> dict[str, Any]:
     model = Spade(progress=False).fit(category.train)
-    store, n, sigma, k = model.store_, model.store_.n_images, model.sigma, model.k_gallery
+    store, sigma, k = model.store_, model.sigma, model.k_gallery
     banks = Banks(model)
     loo, test, loo_w, test_w, loo_near, test_near = [], [], [], [], [], []
-    for i in range(n):
-        d, nb = store.nearest_images(store.global_features[i:i + 1], min(n, k + 1))
-        keep = nb[0] != i
-        d, nb = d[0][keep].numpy(), nb[0][keep].numpy()
-        levels = [store.image_map(level, i).numpy() for level in range(len(store.levels))]
-        size = training_input_size(store, i, model.backbone_.strides[0])
+    for d, nb, levels, size in leave_one_out(model):
         map_part, coarse, weights = image_parts(banks, levels, nb[:k], size, sigma)
         loo.append((map_part, coarse, float(d[:model.k_image].mean())))
         loo_w.append(weights)
