@@ -52,12 +52,6 @@ def scaled_parts(product: Product, kinds: tuple[str, ...] = PARTS) -> tuple[np.n
     return score_parts.scaled_parts(loo, scale), score_parts.scaled_parts(test, scale)
 
 
-def combined(parts: np.ndarray, weights: tuple[float, float, float], max_share: float) -> np.ndarray:
-    """The fused score of scaled parts (n, 3) at `weights`, with `max_share` of the strongest part
-    (`score_parts.with_strongest`, as `combine_scores`)."""
-    return score_parts.with_strongest(parts @ np.asarray(weights), list(parts.T), weights, max_share)
-
-
 def study(product: Product, k: int, margin: int, max_share: float, seed: int = 0) -> dict[str, float]:
     good, test = scaled_parts(product)
     labels = product.labels
@@ -73,11 +67,12 @@ def study(product: Product, k: int, margin: int, max_share: float, seed: int = 0
         weights, _ = choose_weights(good, test[labelled], FIXED, rate=0.01, margin=margin, max_share=max_share)
         figures["moved"].append(float(weights != FIXED))
         for name, w in (("fixed", FIXED), ("chosen", weights)):
-            scores, y = combined(test[rest], w, max_share), labels[rest]
+            scores, y = score_parts.fused_of_scaled(test[rest], w, max_share), labels[rest]
             figures[name].append(image_auroc(scores, y))
             figures[f"{name}_r1"].append(recall_at_false_alarm_rate(scores, y, 0.01))
             figures[f"{name}_r5"].append(recall_at_false_alarm_rate(scores, y, 0.05))
-            threshold, _ = conformal_threshold(combined(good, w, max_share).tolist(), 0.01)  # fit --defect's
+            good_scores = score_parts.fused_of_scaled(good, w, max_share)
+            threshold, _ = conformal_threshold(good_scores.tolist(), 0.01)  # fit --defect's threshold
             figures[f"{name}_thr"].append(float(np.mean(scores[y == 1] > threshold)))
             figures[f"{name}_fa"].append(float(np.mean(scores[y == 0] > threshold)))
         if weights != FIXED:  # a draw where the weights moved: better or worse than the fixed ones (0.5 points)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import conformal_threshold
-from .score_parts import with_strongest
+from .score_parts import fused_of_scaled
 
 
 def recall_threshold(good_scores: Sequence[float], defect_scores: Sequence[float], recall: float) -> float:
@@ -61,9 +61,7 @@ def choose_weights(good: np.ndarray, defect: np.ndarray, current: tuple[float, f
     good, defect = np.asarray(good, dtype=np.float64), np.asarray(defect, dtype=np.float64)
 
     def judged(weights: tuple[float, float, float]) -> tuple[int, float]:
-        w = np.asarray(weights)
-        g = with_strongest(good @ w, list(good.T), weights, max_share)
-        d = with_strongest(defect @ w, list(defect.T), weights, max_share)
+        g, d = fused_of_scaled(good, weights, max_share), fused_of_scaled(defect, weights, max_share)
         threshold, _ = conformal_threshold(g.tolist(), rate)
         auroc = float(((d[:, None] > g[None]) + 0.5 * (d[:, None] == g[None])).mean()) if len(g) and len(d) else 0.5
         return int((d > threshold).sum()), auroc

@@ -2,7 +2,8 @@
 the global kNN distance (`PARTS`), each divided by its local density over the image's nearest training images
 (`density_normalised`, as LOF does), put on one scale by its spread on good images (`robust_scale`,
 `scaled_parts`) and weighted into the fused score (`combine_scores`, with a share of the strongest part:
-`with_strongest`). The thresholds on those scores are `spade_ad.core.calibration`'s."""
+`with_strongest`; from parts already scaled: `fused_of_scaled`). The thresholds on those scores are
+`spade_ad.core.calibration`'s."""
 
 from __future__ import annotations
 
@@ -94,6 +95,13 @@ def with_strongest(weighted: np.ndarray, scaled: Sequence[np.ndarray], weights: 
     strongest = np.max(np.stack([(w / top) * np.asarray(part, dtype=np.float64)
                                  for part, w in zip(scaled, weights) if w > 0]), axis=0)
     return (1.0 - max_share) * weighted + max_share * strongest
+
+
+def fused_of_scaled(parts: np.ndarray, weights: Sequence[float], max_share: float) -> np.ndarray:
+    """The fused score of parts already scaled (n, 3) [map, coarse, knn] (`scaled_parts`) at part `weights`, with
+    `max_share` of it the strongest part (`with_strongest`): what `combine_scores` gives from the unscaled parts."""
+    parts = np.asarray(parts, dtype=np.float64)
+    return with_strongest(parts @ np.asarray(weights), list(parts.T), weights, max_share)
 
 
 def scaled_parts(parts: np.ndarray, scale: dict[str, tuple[float, float]]) -> np.ndarray:
