@@ -148,12 +148,13 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line, or `argv` (studies that change the library for one process run it with their own)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="preset name or name=setting:value,... (repeatable)")
     parser.add_argument("--category", action="append", help="only these categories (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configs = [parse_config(c) for c in (args.config or ["fast", "default", "quality"])]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,15 +66,12 @@ def main() -> None:
     if args.collect:
         import image_score_study
 
-        sys.argv = [sys.argv[0], "collect", "--tag", f"l2_{args.mode}"]
-        image_score_study.main()
+        image_score_study.main(["collect", "--tag", f"l2_{args.mode}"])
         return
     name = f"l2_{args.mode}" + (f"_p{args.patch_size}" if args.patch_size > 1 else "")
-    sys.argv = [sys.argv[0], "--config", f"{name}=patch_size:{args.patch_size}",
-                "--out", str(bench_accuracy.RESULTS / name.replace("l2_", "feature_norm_"))]
-    for category in args.category or []:
-        sys.argv += ["--category", category]
-    bench_accuracy.main()
+    bench_accuracy.main(["--config", f"{name}=patch_size:{args.patch_size}",
+                         "--out", str(bench_accuracy.RESULTS / name.replace("l2_", "feature_norm_")),
+                         *(f"--category={category}" for category in args.category or [])])
 
 
 if __name__ == "__main__":

@@ -374,7 +374,8 @@ def compare(paths: list[Path], names: list[str] | None, show_before: bool = Fals
     return "\n".join(lines), rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line, or `argv` (studies that change the library for one process run it with their own)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["collect", "compare"])
     parser.add_argument("--category", action="append")
@@ -384,7 +385,7 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="also the verdict at the previous threshold rule")
     parser.add_argument("--scale", default="iqr", choices=["iqr", "mad", *TAIL_SCALES],
                         help="how each part is scaled before the parts are averaged (default: today's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.action == "collect":
         _, settings = parse_config(f"x={args.set}")
         with tempfile.TemporaryDirectory() as tmp:

@@ -127,10 +127,8 @@ def main() -> None:
 
     bench_accuracy.run = tracked
     name = f"level_scale_{args.mode}"
-    sys.argv = [sys.argv[0], "--config", f"{name}=patch_size:1", "--out", str(bench_accuracy.RESULTS / name)]
-    for category in args.category or []:
-        sys.argv += ["--category", category]
-    bench_accuracy.main()
+    bench_accuracy.main(["--config", f"{name}=patch_size:1", "--out", str(bench_accuracy.RESULTS / name),
+                         *(f"--category={category}" for category in args.category or [])])
 
 
 if __name__ == "__main__":
