@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_accuracy import categories  # noqa: E402
 from image_score_study import evaluate, variant_table, write_results  # noqa: E402
+from replayed_search import gallery_rows, leave_one_out, predicted  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
 from spade_ad.apps.evaluation.metrics import au_pro, pixel_auroc  # noqa: E402
 from spade_ad.core import score_parts, search_numpy  # noqa: E402
-from spade_ad.core.features import extract  # noqa: E402
-from spade_ad.core.gallery import all_row_indices, gallery_fraction, gallery_row_indices  # noqa: E402
 from spade_ad.core.maps_numpy import coarse_map, fuse, map_score, map_to_original, smooth  # noqa: E402
-from spade_ad.core.scoring import training_input_size  # noqa: E402
-from spade_ad.data.inputs import collect_images  # noqa: E402
 
 MAPS = ("plain", "derived", "p3")
 
@@ -68,11 +64,12 @@ def aggregated(level_map: np.ndarray) -> np.ndarray:
 
 
 class Banks:
-    """The store's plain rows per level and the same rows aggregated, in the store's row order."""
+    """The store's plain rows per level and the same rows aggregated, in the store's row order (`model`: the
+    fitted model they come from)."""
 
     def __init__(self, model: Spade) -> None:
         store = model.store_
-        self.model, self.store = model, store
+        self.model = model
         self.plain = [np.asarray(level, np.float32) for level in store.levels]
         self.p3 = []
         for level in range(len(store.levels)):
@@ -83,17 +80,10 @@ class Banks:
                 rows[start:stop] = grid.reshape(grid.shape[0], -1).T
             self.p3.append(rows)
 
-    def rows(self, level: int, positions: int, neighbours: np.ndarray) -> np.ndarray:
-        """The gallery's row indices at `level`: whole images, or the model's reduced gallery."""
-        store = self.store
-        fraction = gallery_fraction(positions, store.shapes[neighbours, level], self.model.max_search_pairs)
-        rows = gallery_row_indices(store._offsets, store.orders[level], level, neighbours, fraction)
-        return all_row_indices(store._offsets, level, neighbours) if rows is None else rows
-
     def level_grids(self, plain: np.ndarray, level: int, neighbours: np.ndarray) -> dict[str, np.ndarray]:
         """One level's (h, w) distance grids of one query map (C, h, w): plain, derived and p3."""
         h, w = plain.shape[1:]
-        rows = self.rows(level, h * w, neighbours)
+        rows = gallery_rows(self.model, level, h * w, neighbours)
         queries = plain.reshape(plain.shape[0], -1).T
         squared, _ = search_numpy.topk_squared_distances(queries, self.plain[level][rows], 1)
         p3_queries = aggregated(plain).reshape(plain.shape[0], -1).T
@@ -112,21 +102,9 @@ def image_maps(banks: Banks, maps: list[np.ndarray], neighbours: np.ndarray, siz
                    "coarse": coarse_map(per_level[-1][kind], size, sigma)} for kind in MAPS}
 
 
-def leave_one_out(model: Spade) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray], tuple[int, int]]]:
-    """Each training image as the fit's leave-one-out sees it: (its global distances and nearest other training
-    images, nearest first, its own pyramid levels (C, h, w), its input size)."""
-    store, n, k = model.store_, model.store_.n_images, model.k_gallery
-    for i in range(n):
-        d, nb = store.nearest_images(store.global_features[i:i + 1], min(n, k + 1))
-        keep = nb[0] != i
-        levels = [store.image_map(level, i).numpy() for level in range(len(store.levels))]
-        yield (d[0][keep].numpy(), nb[0][keep].numpy(), levels,
-               training_input_size(store, i, model.backbone_.strides[0]))
-
-
 def study(category: Any) -> dict[str, Any]:
     model = Spade(progress=False).fit(category.train)
-    store, sigma, k = model.store_, model.sigma, model.k_gallery
+    sigma, k = model.sigma, model.k_gallery
     banks = Banks(model)
     loo_parts: dict[str, list[tuple[float, float]]] = {name: [] for name in PART_SETS}
     test_parts: dict[str, list[tuple[float, float]]] = {name: [] for name in PART_SETS}
@@ -143,21 +121,16 @@ def study(category: Any) -> dict[str, Any]:
         loo_near.append(nb[:3])
     pixel: dict[str, list[np.ndarray]] = {kind: [] for kind in MAPS}
     masks: list[np.ndarray] = []
-    samples = iter(category.test)
-    for batch in model._batches(collect_images([s.path for s in category.test]), False, None, "predict"):
-        pyramid, global_features = extract(model.backbone_, batch, model.patch_size)
-        distances, neighbours = store.nearest_images(global_features, k)
-        for b, geometry in enumerate(batch.geometries):
-            sample = next(samples)
-            maps = image_maps(banks, [level[b].numpy() for level in pyramid], neighbours[b].numpy(),
-                              geometry.input_size, sigma)
-            add(test_parts, maps)
-            test_knn.append(float(distances[b, :model.k_image].mean()))
-            test_near.append(neighbours[b, :3].numpy())
-            if category.has_masks:
-                for kind in MAPS:
-                    pixel[kind].append(map_to_original(maps[kind]["fused"], geometry))
-                masks.append(sample.load_mask(pixel["plain"][-1].shape))
+    for sample, (levels, distances, neighbours, geometry) in zip(category.test,
+                                                                predicted(model, [s.path for s in category.test])):
+        maps = image_maps(banks, levels, neighbours, geometry.input_size, sigma)
+        add(test_parts, maps)
+        test_knn.append(float(distances[:model.k_image].mean()))
+        test_near.append(neighbours[:3])
+        if category.has_masks:
+            for kind in MAPS:
+                pixel[kind].append(map_to_original(maps[kind]["fused"], geometry))
+            masks.append(sample.load_mask(pixel["plain"][-1].shape))
     labels = np.array([s.is_anomalous for s in category.test], bool)
     out: dict[str, Any] = {}
     near_loo, near_test = np.array(loo_near), np.array(test_near)

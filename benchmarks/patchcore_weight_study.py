@@ -30,14 +30,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from derived_map_study import Banks, leave_one_out  # noqa: E402
+from derived_map_study import Banks  # noqa: E402
 from image_score_study import evaluate, study_main  # noqa: E402
+from replayed_search import gallery_rows, leave_one_out, predicted  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
 from spade_ad.core import score_parts, search_numpy  # noqa: E402
-from spade_ad.core.features import extract  # noqa: E402
 from spade_ad.core.maps_numpy import coarse_map, fuse, map_score, smooth  # noqa: E402
-from spade_ad.data.inputs import collect_images  # noqa: E402
 
 SUPPORT = 9  # anomalib's num_neighbors
 
@@ -45,7 +44,7 @@ SUPPORT = 9  # anomalib's num_neighbors
 def level_weight(banks: Banks, plain: np.ndarray, level: int, neighbours: np.ndarray) -> tuple[np.ndarray, float]:
     """One level's (h, w) distance grid of a query map (C, h, w) and PatchCore's w at its largest distance."""
     h, w = plain.shape[1:]
-    rows = banks.rows(level, h * w, neighbours)
+    rows = gallery_rows(banks.model, level, h * w, neighbours)
     bank = banks.plain[level][rows]
     queries = plain.reshape(plain.shape[0], -1).T
     squared, index = search_numpy.topk_squared_distances(queries, bank, 1)
@@ -69,7 +68,7 @@ def image_parts(banks: Banks, maps: list[np.ndarray], neighbours: np.ndarray, si
 
 def study(category: Any) -> dict[str, Any]:
     model = Spade(progress=False).fit(category.train)
-    store, sigma, k = model.store_, model.sigma, model.k_gallery
+    sigma, k = model.sigma, model.k_gallery
     banks = Banks(model)
     loo, test, loo_w, test_w, loo_near, test_near = [], [], [], [], [], []
     for d, nb, levels, size in leave_one_out(model):
@@ -77,15 +76,11 @@ def study(category: Any) -> dict[str, Any]:
         loo.append((map_part, coarse, float(d[:model.k_image].mean())))
         loo_w.append(weights)
         loo_near.append(nb[:3])
-    for batch in model._batches(collect_images([s.path for s in category.test]), False, None, "predict"):
-        pyramid, global_features = extract(model.backbone_, batch, model.patch_size)
-        distances, neighbours = store.nearest_images(global_features, k)
-        for b, geometry in enumerate(batch.geometries):
-            map_part, coarse, weights = image_parts(banks, [level[b].numpy() for level in pyramid],
-                                                    neighbours[b].numpy(), geometry.input_size, sigma)
-            test.append((map_part, coarse, float(distances[b, :model.k_image].mean())))
-            test_w.append(weights)
-            test_near.append(neighbours[b, :3].numpy())
+    for levels, distances, neighbours, geometry in predicted(model, [s.path for s in category.test]):
+        map_part, coarse, weights = image_parts(banks, levels, neighbours, geometry.input_size, sigma)
+        test.append((map_part, coarse, float(distances[:model.k_image].mean())))
+        test_w.append(weights)
+        test_near.append(neighbours[:3])
     labels = np.array([s.is_anomalous for s in category.test], bool)
     loo_a, test_a, lw, tw = np.array(loo), np.array(test), np.array(loo_w), np.array(test_w)
     variants = {

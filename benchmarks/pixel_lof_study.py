@@ -25,27 +25,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from image_score_study import evaluate, study_main  # noqa: E402
+from replayed_search import gallery_rows, leave_one_out, predicted  # noqa: E402
 
 from spade_ad import Spade  # noqa: E402
 from spade_ad.core import score_parts, search_numpy  # noqa: E402
-from spade_ad.core.features import extract  # noqa: E402
-from spade_ad.core.gallery import all_row_indices, gallery_fraction, gallery_row_indices  # noqa: E402
 from spade_ad.core.maps_numpy import fuse, map_score, smooth, upsample  # noqa: E402
-from spade_ad.core.scoring import training_input_size  # noqa: E402
-from spade_ad.data.inputs import collect_images  # noqa: E402
 
 BETAS = (0.5, 2.0, 5.0)
 
 
 def level_search(model: Spade, query: np.ndarray, neighbours: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
     """(Euclidean distance (h*w,), matched stored row (h*w,)) of a query map (C, h, w) against the gallery."""
-    store = model.store_
-    shapes = store.shapes[neighbours, level]
-    fraction = gallery_fraction(query.shape[1] * query.shape[2], shapes, model.max_search_pairs)
-    rows = gallery_row_indices(store._offsets, store.orders[level], level, neighbours, fraction)
-    if rows is None:
-        rows = all_row_indices(store._offsets, level, neighbours)
-    bank = np.asarray(store.levels[level][rows])
+    rows = gallery_rows(model, level, query.shape[1] * query.shape[2], neighbours)
+    bank = np.asarray(model.store_.levels[level][rows])
     squared, index = search_numpy.topk_squared_distances(query.reshape(query.shape[0], -1).T, bank, 1)
     return np.sqrt(np.maximum(squared[:, 0], 0)), rows[index[:, 0]]
 
@@ -71,17 +63,13 @@ def parts_of(levels: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[int
 
 def study(category: Any) -> dict[str, Any]:
     model = Spade(progress=False).fit(category.train)
-    store, n = model.store_, model.store_.n_images
+    store = model.store_
     sigma, k = model.sigma, model.k_gallery
     train_levels, train_shapes, train_sizes, train_knn, train_near = [], [], [], [], []
-    for i in range(n):
-        d, nb = store.nearest_images(store.global_features[i:i + 1], min(n, k + 1))
-        keep = nb[0] != i
-        d, nb = d[0][keep].numpy(), nb[0][keep].numpy()
-        maps = [store.image_map(level, i).numpy() for level in range(len(store.levels))]
+    for d, nb, maps, size in leave_one_out(model):
         train_levels.append(image_levels(model, maps, nb[:k]))
         train_shapes.append([m.shape[1:] for m in maps])
-        train_sizes.append(training_input_size(store, i, model.backbone_.strides[0]))
+        train_sizes.append(size)
         train_knn.append(float(d[:model.k_image].mean()))
         train_near.append(nb[:3])
     density = [np.zeros(level.shape[0], np.float32) for level in store.levels]
@@ -89,16 +77,12 @@ def study(category: Any) -> dict[str, Any]:
         for level, (d, _) in enumerate(levels):
             density[level][store._offsets[i, level]:store._offsets[i + 1, level]] = d
     test_levels, test_shapes, test_sizes, test_knn, test_near = [], [], [], [], []
-    for batch in model._batches(collect_images([s.path for s in category.test]), False, None, "predict"):
-        pyramid, global_features = extract(model.backbone_, batch, model.patch_size)
-        distances, neighbours = store.nearest_images(global_features, k)
-        for b, geometry in enumerate(batch.geometries):
-            maps = [level[b].numpy() for level in pyramid]
-            test_levels.append(image_levels(model, maps, neighbours[b].numpy()))
-            test_shapes.append([m.shape[1:] for m in maps])
-            test_sizes.append(geometry.input_size)
-            test_knn.append(float(distances[b, :model.k_image].mean()))
-            test_near.append(neighbours[b, :3].numpy())
+    for maps, distances, neighbours, geometry in predicted(model, [s.path for s in category.test]):
+        test_levels.append(image_levels(model, maps, neighbours))
+        test_shapes.append([m.shape[1:] for m in maps])
+        test_sizes.append(geometry.input_size)
+        test_knn.append(float(distances[:model.k_image].mean()))
+        test_near.append(neighbours[:3])
     labels = np.array([s.is_anomalous for s in category.test], bool)
 
     def parts(levels: list[Any], shapes: list[Any], sizes: list[Any], knn: list[float], beta: float | None
