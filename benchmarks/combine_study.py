@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from image_score_study import CACHE, Product, write_results  # noqa: E402
 from weights_study import scaled_parts  # noqa: E402
 
-from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_rate  # noqa: E402
+from spade_ad.apps.evaluation.metrics import verdict_metrics  # noqa: E402
 from spade_ad.core.calibration import conformal_threshold  # noqa: E402
 
 Rule = Callable[[np.ndarray], np.ndarray]
@@ -77,9 +77,10 @@ def judged(product: Product, rule: Rule, kinds: tuple[str, ...] | None = None) -
     good, test = scaled_parts(product) if kinds is None else scaled_parts(product, kinds)
     y = product.labels
     scores, threshold = rule(test), conformal_threshold(rule(good).tolist(), 0.01)[0]
-    return {"auroc": image_auroc(scores, y), "r1": recall_at_false_alarm_rate(scores, y, 0.01),
-            "r5": recall_at_false_alarm_rate(scores, y, 0.05), "thr": float(np.mean(scores[y == 1] > threshold)),
-            "fa": float(np.mean(scores[y == 0] > threshold))}
+    verdict = verdict_metrics(scores, y, threshold)  # the evaluator's figures
+    return {"auroc": verdict["image_auroc"], "r1": verdict["recall_at_1_percent"],
+            "r5": verdict["recall_at_5_percent"], "thr": verdict["at_threshold"]["recall"],
+            "fa": verdict["false_alarm_rate_measured"]}
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy import categories, parse_config  # noqa: E402
 
 from spade_ad import Spade
-from spade_ad.apps.evaluation.metrics import image_auroc  # noqa: E402
-from spade_ad.apps.evaluation.metrics import recall_at_false_alarm_rate as recall_at_fpr  # noqa: E402
+from spade_ad.apps.evaluation.metrics import verdict_metrics  # noqa: E402
 from spade_ad.core import scoring  # noqa: E402
 from spade_ad.core.calibration import conformal_threshold, tail_threshold  # noqa: E402
 from spade_ad.core.maps_numpy import fuse, smooth  # noqa: E402
@@ -232,15 +231,14 @@ def previous_threshold(loo: np.ndarray, rate: float) -> float:
 
 def evaluate(loo: np.ndarray, test: np.ndarray, labels: np.ndarray, rate: float = 0.01) -> dict[str, float]:
     threshold, _ = conformal_threshold(loo, rate)
-    flagged = test > threshold
+    verdict = verdict_metrics(test, labels, threshold)  # the evaluator's figures
     before = test > previous_threshold(loo, rate)
     return {
-        "auroc": image_auroc(test, labels), "r1": recall_at_fpr(test, labels, 0.01),
-        "r5": recall_at_fpr(test, labels, 0.05), "recall_thr": float(flagged[labels].mean()),
-        "fa_thr": float(flagged[~labels].mean()), "recall_thr_before": float(before[labels].mean()),
-        "fa_thr_before": float(before[~labels].mean()),
+        "auroc": verdict["image_auroc"], "r1": verdict["recall_at_1_percent"], "r5": verdict["recall_at_5_percent"],
+        "recall_thr": verdict["at_threshold"]["recall"], "fa_thr": verdict["false_alarm_rate_measured"],
+        "recall_thr_before": float(before[labels].mean()), "fa_thr_before": float(before[~labels].mean()),
         # what any threshold catches at the false-alarm rate ours measured
-        "recall_best_same_fa": recall_at_fpr(test, labels, float(flagged[~labels].mean())),
+        "recall_best_same_fa": verdict["recall_best_at_measured_rate"],
     }
 
 

@@ -41,6 +41,8 @@ def test_evaluate_writes_report_with_stable_shape(two_categories: Path, tmp_path
         assert set(metrics["at_threshold"]) == {"precision", "recall", "f1"}
         assert metrics["best_f1"]["f1"] >= metrics["at_threshold"]["f1"] - 1e-12
         assert 0 <= metrics["recall_at_1_percent"] <= metrics["recall_at_5_percent"] <= 1
+        assert metrics["n_good"] == 3 and metrics["good_flagged"] == round(3 * metrics["false_alarm_rate_measured"])
+        assert metrics["recall_best_at_measured_rate"] >= metrics["at_threshold"]["recall"]
         assert set(metrics["threshold_check"]) >= {"p_value", "flagged", "shifted", "warning"}
     assert saved["mean"]["pixel_auroc"] == pytest.approx(
         sum(m["pixel_auroc"] for m in saved["categories"].values()) / 2
@@ -49,6 +51,7 @@ def test_evaluate_writes_report_with_stable_shape(two_categories: Path, tmp_path
     report_md = (out / "report.md").read_text()
     assert "original image size" in report_md and "disc" in report_md
     assert "recall @ 1% / 5% FPR" in report_md and "low_false_alarm_roc.png" in report_md
+    assert "best @ its FPR" in report_md and " of 3 |" in report_md
     for plot in ("image_roc", "low_false_alarm_roc", "pixel_roc", "pro_curve", "score_histogram", "cases"):
         assert (out / "disc" / f"{plot}.png").stat().st_size > 0
     from spade_ad import load

@@ -16,6 +16,7 @@ from spade_ad.apps.evaluation.metrics import (
     pixel_auroc,
     pro_curve,
     recall_at_false_alarm_rate,
+    verdict_metrics,
 )
 
 # --- slow, obviously correct reference for the PRO curve ------------------------------------------------
@@ -352,3 +353,30 @@ def test_recall_at_a_false_alarm_rate_by_hand():
     assert recall_at_false_alarm_rate(scores, labels, 1.0) == 1.0
     with pytest.raises(ValueError, match="good and defective"):
         recall_at_false_alarm_rate(good, np.zeros(20, bool), 0.05)
+
+
+def test_verdict_metrics_by_hand():
+    """The same 20 good images and 4 defects: a threshold at 18.7 flags one good image (5%) and three defects;
+    the best threshold with one false alarm (above 18) catches all four. One at 22 flags none and two defects, where
+    the best with none (above 19) catches three."""
+    good = np.arange(20, dtype=float)
+    defects = np.array([18.5, 19.5, 25.0, 30.0])
+    scores, labels = np.r_[good, defects], np.r_[np.zeros(20, bool), np.ones(4, bool)]
+    figures = verdict_metrics(scores, labels, 18.7)
+    assert figures["image_auroc"] == image_auroc(scores, labels)
+    assert figures["best_f1"] == best_f1(scores, labels)
+    assert (figures["recall_at_1_percent"], figures["recall_at_5_percent"]) == (0.75, 1.0)
+    assert (figures["good_flagged"], figures["n_good"], figures["false_alarm_rate_measured"]) == (1, 20, 0.05)
+    assert figures["at_threshold"] == f1_at_threshold(scores, labels, np.nextafter(18.7, np.inf))
+    assert figures["at_threshold"]["recall"] == 0.75
+    assert figures["recall_best_at_measured_rate"] == 1.0
+    strict = verdict_metrics(scores, labels, 22.0)
+    assert (strict["good_flagged"], strict["at_threshold"]["recall"], strict["recall_best_at_measured_rate"]) == (
+        0, 0.5, 0.75)
+    # a score equal to the threshold is not flagged (score > threshold, as Spade's verdicts)
+    assert verdict_metrics(scores, labels, 19.0)["good_flagged"] == 0
+    without = verdict_metrics(scores, labels, None)
+    assert without["recall_at_1_percent"] == 0.75
+    assert all(without[key] is None for key in (
+        "at_threshold", "good_flagged", "false_alarm_rate_measured", "recall_best_at_measured_rate"))
+

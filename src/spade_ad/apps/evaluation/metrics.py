@@ -1,4 +1,5 @@
-"""Anomaly-detection metrics: image AUROC, pixel AUROC, PRO curve / AU-PRO, and F1 at a threshold.
+"""Anomaly-detection metrics: image AUROC, pixel AUROC, PRO curve / AU-PRO, F1 at a threshold, recall at a
+false-alarm rate, and the image-level figures of a detector with a threshold (`verdict_metrics`).
 
 Pixel metrics take one 2-D score map and one ground-truth mask per test image (mask > 0 is defect; sizes may
 differ between images, never between a map and its mask). A NaN in a score map means "not scored": the
@@ -9,6 +10,7 @@ pixels outside its centre crop this way, so they count neither as misses nor as 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -244,3 +246,36 @@ def best_f1(scores: Scores, labels: Labels) -> dict[str, float]:
         "recall": float(recall[best]),
         "f1": float(f1[best]),
     }
+
+
+def verdict_metrics(scores: Scores, labels: Labels, threshold: float | None) -> dict[str, Any]:
+    """The image-level figures of a detector whose verdict is score > ``threshold``, as the evaluator and the
+    benchmarks report them (fractions):
+
+    - ``image_auroc``, ``best_f1`` (the labels-peeking best, a dict as `best_f1` gives it);
+    - ``recall_at_1_percent`` / ``recall_at_5_percent``: what any threshold catches at those false-alarm rates;
+    - at the threshold (None without one): ``at_threshold`` (precision, recall, F1), ``good_flagged`` (good images
+      above it, of ``n_good``), ``false_alarm_rate_measured``, and ``recall_best_at_measured_rate``: the recall
+      the best threshold reaches while flagging no more good images than this one does. Its ratio to the
+      threshold's recall says how much of the ranking's catch the threshold gives away.
+    """
+    s, y = _binary_labels(scores, labels)
+    n_good = int(np.count_nonzero(~y))
+    figures: dict[str, Any] = {
+        "image_auroc": image_auroc(s, y),
+        "best_f1": best_f1(s, y),
+        "recall_at_1_percent": recall_at_false_alarm_rate(s, y, 0.01),
+        "recall_at_5_percent": recall_at_false_alarm_rate(s, y, 0.05),
+        "n_good": n_good,
+        "at_threshold": None,
+        "good_flagged": None,
+        "false_alarm_rate_measured": None,
+        "recall_best_at_measured_rate": None,
+    }
+    if threshold is not None:
+        flagged = int(np.count_nonzero(s[~y] > threshold))
+        figures["at_threshold"] = f1_at_threshold(s, y, float(np.nextafter(threshold, np.inf)))  # score > threshold
+        figures["good_flagged"] = flagged
+        figures["false_alarm_rate_measured"] = flagged / n_good
+        figures["recall_best_at_measured_rate"] = recall_at_false_alarm_rate(s, y, flagged / n_good)
+    return figures

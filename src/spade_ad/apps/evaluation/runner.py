@@ -24,7 +24,7 @@ from ...core.calibration import compare_good_scores
 from ...data.datasets import CategoryData, TestSample, load_dataset
 from ...data.images import read_image
 from ...estimators.spade import Spade
-from .metrics import au_pro, best_f1, f1_at_threshold, image_auroc, pixel_auroc, pro_curve, recall_at_false_alarm_rate
+from .metrics import au_pro, pixel_auroc, pro_curve, verdict_metrics
 from .report import build_report, write_report
 
 __all__ = ["PAPER_PIXEL_RESULTS", "CategoryResult", "evaluate", "evaluate_category"]
@@ -94,7 +94,7 @@ def evaluate_category(
     labels = np.array([s.is_anomalous for s in samples], dtype=bool)
     score_array = np.asarray(scores, dtype=np.float64)
     metrics: dict[str, Any] = {
-        "image_auroc": image_auroc(score_array, labels),
+        **verdict_metrics(score_array, labels, model.image_threshold_),
         "pixel_auroc": None,
         "au_pro": None,
         "n_train": len(model.train_names_),
@@ -102,21 +102,10 @@ def evaluate_category(
         "n_test": len(samples),
         "fit_seconds": round(fit_seconds, 3),
         "predict_ms_per_image": round(predict_ms, 1),
-        "best_f1": best_f1(score_array, labels),
         "image_threshold": model.image_threshold_,
-        "at_threshold": (
-            f1_at_threshold(score_array, labels, np.nextafter(model.image_threshold_, np.inf))  # score > threshold
-            if model.image_threshold_ is not None else None
-        ),
         "false_alarm_rate_asked": model.calibration_.false_alarm_rate if model.image_threshold_ is not None else None,
         "false_alarm_rate_guaranteed": model.calibration_.guaranteed_rate,
-        "false_alarm_rate_measured": (
-            float((score_array[~labels] > model.image_threshold_).mean())
-            if model.image_threshold_ is not None and (~labels).any() else None
-        ),
         "calibration": model.calibration_.source,
-        "recall_at_1_percent": recall_at_false_alarm_rate(score_array, labels, 0.01),
-        "recall_at_5_percent": recall_at_false_alarm_rate(score_array, labels, 0.05),
         "threshold_check": {},
     }
     if model.image_threshold_ is not None and (~labels).sum() >= 2:
