@@ -125,7 +125,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
               "1% / 5% of the good test images (with n good images, below 1/n that means none). best @ its FPR: "
               "what the best threshold catches while flagging no more good test images than the calibrated one "
               "(good flagged); recall @ threshold against it is what the calibration gives away (with a few dozen "
-              "good test images the comparison flatters the test-tuned threshold)."]
+              "good test images this flatters the best threshold, which is chosen on those very images)."]
     if any(m.get("pixel_auroc") is None for m in report["categories"].values()):
         lines += ["", "Some categories have no ground-truth masks: only image-level metrics are reported for them."]
     lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2), "```", ""]
