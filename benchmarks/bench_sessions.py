@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from spade_ad import Spade
-from spade_ad.apps.evaluation.metrics import image_auroc, recall_at_false_alarm_rate
+from spade_ad.apps.evaluation.metrics import verdict_metrics
 from spade_ad.data.datasets import load_mvtec_category
 from spade_ad.data.synthetic import make_line_dataset, make_synthetic_dataset
 
@@ -34,16 +32,14 @@ def run(root: Path, session_gap: float) -> dict[str, Any]:
     start = time.perf_counter()
     model = Spade(progress=False, session_gap=session_gap).fit(category.train)
     fit_s = time.perf_counter() - start
-    predictions = model.predict([s.path for s in category.test])
-    scores = np.array([p.score for p in predictions])
-    labels = np.array([s.is_anomalous for s in category.test], bool)
-    flagged = np.array([p.is_anomalous for p in predictions], bool)
+    scores = [p.score for p in model.predict([s.path for s in category.test])]
+    verdict = verdict_metrics(scores, [s.is_anomalous for s in category.test], model.image_threshold_)
     return {
         "sessions": [] if model.sessions_ is None else list(model.sessions_.sizes),
-        "auroc": image_auroc(scores, labels), "r1": recall_at_false_alarm_rate(scores, labels, 0.01),
-        "r5": recall_at_false_alarm_rate(scores, labels, 0.05), "recall_thr": float(flagged[labels].mean()),
-        "fa_thr": float(flagged[~labels].mean()), "false_alarms": int(flagged[~labels].sum()),
-        "good": int((~labels).sum()), "threshold": float(model.image_threshold_), "fit_s": fit_s,
+        "auroc": verdict["image_auroc"], "r1": verdict["recall_at_1_percent"], "r5": verdict["recall_at_5_percent"],
+        "recall_thr": verdict["at_threshold"]["recall"], "fa_thr": verdict["false_alarm_rate_measured"],
+        "false_alarms": verdict["good_flagged"], "good": verdict["n_good"],
+        "threshold": float(model.image_threshold_), "fit_s": fit_s,
     }
 
 
